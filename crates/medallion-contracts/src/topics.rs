@@ -1,0 +1,417 @@
+//! `topic-config.yaml`: the single source of topic names, partitions, replication,
+//! retention, keys, DLQs and consumer groups. Code reads topic names from here only.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+/// Why `topic-config.yaml` was rejected. Every message names the key and, where it can, the line.
+#[derive(Debug, thiserror::Error)]
+pub enum TopicConfigError {
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("{path}:{line}: {message}")]
+    Invalid {
+        path: String,
+        line: usize,
+        message: String,
+    },
+}
+
+/// A retention or other duration written as `<n>ms|s|m|h|d`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention(pub Duration);
+
+impl Retention {
+    pub fn as_millis(&self) -> u128 {
+        self.0.as_millis()
+    }
+}
+
+impl fmt::Display for Retention {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let ms = self.0.as_millis();
+        match ms {
+            ms if ms % 86_400_000 == 0 => write!(f, "{}d", ms / 86_400_000),
+            ms if ms % 3_600_000 == 0 => write!(f, "{}h", ms / 3_600_000),
+            ms => write!(f, "{ms}ms"),
+        }
+    }
+}
+
+/// Parses `7d`, `12h`, `30m`, `45s`, `500ms`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .ok_or_else(|| format!("duration `{text}` has no unit (use ms, s, m, h or d)"))?;
+    let (digits, unit) = text.split_at(split);
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("duration `{text}` does not start with a number"))?;
+    let ms = match unit {
+        "ms" => n,
+        "s" => n * 1_000,
+        "m" => n * 60_000,
+        "h" => n * 3_600_000,
+        "d" => n * 86_400_000,
+        other => {
+            return Err(format!(
+                "duration `{text}` has unknown unit `{other}` (use ms, s, m, h or d)"
+            ))
+        }
+    };
+    if ms == 0 {
+        return Err(format!("duration `{text}` must be positive"));
+    }
+    Ok(Duration::from_millis(ms))
+}
+
+impl<'de> Deserialize<'de> for Retention {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        parse_duration(&text)
+            .map(Retention)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// The whole file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TopicConfig {
+    pub schema_registry: RegistryPolicy,
+    pub dlq: DlqPolicy,
+    pub topics: BTreeMap<String, TopicSpec>,
+    pub consumer_groups: BTreeMap<String, ConsumerGroup>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegistryPolicy {
+    /// Only BACKWARD is supported (seed 002).
+    pub compatibility: Compatibility,
+    pub subject_strategy: SubjectStrategy,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum Compatibility {
+    #[serde(rename = "BACKWARD")]
+    Backward,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SubjectStrategy {
+    /// `<topic>-value`.
+    Topic,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DlqPolicy {
+    /// Appended to the source topic name, `.dlq` by seed 002.
+    pub suffix: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TopicSpec {
+    pub partitions: u32,
+    pub replication: u16,
+    pub retention: Retention,
+    /// Field the record key is taken from: a top-level field, or `payload.<field>`.
+    pub key: String,
+    /// Schema file under `schemas/`.
+    pub schema: String,
+    /// The dead-letter topic `<name><suffix>`; required for every consumed topic.
+    #[serde(default)]
+    pub dlq: Option<DlqSpec>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DlqSpec {
+    pub partitions: u32,
+    pub retention: Retention,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsumerGroup {
+    pub purpose: String,
+    /// Topics read as a member of the group (partitions shared among replicas).
+    pub consumes: Vec<String>,
+    /// Topics every replica reads in full, outside the group (e.g. configuration).
+    #[serde(default)]
+    pub broadcast: Vec<String>,
+    pub produces: Vec<String>,
+}
+
+/// A topic to create: a declared topic or a DLQ derived from one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PhysicalTopic {
+    pub name: String,
+    pub partitions: u32,
+    pub replication: u16,
+    pub retention_ms: u128,
+    /// The topic this is the DLQ of.
+    pub dlq_of: Option<String>,
+}
+
+fn line_of(source: &str, needles: &[&str]) -> usize {
+    // The line of the last needle, searched in order after the previous one.
+    let mut from = 0;
+    let mut line = 1;
+    for needle in needles {
+        if let Some(pos) = source[from..].find(needle) {
+            from += pos;
+            line = source[..from].matches('\n').count() + 1;
+            from += needle.len();
+        }
+    }
+    line
+}
+
+impl TopicConfig {
+    pub fn load(path: &Path) -> Result<Self, TopicConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| TopicConfigError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::parse(&text, &path.display().to_string())
+    }
+
+    /// Parses and validates; `origin` names the file in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Self, TopicConfigError> {
+        let config: TopicConfig =
+            serde_yaml_ng::from_str(text).map_err(|e| TopicConfigError::Parse {
+                path: origin.to_string(),
+                message: e.to_string(),
+            })?;
+        config.validate(text, origin)?;
+        Ok(config)
+    }
+
+    fn validate(&self, text: &str, origin: &str) -> Result<(), TopicConfigError> {
+        let invalid = |needles: &[&str], message: String| TopicConfigError::Invalid {
+            path: origin.to_string(),
+            line: line_of(text, needles),
+            message,
+        };
+        if self.dlq.suffix.is_empty() {
+            return Err(invalid(
+                &["dlq:", "suffix"],
+                "dlq.suffix must not be empty".into(),
+            ));
+        }
+        for (name, spec) in &self.topics {
+            let key = format!("{name}:");
+            if spec.partitions == 0 {
+                return Err(invalid(
+                    &["topics:", &key, "partitions"],
+                    format!("topics.{name}.partitions must be at least 1"),
+                ));
+            }
+            if spec.replication == 0 {
+                return Err(invalid(
+                    &["topics:", &key, "replication"],
+                    format!("topics.{name}.replication must be at least 1"),
+                ));
+            }
+            if name.ends_with(&self.dlq.suffix) {
+                return Err(invalid(
+                    &["topics:", &key],
+                    format!("topics.{name}: DLQ topics are derived from their source topic's `dlq` entry, not declared"),
+                ));
+            }
+            if let Some(dlq) = &spec.dlq {
+                if dlq.partitions == 0 {
+                    return Err(invalid(
+                        &["topics:", &key, "dlq"],
+                        format!("topics.{name}.dlq.partitions must be at least 1"),
+                    ));
+                }
+            }
+        }
+        for (group, spec) in &self.consumer_groups {
+            let key = format!("{group}:");
+            for (kind, topics) in [
+                ("consumes", &spec.consumes),
+                ("broadcast", &spec.broadcast),
+                ("produces", &spec.produces),
+            ] {
+                for topic in topics {
+                    let Some(topic_spec) = self.topics.get(topic) else {
+                        return Err(invalid(
+                            &["consumer_groups:", &key, kind, topic],
+                            format!("consumer_groups.{group}.{kind}: topic `{topic}` is not declared under `topics`"),
+                        ));
+                    };
+                    if kind != "produces" && topic_spec.dlq.is_none() {
+                        return Err(invalid(
+                            &["topics:", &format!("{topic}:")],
+                            format!("topics.{topic} is consumed by `{group}` but has no `dlq` (with partitions and retention)"),
+                        ));
+                    }
+                }
+            }
+            if spec.consumes.is_empty() {
+                return Err(invalid(
+                    &["consumer_groups:", &key],
+                    format!("consumer_groups.{group}.consumes must name at least one topic"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn topic(&self, name: &str) -> Option<&TopicSpec> {
+        self.topics.get(name)
+    }
+
+    /// `<topic>-value`, the registry subject of a topic's value schema.
+    pub fn subject(&self, topic: &str) -> String {
+        format!("{topic}-value")
+    }
+
+    /// The DLQ topic name of `topic`.
+    pub fn dlq_topic(&self, topic: &str) -> String {
+        format!("{topic}{}", self.dlq.suffix)
+    }
+
+    /// The consumer group that consumes `topic`, if any.
+    pub fn group_of(&self, topic: &str) -> Option<&str> {
+        self.consumer_groups
+            .iter()
+            .find(|(_, g)| g.consumes.iter().any(|t| t == topic))
+            .map(|(name, _)| name.as_str())
+    }
+
+    /// Every topic to create, DLQs included, with `replication` capped at `max_replication`
+    /// (a single-broker development cluster has only one replica to give).
+    pub fn physical_topics(&self, max_replication: u16) -> Vec<PhysicalTopic> {
+        let mut out = Vec::new();
+        for (name, spec) in &self.topics {
+            out.push(PhysicalTopic {
+                name: name.clone(),
+                partitions: spec.partitions,
+                replication: spec.replication.min(max_replication),
+                retention_ms: spec.retention.as_millis(),
+                dlq_of: None,
+            });
+            if let Some(dlq) = &spec.dlq {
+                out.push(PhysicalTopic {
+                    name: self.dlq_topic(name),
+                    partitions: dlq.partitions,
+                    replication: spec.replication.min(max_replication),
+                    retention_ms: dlq.retention.as_millis(),
+                    dlq_of: Some(name.clone()),
+                });
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = "\
+schema_registry:
+  compatibility: BACKWARD
+  subject_strategy: topic
+dlq:
+  suffix: .dlq
+topics:
+  a.raw:
+    partitions: 3
+    replication: 3
+    retention: 7d
+    key: org_id
+    schema: a.avsc
+    dlq: { partitions: 1, retention: 14d }
+  b.out:
+    partitions: 3
+    replication: 3
+    retention: 12h
+    key: org_id
+    schema: b.avsc
+consumer_groups:
+  worker:
+    purpose: test
+    consumes: [a.raw]
+    produces: [b.out]
+";
+
+    #[test]
+    fn loads_and_derives_dlqs() {
+        let config = TopicConfig::parse(GOOD, "t.yaml").expect("valid");
+        let topics = config.physical_topics(1);
+        assert_eq!(topics.len(), 3);
+        let dlq = topics.iter().find(|t| t.name == "a.raw.dlq").expect("dlq");
+        assert_eq!(dlq.retention_ms, 14 * 86_400_000);
+        assert_eq!(dlq.replication, 1);
+        assert_eq!(dlq.dlq_of.as_deref(), Some("a.raw"));
+        assert_eq!(config.subject("a.raw"), "a.raw-value");
+        assert_eq!(config.group_of("a.raw"), Some("worker"));
+    }
+
+    fn error_of(text: &str) -> String {
+        TopicConfig::parse(text, "t.yaml")
+            .expect_err("must be rejected")
+            .to_string()
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_its_line() {
+        let text = GOOD.replace(
+            "    key: org_id\n    schema: a.avsc",
+            "    key: org_id\n    retension: 7d\n    schema: a.avsc",
+        );
+        let err = error_of(&text);
+        assert!(err.contains("retension"), "{err}");
+        assert!(err.contains("line 12"), "{err}");
+    }
+
+    #[test]
+    fn dlq_without_retention_is_rejected() {
+        let err = error_of(&GOOD.replace(
+            "dlq: { partitions: 1, retention: 14d }",
+            "dlq: { partitions: 1 }",
+        ));
+        assert!(err.contains("retention"), "{err}");
+        assert!(err.contains("line 13"), "{err}");
+    }
+
+    #[test]
+    fn group_reading_an_undeclared_topic_is_rejected() {
+        let err = error_of(&GOOD.replace("consumes: [a.raw]", "consumes: [a.rawx]"));
+        assert!(err.contains("a.rawx"), "{err}");
+        assert!(err.contains("t.yaml:23"), "{err}");
+    }
+
+    #[test]
+    fn consumed_topic_without_dlq_is_rejected() {
+        let err = error_of(&GOOD.replace("consumes: [a.raw]", "consumes: [b.out]"));
+        assert!(err.contains("b.out") && err.contains("dlq"), "{err}");
+    }
+
+    #[test]
+    fn bad_durations_are_explained() {
+        assert!(parse_duration("7x")
+            .expect_err("bad")
+            .contains("unknown unit"));
+        assert!(parse_duration("d").is_err());
+        assert_eq!(parse_duration("90d"), Ok(Duration::from_secs(90 * 86_400)));
+    }
+}

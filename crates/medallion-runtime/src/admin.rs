@@ -1,0 +1,78 @@
+//! Creates the topics and DLQs of `topic-config.yaml` through the Kafka Admin API.
+
+use std::time::Duration;
+
+use medallion_contracts::topics::{PhysicalTopic, TopicConfig};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::error::RDKafkaErrorCode;
+
+/// Why topics could not be applied.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("cannot create an admin client for {bootstrap}: {message}")]
+    Client { bootstrap: String, message: String },
+    #[error("creating topic {topic} failed: {message}")]
+    Create { topic: String, message: String },
+}
+
+/// What happened to one topic.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Applied {
+    Created,
+    AlreadyExists,
+}
+
+/// Creates every topic and DLQ of `config` that does not exist yet. Idempotent.
+pub async fn apply_topics(
+    bootstrap: &str,
+    config: &TopicConfig,
+    max_replication: u16,
+) -> Result<Vec<(PhysicalTopic, Applied)>, AdminError> {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()
+        .map_err(|e| AdminError::Client {
+            bootstrap: bootstrap.to_string(),
+            message: e.to_string(),
+        })?;
+    let topics = config.physical_topics(max_replication);
+    let retention: Vec<String> = topics.iter().map(|t| t.retention_ms.to_string()).collect();
+    let new_topics: Vec<NewTopic<'_>> = topics
+        .iter()
+        .zip(&retention)
+        .map(|(t, retention)| {
+            NewTopic::new(
+                &t.name,
+                t.partitions as i32,
+                TopicReplication::Fixed(i32::from(t.replication)),
+            )
+            .set("retention.ms", retention)
+        })
+        .collect();
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    let results = admin
+        .create_topics(new_topics.iter(), &options)
+        .await
+        .map_err(|e| AdminError::Create {
+            topic: "(all)".into(),
+            message: e.to_string(),
+        })?;
+    let mut out = Vec::with_capacity(topics.len());
+    for (topic, result) in topics.into_iter().zip(results) {
+        match result {
+            Ok(_) => out.push((topic, Applied::Created)),
+            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {
+                out.push((topic, Applied::AlreadyExists))
+            }
+            Err((name, code)) => {
+                return Err(AdminError::Create {
+                    topic: name,
+                    message: code.to_string(),
+                })
+            }
+        }
+    }
+    Ok(out)
+}
