@@ -1,1 +1,89 @@
-fn main() {}
+//! Decoding Confluent-framed envelope records into Arrow (target: ≥ 2M records/s/core in
+//! release builds), and encoding them back.
+
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use medallion_benches::{connector_contract, framed_events};
+use medallion_contracts::columnar::{BatchDecoder, BatchEncoder};
+
+const RECORDS: usize = 1_000_000;
+const BATCH: usize = 4_096;
+
+fn decode(c: &mut Criterion) {
+    let contract = connector_contract();
+    let messages = framed_events(&contract, 1, RECORDS, 20_000);
+    let bytes: usize = messages.iter().map(Vec::len).sum();
+    let mut group = c.benchmark_group("confluent_avro_to_arrow");
+    group.sample_size(10);
+    group.throughput(Throughput::Elements(RECORDS as u64));
+    group.bench_function(
+        format!("decode_1m_envelopes_{}B_avg", bytes / RECORDS),
+        |b| {
+            b.iter_batched(
+                || {
+                    let mut decoder = match BatchDecoder::new(&contract.full_name, &contract.text) {
+                        Ok(d) => d,
+                        Err(e) => panic!("{e}"),
+                    };
+                    if let Err(e) = decoder.add_writer_schema(1, &contract.text) {
+                        panic!("{e}");
+                    }
+                    decoder
+                },
+                |mut decoder| {
+                    let mut rows = 0;
+                    for chunk in messages.chunks(BATCH) {
+                        match decoder.decode(chunk.iter().map(Vec::as_slice)) {
+                            Ok(d) => rows += d.batch.num_rows(),
+                            Err(e) => panic!("{e}"),
+                        }
+                    }
+                    assert_eq!(rows, RECORDS);
+                    rows
+                },
+                BatchSize::PerIteration,
+            )
+        },
+    );
+    group.finish();
+
+    let mut decoder = match BatchDecoder::new(&contract.full_name, &contract.text) {
+        Ok(d) => d,
+        Err(e) => panic!("{e}"),
+    };
+    if let Err(e) = decoder.add_writer_schema(1, &contract.text) {
+        panic!("{e}");
+    }
+    let batches: Vec<_> = messages
+        .chunks(BATCH)
+        .map(
+            |chunk| match decoder.decode(chunk.iter().map(Vec::as_slice)) {
+                Ok(d) => d.batch,
+                Err(e) => panic!("{e}"),
+            },
+        )
+        .collect();
+    let mut group = c.benchmark_group("arrow_to_confluent_avro");
+    group.sample_size(10);
+    group.throughput(Throughput::Elements(RECORDS as u64));
+    group.bench_function("encode_1m_envelopes", |b| {
+        b.iter(|| {
+            let mut encoder = match BatchEncoder::new(&batches[0].schema(), &contract.text, 1) {
+                Ok(e) => e,
+                Err(e) => panic!("{e}"),
+            };
+            let mut n = 0;
+            for batch in &batches {
+                match encoder.encode(batch) {
+                    Ok(rows) => n += rows.len(),
+                    Err(e) => panic!("{e}"),
+                }
+            }
+            assert_eq!(n, RECORDS);
+            n
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, decode);
+criterion_main!(benches);

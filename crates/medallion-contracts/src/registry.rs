@@ -8,7 +8,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use schema_registry_converter::async_impl::schema_registry::{
-    get_all_subjects, get_schema_by_id, is_compatible_schema, post_schema, SrSettings,
+    get_all_subjects, get_schema_by_id, post_schema, SrSettings,
 };
 use schema_registry_converter::error::SRCError;
 use schema_registry_converter::schema_registry_common::{RawError, SchemaType, SuppliedSchema};
@@ -47,6 +47,7 @@ pub struct RegistryClient {
     url: String,
     settings: SrSettings,
     by_id: Mutex<HashMap<u32, String>>,
+    http: reqwest::Client,
 }
 
 impl std::fmt::Debug for RegistryClient {
@@ -69,8 +70,17 @@ impl RegistryClient {
                 what: format!("client for {url}"),
                 message: e.to_string(),
             })?;
+        let http = reqwest::Client::builder()
+            .timeout(timeout)
+            .no_proxy()
+            .build()
+            .map_err(|e| RegistryError::Rejected {
+                what: format!("HTTP client for {url}"),
+                message: e.to_string(),
+            })?;
         Ok(Self {
             url,
+            http,
             settings,
             by_id: Mutex::new(HashMap::new()),
         })
@@ -156,12 +166,55 @@ impl RegistryClient {
         Ok(registered.schema)
     }
 
-    /// The registry's own verdict: can `schema` be registered under `subject`?
+    /// The registry's own verdict: can `schema` be registered under `subject`, judged against
+    /// its latest version (`POST /compatibility/subjects/{subject}/versions/latest`, the form
+    /// every Confluent-compatible registry serves)?
     pub async fn is_compatible(&self, subject: &str, schema: &str) -> Result<bool, RegistryError> {
-        let supplied = SuppliedSchema::new(None, SchemaType::Avro, schema.to_string());
-        is_compatible_schema(&self.settings, subject.to_string(), supplied)
+        let what = format!("subject {subject}");
+        let url = format!(
+            "{}/compatibility/subjects/{subject}/versions/latest",
+            self.url
+        );
+        let body = serde_json::json!({ "schema": schema, "schemaType": "AVRO" });
+        let response = self
+            .http
+            .post(&url)
+            .header("Content-Type", "application/vnd.schemaregistry.v1+json")
+            .body(body.to_string())
+            .send()
             .await
-            .map_err(|e| self.classify(&format!("subject {subject}"), Some(subject), e))
+            .map_err(|e| RegistryError::Unreachable {
+                url: self.url.clone(),
+                message: e.to_string(),
+            })?;
+        let status = response.status();
+        let text = response
+            .text()
+            .await
+            .map_err(|e| RegistryError::Unreachable {
+                url: self.url.clone(),
+                message: e.to_string(),
+            })?;
+        if status.as_u16() == 404 {
+            return Err(RegistryError::NotFound { what });
+        }
+        if status.is_server_error() {
+            return Err(RegistryError::Unreachable {
+                url: self.url.clone(),
+                message: format!("{status}: {text}"),
+            });
+        }
+        let json: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| RegistryError::Rejected {
+                what: what.clone(),
+                message: format!("{status}: {e}: {text}"),
+            })?;
+        json.get("is_compatible")
+            .and_then(serde_json::Value::as_bool)
+            .ok_or(RegistryError::Rejected {
+                what,
+                message: format!("{status}: no is_compatible in {text}"),
+            })
     }
 
     pub async fn subjects(&self) -> Result<Vec<String>, RegistryError> {
