@@ -210,9 +210,34 @@ async fn connector_events_travel_the_wire_format_end_to_end() {
         .await
         .expect("topics created");
     assert_eq!(applied.len(), topics.physical_topics(1).len());
-    medallion_runtime::admin::apply_topics(&broker.address, &topics, 1)
+    let again = medallion_runtime::admin::apply_topics(&broker.address, &topics, 1)
         .await
         .expect("second apply is a no-op");
+    assert!(again
+        .iter()
+        .all(|(_, outcome)| *outcome == medallion_runtime::admin::Applied::AlreadyExists));
+    // The broker holds every topic and DLQ with the declared partitions and retention.
+    let declared = topics.physical_topics(1);
+    let names: Vec<String> = declared.iter().map(|t| t.name.clone()).collect();
+    let states = medallion_runtime::admin::describe_topics(&broker.address, &names)
+        .await
+        .expect("describe");
+    assert_eq!(states.len(), declared.len(), "{states:?}");
+    for (state, topic) in states.iter().zip(&declared) {
+        assert_eq!(state.name, topic.name);
+        assert_eq!(state.partitions, topic.partitions, "{}", topic.name);
+        assert_eq!(
+            state.retention_ms,
+            Some(topic.retention_ms),
+            "{}",
+            topic.name
+        );
+    }
+    let dlq = states
+        .iter()
+        .find(|s| s.name == "connector.data.raw.dlq")
+        .expect("raw DLQ exists");
+    assert_eq!(dlq.retention_ms, Some(14 * 24 * 3_600_000));
 
     let client = client(&registry.address);
     let ids = client
@@ -242,6 +267,25 @@ async fn connector_events_travel_the_wire_format_end_to_end() {
             .expect("delivered");
     }
 
+    // Two poison messages: a foreign magic byte, and a schema id the registry never issued.
+    let mut bad_magic = to_framed(&sent[0], &raw.schema, id).expect("frames");
+    bad_magic[0] = b'{';
+    let mut unknown_id = to_framed(&sent[1], &raw.schema, id).expect("frames");
+    unknown_id[1..5].copy_from_slice(&4_000_000u32.to_be_bytes());
+    for poison in [&bad_magic, &unknown_id] {
+        producer
+            .send(
+                FutureRecord::to(raw_topic)
+                    .key("456")
+                    .payload(poison.as_slice()),
+                Duration::from_secs(10),
+            )
+            .await
+            .map_err(|(e, _)| e)
+            .expect("delivered");
+    }
+    let mut rejected: Vec<&'static str> = Vec::new();
+
     // Consume them back in a consumer group and decode into Arrow.
     let consumer: StreamConsumer =
         medallion_runtime::kafka::consumer(&broker.address, &unique("it-e2e")).expect("consumer");
@@ -251,7 +295,7 @@ async fn connector_events_travel_the_wire_format_end_to_end() {
     let mut received: HashMap<String, (String, i32, i64, i64, Option<String>)> = HashMap::new();
     let mut partition_of_org: HashMap<String, i32> = HashMap::new();
     let deadline = Instant::now() + Duration::from_secs(60);
-    while received.len() < sent.len() {
+    while received.len() < sent.len() || rejected.len() < 2 {
         assert!(
             Instant::now() < deadline,
             "only {} of {} arrived",
@@ -275,13 +319,19 @@ async fn connector_events_travel_the_wire_format_end_to_end() {
             "org {key} split across partitions"
         );
         for unknown in decoder.unknown_ids([payload.as_slice()]) {
-            let schema = fresh.schema_by_id(unknown).await.expect("writer schema");
-            decoder
-                .add_writer_schema(unknown, &schema)
-                .expect("resolvable");
+            match fresh.schema_by_id(unknown).await {
+                Ok(schema) => decoder
+                    .add_writer_schema(unknown, &schema)
+                    .expect("resolvable"),
+                Err(RegistryError::NotFound { .. }) => {}
+                Err(e) => panic!("registry: {e}"),
+            }
         }
         let decoded = decoder.decode([payload.as_slice()]).expect("decodes");
-        assert!(decoded.rejected.is_empty(), "{:?}", decoded.rejected);
+        if let Some((_, error)) = decoded.rejected.first() {
+            rejected.push(error.reason());
+            continue;
+        }
         let batch = decoded.batch;
         let event_id = batch
             .column_by_name("event_id")
@@ -342,4 +392,6 @@ async fn connector_events_travel_the_wire_format_end_to_end() {
         assert_eq!(case, &expected_case);
     }
     assert_eq!(received.len(), sent.len());
+    rejected.sort_unstable();
+    assert_eq!(rejected, vec!["unknown_magic_byte", "unknown_schema_id"]);
 }

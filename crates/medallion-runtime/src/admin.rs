@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use medallion_contracts::topics::{PhysicalTopic, TopicConfig};
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::RDKafkaErrorCode;
@@ -72,6 +72,77 @@ pub async fn apply_topics(
                     message: code.to_string(),
                 })
             }
+        }
+    }
+    Ok(out)
+}
+
+/// A topic as the broker reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicState {
+    pub name: String,
+    pub partitions: u32,
+    pub retention_ms: Option<u128>,
+}
+
+/// Reads partition counts (metadata) and `retention.ms` (DescribeConfigs) of `names`.
+/// A topic the broker does not know is left out.
+pub async fn describe_topics(
+    bootstrap: &str,
+    names: &[String],
+) -> Result<Vec<TopicState>, AdminError> {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()
+        .map_err(|e| AdminError::Client {
+            bootstrap: bootstrap.to_string(),
+            message: e.to_string(),
+        })?;
+    let metadata = {
+        let bootstrap = bootstrap.to_string();
+        let client = admin.inner();
+        client
+            .fetch_metadata(None, Duration::from_secs(10))
+            .map_err(|e| AdminError::Client {
+                bootstrap,
+                message: e.to_string(),
+            })?
+    };
+    let mut out = Vec::new();
+    for name in names {
+        let Some(topic) = metadata.topics().iter().find(|t| t.name() == name) else {
+            continue;
+        };
+        if topic.partitions().is_empty() {
+            continue;
+        }
+        out.push(TopicState {
+            name: name.clone(),
+            partitions: topic.partitions().len() as u32,
+            retention_ms: None,
+        });
+    }
+    let specifiers: Vec<ResourceSpecifier<'_>> = out
+        .iter()
+        .map(|t| ResourceSpecifier::Topic(t.name.as_str()))
+        .collect();
+    if specifiers.is_empty() {
+        return Ok(out);
+    }
+    let options = AdminOptions::new().request_timeout(Some(Duration::from_secs(10)));
+    let configs = admin
+        .describe_configs(specifiers.iter(), &options)
+        .await
+        .map_err(|e| AdminError::Create {
+            topic: "(describe configs)".into(),
+            message: e.to_string(),
+        })?;
+    for (state, config) in out.iter_mut().zip(configs) {
+        if let Ok(resource) = config {
+            state.retention_ms = resource
+                .get("retention.ms")
+                .and_then(|e| e.value.as_deref())
+                .and_then(|v| v.parse().ok());
         }
     }
     Ok(out)
