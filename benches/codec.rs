@@ -2,11 +2,51 @@
 //! release builds), and encoding them back.
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
-use medallion_benches::{connector_contract, framed_events};
+use medallion_benches::{connector_contract, contract, framed_events};
 use medallion_contracts::columnar::{BatchDecoder, BatchEncoder};
 
 const RECORDS: usize = 1_000_000;
 const BATCH: usize = 4_096;
+
+/// The seed-002 envelope alone (`common/metadata.avsc`): the target's "envelope records".
+fn decode_envelopes(c: &mut Criterion) {
+    let contract = contract("common/metadata.avsc");
+    let messages = framed_events(&contract, 1, RECORDS, 20_000);
+    let bytes: usize = messages.iter().map(Vec::len).sum();
+    let mut group = c.benchmark_group("confluent_avro_to_arrow");
+    group.sample_size(10);
+    group.throughput(Throughput::Elements(RECORDS as u64));
+    group.bench_function(
+        format!("decode_1m_envelope_only_{}B_avg", bytes / RECORDS),
+        |b| {
+            b.iter_batched(
+                || {
+                    let mut decoder = match BatchDecoder::new(&contract.full_name, &contract.text) {
+                        Ok(d) => d,
+                        Err(e) => panic!("{e}"),
+                    };
+                    if let Err(e) = decoder.add_writer_schema(1, &contract.text) {
+                        panic!("{e}");
+                    }
+                    decoder
+                },
+                |mut decoder| {
+                    let mut rows = 0;
+                    for chunk in messages.chunks(BATCH) {
+                        match decoder.decode(chunk.iter().map(Vec::as_slice)) {
+                            Ok(d) => rows += d.batch.num_rows(),
+                            Err(e) => panic!("{e}"),
+                        }
+                    }
+                    assert_eq!(rows, RECORDS);
+                    rows
+                },
+                BatchSize::PerIteration,
+            )
+        },
+    );
+    group.finish();
+}
 
 fn decode(c: &mut Criterion) {
     let contract = connector_contract();
@@ -44,6 +84,60 @@ fn decode(c: &mut Criterion) {
             )
         },
     );
+    // The two halves of decoding, to see where the time goes.
+    group.bench_function("check_only", |b| {
+        let mut decoder = match BatchDecoder::new(&contract.full_name, &contract.text) {
+            Ok(d) => d,
+            Err(e) => panic!("{e}"),
+        };
+        if let Err(e) = decoder.add_writer_schema(1, &contract.text) {
+            panic!("{e}");
+        }
+        b.iter(|| messages.iter().filter(|m| decoder.check(m).is_ok()).count())
+    });
+    for with_reader in [false, true] {
+        group.bench_function(
+            format!("arrow_avro_only_reader_schema_{with_reader}"),
+            |b| {
+                b.iter(|| {
+                    use arrow_avro::reader::ReaderBuilder;
+                    use arrow_avro::schema::{
+                        AvroSchema, Fingerprint, FingerprintAlgorithm, SchemaStore,
+                    };
+                    let mut store = SchemaStore::new_with_type(FingerprintAlgorithm::Id);
+                    let schema = AvroSchema::new(contract.text.clone());
+                    if let Err(e) = store.set(Fingerprint::Id(1), schema.clone()) {
+                        panic!("{e}");
+                    }
+                    let mut builder = ReaderBuilder::new()
+                        .with_batch_size(BATCH)
+                        .with_writer_schema_store(store);
+                    if with_reader {
+                        builder = builder.with_reader_schema(schema);
+                    }
+                    let mut decoder = match builder.build_decoder() {
+                        Ok(d) => d,
+                        Err(e) => panic!("{e}"),
+                    };
+                    let mut rows = 0;
+                    for chunk in messages.chunks(BATCH) {
+                        for m in chunk {
+                            if let Err(e) = decoder.decode(m) {
+                                panic!("{e}");
+                            }
+                        }
+                        match decoder.flush() {
+                            Ok(Some(b)) => rows += b.num_rows(),
+                            Ok(None) => {}
+                            Err(e) => panic!("{e}"),
+                        }
+                    }
+                    assert_eq!(rows, RECORDS);
+                    rows
+                })
+            },
+        );
+    }
     group.finish();
 
     let mut decoder = match BatchDecoder::new(&contract.full_name, &contract.text) {
@@ -85,5 +179,5 @@ fn decode(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, decode);
+criterion_group!(benches, decode_envelopes, decode);
 criterion_main!(benches);

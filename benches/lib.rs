@@ -6,14 +6,19 @@ use medallion_contracts::{Contract, ContractSet};
 
 /// The connector contract of the repository.
 pub fn connector_contract() -> Contract {
+    contract("connector/data-raw.avsc")
+}
+
+/// A contract of the repository by path under `schemas/`.
+pub fn contract(path: &str) -> Contract {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../schemas");
     let contracts = match ContractSet::load(&root) {
         Ok(c) => c,
         Err(e) => panic!("schemas: {e}"),
     };
-    match contracts.get("connector/data-raw.avsc") {
+    match contracts.get(path) {
         Some(c) => c.clone(),
-        None => panic!("connector/data-raw.avsc missing"),
+        None => panic!("{path} missing"),
     }
 }
 

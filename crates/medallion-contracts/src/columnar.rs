@@ -42,12 +42,15 @@ pub struct DecodedBatch {
 
 struct Writer {
     shape: Shape,
+    /// Same canonical form as the reader schema: no resolution needed.
+    identical: bool,
 }
 
 /// Decodes Confluent-framed messages of known writer schemas into Arrow in one reader schema.
 pub struct BatchDecoder {
     reader_name: String,
     reader: AvroSchema,
+    reader_canonical: String,
     arrow_schema: SchemaRef,
     writers: BTreeMap<u32, (AvroSchema, Writer)>,
     mismatched: HashMap<u32, String>,
@@ -74,9 +77,13 @@ impl BatchDecoder {
             .with_writer_schema_store(store)
             .build_decoder()
             .map_err(|e| setup(e.to_string()))?;
+        let reader_canonical = apache_avro::Schema::parse_str(reader_schema)
+            .map(|s| s.canonical_form())
+            .map_err(|e| setup(e.to_string()))?;
         Ok(Self {
             reader_name: reader_name.to_string(),
             reader,
+            reader_canonical,
             arrow_schema: probe.schema(),
             writers: BTreeMap::new(),
             mismatched: HashMap::new(),
@@ -106,6 +113,7 @@ impl BatchDecoder {
             let parsed =
                 apache_avro::Schema::parse_str(writer_schema).map_err(|e| e.to_string())?;
             let shape = Shape::compile(&parsed)?;
+            let identical = parsed.canonical_form() == self.reader_canonical;
             let avro = AvroSchema::new(writer_schema.to_string());
             let mut store = SchemaStore::new_with_type(FingerprintAlgorithm::Id);
             store
@@ -116,7 +124,7 @@ impl BatchDecoder {
                 .with_writer_schema_store(store)
                 .build_decoder()
                 .map_err(|e| e.to_string())?;
-            Ok::<_, String>((avro, Writer { shape }))
+            Ok::<_, String>((avro, Writer { shape, identical }))
         })();
         self.decoder = None;
         match result {
@@ -158,10 +166,14 @@ impl BatchDecoder {
                     }
                 })?;
             }
-            let decoder = ReaderBuilder::new()
+            let mut builder = ReaderBuilder::new()
                 .with_batch_size(MAX_ROWS)
-                .with_reader_schema(self.reader.clone())
-                .with_writer_schema_store(store)
+                .with_writer_schema_store(store);
+            // Resolution costs ~30%: skip it when every writer is the reader schema itself.
+            if !self.writers.values().all(|(_, w)| w.identical) {
+                builder = builder.with_reader_schema(self.reader.clone());
+            }
+            let decoder = builder
                 .build_decoder()
                 .map_err(|e| CodecError::SchemaMismatch {
                     id: 0,
@@ -178,6 +190,10 @@ impl BatchDecoder {
 
     /// Checks one message: framing, known writer schema, exact well-formed body.
     pub fn check(&self, message: &[u8]) -> Result<u32, CodecError> {
+        self.check_with(message, true)
+    }
+
+    fn check_with(&self, message: &[u8], check_utf8: bool) -> Result<u32, CodecError> {
         let (id, body) = parse_frame(message)?;
         if let Some(reason) = self.mismatched.get(&id) {
             return Err(CodecError::SchemaMismatch {
@@ -191,7 +207,7 @@ impl BatchDecoder {
         };
         writer
             .shape
-            .validate_exact(body)
+            .validate(body, check_utf8)
             .map_err(|e| CodecError::from_datum(id, e))?;
         Ok(id)
     }
@@ -201,11 +217,28 @@ impl BatchDecoder {
         &mut self,
         messages: impl IntoIterator<Item = &'a [u8]>,
     ) -> Result<DecodedBatch, CodecError> {
-        let mut rows = Vec::new();
+        let messages: Vec<&[u8]> = messages.into_iter().collect();
+        // Fast pass: strings are checked once, by the columnar decoder. Only if it refuses
+        // the batch (invalid UTF-8 somewhere) is every message checked fully to find it.
+        match self.decode_pass(&messages, false) {
+            Ok(decoded) => Ok(decoded),
+            Err(_) => {
+                self.decoder = None;
+                self.decode_pass(&messages, true)
+            }
+        }
+    }
+
+    fn decode_pass(
+        &mut self,
+        messages: &[&[u8]],
+        check_utf8: bool,
+    ) -> Result<DecodedBatch, CodecError> {
+        let mut rows = Vec::with_capacity(messages.len());
         let mut rejected = Vec::new();
-        let mut accepted: Vec<&[u8]> = Vec::new();
-        for (index, message) in messages.into_iter().enumerate() {
-            match self.check(message) {
+        let mut accepted: Vec<&[u8]> = Vec::with_capacity(messages.len());
+        for (index, message) in messages.iter().enumerate() {
+            match self.check_with(message, check_utf8) {
                 Ok(_) => {
                     rows.push(index);
                     accepted.push(message);
@@ -213,54 +246,76 @@ impl BatchDecoder {
                 Err(e) => rejected.push((index, e)),
             }
         }
-        let internal = |e: arrow_avro::errors::AvroError| CodecError::SchemaMismatch {
+        let reader_name = self.reader_name.clone();
+        let internal = move |e: arrow_avro::errors::AvroError| CodecError::SchemaMismatch {
             id: 0,
-            reader: String::new(),
-            reason: format!("columnar decoder failed on a checked message: {e}"),
+            reader: reader_name.clone(),
+            reason: format!("columnar decoder refused checked messages: {e}"),
         };
         let mut batches = Vec::new();
         if !accepted.is_empty() {
             let decoder = self.decoder()?;
-            for message in accepted {
-                let mut offset = 0;
-                while offset < message.len() {
-                    let n = decoder.decode(&message[offset..]).map_err(internal)?;
-                    offset += n;
-                    if offset < message.len() {
-                        // A new writer schema (or a full batch) starts: flush and go on.
-                        match decoder.flush().map_err(internal)? {
-                            Some(b) => batches.push(b),
-                            None if n == 0 => {
-                                return Err(internal(arrow_avro::errors::AvroError::General(
-                                    "decoder made no progress".into(),
-                                )))
+            let result = (|| {
+                for message in &accepted {
+                    let mut offset = 0;
+                    while offset < message.len() {
+                        let n = decoder.decode(&message[offset..])?;
+                        offset += n;
+                        if offset < message.len() {
+                            // A new writer schema (or a full batch) starts: flush and go on.
+                            match decoder.flush()? {
+                                Some(b) => batches.push(b),
+                                None if n == 0 => {
+                                    return Err(arrow_avro::errors::AvroError::General(
+                                        "decoder made no progress".into(),
+                                    ))
+                                }
+                                None => {}
                             }
-                            None => {}
                         }
                     }
                 }
-            }
-            if let Some(b) = decoder.flush().map_err(internal)? {
-                batches.push(b);
-            }
-        }
-        let batch = match batches.len() {
-            0 => RecordBatch::new_empty(self.arrow_schema.clone()),
-            1 => batches
-                .pop()
-                .unwrap_or_else(|| RecordBatch::new_empty(self.arrow_schema.clone())),
-            _ => arrow::compute::concat_batches(&self.arrow_schema, &batches).map_err(|e| {
-                CodecError::SchemaMismatch {
-                    id: 0,
-                    reader: self.reader_name.clone(),
-                    reason: e.to_string(),
+                if let Some(b) = decoder.flush()? {
+                    batches.push(b);
                 }
-            })?,
-        };
-        if self.decoder.is_some() && batches.len() > 1 {
-            // Keep the decoder's active schema on the most common writer next time.
-            self.decoder = None;
+                Ok(())
+            })();
+            if let Err(e) = result {
+                self.decoder = None;
+                return Err(internal(e));
+            }
         }
+        let arrow_schema = self.arrow_schema.clone();
+        let conform = |batch: RecordBatch| -> Result<RecordBatch, CodecError> {
+            if batch.schema() == arrow_schema {
+                Ok(batch)
+            } else {
+                RecordBatch::try_new(arrow_schema.clone(), batch.columns().to_vec()).map_err(|e| {
+                    CodecError::SchemaMismatch {
+                        id: 0,
+                        reader: self.reader_name.clone(),
+                        reason: e.to_string(),
+                    }
+                })
+            }
+        };
+        let batch = match batches.len() {
+            0 => RecordBatch::new_empty(arrow_schema.clone()),
+            1 => conform(batches.remove(0))?,
+            _ => {
+                let conformed = batches
+                    .into_iter()
+                    .map(conform)
+                    .collect::<Result<Vec<_>, _>>()?;
+                arrow::compute::concat_batches(&arrow_schema, &conformed).map_err(|e| {
+                    CodecError::SchemaMismatch {
+                        id: 0,
+                        reader: self.reader_name.clone(),
+                        reason: e.to_string(),
+                    }
+                })?
+            }
+        };
         Ok(DecodedBatch {
             batch,
             rows,

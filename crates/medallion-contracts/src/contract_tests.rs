@@ -444,3 +444,28 @@ fn timestamps_are_utc_arrow_timestamps() {
     );
     let _ = TimestampMillisecondArray::from(vec![0i64]).len();
 }
+
+#[test]
+fn invalid_utf8_is_rejected_without_losing_the_rest_of_the_batch() {
+    let raw = raw();
+    let good = to_framed(&golden_raw(), &raw.schema, 1).expect("frame");
+    let mut bad = good.clone();
+    // Byte 5 is the length of event_id; byte 6 its first character.
+    bad[6] = 0xff;
+    let mut decoder = BatchDecoder::new(&raw.full_name, &raw.text).expect("decoder");
+    decoder.add_writer_schema(1, &raw.text).expect("writer");
+    let messages = [good.clone(), bad, good];
+    let decoded = decoder
+        .decode(messages.iter().map(Vec::as_slice))
+        .expect("decode runs");
+    assert_eq!(decoded.rows, vec![0, 2]);
+    assert_eq!(decoded.batch.num_rows(), 2);
+    assert_eq!(decoded.rejected.len(), 1);
+    assert_eq!(decoded.rejected[0].0, 1);
+    assert_eq!(decoded.rejected[0].1.reason(), "malformed_body");
+    // The decoder is usable afterwards.
+    let again = decoder
+        .decode([messages[0].as_slice()])
+        .expect("decode runs");
+    assert_eq!(again.batch.num_rows(), 1);
+}

@@ -46,7 +46,17 @@ impl Shape {
 
     /// Checks that `buf` holds exactly one datum of this shape.
     pub fn validate_exact(&self, buf: &[u8]) -> Result<(), DatumError> {
-        let mut cursor = Cursor { buf, pos: 0 };
+        self.validate(buf, true)
+    }
+
+    /// Like [`Shape::validate_exact`]; with `check_utf8` false, string contents are not
+    /// checked (the columnar decoder checks them again when it builds its arrays).
+    pub fn validate(&self, buf: &[u8], check_utf8: bool) -> Result<(), DatumError> {
+        let mut cursor = Cursor {
+            buf,
+            pos: 0,
+            check_utf8,
+        };
         cursor.skip(self)?;
         if cursor.pos != buf.len() {
             return Err(DatumError::TrailingBytes {
@@ -121,10 +131,25 @@ fn compile(
 struct Cursor<'a> {
     buf: &'a [u8],
     pos: usize,
+    check_utf8: bool,
 }
 
 impl Cursor<'_> {
+    #[inline(always)]
     fn varint(&mut self, what: &'static str) -> Result<i64, DatumError> {
+        // Fast path: most varints are one byte.
+        if let Some(&byte) = self.buf.get(self.pos) {
+            if byte & 0x80 == 0 {
+                self.pos += 1;
+                let value = u64::from(byte);
+                return Ok(((value >> 1) as i64) ^ -((value & 1) as i64));
+            }
+        }
+        self.varint_slow(what)
+    }
+
+    #[inline(never)]
+    fn varint_slow(&mut self, what: &'static str) -> Result<i64, DatumError> {
         let mut value: u64 = 0;
         let mut shift = 0;
         loop {
@@ -147,6 +172,7 @@ impl Cursor<'_> {
         Ok(((value >> 1) as i64) ^ -((value & 1) as i64))
     }
 
+    #[inline(always)]
     fn int(&mut self, what: &'static str) -> Result<i64, DatumError> {
         let at = self.pos;
         let v = self.varint(what)?;
@@ -159,6 +185,7 @@ impl Cursor<'_> {
         Ok(v)
     }
 
+    #[inline(always)]
     fn take(&mut self, n: usize, what: &'static str) -> Result<&[u8], DatumError> {
         let end = self
             .pos
@@ -173,6 +200,7 @@ impl Cursor<'_> {
         Ok(slice)
     }
 
+    #[inline(always)]
     fn length(&mut self, what: &'static str) -> Result<usize, DatumError> {
         let at = self.pos;
         let len = self.varint(what)?;
@@ -223,8 +251,9 @@ impl Cursor<'_> {
             Shape::String => {
                 let n = self.length("string")?;
                 let at = self.pos;
+                let check = self.check_utf8;
                 let s = self.take(n, "string")?;
-                if std::str::from_utf8(s).is_err() {
+                if check && std::str::from_utf8(s).is_err() {
                     return Err(DatumError::Malformed {
                         at,
                         what: "string is not UTF-8".into(),
