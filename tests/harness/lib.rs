@@ -220,3 +220,207 @@ pub fn contracts() -> anyhow::Result<(
 pub fn unique(prefix: &str) -> String {
     format!("{prefix}-{}", uuid::Uuid::new_v4().simple())
 }
+
+/// A worker process (one of the stage binaries), killed on drop.
+pub struct WorkerProcess {
+    child: Option<Child>,
+    /// Where its `/metrics`, `/healthz` and `/readyz` are served.
+    pub http: String,
+}
+
+impl WorkerProcess {
+    /// Starts `binary` against `bootstrap` and `registry`; `env` adds or overrides settings.
+    pub fn start(
+        binary: &str,
+        bootstrap: &str,
+        registry: &str,
+        env: &[(&str, String)],
+    ) -> anyhow::Result<Self> {
+        let port = free_port()?;
+        let mut cmd = Command::new(binary);
+        cmd.env("MEDALLION__KAFKA__BOOTSTRAP", bootstrap)
+            .env("MEDALLION__KAFKA__SESSION_TIMEOUT_MS", "6000")
+            .env("MEDALLION__REGISTRY__URL", registry)
+            .env("MEDALLION__HTTP__LISTEN", format!("127.0.0.1:{port}"))
+            .env("MEDALLION__CONTRACTS__HOME", workspace_root())
+            .env("MEDALLION__BATCH__LINGER_MS", "20")
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().with_context(|| format!("starting {binary}"))?;
+        Ok(Self {
+            child: Some(child),
+            http: format!("http://127.0.0.1:{port}"),
+        })
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// SIGKILL, no goodbye.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM, then wait for a clean exit; returns whether it exited with success.
+    pub fn terminate(&mut self, within: Duration) -> anyhow::Result<bool> {
+        let Some(mut child) = self.child.take() else {
+            return Ok(false);
+        };
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Some(status) = child.try_wait()? {
+                return Ok(status.success());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        bail!("worker did not stop within {within:?} of SIGTERM")
+    }
+
+    /// Waits until `/readyz` answers 200.
+    pub async fn wait_ready(&self, within: Duration) -> anyhow::Result<()> {
+        let client = reqwest::Client::new();
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Ok(r) = client.get(format!("{}/readyz", self.http)).send().await {
+                if r.status().is_success() {
+                    return Ok(());
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        bail!("worker at {} not ready within {within:?}", self.http)
+    }
+
+    /// The `/metrics` page.
+    pub async fn metrics(&self) -> anyhow::Result<String> {
+        Ok(reqwest::get(format!("{}/metrics", self.http))
+            .await?
+            .text()
+            .await?)
+    }
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Reads `topic` from the beginning in a fresh group until `expected` records arrived, then
+/// keeps reading for `quiet` to catch extras. Fails after `within`.
+pub async fn read_topic(
+    bootstrap: &str,
+    topic: &str,
+    expected: usize,
+    quiet: Duration,
+    within: Duration,
+) -> anyhow::Result<Vec<rdkafka::message::OwnedMessage>> {
+    read_until(bootstrap, topic, |m| m.len() >= expected, quiet, within).await
+}
+
+/// Reads `topic` from the beginning in a fresh group until `done` holds for what was read,
+/// then keeps reading for `quiet`. Fails after `within`.
+pub async fn read_until(
+    bootstrap: &str,
+    topic: &str,
+    mut done: impl FnMut(&[rdkafka::message::OwnedMessage]) -> bool,
+    quiet: Duration,
+    within: Duration,
+) -> anyhow::Result<Vec<rdkafka::message::OwnedMessage>> {
+    use rdkafka::consumer::{Consumer, StreamConsumer};
+    let consumer: StreamConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", unique("reader"))
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("session.timeout.ms", "6000")
+        .create()?;
+    consumer.subscribe(&[topic])?;
+    let mut out = Vec::new();
+    let deadline = Instant::now() + within;
+    let mut quiet_until: Option<Instant> = None;
+    loop {
+        if quiet_until.is_none() && done(&out) {
+            quiet_until = Some(Instant::now() + quiet);
+        }
+        if let Some(until) = quiet_until {
+            if Instant::now() >= until {
+                break;
+            }
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "{topic}: condition not met within {within:?} ({} records read)",
+                out.len()
+            );
+        }
+        match tokio::time::timeout(Duration::from_millis(250), consumer.recv()).await {
+            Ok(Ok(m)) => out.push(m.detach()),
+            Ok(Err(e)) => bail!("reading {topic}: {e}"),
+            Err(_) => {}
+        }
+    }
+    Ok(out)
+}
+
+/// A TCP forwarder to `upstream` that a test can switch off (connections are then reset) and
+/// on again, to simulate a dependency outage on loopback.
+pub struct Toggle {
+    pub address: String,
+    enabled: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Toggle {
+    pub async fn start(upstream: &str) -> anyhow::Result<Self> {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let address = listener.local_addr()?.to_string();
+        let enabled = std::sync::Arc::new(AtomicBool::new(true));
+        let flag = enabled.clone();
+        let upstream = upstream.to_string();
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if !flag.load(Ordering::SeqCst) {
+                    drop(inbound);
+                    continue;
+                }
+                let upstream = upstream.clone();
+                let flag = flag.clone();
+                tokio::spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(&upstream).await {
+                        let copy = tokio::io::copy_bidirectional(&mut inbound, &mut outbound);
+                        tokio::pin!(copy);
+                        loop {
+                            tokio::select! {
+                                _ = &mut copy => break,
+                                _ = tokio::time::sleep(Duration::from_millis(50)) => {
+                                    if !flag.load(Ordering::SeqCst) {
+                                        break;
+                                    }
+                                }
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        Ok(Self { address, enabled })
+    }
+
+    pub fn set(&self, on: bool) {
+        self.enabled.store(on, std::sync::atomic::Ordering::SeqCst);
+    }
+}

@@ -1,4 +1,14 @@
-//! The shared runtime of Medallion's stage workers: Kafka clients and topic administration.
+//! The shared runtime of Medallion's stage workers: Kafka IO, the Confluent/Arrow codec path,
+//! dead letters, retries, dedup, metrics, health endpoints and configuration. A stage only says
+//! how a batch becomes its output ([`worker::Stage`]).
 
 pub mod admin;
+pub mod config;
+pub mod dedup;
+pub mod dlq;
+pub mod error;
+pub mod http;
 pub mod kafka;
+pub mod metrics;
+pub mod retry;
+pub mod worker;

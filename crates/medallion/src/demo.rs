@@ -1,9 +1,8 @@
 //! The local mode: an embedded broker (librdkafka's mock cluster) and an embedded Confluent-
 //! compatible registry in one process; contracts registered, topics created from
 //! topic-config.yaml, a realistic connector stream produced (several orgs, the seed 000, 001 and
-//! 004 feeds, ~1% malformed, some duplicates), consumed back and decoded into Arrow.
+//! 004 feeds, ~1% malformed, some duplicates) and run through bronze-processor in process.
 
-use std::collections::{BTreeMap, HashSet};
 use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -11,17 +10,17 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use arrow::array::{Array, AsArray};
-use arrow::datatypes::Int64Type;
-use medallion_contracts::columnar::BatchDecoder;
-use medallion_contracts::registry::{RegistryClient, RegistryError};
+use medallion_contracts::registry::RegistryClient;
 use medallion_contracts::sample::{SampleEvents, SplitMix};
 use medallion_contracts::{json, ContractSet, TopicConfig};
-use rdkafka::consumer::{Consumer, StreamConsumer};
+use medallion_runtime::config::WorkerConfig;
+use medallion_runtime::http::Health;
+use medallion_runtime::worker::prepare;
+use medallion_stages::bronze::{self, Bronze, BronzeConfig};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
-use rdkafka::Message;
+use std::sync::atomic::Ordering::Relaxed;
 
 const RAW_TOPIC: &str = "connector.data.raw";
 
@@ -45,11 +44,12 @@ pub struct DemoArgs {
 }
 
 /// What the malformed share of the stream looks like, in rotation.
-const MALFORMED: [&str; 4] = [
+const MALFORMED: [&str; 5] = [
     "bad magic byte",
     "truncated body",
     "unknown schema id",
     "garbage",
+    "key mismatch",
 ];
 
 async fn start_registry() -> anyhow::Result<String> {
@@ -142,56 +142,101 @@ pub async fn run(home: &Path, args: DemoArgs) -> anyhow::Result<ExitCode> {
         ids.len()
     );
 
-    let producer = medallion_runtime::kafka::producer(&bootstrap)?;
-    let consumer = medallion_runtime::kafka::consumer(&bootstrap, "medallion-local")?;
-    consumer.subscribe(&[RAW_TOPIC])?;
+    // bronze-processor, in process, with the same runtime the worker binary uses.
+    let mut config: WorkerConfig<BronzeConfig> = WorkerConfig::default();
+    config.kafka.bootstrap = bootstrap.clone();
+    config.registry.url = registry_url.clone();
+    config.http.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+    config.contracts.home = Some(home.to_path_buf());
+    let health = Health::new();
+    let metrics = medallion_runtime::metrics::install();
+    let http = medallion_runtime::http::serve(config.http.listen, health.clone(), metrics).await?;
+    println!("  bronze    /metrics /healthz /readyz on http://{http}");
+    let worker = prepare(&config, bronze::GROUP, health, |setup| {
+        Bronze::new(setup, config.stage.clone())
+    })
+    .await?;
+    let progress = worker.progress();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let worker_config = config.clone();
+    let running = tokio::spawn(async move {
+        worker
+            .run(&worker_config, async {
+                let _ = stopped.await;
+            })
+            .await
+    });
 
+    let producer = medallion_runtime::kafka::producer(&bootstrap)?;
     let started = Instant::now();
-    let produce = produce_stream(&producer, &raw, raw_id, &args);
-    let consume = consume_stream(&consumer, &registry, &raw, args.events);
     let work = async {
-        let produced = produce.await?;
-        let consumed = consume.await?;
-        Ok::<_, anyhow::Error>((produced, consumed))
+        let produced = produce_stream(&producer, &raw, raw_id, &args).await?;
+        let mut last = Instant::now();
+        loop {
+            let consumed = progress.consumed.load(Relaxed);
+            if last.elapsed() > Duration::from_millis(250) || consumed >= produced.total {
+                last = Instant::now();
+                print!(
+                    "\r  progress  {consumed} / {} consumed, {} to bronze, {} dead-lettered, {} duplicates dropped   ",
+                    produced.total,
+                    progress.produced.load(Relaxed),
+                    progress.dead_lettered.load(Relaxed),
+                    progress.duplicates.load(Relaxed),
+                );
+                let _ = std::io::stdout().flush();
+            }
+            if consumed >= produced.total {
+                break;
+            }
+            if started.elapsed() > Duration::from_secs(300) {
+                bail!("bronze did not finish within 300 s");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok::<_, anyhow::Error>(produced)
     };
     let outcome = tokio::select! {
         result = work => Some(result?),
         _ = tokio::signal::ctrl_c() => None,
     };
-    let Some((produced, consumed)) = outcome else {
-        println!("\ninterrupted: stopping");
+    let elapsed = started.elapsed().as_secs_f64();
+    drop(producer);
+    let _ = stop.send(());
+    let totals = running.await.context("bronze worker task")??;
+    let Some(produced) = outcome else {
+        println!(
+            "\ninterrupted: stopped cleanly after {} events",
+            totals.consumed
+        );
         return Ok(ExitCode::from(130));
     };
-    let elapsed = started.elapsed().as_secs_f64();
     println!();
     println!("summary");
     println!(
-        "  produced          {} events ({} malformed, {} duplicates)",
+        "  produced          {} events to {RAW_TOPIC} ({} malformed, {} redelivered duplicates)",
         produced.total, produced.malformed, produced.duplicates
     );
     println!(
-        "  consumed          {} messages in {elapsed:.2} s ({:.0} msg/s)",
-        consumed.messages,
-        consumed.messages as f64 / elapsed
+        "  bronze in         {} records in {elapsed:.2} s ({:.0} events/s)",
+        totals.consumed,
+        totals.consumed as f64 / elapsed
     );
     println!(
-        "  decoded to Arrow  {} rows ({} distinct event ids)",
-        consumed.rows, consumed.distinct
+        "  bronze out        {} records to bronze.data.cleaned",
+        totals.produced
     );
     println!(
-        "  rejected          {}",
-        consumed.rejected.values().sum::<u64>()
+        "  duplicates        {} dropped by event_id dedup",
+        totals.duplicates
     );
-    for (reason, n) in &consumed.rejected {
-        println!("    {reason:<22} {n}");
+    let dead: u64 = totals.dead_lettered.values().sum();
+    println!("  dead-lettered     {dead} to {RAW_TOPIC}.dlq");
+    for (reason, n) in &totals.dead_lettered {
+        println!("    {reason:<24} {n}");
     }
-    println!("  rows per org");
-    for (org, n) in &consumed.per_org {
-        println!("    org {org:<8} {n}");
-    }
-    let accounted = consumed.rows + consumed.rejected.values().sum::<u64>();
-    if accounted != produced.total {
-        bail!("{accounted} of {} messages accounted for", produced.total);
+    let accounted = totals.produced + totals.duplicates + dead;
+    if accounted != totals.consumed {
+        bail!("{accounted} of {} records accounted for", totals.consumed);
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -208,7 +253,12 @@ async fn produce_stream(
     raw_id: u32,
     args: &DemoArgs,
 ) -> anyhow::Result<Produced> {
-    let mut events = SampleEvents::new(42, args.orgs, 1_735_200_000_000);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or_default();
+    // Event times over the last hour, so bronze's sanity range accepts them.
+    let mut events = SampleEvents::new(42, args.orgs, now - 3_600_000 - args.events as i64 * 100);
     let mut rng = SplitMix::new(7);
     let malformed_every = if args.malformed_percent > 0.0 {
         (100.0 / args.malformed_percent).round().max(1.0) as u64
@@ -228,16 +278,17 @@ async fn produce_stream(
             previous.clone().context("previous event")?
         } else {
             let event = events.next_event();
-            let key = event["org_id"].to_string();
+            let mut key = event["org_id"].to_string();
             let mut value = json::to_framed(&event, &raw.schema, raw_id)?;
             if i % malformed_every == malformed_every / 2 {
                 out.malformed += 1;
-                match MALFORMED[(out.malformed % 4) as usize] {
+                match MALFORMED[(out.malformed % MALFORMED.len() as u64) as usize] {
                     "bad magic byte" => value[0] = 0x7b,
                     "truncated body" => value.truncate(value.len() / 2),
                     "unknown schema id" => {
                         value[1..5].copy_from_slice(&(raw_id + 10_000).to_be_bytes())
                     }
+                    "key mismatch" => key = "1".to_string(),
                     _ => {
                         value = (0..24).map(|_| rng.below(256) as u8).collect();
                         value[0] = 0;
@@ -279,98 +330,4 @@ async fn await_deliveries(pending: &mut Vec<DeliveryFuture>) -> anyhow::Result<(
         }
     }
     Ok(())
-}
-
-struct Consumed {
-    messages: u64,
-    rows: u64,
-    distinct: u64,
-    rejected: BTreeMap<&'static str, u64>,
-    per_org: BTreeMap<i64, u64>,
-}
-
-async fn consume_stream(
-    consumer: &StreamConsumer,
-    registry: &RegistryClient,
-    raw: &medallion_contracts::Contract,
-    expected: u64,
-) -> anyhow::Result<Consumed> {
-    let mut decoder = BatchDecoder::new(&raw.full_name, &raw.text)?;
-    let mut out = Consumed {
-        messages: 0,
-        rows: 0,
-        distinct: 0,
-        rejected: BTreeMap::new(),
-        per_org: BTreeMap::new(),
-    };
-    let mut seen = HashSet::new();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let mut last_progress = Instant::now();
-    while out.messages < expected {
-        if Instant::now() > deadline {
-            bail!(
-                "timed out: consumed {} of {expected} messages",
-                out.messages
-            );
-        }
-        let mut batch: Vec<Vec<u8>> = Vec::with_capacity(1_000);
-        let first = tokio::time::timeout(Duration::from_secs(1), consumer.recv()).await;
-        let Ok(first) = first else { continue };
-        batch.push(first?.payload().unwrap_or_default().to_vec());
-        while batch.len() < 1_000 {
-            match tokio::time::timeout(Duration::from_millis(5), consumer.recv()).await {
-                Ok(message) => batch.push(message?.payload().unwrap_or_default().to_vec()),
-                Err(_) => break,
-            }
-        }
-        for id in decoder.unknown_ids(batch.iter().map(Vec::as_slice)) {
-            match registry.schema_by_id(id).await {
-                Ok(schema) => {
-                    // A schema the reader cannot resolve is reported per message below.
-                    let _ = decoder.add_writer_schema(id, &schema);
-                }
-                Err(RegistryError::NotFound { .. }) => {}
-                Err(e) => return Err(e.into()),
-            }
-        }
-        let decoded = decoder.decode(batch.iter().map(Vec::as_slice))?;
-        out.messages += batch.len() as u64;
-        out.rows += decoded.batch.num_rows() as u64;
-        for (_, error) in &decoded.rejected {
-            *out.rejected.entry(error.reason()).or_default() += 1;
-        }
-        let ids = decoded
-            .batch
-            .column_by_name("event_id")
-            .context("event_id column")?
-            .as_string::<i32>();
-        let orgs = decoded
-            .batch
-            .column_by_name("org_id")
-            .context("org_id column")?
-            .as_primitive::<Int64Type>();
-        for row in 0..ids.len() {
-            if seen.insert(ids.value(row).to_string()) {
-                out.distinct += 1;
-            }
-            *out.per_org.entry(orgs.value(row)).or_default() += 1;
-        }
-        if last_progress.elapsed() > Duration::from_millis(250) {
-            last_progress = Instant::now();
-            print!(
-                "\r  progress  {} / {expected} consumed, {} rows, {} rejected",
-                out.messages,
-                out.rows,
-                out.rejected.values().sum::<u64>()
-            );
-            let _ = std::io::stdout().flush();
-        }
-    }
-    print!(
-        "\r  progress  {} / {expected} consumed, {} rows, {} rejected",
-        out.messages,
-        out.rows,
-        out.rejected.values().sum::<u64>()
-    );
-    Ok(out)
 }

@@ -1,0 +1,257 @@
+//! Worker configuration: embedded defaults, then an optional YAML file, then environment
+//! variables `MEDALLION__SECTION__KEY` (e.g. `MEDALLION__KAFKA__BOOTSTRAP`). Unknown keys are
+//! rejected with their name, so a typo never silently becomes a default.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use figment::providers::{Env, Format, Serialized, Yaml};
+use figment::Figment;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+/// Why the configuration was rejected.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config file {0} does not exist")]
+    MissingFile(PathBuf),
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// Everything a stage worker needs, plus the stage's own section `S`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkerConfig<S> {
+    pub kafka: KafkaConfig,
+    pub registry: RegistryConfig,
+    pub batch: BatchConfig,
+    pub dedup: DedupConfig,
+    pub retry: RetryConfig,
+    pub http: HttpConfig,
+    pub contracts: ContractsConfig,
+    /// The stage's own settings.
+    pub stage: S,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// Bootstrap servers, `host:port[,host:port]`.
+    pub bootstrap: String,
+    /// Consumer session timeout; a dead replica's partitions move after this long.
+    pub session_timeout_ms: u32,
+    /// How long a produce may wait for the broker before it counts as failed.
+    pub produce_timeout_ms: u32,
+    /// Extra librdkafka properties (security.protocol, sasl.*, ...), applied to every client.
+    pub properties: std::collections::BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegistryConfig {
+    /// Confluent-compatible Schema Registry URL.
+    pub url: String,
+    pub timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchConfig {
+    /// Most records per batch.
+    pub max_records: usize,
+    /// How long to wait for a batch to fill once its first record arrived.
+    pub linger_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DedupConfig {
+    /// Event ids remembered per partition (16 bytes each plus set overhead).
+    pub window_per_partition: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryConfig {
+    /// Waits between attempts of a transient failure; seed 001: 0.5 s, 2 s, 8 s, 32 s.
+    pub backoff_ms: Vec<u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Address of `/metrics`, `/healthz` and `/readyz`.
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ContractsConfig {
+    /// Directory holding `topic-config.yaml` and `schemas/` (default: found upward from the
+    /// working directory).
+    pub home: Option<PathBuf>,
+}
+
+impl<S: Default> Default for WorkerConfig<S> {
+    fn default() -> Self {
+        Self {
+            kafka: KafkaConfig {
+                bootstrap: "localhost:9092".into(),
+                session_timeout_ms: 10_000,
+                produce_timeout_ms: 30_000,
+                properties: Default::default(),
+            },
+            registry: RegistryConfig {
+                url: "http://localhost:8081".into(),
+                timeout_ms: 5_000,
+            },
+            batch: BatchConfig {
+                max_records: 2_000,
+                linger_ms: 20,
+            },
+            dedup: DedupConfig {
+                window_per_partition: 100_000,
+            },
+            retry: RetryConfig {
+                backoff_ms: vec![500, 2_000, 8_000, 32_000],
+            },
+            http: HttpConfig {
+                listen: SocketAddr::from(([0, 0, 0, 0], 9464)),
+            },
+            contracts: ContractsConfig { home: None },
+            stage: S::default(),
+        }
+    }
+}
+
+/// The environment prefix of overrides.
+pub const ENV_PREFIX: &str = "MEDALLION__";
+
+impl<S: Default + Serialize + DeserializeOwned> WorkerConfig<S> {
+    /// Defaults, then `file` (if given; it must exist), then `MEDALLION__*` variables.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Self::default()));
+        if let Some(file) = file {
+            if !file.is_file() {
+                return Err(ConfigError::MissingFile(file.to_path_buf()));
+            }
+            figment = figment.merge(Yaml::file(file));
+        }
+        figment = figment.merge(Env::prefixed(ENV_PREFIX).split("__"));
+        let config: Self = figment
+            .extract()
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.kafka.bootstrap.trim().is_empty() {
+            return Err(ConfigError::Invalid("kafka.bootstrap is empty".into()));
+        }
+        if self.batch.max_records == 0 {
+            return Err(ConfigError::Invalid(
+                "batch.max_records must be at least 1".into(),
+            ));
+        }
+        if self.dedup.window_per_partition == 0 {
+            return Err(ConfigError::Invalid(
+                "dedup.window_per_partition must be at least 1".into(),
+            ));
+        }
+        if !(self.registry.url.starts_with("http://") || self.registry.url.starts_with("https://"))
+        {
+            return Err(ConfigError::Invalid(format!(
+                "registry.url `{}` must start with http:// or https://",
+                self.registry.url
+            )));
+        }
+        Ok(())
+    }
+
+    /// The contracts home: configured, or found upward from the working directory.
+    pub fn home(&self) -> PathBuf {
+        self.contracts
+            .home
+            .clone()
+            .unwrap_or_else(medallion_contracts::project_root)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+    #[serde(deny_unknown_fields, default)]
+    struct StageSettings {
+        threshold: u32,
+    }
+
+    fn write(text: &str) -> (tempdir::Dir, PathBuf) {
+        let dir = tempdir::Dir::new();
+        let path = dir.path.join("worker.yaml");
+        std::fs::write(&path, text).expect("write");
+        (dir, path)
+    }
+
+    mod tempdir {
+        pub struct Dir {
+            pub path: std::path::PathBuf,
+        }
+        impl Dir {
+            pub fn new() -> Self {
+                let path =
+                    std::env::temp_dir().join(format!("medallion-config-{}", uuid::Uuid::new_v4()));
+                std::fs::create_dir_all(&path).expect("temp dir");
+                Self { path }
+            }
+        }
+        impl Drop for Dir {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_dir_all(&self.path);
+            }
+        }
+    }
+
+    #[test]
+    fn file_overrides_defaults() {
+        let (_dir, path) = write("kafka:\n  bootstrap: broker:9092\nstage:\n  threshold: 7\n");
+        let config = WorkerConfig::<StageSettings>::load(Some(&path)).expect("valid");
+        assert_eq!(config.kafka.bootstrap, "broker:9092");
+        assert_eq!(config.stage.threshold, 7);
+        assert_eq!(config.retry.backoff_ms, vec![500, 2_000, 8_000, 32_000]);
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let (_dir, path) = write("kafka:\n  bootstrapp: broker:9092\n");
+        let err = WorkerConfig::<StageSettings>::load(Some(&path))
+            .expect_err("typo")
+            .to_string();
+        assert!(err.contains("bootstrapp"), "{err}");
+        let (_dir, path) = write("stage:\n  treshold: 1\n");
+        let err = WorkerConfig::<StageSettings>::load(Some(&path))
+            .expect_err("typo")
+            .to_string();
+        assert!(err.contains("treshold"), "{err}");
+    }
+
+    #[test]
+    fn missing_file_and_bad_values_are_explained() {
+        let err = WorkerConfig::<StageSettings>::load(Some(Path::new("/nonexistent/w.yaml")))
+            .expect_err("missing");
+        assert!(err.to_string().contains("/nonexistent/w.yaml"));
+        let (_dir, path) = write("batch:\n  max_records: zero\n");
+        let err = WorkerConfig::<StageSettings>::load(Some(&path))
+            .expect_err("bad type")
+            .to_string();
+        assert!(err.contains("max_records"), "{err}");
+        let (_dir, path) = write("registry:\n  url: localhost:8081\n");
+        let err = WorkerConfig::<StageSettings>::load(Some(&path))
+            .expect_err("bad url")
+            .to_string();
+        assert!(err.contains("registry.url"), "{err}");
+    }
+}

@@ -1,0 +1,82 @@
+//! Errors typed by who caused them and whether waiting helps. The type decides the path:
+//! poison goes to the DLQ at once, transient is retried with backoff and then dead-lettered,
+//! and an unavailable broker pauses consumption (the DLQ lives on the same broker).
+
+use medallion_contracts::registry::RegistryError;
+use medallion_contracts::CodecError;
+
+/// What to do with a record that failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// The record itself is bad: retrying gives the same answer. DLQ now.
+    Poison,
+    /// A dependency failed (registry, timeout): retry with backoff, then DLQ.
+    Transient,
+}
+
+impl ErrorClass {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorClass::Poison => "poison",
+            ErrorClass::Transient => "transient",
+        }
+    }
+}
+
+/// Why one record did not make it to the output topic.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordFailure {
+    pub class: ErrorClass,
+    /// Stable label: metrics and the `medallion.error.reason` DLQ header.
+    pub reason: String,
+    /// Human-readable detail.
+    pub message: String,
+}
+
+impl RecordFailure {
+    pub fn poison(reason: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            class: ErrorClass::Poison,
+            reason: reason.into(),
+            message: message.into(),
+        }
+    }
+
+    pub fn transient(reason: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            class: ErrorClass::Transient,
+            reason: reason.into(),
+            message: message.into(),
+        }
+    }
+}
+
+impl From<&CodecError> for RecordFailure {
+    fn from(e: &CodecError) -> Self {
+        RecordFailure::poison(e.reason(), e.to_string())
+    }
+}
+
+/// A failure of a whole batch step.
+#[derive(Debug, thiserror::Error)]
+pub enum StageError {
+    /// The registry could not be reached: retry the batch.
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    /// The stage's transform failed on a whole batch (a bug or a resource limit, not a
+    /// record's fault).
+    #[error("transform failed: {0}")]
+    Transform(String),
+    /// Encoding to the output schema failed.
+    #[error("encode failed: {0}")]
+    Encode(String),
+}
+
+impl StageError {
+    pub fn is_transient(&self) -> bool {
+        match self {
+            StageError::Registry(e) => e.is_transient(),
+            StageError::Transform(_) | StageError::Encode(_) => false,
+        }
+    }
+}

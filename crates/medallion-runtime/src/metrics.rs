@@ -1,0 +1,74 @@
+//! Every metric a worker exports, named in one place so dashboards, alert rules and code can be
+//! checked against the same list. Prometheus naming: `<name>_<unit>[_total]`.
+
+use std::sync::OnceLock;
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+/// Consumer lag per group, topic and partition: high watermark minus committed, never negative.
+pub const KAFKA_CONSUMER_LAG: &str = "kafka_consumer_lag";
+/// Records consumed, by group and topic.
+pub const KAFKA_MESSAGES_IN_TOTAL: &str = "kafka_messages_in_total";
+/// Bytes of record values consumed, by group and topic.
+pub const KAFKA_BYTES_IN_TOTAL: &str = "kafka_bytes_in_total";
+/// Writer schemas known to the worker (fetched from or registered in the registry).
+pub const SCHEMA_REGISTRY_SCHEMAS_TOTAL: &str = "schema_registry_schemas_total";
+/// Records written to the output topic, by stage and topic.
+pub const RECORDS_OUT_TOTAL: &str = "medallion_records_out_total";
+/// Records dead-lettered, by stage, topic, class and reason.
+pub const DLQ_RECORDS_TOTAL: &str = "medallion_dlq_records_total";
+/// Redelivered records dropped by event-id dedup, by stage and topic.
+pub const DUPLICATES_TOTAL: &str = "medallion_duplicates_dropped_total";
+/// Retries of transient failures, by stage and reason.
+pub const RETRIES_TOTAL: &str = "medallion_retries_total";
+/// Time to process one batch end to end (poll excluded), by stage.
+pub const BATCH_DURATION_SECONDS: &str = "medallion_batch_duration_seconds";
+/// Event time to output acknowledged, by stage.
+pub const EVENT_LATENCY_SECONDS: &str = "medallion_event_to_output_latency_seconds";
+/// Event ids held in dedup windows, by stage.
+pub const DEDUP_WINDOW_EVENTS: &str = "medallion_dedup_window_events";
+/// Approximate heap bytes of the dedup windows, by stage.
+pub const DEDUP_WINDOW_BYTES: &str = "medallion_dedup_window_bytes";
+/// 1 while the worker holds a partition assignment and the registry answered.
+pub const WORKER_READY: &str = "medallion_worker_ready";
+
+/// Every name above.
+pub const ALL: [&str; 13] = [
+    KAFKA_CONSUMER_LAG,
+    KAFKA_MESSAGES_IN_TOTAL,
+    KAFKA_BYTES_IN_TOTAL,
+    SCHEMA_REGISTRY_SCHEMAS_TOTAL,
+    RECORDS_OUT_TOTAL,
+    DLQ_RECORDS_TOTAL,
+    DUPLICATES_TOTAL,
+    RETRIES_TOTAL,
+    BATCH_DURATION_SECONDS,
+    EVENT_LATENCY_SECONDS,
+    DEDUP_WINDOW_EVENTS,
+    DEDUP_WINDOW_BYTES,
+    WORKER_READY,
+];
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the process-wide Prometheus recorder (once) and returns its handle.
+pub fn install() -> PrometheusHandle {
+    HANDLE
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new()
+                .set_buckets_for_metric(
+                    Matcher::Suffix("_seconds".into()),
+                    &[
+                        0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                        10.0, 30.0, 60.0,
+                    ],
+                )
+                .unwrap_or_else(|_| PrometheusBuilder::new());
+            let recorder = builder.build_recorder();
+            let handle = recorder.handle();
+            // Another recorder may be installed already (a host process); ours still renders.
+            let _ = metrics::set_global_recorder(recorder);
+            handle
+        })
+        .clone()
+}

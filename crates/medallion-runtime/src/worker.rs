@@ -1,0 +1,911 @@
+//! The stage worker: poll a batch, decode (Avro → Arrow), drop redelivered events, run the
+//! stage's transform, encode (Arrow → Avro), produce keyed by `org_id`, wait for every delivery,
+//! and only then store the offsets for commit. Records that fail go to `<input>.dlq` with
+//! their original bytes and headers; nothing is dropped silently.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use arrow::array::{
+    Array, ArrayRef, AsArray, BooleanArray, Int32Array, Int64Array, RecordBatch, StringArray,
+};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimestampMillisecondType};
+use medallion_contracts::columnar::{BatchDecoder, BatchEncoder};
+use medallion_contracts::registry::{RegistryClient, RegistryError};
+use medallion_contracts::{Contract, ContractSet, TopicConfig};
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Message, OwnedHeaders, OwnedMessage};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use rdkafka::{ClientContext, Offset};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::config::WorkerConfig;
+use crate::dedup::{event_key, DedupWindow};
+use crate::dlq::{dead_letter_headers, Origin};
+use crate::error::{RecordFailure, StageError};
+use crate::http::Health;
+use crate::metrics as m;
+use crate::retry::RetryPolicy;
+
+/// Columns the runtime appends to every decoded batch before the stage sees it.
+pub mod meta {
+    /// The record key as text (nullable).
+    pub const KEY: &str = "_kafka_key";
+    pub const PARTITION: &str = "_kafka_partition";
+    pub const OFFSET: &str = "_kafka_offset";
+    /// Processing time of the batch, epoch ms (a column, so a reused plan sees the present).
+    pub const NOW_MS: &str = "_now_ms";
+}
+
+/// The schema a stage sees: the decoded columns followed by the [`meta`] columns.
+pub fn stage_input_schema(decoded: &SchemaRef) -> SchemaRef {
+    let mut fields: Vec<Field> = decoded
+        .fields()
+        .iter()
+        .map(|f| f.as_ref().clone())
+        .collect();
+    fields.push(Field::new(meta::KEY, DataType::Utf8, true));
+    fields.push(Field::new(meta::PARTITION, DataType::Int32, false));
+    fields.push(Field::new(meta::OFFSET, DataType::Int64, false));
+    fields.push(Field::new(meta::NOW_MS, DataType::Int64, false));
+    Arc::new(Schema::new(fields))
+}
+
+/// Appends the [`meta`] columns to a decoded batch.
+pub fn with_meta(
+    decoded: &RecordBatch,
+    keys: Vec<Option<String>>,
+    partitions: Vec<i32>,
+    offsets: Vec<i64>,
+    now_ms: i64,
+) -> Result<RecordBatch, arrow::error::ArrowError> {
+    let rows = decoded.num_rows();
+    let mut columns: Vec<ArrayRef> = decoded.columns().to_vec();
+    columns.push(Arc::new(StringArray::from(keys)));
+    columns.push(Arc::new(Int32Array::from(partitions)));
+    columns.push(Arc::new(Int64Array::from(offsets)));
+    columns.push(Arc::new(Int64Array::from(vec![now_ms; rows])));
+    RecordBatch::try_new(stage_input_schema(&decoded.schema()), columns)
+}
+
+/// What a stage made of one batch.
+#[derive(Debug)]
+pub struct StageOutput {
+    /// Output rows, in the output topic's Arrow schema.
+    pub batch: RecordBatch,
+    /// For each output row, the input row it came from.
+    pub source_rows: Vec<u32>,
+    /// Input rows that did not make it, and why.
+    pub rejected: Vec<(u32, RecordFailure)>,
+}
+
+/// What a stage gets to build its transform once.
+#[derive(Debug, Clone)]
+pub struct StageSetup {
+    /// Input rows: the input contract's columns followed by the [`meta`] columns.
+    pub input_schema: SchemaRef,
+    /// The output contract's Arrow schema.
+    pub output_schema: SchemaRef,
+    pub input_topic: String,
+    pub output_topic: String,
+}
+
+/// A stage: how a batch becomes its output. Everything else is the runtime's.
+pub trait Stage: Send + 'static {
+    fn process(
+        &mut self,
+        input: RecordBatch,
+    ) -> impl Future<Output = Result<StageOutput, StageError>> + Send;
+}
+
+/// Why a worker could not start or had to stop.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("consumer group `{0}` is not declared in topic-config.yaml")]
+    UnknownGroup(String),
+    #[error("consumer group `{group}` must consume exactly one topic and produce one (has {consumes} and {produces})")]
+    Shape {
+        group: String,
+        consumes: usize,
+        produces: usize,
+    },
+    #[error("schema {0} is not in schemas/")]
+    MissingContract(String),
+    #[error("contracts: {0}")]
+    Contracts(String),
+    #[error("Kafka: {0}")]
+    Kafka(#[from] KafkaError),
+    #[error("registry: {0}")]
+    Registry(#[from] RegistryError),
+    #[error("stage setup: {0}")]
+    Setup(String),
+    #[error("HTTP listener: {0}")]
+    Http(#[from] std::io::Error),
+}
+
+/// Live counters of a running worker, for the local mode's progress line.
+#[derive(Debug, Default)]
+pub struct Progress {
+    pub consumed: std::sync::atomic::AtomicU64,
+    pub produced: std::sync::atomic::AtomicU64,
+    pub duplicates: std::sync::atomic::AtomicU64,
+    pub dead_lettered: std::sync::atomic::AtomicU64,
+}
+
+/// Counts of one run, for the caller and the local mode.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct RunTotals {
+    pub consumed: u64,
+    pub produced: u64,
+    pub duplicates: u64,
+    pub dead_lettered: BTreeMap<String, u64>,
+}
+
+struct Topology {
+    group: String,
+    input_topic: String,
+    output_topic: String,
+    dlq_topic: String,
+    input: Contract,
+    output: Contract,
+    output_key: String,
+}
+
+fn topology(
+    contracts: &ContractSet,
+    topics: &TopicConfig,
+    group: &str,
+) -> Result<Topology, WorkerError> {
+    let spec = topics
+        .consumer_groups
+        .get(group)
+        .ok_or_else(|| WorkerError::UnknownGroup(group.to_string()))?;
+    let (Some(input_topic), Some(output_topic), 1, 1) = (
+        spec.consumes.first(),
+        spec.produces.first(),
+        spec.consumes.len(),
+        spec.produces.len(),
+    ) else {
+        return Err(WorkerError::Shape {
+            group: group.to_string(),
+            consumes: spec.consumes.len(),
+            produces: spec.produces.len(),
+        });
+    };
+    let contract = |topic: &str| -> Result<(Contract, String), WorkerError> {
+        let t = topics
+            .topic(topic)
+            .ok_or_else(|| WorkerError::Contracts(format!("topic {topic} missing")))?;
+        let c = contracts
+            .get(&t.schema)
+            .ok_or_else(|| WorkerError::MissingContract(t.schema.clone()))?;
+        Ok((c.clone(), t.key.clone()))
+    };
+    let (input, _) = contract(input_topic)?;
+    let (output, output_key) = contract(output_topic)?;
+    Ok(Topology {
+        group: group.to_string(),
+        input_topic: input_topic.clone(),
+        output_topic: output_topic.clone(),
+        dlq_topic: topics.dlq_topic(input_topic),
+        input,
+        output,
+        output_key,
+    })
+}
+
+/// Rebalance hooks: commit before partitions go, track the assignment for `/readyz`.
+struct WorkerContext {
+    health: Arc<Health>,
+    assigned: Arc<Mutex<HashSet<i32>>>,
+}
+
+impl ClientContext for WorkerContext {}
+
+impl ConsumerContext for WorkerContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(partitions) = rebalance {
+            // Every batch is finished before the next poll, so the stored offsets are complete.
+            if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
+                tracing::debug!(error = %e, "commit before revoke");
+            }
+            if let Ok(mut assigned) = self.assigned.lock() {
+                for p in partitions.elements() {
+                    assigned.remove(&p.partition());
+                }
+            }
+        }
+    }
+
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, _rebalance: &Rebalance<'_>) {
+        let current: HashSet<i32> = consumer
+            .assignment()
+            .map(|tpl| tpl.elements().iter().map(|e| e.partition()).collect())
+            .unwrap_or_default();
+        self.health.set_assigned(!current.is_empty());
+        tracing::info!(partitions = ?current, "assignment changed");
+        if let Ok(mut assigned) = self.assigned.lock() {
+            *assigned = current;
+        }
+    }
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or_default()
+}
+
+fn client_config<C>(config: &WorkerConfig<C>) -> ClientConfig {
+    let mut cc = ClientConfig::new();
+    cc.set("bootstrap.servers", &config.kafka.bootstrap);
+    for (k, v) in &config.kafka.properties {
+        cc.set(k, v);
+    }
+    cc
+}
+
+/// One record to produce, with the input message it came from.
+struct Outgoing {
+    topic: String,
+    key: Option<Vec<u8>>,
+    value: Vec<u8>,
+    headers: Option<OwnedHeaders>,
+}
+
+/// The work derived from one batch.
+struct Plan {
+    outgoing: Vec<Outgoing>,
+    /// (message index, reason) of dead letters, for metrics.
+    dead: Vec<(usize, RecordFailure)>,
+    /// Event keys to remember once delivered, by partition.
+    remember: Vec<(i32, u128)>,
+    duplicates: u64,
+    /// Event timestamps (ms) of produced outputs, for the latency histogram.
+    event_times: Vec<i64>,
+}
+
+/// The runtime state of one worker.
+pub struct StageWorker<S: Stage> {
+    stage: S,
+    topo: Topology,
+    registry: RegistryClient,
+    decoder: BatchDecoder,
+    encoder: BatchEncoder,
+    windows: HashMap<i32, DedupWindow>,
+    window_capacity: usize,
+    policy: RetryPolicy,
+    health: Arc<Health>,
+    assigned: Arc<Mutex<HashSet<i32>>>,
+    totals: RunTotals,
+    progress: Arc<Progress>,
+}
+
+/// Prepares the worker for `group`; `make_stage` builds the stage's transform once.
+pub async fn prepare<S, C, F, Fut>(
+    config: &WorkerConfig<C>,
+    group: &str,
+    health: Arc<Health>,
+    make_stage: F,
+) -> Result<StageWorker<S>, WorkerError>
+where
+    S: Stage,
+    C: Default + Serialize + DeserializeOwned,
+    F: FnOnce(StageSetup) -> Fut,
+    Fut: Future<Output = Result<S, String>>,
+{
+    let home = config.home();
+    let contracts = ContractSet::load(&home.join("schemas"))
+        .map_err(|e| WorkerError::Contracts(e.to_string()))?;
+    let topics = TopicConfig::load(&home.join("topic-config.yaml"))
+        .map_err(|e| WorkerError::Contracts(e.to_string()))?;
+    let topo = topology(&contracts, &topics, group)?;
+    let registry = RegistryClient::new(
+        &config.registry.url,
+        Duration::from_millis(config.registry.timeout_ms),
+    )?;
+    let policy = RetryPolicy::from_millis(&config.retry.backoff_ms);
+    // The output schema must be registered before anything is produced: wait for the registry.
+    let subject = topics.subject(&topo.output_topic);
+    let mut attempt = 0usize;
+    let output_id = loop {
+        match registry.register(&subject, &topo.output.text).await {
+            Ok(id) => break id,
+            Err(e) if e.is_transient() => {
+                attempt += 1;
+                metrics::counter!(m::RETRIES_TOTAL, "stage" => group.to_string(), "reason" => "registry_unreachable").increment(1);
+                let wait = policy.wait_forever(attempt);
+                tracing::warn!(error = %e, ?wait, "registry unreachable at start-up; retrying");
+                tokio::time::sleep(wait).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
+    health.set_registry_ok(true);
+    metrics::gauge!(m::SCHEMA_REGISTRY_SCHEMAS_TOTAL).set(1.0);
+    let decoder = BatchDecoder::new(&topo.input.full_name, &topo.input.text)
+        .map_err(|e| WorkerError::Setup(e.to_string()))?;
+    let output_decoder = BatchDecoder::new(&topo.output.full_name, &topo.output.text)
+        .map_err(|e| WorkerError::Setup(e.to_string()))?;
+    let output_schema = output_decoder.schema();
+    let encoder = BatchEncoder::new(&output_schema, &topo.output.text, output_id)
+        .map_err(|e| WorkerError::Setup(e.to_string()))?;
+    let input_schema = stage_input_schema(&decoder.schema());
+    let stage = make_stage(StageSetup {
+        input_schema: input_schema.clone(),
+        output_schema,
+        input_topic: topo.input_topic.clone(),
+        output_topic: topo.output_topic.clone(),
+    })
+    .await
+    .map_err(WorkerError::Setup)?;
+    Ok(StageWorker {
+        stage,
+        topo,
+        registry,
+        decoder,
+        encoder,
+        windows: HashMap::new(),
+        window_capacity: config.dedup.window_per_partition,
+        policy,
+        health,
+        assigned: Arc::new(Mutex::new(HashSet::new())),
+        totals: RunTotals::default(),
+        progress: Arc::new(Progress::default()),
+    })
+}
+
+impl<S: Stage> StageWorker<S> {
+    pub fn input_topic(&self) -> &str {
+        &self.topo.input_topic
+    }
+
+    pub fn output_topic(&self) -> &str {
+        &self.topo.output_topic
+    }
+
+    /// Live counters, updated after every batch.
+    pub fn progress(&self) -> Arc<Progress> {
+        self.progress.clone()
+    }
+
+    /// Runs until `shutdown` resolves: then finishes the batch in hand, commits, leaves the group.
+    pub async fn run<C>(
+        mut self,
+        config: &WorkerConfig<C>,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<RunTotals, WorkerError> {
+        let consumer: Arc<StreamConsumer<WorkerContext>> = Arc::new(
+            client_config(config)
+                .set("group.id", &self.topo.group)
+                .set("enable.auto.commit", "true")
+                .set("auto.commit.interval.ms", "1000")
+                .set("enable.auto.offset.store", "false")
+                .set("auto.offset.reset", "earliest")
+                .set(
+                    "session.timeout.ms",
+                    config.kafka.session_timeout_ms.to_string(),
+                )
+                .set("partition.assignment.strategy", "cooperative-sticky")
+                .create_with_context(WorkerContext {
+                    health: self.health.clone(),
+                    assigned: self.assigned.clone(),
+                })?,
+        );
+        let producer: FutureProducer = client_config(config)
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("partitioner", "murmur2_random")
+            .set("linger.ms", "5")
+            .set(
+                "message.timeout.ms",
+                config.kafka.produce_timeout_ms.to_string(),
+            )
+            .create()?;
+        consumer.subscribe(&[&self.topo.input_topic])?;
+        let lag = tokio::spawn(lag_loop(
+            consumer.clone(),
+            self.topo.group.clone(),
+            self.topo.input_topic.clone(),
+        ));
+
+        let max_records = config.batch.max_records;
+        let linger = Duration::from_millis(config.batch.linger_ms);
+        tokio::pin!(shutdown);
+        loop {
+            self.health.beat();
+            let first = tokio::select! {
+                _ = &mut shutdown => break,
+                polled = tokio::time::timeout(Duration::from_millis(500), consumer.recv()) => polled,
+            };
+            let Ok(first) = first else { continue };
+            let mut batch = vec![first?.detach()];
+            let deadline = Instant::now() + linger;
+            while batch.len() < max_records {
+                let left = deadline.saturating_duration_since(Instant::now());
+                match tokio::time::timeout(left, consumer.recv()).await {
+                    Ok(Ok(message)) => batch.push(message.detach()),
+                    Ok(Err(e)) => return Err(e.into()),
+                    Err(_) => break,
+                }
+            }
+            self.process_batch(&batch, &producer, &consumer).await?;
+        }
+        lag.abort();
+        tracing::info!("shutting down: committing and leaving the group");
+        if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
+            if !matches!(e, KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) {
+                tracing::warn!(error = %e, "final commit failed");
+            }
+        }
+        consumer.unsubscribe();
+        self.health.set_assigned(false);
+        Ok(self.totals)
+    }
+
+    async fn process_batch(
+        &mut self,
+        batch: &[OwnedMessage],
+        producer: &FutureProducer,
+        consumer: &StreamConsumer<WorkerContext>,
+    ) -> Result<(), WorkerError> {
+        let started = Instant::now();
+        let group = self.topo.group.clone();
+        let topic = self.topo.input_topic.clone();
+        let bytes: usize = batch
+            .iter()
+            .map(|m| m.payload().map_or(0, <[u8]>::len))
+            .sum();
+        metrics::counter!(m::KAFKA_MESSAGES_IN_TOTAL, "group" => group.clone(), "topic" => topic.clone()).increment(batch.len() as u64);
+        metrics::counter!(m::KAFKA_BYTES_IN_TOTAL, "group" => group.clone(), "topic" => topic.clone()).increment(bytes as u64);
+        self.prune_windows();
+
+        let mut attempt = 1usize;
+        let plan = loop {
+            match self.plan(batch).await {
+                Ok(plan) => break plan,
+                Err(e) if e.is_transient() => {
+                    metrics::counter!(m::RETRIES_TOTAL, "stage" => group.clone(), "reason" => "registry_unreachable").increment(1);
+                    self.health.set_registry_ok(false);
+                    match self.policy.wait_before(attempt) {
+                        Some(wait) => {
+                            tracing::warn!(error = %e, attempt, ?wait, "transient failure; retrying the batch");
+                            tokio::time::sleep(wait).await;
+                            attempt += 1;
+                        }
+                        None => {
+                            tracing::error!(error = %e, attempts = attempt, "retries exhausted; dead-lettering the batch");
+                            break self.dead_letter_all(
+                                batch,
+                                RecordFailure::transient("registry_unreachable", e.to_string()),
+                                attempt,
+                            );
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "batch failed; dead-lettering it");
+                    break self.dead_letter_all(
+                        batch,
+                        RecordFailure::poison("stage_failed", e.to_string()),
+                        attempt,
+                    );
+                }
+            }
+        };
+        self.health.set_registry_ok(true);
+        self.deliver(plan.outgoing.as_slice(), producer).await;
+
+        // Everything derived from the batch is acknowledged: remember and store offsets.
+        for (partition, key) in &plan.remember {
+            self.windows
+                .entry(*partition)
+                .or_insert_with(|| DedupWindow::new(self.window_capacity))
+                .insert(*key);
+        }
+        let mut last: BTreeMap<i32, i64> = BTreeMap::new();
+        for message in batch {
+            let entry = last.entry(message.partition()).or_insert(message.offset());
+            *entry = (*entry).max(message.offset());
+        }
+        for (partition, offset) in last {
+            if let Err(e) = consumer.store_offset(&topic, partition, offset) {
+                // The partition moved to another replica meanwhile: it will redeliver.
+                tracing::warn!(partition, offset, error = %e, "offset not stored");
+            }
+        }
+
+        let produced = plan
+            .outgoing
+            .iter()
+            .filter(|o| o.topic == self.topo.output_topic)
+            .count() as u64;
+        self.totals.consumed += batch.len() as u64;
+        self.totals.produced += produced;
+        self.totals.duplicates += plan.duplicates;
+        {
+            use std::sync::atomic::Ordering::Relaxed;
+            self.progress
+                .consumed
+                .fetch_add(batch.len() as u64, Relaxed);
+            self.progress.produced.fetch_add(produced, Relaxed);
+            self.progress.duplicates.fetch_add(plan.duplicates, Relaxed);
+            self.progress
+                .dead_lettered
+                .fetch_add(plan.dead.len() as u64, Relaxed);
+        }
+        metrics::counter!(m::RECORDS_OUT_TOTAL, "stage" => group.clone(), "topic" => self.topo.output_topic.clone()).increment(produced);
+        metrics::counter!(m::DUPLICATES_TOTAL, "stage" => group.clone(), "topic" => topic.clone())
+            .increment(plan.duplicates);
+        for (_, failure) in &plan.dead {
+            *self
+                .totals
+                .dead_lettered
+                .entry(failure.reason.clone())
+                .or_default() += 1;
+            metrics::counter!(m::DLQ_RECORDS_TOTAL, "stage" => group.clone(), "topic" => topic.clone(), "class" => failure.class.as_str(), "reason" => failure.reason.clone()).increment(1);
+        }
+        let now = now_ms();
+        for t in &plan.event_times {
+            metrics::histogram!(m::EVENT_LATENCY_SECONDS, "stage" => group.clone())
+                .record((now - t).max(0) as f64 / 1_000.0);
+        }
+        metrics::histogram!(m::BATCH_DURATION_SECONDS, "stage" => group.clone())
+            .record(started.elapsed().as_secs_f64());
+        let (events, bytes) = self
+            .windows
+            .values()
+            .fold((0, 0), |(e, b), w| (e + w.len(), b + w.approx_bytes()));
+        metrics::gauge!(m::DEDUP_WINDOW_EVENTS, "stage" => group.clone()).set(events as f64);
+        metrics::gauge!(m::DEDUP_WINDOW_BYTES, "stage" => group).set(bytes as f64);
+        Ok(())
+    }
+
+    fn prune_windows(&mut self) {
+        if let Ok(assigned) = self.assigned.lock() {
+            self.windows.retain(|p, _| assigned.contains(p));
+        }
+    }
+
+    fn dead_letter(
+        &self,
+        message: &OwnedMessage,
+        failure: &RecordFailure,
+        attempts: usize,
+    ) -> Outgoing {
+        let origin = Origin {
+            topic: message.topic().to_string(),
+            partition: message.partition(),
+            offset: message.offset(),
+            timestamp: message.timestamp().to_millis(),
+        };
+        Outgoing {
+            topic: self.topo.dlq_topic.clone(),
+            key: message.key().map(<[u8]>::to_vec),
+            value: message.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+            headers: Some(dead_letter_headers(
+                message.headers(),
+                &self.topo.group,
+                failure,
+                &origin,
+                attempts,
+            )),
+        }
+    }
+
+    fn dead_letter_all(
+        &self,
+        batch: &[OwnedMessage],
+        failure: RecordFailure,
+        attempts: usize,
+    ) -> Plan {
+        Plan {
+            outgoing: batch
+                .iter()
+                .map(|m| self.dead_letter(m, &failure, attempts))
+                .collect(),
+            dead: (0..batch.len()).map(|i| (i, failure.clone())).collect(),
+            remember: Vec::new(),
+            duplicates: 0,
+            event_times: Vec::new(),
+        }
+    }
+
+    /// Decode, dedup, transform, encode. Transient errors abort the whole plan (retried).
+    async fn plan(&mut self, batch: &[OwnedMessage]) -> Result<Plan, StageError> {
+        let payloads: Vec<&[u8]> = batch
+            .iter()
+            .map(|m| m.payload().unwrap_or_default())
+            .collect();
+        for id in self.decoder.unknown_ids(payloads.iter().copied()) {
+            match self.registry.schema_by_id(id).await {
+                Ok(schema) => {
+                    // A schema the reader cannot resolve is reported per message by decode().
+                    let _ = self.decoder.add_writer_schema(id, &schema);
+                    metrics::gauge!(m::SCHEMA_REGISTRY_SCHEMAS_TOTAL).increment(1.0);
+                }
+                Err(RegistryError::NotFound { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let decoded = self
+            .decoder
+            .decode(payloads.iter().copied())
+            .map_err(|e| StageError::Transform(e.to_string()))?;
+        let mut dead: Vec<(usize, RecordFailure)> = decoded
+            .rejected
+            .iter()
+            .map(|(i, e)| (*i, RecordFailure::from(e)))
+            .collect();
+
+        // Dedup by event_id: against the partition's window and within the batch.
+        let event_ids = decoded
+            .batch
+            .column_by_name("event_id")
+            .and_then(|c| c.as_any().downcast_ref::<StringArray>())
+            .cloned();
+        let mut keep = Vec::with_capacity(decoded.rows.len());
+        let mut keys = Vec::with_capacity(decoded.rows.len());
+        let mut in_batch: HashSet<(i32, u128)> = HashSet::new();
+        let mut duplicates = 0u64;
+        for (row, &index) in decoded.rows.iter().enumerate() {
+            let partition = batch[index].partition();
+            let key = event_ids
+                .as_ref()
+                .filter(|ids| !ids.is_null(row))
+                .map(|ids| event_key(ids.value(row)));
+            let duplicate = key.is_some_and(|k| {
+                self.windows.get(&partition).is_some_and(|w| w.contains(k))
+                    || !in_batch.insert((partition, k))
+            });
+            if duplicate {
+                duplicates += 1;
+            }
+            keep.push(!duplicate);
+            keys.push(key);
+        }
+        let mask = BooleanArray::from(keep.clone());
+        let kept_rows: Vec<usize> = decoded
+            .rows
+            .iter()
+            .zip(&keep)
+            .filter(|(_, k)| **k)
+            .map(|(i, _)| *i)
+            .collect();
+        let kept_keys: Vec<Option<u128>> = keys
+            .iter()
+            .zip(&keep)
+            .filter(|(_, k)| **k)
+            .map(|(key, _)| *key)
+            .collect();
+        let filtered = arrow::compute::filter_record_batch(&decoded.batch, &mask)
+            .map_err(|e| StageError::Transform(e.to_string()))?;
+
+        // The stage sees the decoded columns plus where each row came from.
+        let input = with_meta(
+            &filtered,
+            kept_rows
+                .iter()
+                .map(|i| {
+                    batch[*i]
+                        .key()
+                        .map(|k| String::from_utf8_lossy(k).into_owned())
+                })
+                .collect(),
+            kept_rows.iter().map(|i| batch[*i].partition()).collect(),
+            kept_rows.iter().map(|i| batch[*i].offset()).collect(),
+            now_ms(),
+        )
+        .map_err(|e| StageError::Transform(e.to_string()))?;
+
+        let output = if input.num_rows() == 0 {
+            StageOutput {
+                batch: RecordBatch::new_empty(self.encoder_schema()),
+                source_rows: Vec::new(),
+                rejected: Vec::new(),
+            }
+        } else {
+            self.stage.process(input).await?
+        };
+        for (row, failure) in output.rejected {
+            if let Some(index) = kept_rows.get(row as usize) {
+                dead.push((*index, failure));
+            }
+        }
+
+        let encoded = self
+            .encoder
+            .encode(&output.batch)
+            .map_err(|e| StageError::Encode(e.to_string()))?;
+        let out_keys = key_column(&output.batch, &self.topo.output_key);
+        let times = output
+            .batch
+            .column_by_name("timestamp")
+            .and_then(|c| c.as_primitive_opt::<TimestampMillisecondType>().cloned());
+        let mut outgoing = Vec::with_capacity(encoded.len() + dead.len());
+        let mut remember = Vec::with_capacity(encoded.len());
+        let mut event_times = Vec::with_capacity(encoded.len());
+        for (row, value) in encoded.into_iter().enumerate() {
+            let Some(&source_row) = output.source_rows.get(row) else {
+                return Err(StageError::Transform(
+                    "output row without a source row".into(),
+                ));
+            };
+            let Some(&index) = kept_rows.get(source_row as usize) else {
+                return Err(StageError::Transform(format!(
+                    "source row {source_row} out of range"
+                )));
+            };
+            if let Some(Some(key)) = kept_keys.get(source_row as usize) {
+                remember.push((batch[index].partition(), *key));
+            }
+            if let Some(t) = times.as_ref().filter(|t| !t.is_null(row)) {
+                event_times.push(t.value(row));
+            }
+            outgoing.push(Outgoing {
+                topic: self.topo.output_topic.clone(),
+                key: out_keys.get(row).cloned().flatten(),
+                value: value.to_vec(),
+                headers: batch[index].headers().cloned(),
+            });
+        }
+        dead.sort_by_key(|(i, _)| *i);
+        for (index, failure) in &dead {
+            outgoing.push(self.dead_letter(&batch[*index], failure, 1));
+        }
+        Ok(Plan {
+            outgoing,
+            dead,
+            remember,
+            duplicates,
+            event_times,
+        })
+    }
+
+    fn encoder_schema(&self) -> SchemaRef {
+        // The output schema is what the encoder was built with; an empty batch of it.
+        BatchDecoder::new(&self.topo.output.full_name, &self.topo.output.text)
+            .map(|d| d.schema())
+            .unwrap_or_else(|_| Arc::new(Schema::empty()))
+    }
+
+    /// Produces every record and waits for every acknowledgement. A failed delivery means the
+    /// broker is unavailable: consumption pauses (this call does not return) and the failed
+    /// records are sent again with backoff until the broker takes them.
+    async fn deliver(&self, outgoing: &[Outgoing], producer: &FutureProducer) {
+        let mut pending: Vec<usize> = (0..outgoing.len()).collect();
+        let mut retry = 0usize;
+        while !pending.is_empty() {
+            let mut deliveries: Vec<(usize, DeliveryFuture)> = Vec::with_capacity(pending.len());
+            let mut failed = Vec::new();
+            for &i in &pending {
+                let o = &outgoing[i];
+                loop {
+                    let mut record = FutureRecord::to(&o.topic).payload(&o.value);
+                    if let Some(key) = &o.key {
+                        record = record.key(key);
+                    }
+                    if let Some(headers) = &o.headers {
+                        record = record.headers(headers.clone());
+                    }
+                    match producer.send_result(record) {
+                        Ok(d) => {
+                            deliveries.push((i, d));
+                            break;
+                        }
+                        Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                            tokio::time::sleep(Duration::from_millis(5)).await;
+                        }
+                        Err((e, _)) => {
+                            tracing::warn!(error = %e, topic = %o.topic, "produce refused");
+                            failed.push(i);
+                            break;
+                        }
+                    }
+                }
+            }
+            for (i, delivery) in deliveries {
+                match delivery.await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err((e, _))) => {
+                        tracing::warn!(error = %e, "delivery failed");
+                        failed.push(i);
+                    }
+                    Err(_) => failed.push(i),
+                }
+            }
+            if failed.is_empty() {
+                break;
+            }
+            retry += 1;
+            metrics::counter!(m::RETRIES_TOTAL, "stage" => self.topo.group.clone(), "reason" => "broker_unavailable").increment(1);
+            let wait = self.policy.wait_forever(retry);
+            tracing::warn!(
+                records = failed.len(),
+                ?wait,
+                "broker unavailable; pausing consumption"
+            );
+            tokio::time::sleep(wait).await;
+            failed.sort_unstable();
+            pending = failed;
+        }
+    }
+}
+
+/// The record key of each output row: the value of `field` (top level or `payload.x`) as text.
+fn key_column(batch: &RecordBatch, field: &str) -> Vec<Option<Vec<u8>>> {
+    let mut parts = field.split('.');
+    let Some(first) = parts.next() else {
+        return vec![None; batch.num_rows()];
+    };
+    let mut column = batch.column_by_name(first).cloned();
+    for part in parts {
+        column = column.and_then(|c| {
+            c.as_struct_opt()
+                .and_then(|s| s.column_by_name(part).cloned())
+        });
+    }
+    let Some(column) = column else {
+        return vec![None; batch.num_rows()];
+    };
+    (0..batch.num_rows())
+        .map(|row| {
+            if column.is_null(row) {
+                return None;
+            }
+            if let Some(a) = column.as_any().downcast_ref::<Int64Array>() {
+                return Some(a.value(row).to_string().into_bytes());
+            }
+            if let Some(a) = column.as_any().downcast_ref::<StringArray>() {
+                return Some(a.value(row).as_bytes().to_vec());
+            }
+            None
+        })
+        .collect()
+}
+
+/// Publishes `kafka_consumer_lag{group,topic,partition}` every few seconds: high watermark
+/// minus committed offset, never negative.
+async fn lag_loop(consumer: Arc<StreamConsumer<WorkerContext>>, group: String, topic: String) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let consumer = consumer.clone();
+        let topic_name = topic.clone();
+        let lags = tokio::task::spawn_blocking(move || -> Vec<(i32, i64)> {
+            let Ok(assignment) = consumer.assignment() else {
+                return Vec::new();
+            };
+            let Ok(committed) = consumer.committed_offsets(assignment, Duration::from_secs(5))
+            else {
+                return Vec::new();
+            };
+            let mut out = Vec::new();
+            for e in committed.elements_for_topic(&topic_name) {
+                let Ok((_, high)) =
+                    consumer.fetch_watermarks(&topic_name, e.partition(), Duration::from_secs(5))
+                else {
+                    continue;
+                };
+                let committed = match e.offset() {
+                    Offset::Offset(o) => o,
+                    _ => 0,
+                };
+                out.push((e.partition(), (high - committed).max(0)));
+            }
+            out
+        })
+        .await
+        .unwrap_or_default();
+        for (partition, lag) in lags {
+            metrics::gauge!(m::KAFKA_CONSUMER_LAG, "group" => group.clone(), "topic" => topic.clone(), "partition" => partition.to_string()).set(lag as f64);
+        }
+    }
+}

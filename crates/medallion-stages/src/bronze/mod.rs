@@ -1,0 +1,367 @@
+//! bronze-processor (`connector.data.raw` → `bronze.data.cleaned`): validates the envelope
+//! (required fields, UUID `event_id`, event time within a sanity range, `org_id` > 0 and equal
+//! to the record key, payload variant matching `event_type`, the seed's allowed values),
+//! normalizes (trim, canonical case for enums and ids; times are UTC epoch milliseconds), and
+//! hands valid events on. Dedup by `event_id` is the runtime's.
+
+use std::sync::Arc;
+
+use arrow::array::{Array, ArrayRef, AsArray, RecordBatch, UInt32Array};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use medallion_runtime::error::{RecordFailure, StageError};
+use medallion_runtime::worker::{meta, Stage, StageOutput, StageSetup};
+use serde::{Deserialize, Serialize};
+
+use crate::plan::BatchPlan;
+
+/// The consumer group, and so the binary's name.
+pub const GROUP: &str = "bronze-processor";
+
+/// bronze-processor's own settings (the `stage:` section of its config).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BronzeConfig {
+    /// Oldest accepted event time, relative to processing time.
+    pub max_event_age_ms: i64,
+    /// Furthest accepted event time in the future (producer clock skew).
+    pub max_future_skew_ms: i64,
+}
+
+impl Default for BronzeConfig {
+    fn default() -> Self {
+        Self {
+            max_event_age_ms: 30 * 86_400_000,
+            max_future_skew_ms: 5 * 60_000,
+        }
+    }
+}
+
+const ROW: &str = "_row";
+const REJECT: &str = "_reject";
+
+/// Rejection reasons, stable labels for the DLQ and metrics.
+pub mod reason {
+    pub const MISSING_FIELD: &str = "missing_field";
+    pub const INVALID_EVENT_ID: &str = "invalid_event_id";
+    pub const INVALID_ORG_ID: &str = "invalid_org_id";
+    pub const KEY_MISMATCH: &str = "key_mismatch";
+    pub const TIMESTAMP_OUT_OF_RANGE: &str = "timestamp_out_of_range";
+    pub const PAYLOAD_MISMATCH: &str = "payload_mismatch";
+    pub const INVALID_VALUE: &str = "invalid_value";
+}
+
+fn describe(reason: &str, config: &BronzeConfig) -> String {
+    match reason {
+        reason::MISSING_FIELD => "a required envelope field (event_id, event_type, event_version, correlation_id, source.service, source.instance) is empty".into(),
+        reason::INVALID_EVENT_ID => "event_id is not a UUID".into(),
+        reason::INVALID_ORG_ID => "org_id must be > 0".into(),
+        reason::KEY_MISMATCH => "record key differs from org_id".into(),
+        reason::TIMESTAMP_OUT_OF_RANGE => format!(
+            "timestamp is more than {} ms old or more than {} ms in the future",
+            config.max_event_age_ms, config.max_future_skew_ms
+        ),
+        reason::PAYLOAD_MISMATCH => "payload variant does not match event_type".into(),
+        reason::INVALID_VALUE => "a field holds a value outside the seed's allowed set".into(),
+        other => other.to_string(),
+    }
+}
+
+/// Rewrites `"col"['a']['b']` into `get_field(get_field("col", 'a'), 'b')`: struct access
+/// without the nested-expressions planner (and its build cost).
+fn struct_access(sql: &str) -> String {
+    let bytes = sql.as_bytes();
+    let mut out = String::with_capacity(sql.len() * 2);
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'"' {
+            if let Some(end) = sql[i + 1..].find('"').map(|e| i + 1 + e) {
+                let ident = &sql[i..=end];
+                let mut j = end + 1;
+                let mut fields = Vec::new();
+                while sql[j..].starts_with("['") {
+                    let Some(close) = sql[j + 2..].find("']").map(|c| j + 2 + c) else {
+                        break;
+                    };
+                    fields.push(&sql[j + 2..close]);
+                    j = close + 2;
+                }
+                let mut expr = ident.to_string();
+                for field in fields {
+                    expr = format!("get_field({expr}, '{field}')");
+                }
+                out.push_str(&expr);
+                i = j;
+                continue;
+            }
+        }
+        let ch = sql[i..].chars().next().unwrap_or(' ');
+        out.push(ch);
+        i += ch.len_utf8();
+    }
+    out
+}
+
+/// The transform, as SQL over table `input`.
+pub fn sql(config: &BronzeConfig, input_topic: &str) -> String {
+    struct_access(&sql_with_brackets(config, input_topic))
+}
+
+fn sql_with_brackets(config: &BronzeConfig, input_topic: &str) -> String {
+    let p = r#""payload""#;
+    let rs = format!("{p}['release_sync']");
+    let cs = format!("{p}['case_sync']");
+    let ls = format!("{p}['lead_created']");
+    let only = |set: &str| {
+        let others: Vec<String> = [&rs, &cs, &ls]
+            .iter()
+            .filter(|v| v.as_str() != set)
+            .map(|v| format!("{v} IS NULL"))
+            .collect();
+        format!("({set} IS NOT NULL AND {})", others.join(" AND "))
+    };
+    let blank = |e: &str| format!("({e} IS NULL OR trim({e}) = '')");
+    let topic = input_topic.replace('\'', "''");
+    format!(
+        r#"
+SELECT
+  CASE
+    WHEN {missing} THEN '{missing_field}'
+    WHEN NOT regexp_like(trim("event_id"), '^[0-9a-fA-F]{{8}}-[0-9a-fA-F]{{4}}-[0-9a-fA-F]{{4}}-[0-9a-fA-F]{{4}}-[0-9a-fA-F]{{12}}$') THEN '{invalid_event_id}'
+    WHEN "org_id" <= 0 THEN '{invalid_org_id}'
+    WHEN "{key}" IS NULL OR trim("{key}") <> CAST("org_id" AS VARCHAR) THEN '{key_mismatch}'
+    WHEN CAST("timestamp" AS BIGINT) < "{now}" - {max_age} OR CAST("timestamp" AS BIGINT) > "{now}" + {max_skew} THEN '{timestamp_out_of_range}'
+    WHEN CASE lower(trim("event_type"))
+           WHEN 'release.sync.created' THEN NOT {only_release}
+           WHEN 'case.sync.v1' THEN NOT {only_case}
+           WHEN 'lead.created' THEN NOT {only_lead}
+           ELSE NOT ({rs} IS NULL AND {cs} IS NULL AND {ls} IS NULL)
+         END THEN '{payload_mismatch}'
+    WHEN {rs} IS NOT NULL AND (
+           lower(trim({rs}['sbom_ref']['storage_type'])) NOT IN ('ipfs', 's3')
+           OR lower(trim({rs}['endpoint']['endpoint_type'])) NOT IN ('eks', 'lambda', 'gke', 'fargate', 'iot', 'mission_asset')
+           OR {blank_release_name} OR {blank_release_version})
+      OR {cs} IS NOT NULL AND (
+           {cs}['severity'] NOT BETWEEN 1 AND 4
+           OR lower(trim({cs}['status'])) NOT IN ('open', 'resolved', 'deleted')
+           OR {cs}['tlp'] NOT BETWEEN 0 AND 3 OR {cs}['pap'] NOT BETWEEN 0 AND 3
+           OR {blank_case_id})
+      OR {ls} IS NOT NULL AND (NOT strpos(trim({ls}['email']), '@') > 1)
+      THEN '{invalid_value}'
+  END AS "{reject}",
+  lower(trim("event_id")) AS "event_id",
+  lower(trim("event_type")) AS "event_type",
+  trim("event_version") AS "event_version",
+  "timestamp",
+  named_struct('service', lower(trim("source"['service'])), 'instance', trim("source"['instance'])) AS "source",
+  lower(trim("correlation_id")) AS "correlation_id",
+  "org_id",
+  trim("trace_id") AS "trace_id",
+  "classification",
+  named_struct(
+    'connector_id', trim({p}['connector_id']),
+    'source_system', lower(trim({p}['source_system'])),
+    'release_sync', CASE WHEN {rs} IS NOT NULL THEN named_struct(
+        'event_time', {rs}['event_time'],
+        'synced_at', {rs}['synced_at'],
+        'release', named_struct(
+            'name', trim({rs}['release']['name']),
+            'version', trim({rs}['release']['version']),
+            'projecttype', lower(trim({rs}['release']['projecttype'])),
+            'gitcommit', lower(trim({rs}['release']['gitcommit'])),
+            'dockersha', lower(trim({rs}['release']['dockersha'])),
+            'is_public', {rs}['release']['is_public']),
+        'sbom_ref', named_struct(
+            'cid', trim({rs}['sbom_ref']['cid']),
+            'storage_type', lower(trim({rs}['sbom_ref']['storage_type'])),
+            'content_sha', lower(trim({rs}['sbom_ref']['content_sha'])),
+            'uploaded_at', {rs}['sbom_ref']['uploaded_at']),
+        'endpoint', named_struct(
+            'name', trim({rs}['endpoint']['name']),
+            'endpoint_type', lower(trim({rs}['endpoint']['endpoint_type'])),
+            'environment', lower(trim({rs}['endpoint']['environment'])),
+            'is_public', {rs}['endpoint']['is_public'])) END,
+    'case_sync', CASE WHEN {cs} IS NOT NULL THEN named_struct(
+        'case_id', upper(trim({cs}['case_id'])),
+        'title', trim({cs}['title']),
+        'description', trim({cs}['description']),
+        'severity', {cs}['severity'],
+        'status', initcap(lower(trim({cs}['status']))),
+        'owner', trim({cs}['owner']),
+        'flag', {cs}['flag'],
+        'tlp', {cs}['tlp'],
+        'pap', {cs}['pap'],
+        'created_at', {cs}['created_at'],
+        'updated_at', {cs}['updated_at'],
+        'custom_fields', {cs}['custom_fields']) END,
+    'lead_created', CASE WHEN {ls} IS NOT NULL THEN named_struct(
+        'lead_id', lower(trim({ls}['lead_id'])),
+        'name', trim({ls}['name']),
+        'email', lower(trim({ls}['email'])),
+        'source', lower(trim({ls}['source'])),
+        'assigned_to', trim({ls}['assigned_to']),
+        'created_at', {ls}['created_at']) END,
+    'measurements', {p}['measurements'],
+    'attributes', {p}['attributes'],
+    'raw_topic', '{topic}',
+    'raw_partition', "{partition}",
+    'raw_offset', "{offset}",
+    'cleaned_at', "{now}") AS "payload",
+  "{row}"
+FROM input
+"#,
+        missing = [
+            blank(r#""event_id""#),
+            blank(r#""event_type""#),
+            blank(r#""event_version""#),
+            blank(r#""correlation_id""#),
+            blank(r#""source"['service']"#),
+            blank(r#""source"['instance']"#),
+        ]
+        .join(" OR "),
+        blank_release_name = blank(&format!("{rs}['release']['name']")),
+        blank_release_version = blank(&format!("{rs}['release']['version']")),
+        blank_case_id = blank(&format!("{cs}['case_id']")),
+        only_release = only(&rs),
+        only_case = only(&cs),
+        only_lead = only(&ls),
+        missing_field = reason::MISSING_FIELD,
+        invalid_event_id = reason::INVALID_EVENT_ID,
+        invalid_org_id = reason::INVALID_ORG_ID,
+        key_mismatch = reason::KEY_MISMATCH,
+        timestamp_out_of_range = reason::TIMESTAMP_OUT_OF_RANGE,
+        payload_mismatch = reason::PAYLOAD_MISMATCH,
+        invalid_value = reason::INVALID_VALUE,
+        key = meta::KEY,
+        now = meta::NOW_MS,
+        partition = meta::PARTITION,
+        offset = meta::OFFSET,
+        max_age = config.max_event_age_ms,
+        max_skew = config.max_future_skew_ms,
+        reject = REJECT,
+        row = ROW,
+    )
+}
+
+/// The bronze stage: one DataFusion plan, reused for every batch.
+pub struct Bronze {
+    config: BronzeConfig,
+    plan: BatchPlan,
+    plan_input: SchemaRef,
+    output_schema: SchemaRef,
+}
+
+impl Bronze {
+    pub async fn new(setup: StageSetup, config: BronzeConfig) -> Result<Self, String> {
+        let mut fields: Vec<Field> = setup
+            .input_schema
+            .fields()
+            .iter()
+            .map(|f| f.as_ref().clone())
+            .collect();
+        fields.push(Field::new(ROW, DataType::UInt32, false));
+        let plan_input = Arc::new(Schema::new(fields));
+        let plan = BatchPlan::new(&sql(&config, &setup.input_topic), plan_input.clone())
+            .await
+            .map_err(|e| format!("planning the bronze transform: {e}"))?;
+        for field in setup.output_schema.fields() {
+            let produced = plan.output_schema();
+            let Ok(have) = produced.field_with_name(field.name()) else {
+                return Err(format!(
+                    "bronze transform does not produce `{}`",
+                    field.name()
+                ));
+            };
+            if !arrow::compute::can_cast_types(have.data_type(), field.data_type()) {
+                return Err(format!(
+                    "bronze transform produces `{}` as {}, the schema wants {}",
+                    field.name(),
+                    have.data_type(),
+                    field.data_type()
+                ));
+            }
+        }
+        Ok(Self {
+            config,
+            plan,
+            plan_input,
+            output_schema: setup.output_schema,
+        })
+    }
+
+    fn conform(&self, batch: &RecordBatch) -> Result<RecordBatch, StageError> {
+        let columns = self
+            .output_schema
+            .fields()
+            .iter()
+            .map(|field| {
+                let column = batch.column_by_name(field.name()).ok_or_else(|| {
+                    StageError::Transform(format!("missing output column {}", field.name()))
+                })?;
+                arrow::compute::cast(column, field.data_type())
+                    .map_err(|e| StageError::Transform(format!("{}: {e}", field.name())))
+            })
+            .collect::<Result<Vec<ArrayRef>, _>>()?;
+        RecordBatch::try_new(self.output_schema.clone(), columns)
+            .map_err(|e| StageError::Transform(e.to_string()))
+    }
+}
+
+impl Stage for Bronze {
+    async fn process(&mut self, input: RecordBatch) -> Result<StageOutput, StageError> {
+        let rows = input.num_rows() as u32;
+        let mut columns = input.columns().to_vec();
+        columns.push(Arc::new(UInt32Array::from_iter_values(0..rows)));
+        let input = RecordBatch::try_new(self.plan_input.clone(), columns)
+            .map_err(|e| StageError::Transform(e.to_string()))?;
+        let results = self
+            .plan
+            .run(input)
+            .await
+            .map_err(|e| StageError::Transform(e.to_string()))?;
+        let mut accepted = Vec::new();
+        let mut source_rows = Vec::new();
+        let mut rejected = Vec::new();
+        for batch in results {
+            let reject = batch
+                .column_by_name(REJECT)
+                .ok_or_else(|| StageError::Transform("no _reject column".into()))?
+                .as_string::<i32>()
+                .clone();
+            let row = batch
+                .column_by_name(ROW)
+                .ok_or_else(|| StageError::Transform("no _row column".into()))?
+                .as_primitive::<arrow::datatypes::UInt32Type>()
+                .clone();
+            for i in 0..batch.num_rows() {
+                if reject.is_null(i) {
+                    source_rows.push(row.value(i));
+                } else {
+                    let reason = reject.value(i);
+                    rejected.push((
+                        row.value(i),
+                        RecordFailure::poison(reason, describe(reason, &self.config)),
+                    ));
+                }
+            }
+            let keep = arrow::compute::is_null(&reject)
+                .map_err(|e| StageError::Transform(e.to_string()))?;
+            let kept = arrow::compute::filter_record_batch(&batch, &keep)
+                .map_err(|e| StageError::Transform(e.to_string()))?;
+            accepted.push(self.conform(&kept)?);
+        }
+        let batch = match accepted.len() {
+            0 => RecordBatch::new_empty(self.output_schema.clone()),
+            1 => accepted.remove(0),
+            _ => arrow::compute::concat_batches(&self.output_schema, &accepted)
+                .map_err(|e| StageError::Transform(e.to_string()))?,
+        };
+        Ok(StageOutput {
+            batch,
+            source_rows,
+            rejected,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,232 @@
+//! bronze transform tests on real contracts, in process (the broker tests are in `tests/`).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use arrow::array::RecordBatch;
+use medallion_contracts::columnar::{BatchDecoder, BatchEncoder};
+use medallion_contracts::json::{from_avro_binary, to_framed};
+use medallion_contracts::sample::SampleEvents;
+use medallion_contracts::{Contract, ContractSet};
+use medallion_runtime::worker::{stage_input_schema, with_meta, Stage, StageSetup};
+use serde_json::{json, Value as Json};
+
+use super::{reason, Bronze, BronzeConfig};
+
+fn contracts() -> ContractSet {
+    ContractSet::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../../schemas"))
+        .expect("schemas")
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or_default()
+}
+
+struct Fixture {
+    raw: Contract,
+    bronze: Contract,
+    stage: Bronze,
+    decoder: BatchDecoder,
+}
+
+async fn fixture() -> Fixture {
+    let contracts = contracts();
+    let raw = contracts
+        .get("connector/data-raw.avsc")
+        .expect("raw")
+        .clone();
+    let bronze = contracts
+        .get("bronze/data-cleaned.avsc")
+        .expect("bronze")
+        .clone();
+    let mut decoder = BatchDecoder::new(&raw.full_name, &raw.text).expect("decoder");
+    decoder.add_writer_schema(1, &raw.text).expect("writer");
+    let output_schema = BatchDecoder::new(&bronze.full_name, &bronze.text)
+        .expect("bronze decoder")
+        .schema();
+    let setup = StageSetup {
+        input_schema: stage_input_schema(&decoder.schema()),
+        output_schema,
+        input_topic: "connector.data.raw".into(),
+        output_topic: "bronze.data.cleaned".into(),
+    };
+    let stage = Bronze::new(setup, BronzeConfig::default())
+        .await
+        .expect("plans");
+    Fixture {
+        raw,
+        bronze,
+        stage,
+        decoder,
+    }
+}
+
+/// Runs events (with their record keys) through bronze; returns output JSON and rejections.
+async fn run(
+    f: &mut Fixture,
+    events: &[(Option<String>, Json)],
+) -> (Vec<Json>, Vec<(u32, String)>) {
+    let messages: Vec<Vec<u8>> = events
+        .iter()
+        .map(|(_, e)| to_framed(e, &f.raw.schema, 1).expect("frames"))
+        .collect();
+    let decoded = f
+        .decoder
+        .decode(messages.iter().map(Vec::as_slice))
+        .expect("decodes");
+    assert!(decoded.rejected.is_empty());
+    let n = decoded.batch.num_rows();
+    let input: RecordBatch = with_meta(
+        &decoded.batch,
+        events.iter().map(|(k, _)| k.clone()).collect(),
+        vec![3; n],
+        (0..n as i64).map(|i| 100 + i).collect(),
+        now_ms(),
+    )
+    .expect("meta");
+    let output = f.stage.process(input).await.expect("processes");
+    let mut encoder =
+        BatchEncoder::new(&output.batch.schema(), &f.bronze.text, 2).expect("encoder");
+    let encoded = encoder.encode(&output.batch).expect("encodes");
+    let out = encoded
+        .iter()
+        .map(|m| {
+            from_avro_binary(&m[5..], &f.bronze.schema, &f.bronze.schema).expect("valid bronze")
+        })
+        .collect();
+    let rejected = output
+        .rejected
+        .iter()
+        .map(|(row, failure)| (*row, failure.reason.clone()))
+        .collect();
+    assert_eq!(output.source_rows.len(), encoded.len());
+    (out, rejected)
+}
+
+fn keyed(event: Json) -> (Option<String>, Json) {
+    (Some(event["org_id"].to_string()), event)
+}
+
+#[tokio::test]
+async fn valid_events_are_normalized() {
+    let mut f = fixture().await;
+    let mut sample = SampleEvents::new(5, 4, now_ms() - 3_600_000);
+    let events: Vec<_> = (0..60).map(|_| keyed(sample.next_event())).collect();
+    let (out, rejected) = run(&mut f, &events).await;
+    assert!(rejected.is_empty(), "{rejected:?}");
+    assert_eq!(out.len(), events.len());
+    for (o, (_, e)) in out.iter().zip(&events) {
+        assert_eq!(o["event_id"], e["event_id"]);
+        assert_eq!(o["org_id"], e["org_id"]);
+        assert_eq!(o["payload"]["raw_topic"], "connector.data.raw");
+        assert_eq!(o["payload"]["raw_partition"], 3);
+        if let Some(release) = e["payload"]["release_sync"].as_object() {
+            let version = release["release"]["version"].as_str().expect("version");
+            assert_eq!(
+                o["payload"]["release_sync"]["release"]["version"],
+                version.trim()
+            );
+            let storage = release["sbom_ref"]["storage_type"]
+                .as_str()
+                .expect("storage");
+            assert_eq!(
+                o["payload"]["release_sync"]["sbom_ref"]["storage_type"],
+                storage.to_lowercase()
+            );
+            let env = release["endpoint"]["environment"].as_str().expect("env");
+            assert_eq!(
+                o["payload"]["release_sync"]["endpoint"]["environment"],
+                env.to_lowercase()
+            );
+        }
+        if let Some(case) = e["payload"]["case_sync"].as_object() {
+            assert_eq!(
+                o["payload"]["case_sync"]["title"],
+                case["title"].as_str().expect("title").trim()
+            );
+            assert_eq!(o["payload"]["case_sync"]["status"], case["status"]);
+        }
+    }
+}
+
+#[tokio::test]
+async fn each_invalid_event_is_rejected_with_its_reason() {
+    let mut f = fixture().await;
+    let mut sample = SampleEvents::new(9, 2, now_ms() - 60_000);
+    let mut base = || sample.next_event();
+    let mut cases: Vec<((Option<String>, Json), &str)> = Vec::new();
+    let mut e = base();
+    e["event_id"] = json!("   ");
+    cases.push((keyed(e), reason::MISSING_FIELD));
+    let mut e = base();
+    e["event_id"] = json!("not-a-uuid");
+    cases.push((keyed(e), reason::INVALID_EVENT_ID));
+    let mut e = base();
+    e["org_id"] = json!(0);
+    cases.push((keyed(e), reason::INVALID_ORG_ID));
+    let e = base();
+    cases.push(((Some("999999".into()), e), reason::KEY_MISMATCH));
+    let e = base();
+    cases.push(((None, e), reason::KEY_MISMATCH));
+    let mut e = base();
+    e["timestamp"] = json!(now_ms() - 90 * 86_400_000);
+    cases.push((keyed(e), reason::TIMESTAMP_OUT_OF_RANGE));
+    let mut e = base();
+    e["timestamp"] = json!(now_ms() + 3_600_000);
+    cases.push((keyed(e), reason::TIMESTAMP_OUT_OF_RANGE));
+    let mut e = base();
+    e["event_type"] = json!(if e["payload"]["case_sync"].is_null() {
+        "case.sync.v1"
+    } else {
+        "lead.created"
+    });
+    cases.push((keyed(e), reason::PAYLOAD_MISMATCH));
+    // An invalid value inside a case payload.
+    let mut e = loop {
+        let e = base();
+        if !e["payload"]["case_sync"].is_null() {
+            break e;
+        }
+    };
+    e["payload"]["case_sync"]["severity"] = json!(9);
+    cases.push((keyed(e), reason::INVALID_VALUE));
+    let good = keyed(base());
+    let mut events: Vec<_> = cases.iter().map(|(e, _)| e.clone()).collect();
+    events.push(good.clone());
+    let (out, rejected) = run(&mut f, &events).await;
+    let expected: BTreeMap<u32, String> = cases
+        .iter()
+        .enumerate()
+        .map(|(i, (_, r))| (i as u32, r.to_string()))
+        .collect();
+    let got: BTreeMap<u32, String> = rejected.into_iter().collect();
+    assert_eq!(got, expected);
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0]["event_id"], good.1["event_id"]);
+}
+
+#[tokio::test]
+async fn ids_and_enums_get_canonical_case() {
+    let mut f = fixture().await;
+    let mut sample = SampleEvents::new(3, 1, now_ms() - 60_000);
+    let mut e = sample.next_event();
+    let id = e["event_id"].as_str().expect("id").to_uppercase();
+    e["event_id"] = json!(format!("  {id} "));
+    e["event_type"] = json!(format!(
+        " {} ",
+        e["event_type"].as_str().expect("type").to_uppercase()
+    ));
+    e["source"]["service"] = json!(" Connector-Service ");
+    let (out, rejected) = run(&mut f, &[keyed(e)]).await;
+    assert!(rejected.is_empty(), "{rejected:?}");
+    assert_eq!(out[0]["event_id"], id.to_lowercase());
+    assert_eq!(out[0]["source"]["service"], "connector-service");
+    assert!(out[0]["event_type"]
+        .as_str()
+        .expect("type")
+        .chars()
+        .all(|c| !c.is_uppercase()));
+}

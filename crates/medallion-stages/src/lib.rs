@@ -1,0 +1,6 @@
+//! Medallion's stages. Each stage is a folder with the same shape (`mod.rs`: config and
+//! transform; tests inline) and a thin binary in `src/bin/`; the shared runtime does the rest.
+
+pub mod bronze;
+pub mod main_support;
+pub mod plan;
