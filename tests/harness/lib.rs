@@ -424,3 +424,39 @@ impl Toggle {
         self.enabled.store(on, std::sync::atomic::Ordering::SeqCst);
     }
 }
+
+/// Kafka's Java `Utils.murmur2`, which the default Java partitioner uses for keyed records:
+/// partition = (murmur2(key) & 0x7fffffff) % partitions.
+pub fn java_murmur2(data: &[u8]) -> i32 {
+    let length = data.len();
+    let m: u32 = 0x5bd1_e995;
+    let mut h: u32 = 0x9747_b28c ^ (length as u32);
+    for chunk in data.chunks_exact(4) {
+        let mut k = u32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
+        k = k.wrapping_mul(m);
+        k ^= k >> 24;
+        k = k.wrapping_mul(m);
+        h = h.wrapping_mul(m);
+        h ^= k;
+    }
+    let tail = &data[length & !3..];
+    if tail.len() == 3 {
+        h ^= u32::from(tail[2]) << 16;
+    }
+    if tail.len() >= 2 {
+        h ^= u32::from(tail[1]) << 8;
+    }
+    if !tail.is_empty() {
+        h ^= u32::from(tail[0]);
+        h = h.wrapping_mul(m);
+    }
+    h ^= h >> 13;
+    h = h.wrapping_mul(m);
+    h ^= h >> 15;
+    h as i32
+}
+
+/// The partition Java's default partitioner picks for `key`.
+pub fn java_partition(key: &[u8], partitions: i32) -> i32 {
+    (java_murmur2(key) & 0x7fff_ffff) % partitions
+}

@@ -193,7 +193,14 @@ async fn bronze_outputs_valid_unique_events_and_dead_letters_the_rest() {
         .collect();
     for (message, record) in out.iter().zip(&out_json) {
         let sent = by_id[record["event_id"].as_str().expect("id")];
-        assert_eq!(message.key(), Some(sent["org_id"].to_string().as_bytes()));
+        let key = sent["org_id"].to_string();
+        assert_eq!(message.key(), Some(key.as_bytes()));
+        // Partitioned exactly as a Java producer would (murmur2), so mixed producers agree.
+        assert_eq!(
+            message.partition(),
+            medallion_tests::java_partition(key.as_bytes(), 12),
+            "org {key}"
+        );
         assert_eq!(record["payload"]["raw_topic"], RAW);
         if let Some(release) = sent["payload"]["release_sync"].as_object() {
             assert_eq!(
@@ -583,4 +590,36 @@ async fn metrics_show_the_lag_of_a_backlog_falling_to_zero() {
         backlog.len() as f64
     );
     eprintln!("peak lag {peak}, drained to 0");
+}
+
+#[test]
+fn a_bad_config_stops_the_worker_with_a_message_naming_the_problem() {
+    let missing = std::process::Command::new(BIN)
+        .args(["--config", "/nonexistent/bronze.yaml"])
+        .output()
+        .expect("runs");
+    assert_eq!(missing.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("/nonexistent/bronze.yaml"));
+
+    let typo = std::process::Command::new(BIN)
+        .env("MEDALLION__KAFKA__BOOTSTRAPP", "localhost:9092")
+        .output()
+        .expect("runs");
+    assert_eq!(typo.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&typo.stderr);
+    assert!(stderr.contains("bootstrapp"), "{stderr}");
+
+    let flag = std::process::Command::new(BIN)
+        .arg("--no-such-flag")
+        .output()
+        .expect("runs");
+    assert!(!flag.status.success());
+    assert!(String::from_utf8_lossy(&flag.stderr).contains("--no-such-flag"));
+
+    let help = std::process::Command::new(BIN)
+        .arg("--help")
+        .output()
+        .expect("runs");
+    assert!(help.status.success());
+    assert!(String::from_utf8_lossy(&help.stdout).contains("--config"));
 }

@@ -1,0 +1,307 @@
+//! Replay benchmark: ≥ 1M Confluent-framed connector events through bronze-processor on a
+//! real broker, side by side with a bare consume→produce passthrough of the same bytes in the
+//! same run. Reports events/s, CPU seconds of the worker process, events per CPU-second and
+//! peak RSS. Targets (issue "stage runtime"): bronze ≥ 0.8× passthrough events/s, ≥ 200k
+//! events per CPU-second, peak RSS < 256 MiB.
+//!
+//! `cargo bench -p medallion-stages --bench replay`; `MEDALLION_REPLAY_EVENTS` overrides the
+//! count; `MEDALLION_TEST_BOOTSTRAP` / `MEDALLION_TEST_REGISTRY_URL` use external services.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use medallion_contracts::json::to_framed;
+use medallion_contracts::registry::RegistryClient;
+use medallion_contracts::sample::SampleEvents;
+use medallion_tests::{broker, contracts, registry, WorkerProcess};
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::Message;
+
+const RAW: &str = "connector.data.raw";
+const PASSTHROUGH_TOPIC: &str = "replay.passthrough";
+const BIN: &str = env!("CARGO_BIN_EXE_bronze-processor");
+const CLOCK_TICKS: f64 = 100.0;
+
+#[derive(Debug, Clone, Copy)]
+struct Usage {
+    cpu_seconds: f64,
+    peak_rss_kib: u64,
+}
+
+fn usage(pid: u32) -> Option<Usage> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    // After the command name: state is field 3, utime 14, stime 15 (1-based in proc(5)).
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let peak = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())?;
+    Some(Usage {
+        cpu_seconds: (utime + stime) / CLOCK_TICKS,
+        peak_rss_kib: peak,
+    })
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or_default()
+}
+
+/// The passthrough role: consume `n` records and produce the same bytes, batch by batch,
+/// committing after acknowledgements, like the worker. Prints its own figures.
+async fn passthrough(bootstrap: &str, n: u64) {
+    let consumer: StreamConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", "replay-passthrough")
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("session.timeout.ms", "6000")
+        .create()
+        .expect("consumer");
+    consumer.subscribe(&[RAW]).expect("subscribe");
+    let producer: FutureProducer = medallion_runtime::kafka::producer(bootstrap).expect("producer");
+    let mut seen = 0u64;
+    let mut started: Option<Instant> = None;
+    while seen < n {
+        let first = consumer.recv().await.expect("record").detach();
+        started.get_or_insert_with(Instant::now);
+        let mut batch = vec![first];
+        let deadline = Instant::now() + Duration::from_millis(20);
+        while batch.len() < 5_000 {
+            match tokio::time::timeout(
+                deadline.saturating_duration_since(Instant::now()),
+                consumer.recv(),
+            )
+            .await
+            {
+                Ok(Ok(m)) => batch.push(m.detach()),
+                _ => break,
+            }
+        }
+        let mut deliveries = Vec::with_capacity(batch.len());
+        for m in &batch {
+            let mut record =
+                FutureRecord::to(PASSTHROUGH_TOPIC).payload(m.payload().unwrap_or_default());
+            if let Some(k) = m.key() {
+                record = record.key(k);
+            }
+            loop {
+                match producer.send_result(record) {
+                    Ok(d) => {
+                        deliveries.push(d);
+                        break;
+                    }
+                    Err((_, r)) => {
+                        record = r;
+                        tokio::time::sleep(Duration::from_millis(2)).await;
+                    }
+                }
+            }
+        }
+        for d in deliveries {
+            d.await.expect("not cancelled").expect("delivered");
+        }
+        seen += batch.len() as u64;
+        let _ = consumer.commit_consumer_state(CommitMode::Async);
+    }
+    let seconds = started
+        .map(|s| s.elapsed().as_secs_f64())
+        .unwrap_or_default();
+    let usage = usage(std::process::id()).expect("own usage");
+    println!(
+        "PASSTHROUGH {seen} {seconds:.3} {:.3} {}",
+        usage.cpu_seconds, usage.peak_rss_kib
+    );
+}
+
+fn counter(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
+        .sum()
+}
+
+fn main() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    if let Ok(spec) = std::env::var("MEDALLION_REPLAY_PASSTHROUGH") {
+        let (bootstrap, n) = spec.split_once('|').expect("bootstrap|n");
+        runtime.block_on(passthrough(bootstrap, n.parse().expect("n")));
+        return;
+    }
+    // `cargo bench` passes --bench; `cargo test --benches` would too: only run when benching.
+    if !std::env::args().any(|a| a == "--bench") {
+        return;
+    }
+    runtime.block_on(run());
+}
+
+async fn run() {
+    let n: usize = std::env::var("MEDALLION_REPLAY_EVENTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000);
+    let broker = broker().expect("broker");
+    let registry = registry().expect("registry");
+    let (contracts, mut topics) = contracts().expect("contracts");
+    // A scratch topic for the passthrough, shaped like the input.
+    let mut scratch = topics.topics[RAW].clone();
+    scratch.dlq = None;
+    topics.topics.insert(PASSTHROUGH_TOPIC.into(), scratch);
+    medallion_runtime::admin::apply_topics(&broker.address, &topics, 1)
+        .await
+        .expect("topics");
+    let client = RegistryClient::new(&registry.address, Duration::from_secs(10)).expect("client");
+    let ids = client
+        .register_all(&contracts, &topics)
+        .await
+        .expect("registered");
+    let raw = contracts.get("connector/data-raw.avsc").expect("raw");
+
+    // n unique events: 10k realistic templates, each copy with its own event_id.
+    let mut sample = SampleEvents::new(77, 16, now_ms() - 3_600_000);
+    let templates: Vec<(String, Vec<u8>)> = (0..10_000)
+        .map(|_| {
+            let e = sample.next_event();
+            (
+                e["org_id"].to_string(),
+                to_framed(&e, &raw.schema, ids[RAW]).expect("frame"),
+            )
+        })
+        .collect();
+    let producer = medallion_runtime::kafka::producer(&broker.address).expect("producer");
+    let produce_started = Instant::now();
+    let mut bytes = 0usize;
+    let mut pending = Vec::with_capacity(50_000);
+    for i in 0..n {
+        let (key, template) = &templates[i % templates.len()];
+        let mut value = template.clone();
+        // event_id is the first field: a length byte, then 36 characters; rewrite the last 12.
+        let suffix = format!("{:012x}", i);
+        value[6 + 24..6 + 36].copy_from_slice(suffix.as_bytes());
+        bytes += value.len();
+        let mut record = FutureRecord::to(RAW).key(key.as_str()).payload(&value);
+        loop {
+            match producer.send_result(record) {
+                Ok(d) => {
+                    pending.push(d);
+                    break;
+                }
+                Err((_, r)) => {
+                    record = r;
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            }
+        }
+        if pending.len() >= 50_000 {
+            for d in pending.drain(..) {
+                d.await.expect("not cancelled").expect("delivered");
+            }
+        }
+    }
+    for d in pending.drain(..) {
+        d.await.expect("not cancelled").expect("delivered");
+    }
+    let produce_seconds = produce_started.elapsed().as_secs_f64();
+    println!(
+        "replay: {n} events ({:.1} MB, {} B avg) produced in {produce_seconds:.1} s ({:.0} events/s)",
+        bytes as f64 / 1e6,
+        bytes / n.max(1),
+        n as f64 / produce_seconds
+    );
+
+    // Passthrough, as its own process.
+    let exe = std::env::current_exe().expect("own path");
+    let output = Command::new(exe)
+        .env(
+            "MEDALLION_REPLAY_PASSTHROUGH",
+            format!("{}|{n}", broker.address),
+        )
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("passthrough runs");
+    let line = String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .find(|l| l.starts_with("PASSTHROUGH"))
+        .map(str::to_string)
+        .expect("passthrough figures");
+    let parts: Vec<f64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    let (pt_seconds, pt_cpu, pt_rss) = (parts[1], parts[2], parts[3]);
+
+    // bronze-processor, as its own process.
+    let worker = WorkerProcess::start(
+        BIN,
+        &broker.address,
+        &registry.address,
+        &[
+            ("MEDALLION__BATCH__MAX_RECORDS", "5000".into()),
+            ("MEDALLION__BATCH__LINGER_MS", "20".into()),
+        ],
+    )
+    .expect("bronze starts");
+    let pid = worker.pid().expect("pid");
+    let mut started: Option<Instant> = None;
+    let deadline = Instant::now() + Duration::from_secs(1_800);
+    let (seconds, metrics) = loop {
+        assert!(
+            Instant::now() < deadline,
+            "bronze did not finish within 30 min"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let Ok(metrics) = worker.metrics().await else {
+            continue;
+        };
+        let consumed = counter(&metrics, "kafka_messages_in_total");
+        if consumed > 0.0 && started.is_none() {
+            started = Some(Instant::now());
+        }
+        if consumed >= n as f64 {
+            break (
+                started
+                    .map(|s| s.elapsed().as_secs_f64())
+                    .unwrap_or_default(),
+                metrics,
+            );
+        }
+    };
+    let usage = usage(pid).expect("worker usage");
+    let out = counter(&metrics, "medallion_records_out_total");
+    let dedup_bytes = counter(&metrics, "medallion_dedup_window_bytes");
+    let bronze_rate = n as f64 / seconds;
+    let pt_rate = n as f64 / pt_seconds;
+    println!();
+    println!("| run | events | wall s | events/s | CPU s | events/CPU-s | peak RSS MiB |");
+    println!("|---|---|---|---|---|---|---|");
+    println!(
+        "| passthrough | {n} | {pt_seconds:.2} | {pt_rate:.0} | {pt_cpu:.2} | {:.0} | {:.1} |",
+        n as f64 / pt_cpu.max(0.01),
+        pt_rss / 1024.0
+    );
+    println!(
+        "| bronze-processor | {n} | {seconds:.2} | {bronze_rate:.0} | {:.2} | {:.0} | {:.1} |",
+        usage.cpu_seconds,
+        n as f64 / usage.cpu_seconds.max(0.01),
+        usage.peak_rss_kib as f64 / 1024.0
+    );
+    println!();
+    println!(
+        "bronze/passthrough = {:.2} (target >= 0.8); bronze out {out:.0}; dedup windows {:.1} MiB",
+        bronze_rate / pt_rate,
+        dedup_bytes / 1_048_576.0
+    );
+}
