@@ -4,9 +4,35 @@
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use medallion_benches::{connector_contract, contract, framed_events};
 use medallion_contracts::columnar::{BatchDecoder, BatchEncoder};
+use medallion_contracts::Contract;
 
 const RECORDS: usize = 1_000_000;
 const BATCH: usize = 4_096;
+
+/// A decoder of `contract` that knows it as writer schema id 1.
+fn decoder_for(contract: &Contract) -> BatchDecoder {
+    let mut decoder = match BatchDecoder::new(&contract.full_name, &contract.text) {
+        Ok(d) => d,
+        Err(e) => panic!("{e}"),
+    };
+    if let Err(e) = decoder.add_writer_schema(1, &contract.text) {
+        panic!("{e}");
+    }
+    decoder
+}
+
+/// Decodes every message in batches of `BATCH`; returns the row count.
+fn decode_all(decoder: &mut BatchDecoder, messages: &[Vec<u8>]) -> usize {
+    let mut rows = 0;
+    for chunk in messages.chunks(BATCH) {
+        match decoder.decode(chunk.iter().map(Vec::as_slice)) {
+            Ok(d) => rows += d.batch.num_rows(),
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!(rows, RECORDS);
+    rows
+}
 
 /// The seed-002 envelope alone (`common/metadata.avsc`): the target's "envelope records".
 fn decode_envelopes(c: &mut Criterion) {
@@ -20,27 +46,8 @@ fn decode_envelopes(c: &mut Criterion) {
         format!("decode_1m_envelope_only_{}B_avg", bytes / RECORDS),
         |b| {
             b.iter_batched(
-                || {
-                    let mut decoder = match BatchDecoder::new(&contract.full_name, &contract.text) {
-                        Ok(d) => d,
-                        Err(e) => panic!("{e}"),
-                    };
-                    if let Err(e) = decoder.add_writer_schema(1, &contract.text) {
-                        panic!("{e}");
-                    }
-                    decoder
-                },
-                |mut decoder| {
-                    let mut rows = 0;
-                    for chunk in messages.chunks(BATCH) {
-                        match decoder.decode(chunk.iter().map(Vec::as_slice)) {
-                            Ok(d) => rows += d.batch.num_rows(),
-                            Err(e) => panic!("{e}"),
-                        }
-                    }
-                    assert_eq!(rows, RECORDS);
-                    rows
-                },
+                || decoder_for(&contract),
+                |mut decoder| decode_all(&mut decoder, &messages),
                 BatchSize::PerIteration,
             )
         },
@@ -59,40 +66,15 @@ fn decode(c: &mut Criterion) {
         format!("decode_1m_envelopes_{}B_avg", bytes / RECORDS),
         |b| {
             b.iter_batched(
-                || {
-                    let mut decoder = match BatchDecoder::new(&contract.full_name, &contract.text) {
-                        Ok(d) => d,
-                        Err(e) => panic!("{e}"),
-                    };
-                    if let Err(e) = decoder.add_writer_schema(1, &contract.text) {
-                        panic!("{e}");
-                    }
-                    decoder
-                },
-                |mut decoder| {
-                    let mut rows = 0;
-                    for chunk in messages.chunks(BATCH) {
-                        match decoder.decode(chunk.iter().map(Vec::as_slice)) {
-                            Ok(d) => rows += d.batch.num_rows(),
-                            Err(e) => panic!("{e}"),
-                        }
-                    }
-                    assert_eq!(rows, RECORDS);
-                    rows
-                },
+                || decoder_for(&contract),
+                |mut decoder| decode_all(&mut decoder, &messages),
                 BatchSize::PerIteration,
             )
         },
     );
     // The two halves of decoding, to see where the time goes.
     group.bench_function("check_only", |b| {
-        let mut decoder = match BatchDecoder::new(&contract.full_name, &contract.text) {
-            Ok(d) => d,
-            Err(e) => panic!("{e}"),
-        };
-        if let Err(e) = decoder.add_writer_schema(1, &contract.text) {
-            panic!("{e}");
-        }
+        let decoder = decoder_for(&contract);
         b.iter(|| messages.iter().filter(|m| decoder.check(m).is_ok()).count())
     });
     for with_reader in [false, true] {
@@ -140,13 +122,7 @@ fn decode(c: &mut Criterion) {
     }
     group.finish();
 
-    let mut decoder = match BatchDecoder::new(&contract.full_name, &contract.text) {
-        Ok(d) => d,
-        Err(e) => panic!("{e}"),
-    };
-    if let Err(e) = decoder.add_writer_schema(1, &contract.text) {
-        panic!("{e}");
-    }
+    let mut decoder = decoder_for(&contract);
     let batches: Vec<_> = messages
         .chunks(BATCH)
         .map(

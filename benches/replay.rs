@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use medallion_contracts::json::to_framed;
 use medallion_contracts::registry::RegistryClient;
 use medallion_contracts::sample::SampleEvents;
-use medallion_tests::{broker, contracts, registry, WorkerProcess};
+use medallion_tests::{broker, contracts, metric_sum, registry, WorkerProcess};
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::Message;
@@ -120,14 +120,6 @@ async fn passthrough(bootstrap: &str, n: u64) {
         "PASSTHROUGH {seen} {seconds:.3} {:.3} {}",
         usage.cpu_seconds, usage.peak_rss_kib
     );
-}
-
-fn counter(metrics: &str, name: &str) -> f64 {
-    metrics
-        .lines()
-        .filter(|l| l.starts_with(name))
-        .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
-        .sum()
 }
 
 fn main() {
@@ -266,7 +258,7 @@ async fn run() {
         let Ok(metrics) = worker.metrics().await else {
             continue;
         };
-        let consumed = counter(&metrics, "kafka_messages_in_total");
+        let consumed = metric_sum(&metrics, "kafka_messages_in_total");
         if consumed > 0.0 && started.is_none() {
             started = Some(Instant::now());
         }
@@ -280,8 +272,8 @@ async fn run() {
         }
     };
     let usage = usage(pid).expect("worker usage");
-    let out = counter(&metrics, "medallion_records_out_total");
-    let dedup_bytes = counter(&metrics, "medallion_dedup_window_bytes");
+    let out = metric_sum(&metrics, "medallion_records_out_total");
+    let dedup_bytes = metric_sum(&metrics, "medallion_dedup_window_bytes");
     let bronze_rate = n as f64 / seconds;
     let pt_rate = n as f64 / pt_seconds;
     println!();

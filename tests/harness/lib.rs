@@ -460,3 +460,12 @@ pub fn java_murmur2(data: &[u8]) -> i32 {
 pub fn java_partition(key: &[u8], partitions: i32) -> i32 {
     (java_murmur2(key) & 0x7fff_ffff) % partitions
 }
+
+/// The sum of every series of metric `name` on a Prometheus text page (all label sets).
+pub fn metric_sum(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
+        .sum()
+}

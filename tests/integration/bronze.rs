@@ -8,7 +8,9 @@ use medallion_contracts::registry::RegistryClient;
 use medallion_contracts::sample::SampleEvents;
 use medallion_contracts::Contract;
 use medallion_runtime::dlq::{header, header_value};
-use medallion_tests::{broker, contracts, read_topic, registry, Service, WorkerProcess};
+use medallion_tests::{
+    broker, contracts, metric_sum, read_topic, registry, Service, WorkerProcess,
+};
 use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::{json, Value as Json};
@@ -331,14 +333,6 @@ async fn sigkill_mid_stream_loses_nothing() {
     );
 }
 
-fn counter(metrics: &str, name: &str) -> f64 {
-    metrics
-        .lines()
-        .filter(|l| l.starts_with(name))
-        .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
-        .sum()
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn two_replicas_share_partitions_and_survive_one_leaving() {
     let p = Pipeline::start().await;
@@ -363,11 +357,11 @@ async fn two_replicas_share_partitions_and_survive_one_leaving() {
     )
     .await
     .expect("first half");
-    let in_a = counter(
+    let in_a = metric_sum(
         &a.metrics().await.expect("a metrics"),
         "kafka_messages_in_total",
     );
-    let in_b = counter(
+    let in_b = metric_sum(
         &b.metrics().await.expect("b metrics"),
         "kafka_messages_in_total",
     );
@@ -463,7 +457,7 @@ async fn registry_outage_is_retried_and_nothing_is_skipped() {
         p.send(&e["org_id"].to_string(), &value).await;
     }
     tokio::time::sleep(Duration::from_secs(4)).await;
-    let retries = counter(
+    let retries = metric_sum(
         &worker.metrics().await.expect("metrics"),
         "medallion_retries_total",
     );
@@ -586,7 +580,7 @@ async fn metrics_show_the_lag_of_a_backlog_falling_to_zero() {
     assert!(peak > 0.0, "a backlog shows as lag");
     assert!(peak <= backlog.len() as f64);
     assert_eq!(
-        counter(&last, "kafka_messages_in_total"),
+        metric_sum(&last, "kafka_messages_in_total"),
         backlog.len() as f64
     );
     eprintln!("peak lag {peak}, drained to 0");

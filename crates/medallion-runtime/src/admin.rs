@@ -17,6 +17,16 @@ pub enum AdminError {
     Create { topic: String, message: String },
 }
 
+fn admin_client(bootstrap: &str) -> Result<AdminClient<DefaultClientContext>, AdminError> {
+    ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()
+        .map_err(|e| AdminError::Client {
+            bootstrap: bootstrap.to_string(),
+            message: e.to_string(),
+        })
+}
+
 /// What happened to one topic.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Applied {
@@ -30,13 +40,7 @@ pub async fn apply_topics(
     config: &TopicConfig,
     max_replication: u16,
 ) -> Result<Vec<(PhysicalTopic, Applied)>, AdminError> {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .create()
-        .map_err(|e| AdminError::Client {
-            bootstrap: bootstrap.to_string(),
-            message: e.to_string(),
-        })?;
+    let admin = admin_client(bootstrap)?;
     let topics = config.physical_topics(max_replication);
     let retention: Vec<String> = topics.iter().map(|t| t.retention_ms.to_string()).collect();
     let new_topics: Vec<NewTopic<'_>> = topics
@@ -91,13 +95,7 @@ pub async fn describe_topics(
     bootstrap: &str,
     names: &[String],
 ) -> Result<Vec<TopicState>, AdminError> {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .create()
-        .map_err(|e| AdminError::Client {
-            bootstrap: bootstrap.to_string(),
-            message: e.to_string(),
-        })?;
+    let admin = admin_client(bootstrap)?;
     let metadata = {
         let bootstrap = bootstrap.to_string();
         let client = admin.inner();

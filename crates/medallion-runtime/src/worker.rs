@@ -280,6 +280,8 @@ pub struct StageWorker<S: Stage> {
     registry: RegistryClient,
     decoder: BatchDecoder,
     encoder: BatchEncoder,
+    /// The output contract's Arrow schema (what the encoder takes).
+    output_schema: SchemaRef,
     windows: HashMap<i32, DedupWindow>,
     window_capacity: usize,
     policy: RetryPolicy,
@@ -341,7 +343,7 @@ where
     let input_schema = stage_input_schema(&decoder.schema());
     let stage = make_stage(StageSetup {
         input_schema: input_schema.clone(),
-        output_schema,
+        output_schema: output_schema.clone(),
         input_topic: topo.input_topic.clone(),
         output_topic: topo.output_topic.clone(),
     })
@@ -353,6 +355,7 @@ where
         registry,
         decoder,
         encoder,
+        output_schema,
         windows: HashMap::new(),
         window_capacity: config.dedup.window_per_partition,
         policy,
@@ -708,7 +711,7 @@ impl<S: Stage> StageWorker<S> {
 
         let output = if input.num_rows() == 0 {
             StageOutput {
-                batch: RecordBatch::new_empty(self.encoder_schema()),
+                batch: RecordBatch::new_empty(self.output_schema.clone()),
                 source_rows: Vec::new(),
                 rejected: Vec::new(),
             }
@@ -768,13 +771,6 @@ impl<S: Stage> StageWorker<S> {
             duplicates,
             event_times,
         })
-    }
-
-    fn encoder_schema(&self) -> SchemaRef {
-        // The output schema is what the encoder was built with; an empty batch of it.
-        BatchDecoder::new(&self.topo.output.full_name, &self.topo.output.text)
-            .map(|d| d.schema())
-            .unwrap_or_else(|_| Arc::new(Schema::empty()))
     }
 
     /// Produces every record and waits for every acknowledgement. A failed delivery means the
