@@ -92,6 +92,22 @@ pub struct TopicConfig {
     pub dlq: DlqPolicy,
     pub topics: BTreeMap<String, TopicSpec>,
     pub consumer_groups: BTreeMap<String, ConsumerGroup>,
+    /// Compacted state topics of stateful groups, one partition per input partition.
+    #[serde(default)]
+    pub changelogs: BTreeMap<String, ChangelogSpec>,
+}
+
+/// A compacted topic holding a group's state, partitioned like the topic it consumes: the
+/// state of input partition `p` lives in changelog partition `p`, so whoever owns `p` can
+/// restore it by reading one partition.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChangelogSpec {
+    /// The consumer group that owns the state.
+    pub group: String,
+    /// The consumed topic whose partitions the state follows.
+    pub partitioned_like: String,
+    pub replication: u16,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -165,6 +181,8 @@ pub struct PhysicalTopic {
     pub retention_ms: u128,
     /// The topic this is the DLQ of.
     pub dlq_of: Option<String>,
+    /// `cleanup.policy=compact` (a changelog): keyed state, no time retention.
+    pub compacted: bool,
 }
 
 fn line_of(source: &str, needles: &[&str]) -> usize {
@@ -271,7 +289,42 @@ impl TopicConfig {
                 ));
             }
         }
+        for (name, spec) in &self.changelogs {
+            let key = format!("{name}:");
+            let Some(group) = self.consumer_groups.get(&spec.group) else {
+                return Err(invalid(
+                    &["changelogs:", &key, "group"],
+                    format!(
+                        "changelogs.{name}.group: consumer group `{}` is not declared",
+                        spec.group
+                    ),
+                ));
+            };
+            if !group.consumes.contains(&spec.partitioned_like) {
+                return Err(invalid(
+                    &["changelogs:", &key, "partitioned_like"],
+                    format!(
+                        "changelogs.{name}.partitioned_like: `{}` is not consumed by `{}`",
+                        spec.partitioned_like, spec.group
+                    ),
+                ));
+            }
+            if spec.replication == 0 || self.topics.contains_key(name) {
+                return Err(invalid(
+                    &["changelogs:", &key],
+                    format!("changelogs.{name}: needs replication >= 1 and a name no topic uses"),
+                ));
+            }
+        }
         Ok(())
+    }
+
+    /// The changelog topic of `group`, if it keeps state.
+    pub fn changelog_of(&self, group: &str) -> Option<&str> {
+        self.changelogs
+            .iter()
+            .find(|(_, c)| c.group == group)
+            .map(|(name, _)| name.as_str())
     }
 
     pub fn topic(&self, name: &str) -> Option<&TopicSpec> {
@@ -307,6 +360,7 @@ impl TopicConfig {
                 replication: spec.replication.min(max_replication),
                 retention_ms: spec.retention.as_millis(),
                 dlq_of: None,
+                compacted: false,
             });
             if let Some(dlq) = &spec.dlq {
                 out.push(PhysicalTopic {
@@ -315,8 +369,23 @@ impl TopicConfig {
                     replication: spec.replication.min(max_replication),
                     retention_ms: dlq.retention.as_millis(),
                     dlq_of: Some(name.clone()),
+                    compacted: false,
                 });
             }
+        }
+        for (name, spec) in &self.changelogs {
+            let partitions = self
+                .topics
+                .get(&spec.partitioned_like)
+                .map_or(1, |t| t.partitions);
+            out.push(PhysicalTopic {
+                name: name.clone(),
+                partitions,
+                replication: spec.replication.min(max_replication),
+                retention_ms: 0,
+                dlq_of: None,
+                compacted: true,
+            });
         }
         out
     }

@@ -47,12 +47,16 @@ pub async fn apply_topics(
         .iter()
         .zip(&retention)
         .map(|(t, retention)| {
-            NewTopic::new(
+            let topic = NewTopic::new(
                 &t.name,
                 t.partitions as i32,
                 TopicReplication::Fixed(i32::from(t.replication)),
-            )
-            .set("retention.ms", retention)
+            );
+            if t.compacted {
+                topic.set("cleanup.policy", "compact")
+            } else {
+                topic.set("retention.ms", retention)
+            }
         })
         .collect();
     let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));

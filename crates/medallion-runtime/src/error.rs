@@ -70,13 +70,17 @@ pub enum StageError {
     /// Encoding to the output schema failed.
     #[error("encode failed: {0}")]
     Encode(String),
+    /// The stage refuses to go on (a fail-batch expectation): the worker stops without
+    /// committing the batch, so it is read again once the cause is fixed.
+    #[error("halted: {0}")]
+    Halt(String),
 }
 
 impl StageError {
     pub fn is_transient(&self) -> bool {
         match self {
             StageError::Registry(e) => e.is_transient(),
-            StageError::Transform(_) | StageError::Encode(_) => false,
+            StageError::Transform(_) | StageError::Encode(_) | StageError::Halt(_) => false,
         }
     }
 }

@@ -3,6 +3,7 @@
 //! how a batch becomes its output ([`worker::Stage`]).
 
 pub mod admin;
+pub mod changelog;
 pub mod config;
 pub mod dedup;
 pub mod dlq;

@@ -32,8 +32,29 @@ pub const DEDUP_WINDOW_BYTES: &str = "medallion_dedup_window_bytes";
 /// 1 while the worker holds a partition assignment and the registry answered.
 pub const WORKER_READY: &str = "medallion_worker_ready";
 
+/// Data-quality expectation outcomes, by stage, expectation, action and result (pass|fail).
+pub const EXPECTATION_RESULTS_TOTAL: &str = "medallion_expectation_results_total";
+/// Updates older than the entity's current state (seed 004 drift), by stage and entity type.
+pub const DRIFT_TOTAL: &str = "medallion_drift_detected_total";
+/// Entities held in a stage's merge state, by stage.
+pub const STATE_ENTITIES: &str = "medallion_state_entities";
+/// Events that arrived after their window closed, by stage.
+pub const LATE_EVENTS_TOTAL: &str = "medallion_late_events_total";
+/// Windows open in gold, by stage.
+pub const OPEN_WINDOWS: &str = "medallion_open_windows";
+/// Windows emitted by gold, by stage.
+pub const WINDOWS_EMITTED_TOTAL: &str = "medallion_windows_emitted_total";
+/// Alerts fired, by rule and severity.
+pub const ALERTS_TOTAL: &str = "medallion_alerts_fired_total";
+/// Alerts held back by a rule's suppression window, by rule.
+pub const ALERTS_SUPPRESSED_TOTAL: &str = "medallion_alerts_suppressed_total";
+/// Version of the rule set in force.
+pub const RULES_VERSION: &str = "medallion_rules_version";
+/// Rule-set updates, by outcome (applied|rejected).
+pub const RULE_UPDATES_TOTAL: &str = "medallion_rule_updates_total";
+
 /// Every name above.
-pub const ALL: [&str; 13] = [
+pub const ALL: [&str; 23] = [
     KAFKA_CONSUMER_LAG,
     KAFKA_MESSAGES_IN_TOTAL,
     KAFKA_BYTES_IN_TOTAL,
@@ -47,6 +68,16 @@ pub const ALL: [&str; 13] = [
     DEDUP_WINDOW_EVENTS,
     DEDUP_WINDOW_BYTES,
     WORKER_READY,
+    EXPECTATION_RESULTS_TOTAL,
+    DRIFT_TOTAL,
+    STATE_ENTITIES,
+    LATE_EVENTS_TOTAL,
+    OPEN_WINDOWS,
+    WINDOWS_EMITTED_TOTAL,
+    ALERTS_TOTAL,
+    ALERTS_SUPPRESSED_TOTAL,
+    RULES_VERSION,
+    RULE_UPDATES_TOTAL,
 ];
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();

@@ -22,7 +22,7 @@ use rdkafka::consumer::{
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Message, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
-use rdkafka::{ClientContext, Offset};
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
@@ -80,15 +80,48 @@ pub fn with_meta(
 pub struct StageOutput {
     /// Output rows, in the output topic's Arrow schema.
     pub batch: RecordBatch,
-    /// For each output row, the input row it came from.
-    pub source_rows: Vec<u32>,
+    /// For each output row, the input row it came from (its headers travel with it), or
+    /// `None` for a row the stage derived from state (e.g. a closed window).
+    pub source_rows: Vec<Option<u32>>,
     /// Input rows that did not make it, and why.
     pub rejected: Vec<(u32, RecordFailure)>,
+    /// Records for other topics (audit events, changelog updates), already encoded. They are
+    /// delivered with the batch, before its offsets are stored.
+    pub side: Vec<SideRecord>,
+}
+
+impl StageOutput {
+    /// An output where input row `i` became output row `i`.
+    pub fn one_to_one(batch: RecordBatch, rejected: Vec<(u32, RecordFailure)>) -> Self {
+        Self {
+            source_rows: (0..batch.num_rows() as u32).map(Some).collect(),
+            batch,
+            rejected,
+            side: Vec::new(),
+        }
+    }
+}
+
+/// One record for a topic other than the stage's output.
+#[derive(Debug, Clone)]
+pub struct SideRecord {
+    pub topic: String,
+    /// An explicit partition (changelogs follow their input partition); `None` hashes the key.
+    pub partition: Option<i32>,
+    pub key: Option<Vec<u8>>,
+    pub value: Vec<u8>,
 }
 
 /// What a stage gets to build its transform once.
 #[derive(Debug, Clone)]
 pub struct StageSetup {
+    pub group: String,
+    pub contracts: ContractSet,
+    pub topics: TopicConfig,
+    pub registry: Arc<RegistryClient>,
+    /// librdkafka settings of the worker (bootstrap and extra properties), for stage-owned
+    /// clients such as changelog restore or a broadcast reader.
+    pub kafka: ClientConfig,
     /// Input rows: the input contract's columns followed by the [`meta`] columns.
     pub input_schema: SchemaRef,
     /// The output contract's Arrow schema.
@@ -97,12 +130,84 @@ pub struct StageSetup {
     pub output_topic: String,
 }
 
+impl StageSetup {
+    /// Registers `topic`'s value schema and returns an encoder of JSON events for it.
+    pub async fn json_encoder(&self, topic: &str) -> Result<JsonEncoder, String> {
+        let spec = self
+            .topics
+            .topic(topic)
+            .ok_or_else(|| format!("topic {topic} is not in topic-config.yaml"))?;
+        let contract = self
+            .contracts
+            .get(&spec.schema)
+            .ok_or_else(|| format!("schema {} is not in schemas/", spec.schema))?;
+        let id = self
+            .registry
+            .register(&self.topics.subject(topic), &contract.text)
+            .await
+            .map_err(|e| format!("registering {topic}: {e}"))?;
+        let schema = apache_avro::Schema::parse_str(&contract.text)
+            .map_err(|e| format!("schema of {topic}: {e}"))?;
+        Ok(JsonEncoder {
+            topic: topic.to_string(),
+            schema,
+            id,
+        })
+    }
+}
+
+/// Encodes low-volume JSON events (audit records, alerts) to a topic's registered schema.
+#[derive(Debug, Clone)]
+pub struct JsonEncoder {
+    topic: String,
+    schema: apache_avro::Schema,
+    id: u32,
+}
+
+impl JsonEncoder {
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+
+    /// A side record keyed by `key`.
+    pub fn record(&self, key: &str, event: &serde_json::Value) -> Result<SideRecord, StageError> {
+        let value = medallion_contracts::json::to_framed(event, &self.schema, self.id)
+            .map_err(|e| StageError::Encode(format!("{}: {e}", self.topic)))?;
+        Ok(SideRecord {
+            topic: self.topic.clone(),
+            partition: None,
+            key: Some(key.as_bytes().to_vec()),
+            value,
+        })
+    }
+}
+
 /// A stage: how a batch becomes its output. Everything else is the runtime's.
 pub trait Stage: Send + 'static {
     fn process(
         &mut self,
         input: RecordBatch,
     ) -> impl Future<Output = Result<StageOutput, StageError>> + Send;
+
+    /// Called before the first batch of a newly assigned partition, with the metadata that
+    /// was committed with its offset. Stateful stages restore their state here.
+    fn assign(
+        &mut self,
+        _partition: i32,
+        _committed_metadata: Option<String>,
+    ) -> impl Future<Output = Result<(), StageError>> + Send {
+        async { Ok(()) }
+    }
+
+    /// The partition went to another replica: drop its state.
+    fn revoke(&mut self, _partition: i32) {}
+
+    /// The offset to commit for `partition` after a batch, and metadata to commit with it.
+    /// By default everything consumed (`next_offset`); a stage holding open state may commit
+    /// less, so the records that built the state are read again after a restart.
+    fn position(&self, _partition: i32, next_offset: i64) -> (i64, Option<String>) {
+        (next_offset, None)
+    }
 }
 
 /// Why a worker could not start or had to stop.
@@ -110,7 +215,7 @@ pub trait Stage: Send + 'static {
 pub enum WorkerError {
     #[error("consumer group `{0}` is not declared in topic-config.yaml")]
     UnknownGroup(String),
-    #[error("consumer group `{group}` must consume exactly one topic and produce one (has {consumes} and {produces})")]
+    #[error("consumer group `{group}` must consume exactly one topic and produce at least one (has {consumes} and {produces})")]
     Shape {
         group: String,
         consumes: usize,
@@ -128,6 +233,8 @@ pub enum WorkerError {
     Setup(String),
     #[error("HTTP listener: {0}")]
     Http(#[from] std::io::Error),
+    #[error("stage halted: {0}")]
+    Halted(String),
 }
 
 /// Live counters of a running worker, for the local mode's progress line.
@@ -167,11 +274,10 @@ fn topology(
         .consumer_groups
         .get(group)
         .ok_or_else(|| WorkerError::UnknownGroup(group.to_string()))?;
-    let (Some(input_topic), Some(output_topic), 1, 1) = (
+    let (Some(input_topic), Some(output_topic), 1) = (
         spec.consumes.first(),
         spec.produces.first(),
         spec.consumes.len(),
-        spec.produces.len(),
     ) else {
         return Err(WorkerError::Shape {
             group: group.to_string(),
@@ -201,10 +307,44 @@ fn topology(
     })
 }
 
+/// Offsets (with metadata) stored after each batch, by partition: what a commit sends.
+type Positions = Arc<Mutex<BTreeMap<i32, (i64, Option<String>)>>>;
+
+/// Commits `positions` of `partitions` (all when `None`) with their metadata. librdkafka's
+/// commit of the "current state" drops stored metadata, so commits name their offsets.
+fn commit_positions<C: ConsumerContext, K: Consumer<C>>(
+    consumer: &K,
+    topic: &str,
+    positions: &Positions,
+    partitions: Option<&[i32]>,
+) -> Result<(), KafkaError> {
+    let mut tpl = TopicPartitionList::new();
+    if let Ok(positions) = positions.lock() {
+        for (partition, (offset, metadata)) in positions.iter() {
+            if partitions.is_some_and(|only| !only.contains(partition)) {
+                continue;
+            }
+            let mut elem = tpl.add_partition(topic, *partition);
+            elem.set_offset(Offset::Offset(*offset))?;
+            if let Some(metadata) = metadata {
+                elem.set_metadata(metadata);
+            }
+        }
+    }
+    if tpl.count() == 0 {
+        return Ok(());
+    }
+    consumer.commit(&tpl, CommitMode::Sync)
+}
+
 /// Rebalance hooks: commit before partitions go, track the assignment for `/readyz`.
 struct WorkerContext {
     health: Arc<Health>,
     assigned: Arc<Mutex<HashSet<i32>>>,
+    topic: String,
+    positions: Positions,
+    /// Partitions revoked since the last batch, for the stage to drop their state.
+    revoked: Arc<Mutex<Vec<i32>>>,
 }
 
 impl ClientContext for WorkerContext {}
@@ -213,13 +353,24 @@ impl ConsumerContext for WorkerContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(partitions) = rebalance {
             // Every batch is finished before the next poll, so the stored offsets are complete.
-            if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
+            let gone: Vec<i32> = partitions
+                .elements_for_topic(&self.topic)
+                .iter()
+                .map(|e| e.partition())
+                .collect();
+            if let Err(e) = commit_positions(consumer, &self.topic, &self.positions, Some(&gone)) {
                 tracing::debug!(error = %e, "commit before revoke");
             }
+            if let Ok(mut positions) = self.positions.lock() {
+                positions.retain(|p, _| !gone.contains(p));
+            }
             if let Ok(mut assigned) = self.assigned.lock() {
-                for p in partitions.elements() {
-                    assigned.remove(&p.partition());
+                for p in &gone {
+                    assigned.remove(p);
                 }
+            }
+            if let Ok(mut revoked) = self.revoked.lock() {
+                revoked.extend(gone);
             }
         }
     }
@@ -256,6 +407,7 @@ fn client_config<C>(config: &WorkerConfig<C>) -> ClientConfig {
 /// One record to produce, with the input message it came from.
 struct Outgoing {
     topic: String,
+    partition: Option<i32>,
     key: Option<Vec<u8>>,
     value: Vec<u8>,
     headers: Option<OwnedHeaders>,
@@ -277,7 +429,7 @@ struct Plan {
 pub struct StageWorker<S: Stage> {
     stage: S,
     topo: Topology,
-    registry: RegistryClient,
+    registry: Arc<RegistryClient>,
     decoder: BatchDecoder,
     encoder: BatchEncoder,
     /// The output contract's Arrow schema (what the encoder takes).
@@ -287,6 +439,10 @@ pub struct StageWorker<S: Stage> {
     policy: RetryPolicy,
     health: Arc<Health>,
     assigned: Arc<Mutex<HashSet<i32>>>,
+    positions: Positions,
+    revoked: Arc<Mutex<Vec<i32>>>,
+    /// Partitions the stage has been told about (and has restored state for).
+    initialized: HashSet<i32>,
     totals: RunTotals,
     progress: Arc<Progress>,
 }
@@ -310,10 +466,10 @@ where
     let topics = TopicConfig::load(&home.join("topic-config.yaml"))
         .map_err(|e| WorkerError::Contracts(e.to_string()))?;
     let topo = topology(&contracts, &topics, group)?;
-    let registry = RegistryClient::new(
+    let registry = Arc::new(RegistryClient::new(
         &config.registry.url,
         Duration::from_millis(config.registry.timeout_ms),
-    )?;
+    )?);
     let policy = RetryPolicy::from_millis(&config.retry.backoff_ms);
     // The output schema must be registered before anything is produced: wait for the registry.
     let subject = topics.subject(&topo.output_topic);
@@ -342,6 +498,11 @@ where
         .map_err(|e| WorkerError::Setup(e.to_string()))?;
     let input_schema = stage_input_schema(&decoder.schema());
     let stage = make_stage(StageSetup {
+        group: group.to_string(),
+        contracts: contracts.clone(),
+        topics: topics.clone(),
+        registry: registry.clone(),
+        kafka: client_config(config),
         input_schema: input_schema.clone(),
         output_schema: output_schema.clone(),
         input_topic: topo.input_topic.clone(),
@@ -361,6 +522,9 @@ where
         policy,
         health,
         assigned: Arc::new(Mutex::new(HashSet::new())),
+        positions: Arc::new(Mutex::new(BTreeMap::new())),
+        revoked: Arc::new(Mutex::new(Vec::new())),
+        initialized: HashSet::new(),
         totals: RunTotals::default(),
         progress: Arc::new(Progress::default()),
     })
@@ -401,6 +565,9 @@ impl<S: Stage> StageWorker<S> {
                 .create_with_context(WorkerContext {
                     health: self.health.clone(),
                     assigned: self.assigned.clone(),
+                    topic: self.topo.input_topic.clone(),
+                    positions: self.positions.clone(),
+                    revoked: self.revoked.clone(),
                 })?,
         );
         let producer: FutureProducer = client_config(config)
@@ -444,7 +611,12 @@ impl<S: Stage> StageWorker<S> {
         }
         lag.abort();
         tracing::info!("shutting down: committing and leaving the group");
-        if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
+        if let Err(e) = commit_positions(
+            consumer.as_ref(),
+            &self.topo.input_topic,
+            &self.positions,
+            None,
+        ) {
             if !matches!(e, KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) {
                 tracing::warn!(error = %e, "final commit failed");
             }
@@ -470,6 +642,7 @@ impl<S: Stage> StageWorker<S> {
         metrics::counter!(m::KAFKA_MESSAGES_IN_TOTAL, "group" => group.clone(), "topic" => topic.clone()).increment(batch.len() as u64);
         metrics::counter!(m::KAFKA_BYTES_IN_TOTAL, "group" => group.clone(), "topic" => topic.clone()).increment(bytes as u64);
         self.prune_windows();
+        self.sync_partitions(batch, consumer).await?;
 
         let mut attempt = 1usize;
         let plan = loop {
@@ -493,6 +666,11 @@ impl<S: Stage> StageWorker<S> {
                             );
                         }
                     }
+                }
+                Err(StageError::Halt(message)) => {
+                    tracing::error!(%message, "stage halted the pipeline; nothing of this batch is committed");
+                    self.health.set_assigned(false);
+                    return Err(WorkerError::Halted(message));
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "batch failed; dead-lettering it");
@@ -520,9 +698,26 @@ impl<S: Stage> StageWorker<S> {
             *entry = (*entry).max(message.offset());
         }
         for (partition, offset) in last {
-            if let Err(e) = consumer.store_offset(&topic, partition, offset) {
+            let (commit, metadata) = self.stage.position(partition, offset + 1);
+            let mut tpl = TopicPartitionList::new();
+            let stored = tpl
+                .add_partition_offset(&topic, partition, Offset::Offset(commit))
+                .and_then(|()| {
+                    if let (Some(metadata), Some(mut elem)) =
+                        (metadata.as_ref(), tpl.find_partition(&topic, partition))
+                    {
+                        elem.set_metadata(metadata);
+                    }
+                    consumer.store_offsets(&tpl)
+                });
+            match stored {
+                Ok(()) => {
+                    if let Ok(mut positions) = self.positions.lock() {
+                        positions.insert(partition, (commit, metadata));
+                    }
+                }
                 // The partition moved to another replica meanwhile: it will redeliver.
-                tracing::warn!(partition, offset, error = %e, "offset not stored");
+                Err(e) => tracing::warn!(partition, offset, error = %e, "offset not stored"),
             }
         }
 
@@ -572,6 +767,49 @@ impl<S: Stage> StageWorker<S> {
         Ok(())
     }
 
+    /// Tells the stage about partitions it lost and partitions it sees for the first time
+    /// (with the metadata committed with their offsets).
+    async fn sync_partitions(
+        &mut self,
+        batch: &[OwnedMessage],
+        consumer: &StreamConsumer<WorkerContext>,
+    ) -> Result<(), WorkerError> {
+        let revoked: Vec<i32> = self
+            .revoked
+            .lock()
+            .map(|mut r| std::mem::take(&mut *r))
+            .unwrap_or_default();
+        for partition in revoked {
+            if self.initialized.remove(&partition) {
+                self.stage.revoke(partition);
+            }
+        }
+        let fresh: Vec<i32> = batch
+            .iter()
+            .map(Message::partition)
+            .filter(|p| !self.initialized.contains(p))
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        for partition in fresh {
+            let mut tpl = TopicPartitionList::new();
+            tpl.add_partition(&self.topo.input_topic, partition);
+            let committed = tokio::task::block_in_place(|| {
+                consumer.committed_offsets(tpl, Duration::from_secs(10))
+            })?;
+            let metadata = committed
+                .find_partition(&self.topo.input_topic, partition)
+                .map(|e| e.metadata().to_string())
+                .filter(|m| !m.is_empty());
+            self.stage
+                .assign(partition, metadata)
+                .await
+                .map_err(|e| WorkerError::Setup(format!("restoring partition {partition}: {e}")))?;
+            self.initialized.insert(partition);
+        }
+        Ok(())
+    }
+
     fn prune_windows(&mut self) {
         if let Ok(assigned) = self.assigned.lock() {
             self.windows.retain(|p, _| assigned.contains(p));
@@ -592,6 +830,7 @@ impl<S: Stage> StageWorker<S> {
         };
         Outgoing {
             topic: self.topo.dlq_topic.clone(),
+            partition: None,
             key: message.key().map(<[u8]>::to_vec),
             value: message.payload().map(<[u8]>::to_vec).unwrap_or_default(),
             headers: Some(dead_letter_headers(
@@ -714,13 +953,30 @@ impl<S: Stage> StageWorker<S> {
                 batch: RecordBatch::new_empty(self.output_schema.clone()),
                 source_rows: Vec::new(),
                 rejected: Vec::new(),
+                side: Vec::new(),
             }
         } else {
             self.stage.process(input).await?
         };
+        if output.source_rows.len() != output.batch.num_rows() {
+            return Err(StageError::Transform(format!(
+                "stage returned {} output rows but {} source rows",
+                output.batch.num_rows(),
+                output.source_rows.len()
+            )));
+        }
+        let mut failed_rows: HashSet<u32> = HashSet::with_capacity(output.rejected.len());
         for (row, failure) in output.rejected {
             if let Some(index) = kept_rows.get(row as usize) {
                 dead.push((*index, failure));
+                failed_rows.insert(row);
+            }
+        }
+        // Every row the stage took (output or only state) is remembered against redelivery.
+        let mut remember = Vec::with_capacity(kept_rows.len());
+        for (row, key) in kept_keys.iter().enumerate() {
+            if let (Some(key), false) = (key, failed_rows.contains(&(row as u32))) {
+                remember.push((batch[kept_rows[row]].partition(), *key));
             }
         }
 
@@ -733,8 +989,7 @@ impl<S: Stage> StageWorker<S> {
             .batch
             .column_by_name("timestamp")
             .and_then(|c| c.as_primitive_opt::<TimestampMillisecondType>().cloned());
-        let mut outgoing = Vec::with_capacity(encoded.len() + dead.len());
-        let mut remember = Vec::with_capacity(encoded.len());
+        let mut outgoing = Vec::with_capacity(encoded.len() + dead.len() + output.side.len());
         let mut event_times = Vec::with_capacity(encoded.len());
         for (row, value) in encoded.into_iter().enumerate() {
             let Some(&source_row) = output.source_rows.get(row) else {
@@ -742,22 +997,35 @@ impl<S: Stage> StageWorker<S> {
                     "output row without a source row".into(),
                 ));
             };
-            let Some(&index) = kept_rows.get(source_row as usize) else {
-                return Err(StageError::Transform(format!(
-                    "source row {source_row} out of range"
-                )));
+            let headers = match source_row {
+                None => None,
+                Some(source_row) => {
+                    let Some(&index) = kept_rows.get(source_row as usize) else {
+                        return Err(StageError::Transform(format!(
+                            "source row {source_row} out of range"
+                        )));
+                    };
+                    batch[index].headers().cloned()
+                }
             };
-            if let Some(Some(key)) = kept_keys.get(source_row as usize) {
-                remember.push((batch[index].partition(), *key));
-            }
             if let Some(t) = times.as_ref().filter(|t| !t.is_null(row)) {
                 event_times.push(t.value(row));
             }
             outgoing.push(Outgoing {
                 topic: self.topo.output_topic.clone(),
+                partition: None,
                 key: out_keys.get(row).cloned().flatten(),
                 value: value.to_vec(),
-                headers: batch[index].headers().cloned(),
+                headers,
+            });
+        }
+        for side in output.side {
+            outgoing.push(Outgoing {
+                topic: side.topic,
+                partition: side.partition,
+                key: side.key,
+                value: side.value,
+                headers: None,
             });
         }
         dead.sort_by_key(|(i, _)| *i);
@@ -788,6 +1056,9 @@ impl<S: Stage> StageWorker<S> {
                     let mut record = FutureRecord::to(&o.topic).payload(&o.value);
                     if let Some(key) = &o.key {
                         record = record.key(key);
+                    }
+                    if let Some(partition) = o.partition {
+                        record = record.partition(partition);
                     }
                     if let Some(headers) = &o.headers {
                         record = record.headers(headers.clone());

@@ -4,3 +4,7 @@
 pub mod bronze;
 pub mod main_support;
 pub mod plan;
+pub mod silver;
+
+#[cfg(test)]
+mod testkit;

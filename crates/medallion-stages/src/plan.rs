@@ -96,11 +96,85 @@ impl BatchPlan {
     }
 }
 
+/// Rewrites `col['a']['b']` (and `"col"['a']`) into `get_field(get_field(col, 'a'), 'b')`:
+/// struct access without the nested-expressions planner (and its build cost). Text inside
+/// single-quoted literals is left alone.
+pub fn struct_access(sql: &str) -> String {
+    let chars: Vec<char> = sql.chars().collect();
+    let mut out = String::with_capacity(sql.len() * 2);
+    let mut i = 0;
+    let is_start = |c: char| c.is_ascii_alphabetic() || c == '_';
+    let is_part = |c: char| c.is_ascii_alphanumeric() || c == '_';
+    while i < chars.len() {
+        let c = chars[i];
+        if c == '\'' {
+            // A literal, with '' as an escaped quote.
+            let mut j = i + 1;
+            while j < chars.len() {
+                if chars[j] == '\'' {
+                    if chars.get(j + 1) == Some(&'\'') {
+                        j += 2;
+                        continue;
+                    }
+                    break;
+                }
+                j += 1;
+            }
+            let end = j.min(chars.len() - 1);
+            out.extend(&chars[i..=end]);
+            i = end + 1;
+            continue;
+        }
+        let ident_end = if c == '"' {
+            chars[i + 1..]
+                .iter()
+                .position(|&d| d == '"')
+                .map(|p| i + 1 + p + 1)
+        } else if is_start(c) && (i == 0 || !is_part(chars[i - 1])) {
+            let mut j = i + 1;
+            while j < chars.len() && is_part(chars[j]) {
+                j += 1;
+            }
+            Some(j)
+        } else {
+            None
+        };
+        let Some(ident_end) = ident_end else {
+            out.push(c);
+            i += 1;
+            continue;
+        };
+        let mut expr: String = chars[i..ident_end].iter().collect();
+        let mut j = ident_end;
+        while chars.get(j) == Some(&'[') && chars.get(j + 1) == Some(&'\'') {
+            let Some(close) = (j + 2..chars.len().saturating_sub(1))
+                .find(|&k| chars[k] == '\'' && chars[k + 1] == ']')
+            else {
+                break;
+            };
+            let field: String = chars[j + 2..close].iter().collect();
+            expr = format!("get_field({expr}, '{field}')");
+            j = close + 2;
+        }
+        out.push_str(&expr);
+        i = j;
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use arrow::array::{AsArray, Int64Array};
     use arrow::datatypes::{DataType, Field, Int64Type, Schema};
+
+    #[test]
+    fn struct_access_rewrites_brackets_outside_literals() {
+        assert_eq!(
+            struct_access(r#"payload['a']['b'] = 'x[''y'']' AND "p"['c'] > 1 AND f(x)"#),
+            r#"get_field(get_field(payload, 'a'), 'b') = 'x[''y'']' AND get_field("p", 'c') > 1 AND f(x)"#
+        );
+    }
 
     #[tokio::test]
     async fn a_plan_is_reused_across_batches() {

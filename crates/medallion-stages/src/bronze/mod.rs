@@ -12,7 +12,7 @@ use medallion_runtime::error::{RecordFailure, StageError};
 use medallion_runtime::worker::{meta, Stage, StageOutput, StageSetup};
 use serde::{Deserialize, Serialize};
 
-use crate::plan::BatchPlan;
+use crate::plan::{struct_access, BatchPlan};
 
 /// The consumer group, and so the binary's name.
 pub const GROUP: &str = "bronze-processor";
@@ -64,41 +64,6 @@ fn describe(reason: &str, config: &BronzeConfig) -> String {
         reason::INVALID_VALUE => "a field holds a value outside the seed's allowed set".into(),
         other => other.to_string(),
     }
-}
-
-/// Rewrites `"col"['a']['b']` into `get_field(get_field("col", 'a'), 'b')`: struct access
-/// without the nested-expressions planner (and its build cost).
-fn struct_access(sql: &str) -> String {
-    let bytes = sql.as_bytes();
-    let mut out = String::with_capacity(sql.len() * 2);
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'"' {
-            if let Some(end) = sql[i + 1..].find('"').map(|e| i + 1 + e) {
-                let ident = &sql[i..=end];
-                let mut j = end + 1;
-                let mut fields = Vec::new();
-                while sql[j..].starts_with("['") {
-                    let Some(close) = sql[j + 2..].find("']").map(|c| j + 2 + c) else {
-                        break;
-                    };
-                    fields.push(&sql[j + 2..close]);
-                    j = close + 2;
-                }
-                let mut expr = ident.to_string();
-                for field in fields {
-                    expr = format!("get_field({expr}, '{field}')");
-                }
-                out.push_str(&expr);
-                i = j;
-                continue;
-            }
-        }
-        let ch = sql[i..].chars().next().unwrap_or(' ');
-        out.push(ch);
-        i += ch.len_utf8();
-    }
-    out
 }
 
 /// The transform, as SQL over table `input`.
@@ -334,7 +299,7 @@ impl Stage for Bronze {
                 .clone();
             for i in 0..batch.num_rows() {
                 if reject.is_null(i) {
-                    source_rows.push(row.value(i));
+                    source_rows.push(Some(row.value(i)));
                 } else {
                     let reason = reject.value(i);
                     rejected.push((
@@ -359,6 +324,7 @@ impl Stage for Bronze {
             batch,
             source_rows,
             rejected,
+            side: Vec::new(),
         })
     }
 }

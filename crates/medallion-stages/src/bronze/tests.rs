@@ -8,7 +8,7 @@ use medallion_contracts::columnar::{BatchDecoder, BatchEncoder};
 use medallion_contracts::json::{from_avro_binary, to_framed};
 use medallion_contracts::sample::SampleEvents;
 use medallion_contracts::{Contract, ContractSet};
-use medallion_runtime::worker::{stage_input_schema, with_meta, Stage, StageSetup};
+use medallion_runtime::worker::{stage_input_schema, with_meta, Stage};
 use serde_json::{json, Value as Json};
 
 use super::{reason, Bronze, BronzeConfig};
@@ -47,12 +47,11 @@ async fn fixture() -> Fixture {
     let output_schema = BatchDecoder::new(&bronze.full_name, &bronze.text)
         .expect("bronze decoder")
         .schema();
-    let setup = StageSetup {
-        input_schema: stage_input_schema(&decoder.schema()),
+    let setup = crate::testkit::offline_setup(
+        super::GROUP,
+        stage_input_schema(&decoder.schema()),
         output_schema,
-        input_topic: "connector.data.raw".into(),
-        output_topic: "bronze.data.cleaned".into(),
-    };
+    );
     let stage = Bronze::new(setup, BronzeConfig::default())
         .await
         .expect("plans");

@@ -1,0 +1,725 @@
+//! silver-processor (`bronze.data.cleaned` → `silver.data.processed`, "clean and validate"):
+//! conforms each event to the entity model (`schemas/common/entity.avsc`), applies the
+//! data-quality expectations declared in config, and merges per entity with
+//! latest-`updated_at`-wins (seed 004). An update older than the entity's state is passed on
+//! as `STALE`, never overwrites the state, and is recorded as drift (counter, log line and an
+//! `audit.events` record). The merge state lives in the changelog topic declared in
+//! topic-config.yaml and is restored from it when a partition is assigned.
+
+use std::sync::Arc;
+
+use arrow::array::{
+    Array, ArrayRef, AsArray, ListArray, MapArray, RecordBatch, StringArray, StructArray,
+    TimestampMillisecondArray, UInt32Array,
+};
+use arrow::buffer::OffsetBuffer;
+use arrow::datatypes::{DataType, Field, Fields, Int32Type, Int64Type, Schema, SchemaRef};
+use medallion_runtime::error::{RecordFailure, StageError};
+use medallion_runtime::metrics as m;
+use medallion_runtime::worker::{meta, JsonEncoder, SideRecord, Stage, StageOutput, StageSetup};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::plan::{struct_access, BatchPlan};
+
+mod state;
+#[cfg(test)]
+mod tests;
+
+pub use state::{Change, EntityState, Merge};
+
+/// The consumer group, and so the binary's name.
+pub const GROUP: &str = "silver-processor";
+const AUDIT_TOPIC: &str = "audit.events";
+const ROW: &str = "_row";
+
+/// Rejection reason of an event that maps to no entity.
+pub const NO_ENTITY: &str = "no_entity";
+
+/// What a failed expectation does to its event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Action {
+    /// Count it and pass the event on, naming the expectation in `quality_warnings`.
+    Warn,
+    /// Count it and dead-letter the event with the expectation's name as reason.
+    Drop,
+    /// Stop the worker without committing the batch (alert through metrics and logs).
+    FailBatch,
+}
+
+impl Action {
+    fn as_str(self) -> &'static str {
+        match self {
+            Action::Warn => "warn",
+            Action::Drop => "drop",
+            Action::FailBatch => "fail_batch",
+        }
+    }
+}
+
+/// A data-quality expectation: an SQL boolean over the conformed event. Like an SQL CHECK
+/// constraint, an event fails only when the expression is false (NULL passes).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Expectation {
+    pub name: String,
+    pub expr: String,
+    pub action: Action,
+}
+
+/// silver-processor's own settings (the `stage:` section of its config).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SilverConfig {
+    /// On equal `updated_at`, an update from this source system wins over the current state.
+    pub authoritative_source: String,
+    pub expectations: Vec<Expectation>,
+}
+
+impl Default for SilverConfig {
+    fn default() -> Self {
+        let e = |name: &str, expr: &str, action| Expectation {
+            name: name.into(),
+            expr: expr.into(),
+            action,
+        };
+        Self {
+            // Seed 004: during phase B1 v4 is authoritative.
+            authoritative_source: "v4".into(),
+            expectations: vec![
+                e(
+                    "case_has_owner",
+                    "entity_type <> 'case' OR trim(payload['case_sync']['owner']) <> ''",
+                    Action::Warn,
+                ),
+                e(
+                    "updated_at_not_before_creation",
+                    "entity_type <> 'case' OR payload['case_sync']['updated_at'] >= payload['case_sync']['created_at']",
+                    Action::Drop,
+                ),
+                e(
+                    "release_has_environment",
+                    "entity_type <> 'release' OR trim(payload['release_sync']['endpoint']['environment']) <> ''",
+                    Action::Warn,
+                ),
+            ],
+        }
+    }
+}
+
+/// Canonical entity attributes (seed 004's canonical fields and their siblings), as SQL.
+const ATTRIBUTES: [(&str, &str); 12] = [
+    ("title", "payload['case_sync']['title']"),
+    ("status", "payload['case_sync']['status']"),
+    (
+        "severity",
+        "CAST(payload['case_sync']['severity'] AS VARCHAR)",
+    ),
+    ("owner", "payload['case_sync']['owner']"),
+    ("tlp", "CAST(payload['case_sync']['tlp'] AS VARCHAR)"),
+    (
+        "name",
+        "coalesce(payload['release_sync']['release']['name'], payload['lead_created']['name'])",
+    ),
+    ("version", "payload['release_sync']['release']['version']"),
+    (
+        "projecttype",
+        "payload['release_sync']['release']['projecttype']",
+    ),
+    (
+        "environment",
+        "payload['release_sync']['endpoint']['environment']",
+    ),
+    (
+        "endpoint_type",
+        "payload['release_sync']['endpoint']['endpoint_type']",
+    ),
+    ("lead_source", "payload['lead_created']['source']"),
+    ("assigned_to", "payload['lead_created']['assigned_to']"),
+];
+
+/// The conformance step as SQL over table `input`: the event plus its entity columns.
+fn conform_sql() -> String {
+    let attributes: Vec<String> = ATTRIBUTES
+        .iter()
+        .map(|(name, expr)| format!("{expr} AS \"attr.{name}\""))
+        .collect();
+    format!(
+        r#"SELECT *,
+  CASE WHEN payload['case_sync'] IS NOT NULL THEN 'case'
+       WHEN payload['release_sync'] IS NOT NULL THEN 'release'
+       WHEN payload['lead_created'] IS NOT NULL THEN 'lead' END AS entity_type,
+  CASE WHEN payload['case_sync'] IS NOT NULL THEN payload['case_sync']['case_id']
+       WHEN payload['release_sync'] IS NOT NULL
+         THEN payload['release_sync']['release']['name'] || '@' || payload['release_sync']['release']['version']
+       WHEN payload['lead_created'] IS NOT NULL THEN payload['lead_created']['lead_id'] END AS entity_id,
+  CASE WHEN payload['case_sync'] IS NOT NULL THEN CAST(payload['case_sync']['updated_at'] AS BIGINT)
+       WHEN payload['release_sync'] IS NOT NULL
+         THEN coalesce(CAST(payload['release_sync']['synced_at'] AS BIGINT), CAST(payload['release_sync']['event_time'] AS BIGINT))
+       WHEN payload['lead_created'] IS NOT NULL THEN CAST(payload['lead_created']['created_at'] AS BIGINT) END AS updated_at,
+  payload['source_system'] AS source_system,
+  {attributes}
+FROM input"#,
+        attributes = attributes.join(",\n  ")
+    )
+}
+
+/// The whole transform: conformance, then one boolean column per expectation.
+fn sql(expectations: &[Expectation]) -> String {
+    let checks: Vec<String> = expectations
+        .iter()
+        .enumerate()
+        .map(|(i, e)| format!("coalesce(({}), true) AS \"_exp_{i}\"", e.expr))
+        .collect();
+    let mut select = vec!["*".to_string()];
+    select.extend(checks);
+    struct_access(&format!(
+        "WITH conformed AS ({conform}) SELECT {select} FROM conformed",
+        conform = conform_sql(),
+        select = select.join(", ")
+    ))
+}
+
+/// One expectation alone, without the NULL-passes wrapper, to check that it plans and is boolean.
+fn check_sql(expectation: &Expectation) -> String {
+    struct_access(&format!(
+        "WITH conformed AS ({conform}) SELECT ({expr}) AS \"_check\" FROM conformed",
+        conform = conform_sql(),
+        expr = expectation.expr
+    ))
+}
+
+/// The silver stage.
+pub struct Silver {
+    config: SilverConfig,
+    plan: BatchPlan,
+    plan_input: SchemaRef,
+    output_schema: SchemaRef,
+    merge: Merge,
+    changelog: String,
+    audit: Option<JsonEncoder>,
+    kafka: rdkafka::config::ClientConfig,
+    instance: String,
+}
+
+impl Silver {
+    /// Plans the transform once; an expectation that does not plan is named in the error.
+    pub async fn new(setup: StageSetup, config: SilverConfig) -> Result<Self, String> {
+        let mut fields: Vec<Field> = setup
+            .input_schema
+            .fields()
+            .iter()
+            .map(|f| f.as_ref().clone())
+            .collect();
+        fields.push(Field::new(ROW, DataType::UInt32, false));
+        let plan_input = Arc::new(Schema::new(fields));
+        for (i, expectation) in config.expectations.iter().enumerate() {
+            let mut names = config.expectations[..i].iter().map(|e| &e.name);
+            if expectation.name.trim().is_empty() || names.any(|n| *n == expectation.name) {
+                return Err(format!(
+                    "expectation #{} needs a unique, non-empty name (has `{}`)",
+                    i + 1,
+                    expectation.name
+                ));
+            }
+            let alone = BatchPlan::new(&check_sql(expectation), plan_input.clone())
+                .await
+                .map_err(|e| format!("expectation `{}`: {e}", expectation.name))?;
+            let column = alone.output_schema();
+            let Ok(field) = column.field_with_name("_check") else {
+                return Err(format!(
+                    "expectation `{}` yields no column",
+                    expectation.name
+                ));
+            };
+            if field.data_type() != &DataType::Boolean {
+                return Err(format!(
+                    "expectation `{}` must be a boolean expression, is {}",
+                    expectation.name,
+                    field.data_type()
+                ));
+            }
+        }
+        let plan = BatchPlan::new(&sql(&config.expectations), plan_input.clone())
+            .await
+            .map_err(|e| format!("planning the silver transform: {e}"))?;
+        let changelog = setup
+            .topics
+            .changelog_of(&setup.group)
+            .ok_or_else(|| {
+                format!(
+                    "topic-config.yaml declares no changelog for {}",
+                    setup.group
+                )
+            })?
+            .to_string();
+        let audit = if setup.kafka.get("bootstrap.servers").is_some() {
+            Some(setup.json_encoder(AUDIT_TOPIC).await?)
+        } else {
+            None
+        };
+        Ok(Self {
+            merge: Merge::new(config.authoritative_source.clone()),
+            config,
+            plan,
+            plan_input,
+            output_schema: setup.output_schema,
+            changelog,
+            audit,
+            kafka: setup.kafka.clone(),
+            instance: std::env::var("HOSTNAME").unwrap_or_else(|_| "local".into()),
+        })
+    }
+
+    fn drift_audit(
+        &self,
+        row: &Row<'_>,
+        current: &EntityState,
+        now_ms: i64,
+    ) -> Result<Option<SideRecord>, StageError> {
+        let Some(audit) = &self.audit else {
+            return Ok(None);
+        };
+        let event = json!({
+            "event_id": uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, format!("drift:{}", row.event_id).as_bytes()).to_string(),
+            "event_type": "audit.drift.detected",
+            "event_version": "1.0.0",
+            "timestamp": now_ms,
+            "source": {"service": GROUP, "instance": self.instance},
+            "correlation_id": row.correlation_id,
+            "org_id": row.org_id,
+            "trace_id": row.trace_id,
+            "classification": "internal",
+            "payload": {
+                "action": "drift.detected",
+                "actor": GROUP,
+                "resource_type": row.entity_type,
+                "resource_id": row.entity_id,
+                "outcome": "not_overwritten",
+                "reason": format!(
+                    "incoming updated_at {} from {} is older than the current {} from {}",
+                    row.updated_at, row.source_system, current.updated_at, current.source_system
+                ),
+                "details": {
+                    "event_id": row.event_id,
+                    "incoming_updated_at": row.updated_at.to_string(),
+                    "incoming_source": row.source_system,
+                    "current_updated_at": current.updated_at.to_string(),
+                    "current_source": current.source_system,
+                    "current_event_id": current.event_id,
+                },
+            },
+        });
+        audit.record(&row.org_id.to_string(), &event).map(Some)
+    }
+}
+
+/// The columns of one conformed event that the merge needs.
+struct Row<'a> {
+    event_id: &'a str,
+    correlation_id: &'a str,
+    trace_id: Option<&'a str>,
+    org_id: i64,
+    partition: i32,
+    entity_type: &'a str,
+    entity_id: &'a str,
+    updated_at: i64,
+    source_system: &'a str,
+}
+
+fn column<'a>(batch: &'a RecordBatch, name: &str) -> Result<&'a ArrayRef, StageError> {
+    batch
+        .column_by_name(name)
+        .ok_or_else(|| StageError::Transform(format!("no column {name}")))
+}
+
+fn cast_to(array: &ArrayRef, field: &Field) -> Result<ArrayRef, StageError> {
+    arrow::compute::cast(array, field.data_type())
+        .map_err(|e| StageError::Transform(format!("{}: {e}", field.name())))
+}
+
+/// A struct array of `fields`, each child taken from `child(name)` and cast to its type.
+fn build_struct(
+    fields: &Fields,
+    mut child: impl FnMut(&str) -> Result<ArrayRef, StageError>,
+) -> Result<ArrayRef, StageError> {
+    let columns = fields
+        .iter()
+        .map(|f| cast_to(&child(f.name())?, f))
+        .collect::<Result<Vec<_>, _>>()?;
+    StructArray::try_new(fields.clone(), columns, None)
+        .map(|s| Arc::new(s) as ArrayRef)
+        .map_err(|e| StageError::Transform(e.to_string()))
+}
+
+fn struct_fields(field: &Field) -> Result<&Fields, StageError> {
+    match field.data_type() {
+        DataType::Struct(fields) => Ok(fields),
+        other => Err(StageError::Transform(format!(
+            "{} is {other}, expected a record",
+            field.name()
+        ))),
+    }
+}
+
+/// The symbols of `ChangeKind` in schema order (an Avro enum column carries them all).
+const CHANGE_SYMBOLS: [&str; 4] = ["CREATED", "UPDATED", "DELETED", "STALE"];
+
+/// An Avro enum column: a dictionary whose values are every symbol, in schema order.
+fn enum_column(symbols: &[&str], values: &[&str]) -> Result<ArrayRef, StageError> {
+    let keys = values
+        .iter()
+        .map(|v| {
+            symbols
+                .iter()
+                .position(|s| s == v)
+                .map(|p| p as i32)
+                .ok_or_else(|| StageError::Transform(format!("`{v}` is not one of {symbols:?}")))
+        })
+        .collect::<Result<Vec<i32>, _>>()?;
+    arrow::array::DictionaryArray::<Int32Type>::try_new(
+        arrow::array::Int32Array::from(keys),
+        Arc::new(StringArray::from(symbols.to_vec())),
+    )
+    .map(|a| Arc::new(a) as ArrayRef)
+    .map_err(|e| StageError::Transform(e.to_string()))
+}
+
+/// A map column (`field`'s type) from per-row (key, value) pairs.
+fn build_map(field: &Field, rows: &[Vec<(&'static str, String)>]) -> Result<ArrayRef, StageError> {
+    let DataType::Map(entries, ordered) = field.data_type() else {
+        return Err(StageError::Transform(format!(
+            "{} is not a map",
+            field.name()
+        )));
+    };
+    let entry_fields = struct_fields(entries)?;
+    let keys: Vec<&str> = rows.iter().flatten().map(|(k, _)| *k).collect();
+    let values: Vec<&str> = rows.iter().flatten().map(|(_, v)| v.as_str()).collect();
+    let key_array: ArrayRef = Arc::new(StringArray::from(keys));
+    let value_array: ArrayRef = Arc::new(StringArray::from(values));
+    let struct_array = StructArray::try_new(
+        entry_fields.clone(),
+        vec![
+            cast_to(&key_array, &entry_fields[0])?,
+            cast_to(&value_array, &entry_fields[1])?,
+        ],
+        None,
+    )
+    .map_err(|e| StageError::Transform(e.to_string()))?;
+    let offsets = OffsetBuffer::from_lengths(rows.iter().map(Vec::len));
+    MapArray::try_new(entries.clone(), offsets, struct_array, None, *ordered)
+        .map(|a| Arc::new(a) as ArrayRef)
+        .map_err(|e| StageError::Transform(e.to_string()))
+}
+
+/// A list-of-strings column (`field`'s type) from per-row lists.
+fn build_string_list(field: &Field, rows: &[Vec<String>]) -> Result<ArrayRef, StageError> {
+    let DataType::List(item) = field.data_type() else {
+        return Err(StageError::Transform(format!(
+            "{} is not a list",
+            field.name()
+        )));
+    };
+    let flat: Vec<&str> = rows.iter().flatten().map(String::as_str).collect();
+    let values: ArrayRef = Arc::new(StringArray::from(flat));
+    let offsets = OffsetBuffer::from_lengths(rows.iter().map(Vec::len));
+    ListArray::try_new(item.clone(), offsets, cast_to(&values, item)?, None)
+        .map(|a| Arc::new(a) as ArrayRef)
+        .map_err(|e| StageError::Transform(e.to_string()))
+}
+
+impl Stage for Silver {
+    async fn assign(
+        &mut self,
+        partition: i32,
+        _committed_metadata: Option<String>,
+    ) -> Result<(), StageError> {
+        let kafka = self.kafka_config();
+        let entries = medallion_runtime::changelog::restore(&kafka, &self.changelog, partition)
+            .await
+            .map_err(|e| StageError::Transform(e.to_string()))?;
+        let restored = self.merge.restore(partition, entries);
+        tracing::info!(
+            partition,
+            entities = restored,
+            "silver state restored from changelog"
+        );
+        metrics::gauge!(m::STATE_ENTITIES, "stage" => GROUP).set(self.merge.len() as f64);
+        Ok(())
+    }
+
+    fn revoke(&mut self, partition: i32) {
+        self.merge.drop_partition(partition);
+        metrics::gauge!(m::STATE_ENTITIES, "stage" => GROUP).set(self.merge.len() as f64);
+    }
+
+    async fn process(&mut self, input: RecordBatch) -> Result<StageOutput, StageError> {
+        let rows = input.num_rows() as u32;
+        let mut columns = input.columns().to_vec();
+        columns.push(Arc::new(UInt32Array::from_iter_values(0..rows)));
+        let input = RecordBatch::try_new(self.plan_input.clone(), columns)
+            .map_err(|e| StageError::Transform(e.to_string()))?;
+        let results = self
+            .plan
+            .run(input)
+            .await
+            .map_err(|e| StageError::Transform(e.to_string()))?;
+        let batch = match results.len() {
+            0 => {
+                return Ok(StageOutput::one_to_one(
+                    RecordBatch::new_empty(self.output_schema.clone()),
+                    Vec::new(),
+                ))
+            }
+            1 => results.into_iter().next().unwrap_or_else(|| unreachable!()),
+            _ => arrow::compute::concat_batches(&results[0].schema(), &results)
+                .map_err(|e| StageError::Transform(e.to_string()))?,
+        };
+        self.merge_batch(&batch)
+    }
+}
+
+impl Silver {
+    fn kafka_config(&self) -> rdkafka::config::ClientConfig {
+        self.kafka.clone()
+    }
+
+    fn merge_batch(&mut self, batch: &RecordBatch) -> Result<StageOutput, StageError> {
+        let n = batch.num_rows();
+        let strings = |name: &str| -> Result<StringArray, StageError> {
+            let c = column(batch, name)?;
+            Ok(arrow::compute::cast(c, &DataType::Utf8)
+                .map_err(|e| StageError::Transform(e.to_string()))?
+                .as_string::<i32>()
+                .clone())
+        };
+        let event_id = strings("event_id")?;
+        let correlation_id = strings("correlation_id")?;
+        let trace_id = strings("trace_id")?;
+        let entity_type = strings("entity_type")?;
+        let entity_id = strings("entity_id")?;
+        let source_system = strings("source_system")?;
+        let org_id = column(batch, "org_id")?.as_primitive::<Int64Type>().clone();
+        let updated_at = column(batch, "updated_at")?
+            .as_primitive::<Int64Type>()
+            .clone();
+        let partition = column(batch, meta::PARTITION)?
+            .as_primitive::<Int32Type>()
+            .clone();
+        let now = column(batch, meta::NOW_MS)?
+            .as_primitive::<Int64Type>()
+            .clone();
+        let source_row = column(batch, ROW)?
+            .as_primitive::<arrow::datatypes::UInt32Type>()
+            .clone();
+        let checks: Vec<arrow::array::BooleanArray> = (0..self.config.expectations.len())
+            .map(|i| column(batch, &format!("_exp_{i}")).map(|c| c.as_boolean().clone()))
+            .collect::<Result<_, _>>()?;
+        let attributes: Vec<StringArray> = ATTRIBUTES
+            .iter()
+            .map(|(name, _)| strings(&format!("attr.{name}")))
+            .collect::<Result<_, _>>()?;
+
+        let mut keep = Vec::with_capacity(n);
+        let mut rejected = Vec::new();
+        let mut side = Vec::new();
+        let mut changes = Vec::with_capacity(n);
+        let mut warnings_out = Vec::with_capacity(n);
+        let mut attributes_out = Vec::with_capacity(n);
+        let mut source_rows = Vec::with_capacity(n);
+        let mut entity_source = Vec::with_capacity(n);
+        for i in 0..n {
+            let row_id = source_row.value(i);
+            // Expectations first: they decide whether the event goes on at all.
+            let mut warnings = Vec::new();
+            let mut dropped = None;
+            for (e, check) in self.config.expectations.iter().zip(&checks) {
+                let passed = check.is_null(i) || check.value(i);
+                let result = if passed { "pass" } else { "fail" };
+                metrics::counter!(m::EXPECTATION_RESULTS_TOTAL, "stage" => GROUP, "expectation" => e.name.clone(), "action" => e.action.as_str(), "result" => result).increment(1);
+                if passed {
+                    continue;
+                }
+                match e.action {
+                    Action::Warn => warnings.push(e.name.clone()),
+                    Action::Drop => {
+                        dropped.get_or_insert_with(|| e.name.clone());
+                    }
+                    Action::FailBatch => {
+                        return Err(StageError::Halt(format!(
+                            "expectation `{}` ({}) failed for event {} (org {}); fix the data or the expectation and restart",
+                            e.name,
+                            e.expr,
+                            event_id.value(i),
+                            org_id.value(i)
+                        )));
+                    }
+                }
+            }
+            if let Some(name) = dropped {
+                rejected.push((
+                    row_id,
+                    RecordFailure::poison(name.clone(), format!("failed expectation `{name}`")),
+                ));
+                keep.push(false);
+                continue;
+            }
+            if entity_type.is_null(i) || entity_id.is_null(i) || updated_at.is_null(i) {
+                rejected.push((
+                    row_id,
+                    RecordFailure::poison(
+                        NO_ENTITY,
+                        "the event carries no release, case or lead to conform",
+                    ),
+                ));
+                keep.push(false);
+                continue;
+            }
+            let row = Row {
+                event_id: event_id.value(i),
+                correlation_id: correlation_id.value(i),
+                trace_id: (!trace_id.is_null(i)).then(|| trace_id.value(i)),
+                org_id: org_id.value(i),
+                partition: partition.value(i),
+                entity_type: entity_type.value(i),
+                entity_id: entity_id.value(i),
+                updated_at: updated_at.value(i),
+                source_system: if source_system.is_null(i) {
+                    ""
+                } else {
+                    source_system.value(i)
+                },
+            };
+            let key = state::entity_key(row.org_id, row.entity_type, row.entity_id);
+            let incoming = EntityState {
+                updated_at: row.updated_at,
+                source_system: row.source_system.to_string(),
+                event_id: row.event_id.to_string(),
+                change: Change::Created,
+            };
+            let outcome = self.merge.apply(row.partition, &key, incoming);
+            match &outcome {
+                state::Outcome::Stored(stored) => {
+                    side.push(medallion_runtime::changelog::update(
+                        &self.changelog,
+                        row.partition,
+                        key.as_bytes(),
+                        stored.encode(),
+                    ));
+                }
+                state::Outcome::Stale(current) => {
+                    metrics::counter!(m::DRIFT_TOTAL, "stage" => GROUP, "entity_type" => row.entity_type.to_string()).increment(1);
+                    tracing::warn!(
+                        entity = %key,
+                        event_id = row.event_id,
+                        incoming_updated_at = row.updated_at,
+                        current_updated_at = current.updated_at,
+                        current_source = %current.source_system,
+                        "drift: update older than the current state, not applied"
+                    );
+                    if let Some(record) = self.drift_audit(&row, current, now.value(i))? {
+                        side.push(record);
+                    }
+                }
+                state::Outcome::Replayed(_) => {}
+            }
+            changes.push(outcome.change().as_str());
+            entity_source.push(row.source_system.to_string());
+            warnings_out.push(warnings);
+            attributes_out.push(
+                ATTRIBUTES
+                    .iter()
+                    .zip(&attributes)
+                    .filter(|(_, a)| !a.is_null(i))
+                    .map(|((name, _), a)| (*name, a.value(i).to_string()))
+                    .collect::<Vec<_>>(),
+            );
+            source_rows.push(Some(row_id));
+            keep.push(true);
+        }
+        metrics::gauge!(m::STATE_ENTITIES, "stage" => GROUP).set(self.merge.len() as f64);
+
+        let kept =
+            arrow::compute::filter_record_batch(batch, &arrow::array::BooleanArray::from(keep))
+                .map_err(|e| StageError::Transform(e.to_string()))?;
+        let payload_field = self
+            .output_schema
+            .field_with_name("payload")
+            .map_err(|e| StageError::Transform(e.to_string()))?;
+        let payload_fields = struct_fields(payload_field)?;
+        let in_payload = column(&kept, "payload")?.as_struct().clone();
+        let silver_ids: Vec<String> = column(&kept, "event_id")?
+            .as_string::<i32>()
+            .iter()
+            .map(|id| {
+                let id = id.unwrap_or_default();
+                uuid::Uuid::new_v5(
+                    &uuid::Uuid::NAMESPACE_OID,
+                    format!("silver:{id}").as_bytes(),
+                )
+                .to_string()
+            })
+            .collect();
+        let payload = build_struct(payload_fields, |name| match name {
+            "entity" => {
+                let field = payload_fields
+                    .find("entity")
+                    .map(|(_, f)| f.clone())
+                    .ok_or_else(|| StageError::Transform("no payload.entity".into()))?;
+                build_struct(struct_fields(&field)?, |child| match child {
+                    "updated_at" => Ok(Arc::new(TimestampMillisecondArray::from(
+                        column(&kept, "updated_at")?
+                            .as_primitive::<Int64Type>()
+                            .values()
+                            .to_vec(),
+                    )) as ArrayRef),
+                    "source_system" => {
+                        Ok(Arc::new(StringArray::from(entity_source.clone())) as ArrayRef)
+                    }
+                    other => column(&kept, other).cloned(),
+                })
+            }
+            "change" => enum_column(&CHANGE_SYMBOLS, &changes),
+            "attributes" => {
+                let (_, field) = payload_fields
+                    .find("attributes")
+                    .ok_or_else(|| StageError::Transform("no payload.attributes".into()))?;
+                build_map(field, &attributes_out)
+            }
+            "quality_warnings" => {
+                let (_, field) = payload_fields
+                    .find("quality_warnings")
+                    .ok_or_else(|| StageError::Transform("no payload.quality_warnings".into()))?;
+                build_string_list(field, &warnings_out)
+            }
+            "measurements" => in_payload
+                .column_by_name("measurements")
+                .cloned()
+                .ok_or_else(|| StageError::Transform("no input payload.measurements".into())),
+            "bronze_event_id" => column(&kept, "event_id").cloned(),
+            other => Err(StageError::Transform(format!(
+                "unknown payload field {other}"
+            ))),
+        })?;
+        let out_columns = self
+            .output_schema
+            .fields()
+            .iter()
+            .map(|f| match f.name().as_str() {
+                "payload" => Ok(payload.clone()),
+                "event_id" => Ok(Arc::new(StringArray::from(silver_ids.clone())) as ArrayRef),
+                name => cast_to(column(&kept, name)?, f),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let out = RecordBatch::try_new(self.output_schema.clone(), out_columns)
+            .map_err(|e| StageError::Transform(e.to_string()))?;
+        Ok(StageOutput {
+            batch: out,
+            source_rows,
+            rejected,
+            side,
+        })
+    }
+}

@@ -1,0 +1,199 @@
+//! Merge rules (the broker tests in `tests/` cover the stage end to end).
+
+use super::state::{entity_key, Change, EntityState, Merge, Outcome};
+
+fn event(id: &str, updated_at: i64, source: &str) -> EntityState {
+    EntityState {
+        updated_at,
+        source_system: source.into(),
+        event_id: id.into(),
+        change: Change::Created,
+    }
+}
+
+#[test]
+fn latest_updated_at_wins_and_older_updates_are_stale() {
+    let mut merge = Merge::new("v4".into());
+    let key = entity_key(7, "case", "CASE-1");
+    assert_eq!(
+        merge.apply(0, &key, event("a", 100, "v5")).change(),
+        Change::Created
+    );
+    assert_eq!(
+        merge.apply(0, &key, event("b", 200, "v5")).change(),
+        Change::Updated
+    );
+    match merge.apply(0, &key, event("c", 150, "v4")) {
+        Outcome::Stale(current) => assert_eq!(current.event_id, "b"),
+        other => panic!("expected stale, got {other:?}"),
+    }
+    // The stale update did not overwrite: a newer one still compares against b.
+    assert_eq!(
+        merge.apply(0, &key, event("d", 201, "v5")).change(),
+        Change::Updated
+    );
+}
+
+#[test]
+fn ties_go_to_the_authoritative_source() {
+    let mut merge = Merge::new("v4".into());
+    let key = entity_key(7, "case", "CASE-2");
+    merge.apply(0, &key, event("a", 100, "v4"));
+    assert_eq!(
+        merge.apply(0, &key, event("b", 100, "v5")).change(),
+        Change::Stale
+    );
+    let other = entity_key(7, "case", "CASE-3");
+    merge.apply(0, &other, event("c", 100, "v5"));
+    assert_eq!(
+        merge.apply(0, &other, event("d", 100, "v4")).change(),
+        Change::Updated
+    );
+}
+
+#[test]
+fn a_redelivered_event_gets_its_first_decision_and_state_round_trips() {
+    let mut merge = Merge::new("v4".into());
+    let key = entity_key(1, "lead", "l-1");
+    let first = merge.apply(3, &key, event("a", 100, "crm"));
+    let Outcome::Stored(stored) = first else {
+        panic!("stored")
+    };
+    let mut restored = Merge::new("v4".into());
+    restored.restore(
+        3,
+        [(key.clone().into_bytes(), stored.encode())]
+            .into_iter()
+            .collect(),
+    );
+    assert_eq!(restored.len(), 1);
+    assert_eq!(
+        restored.apply(3, &key, event("a", 100, "crm")),
+        Outcome::Replayed(stored)
+    );
+}
+
+mod stage {
+    use medallion_runtime::worker::Stage;
+    use serde_json::{json, Value as Json};
+
+    use crate::silver::{Action, Expectation, Silver, SilverConfig, GROUP};
+    use crate::testkit::{arrow_schema, contract, input_batch, offline_setup, output_json};
+
+    const NOW: i64 = 1_735_207_200_000;
+
+    fn case(id: &str, org: i64, case_id: &str, updated_at: i64, source: &str, owner: &str) -> Json {
+        json!({
+            "event_id": id, "event_type": "case.sync.v1", "event_version": "1.0.0",
+            "timestamp": NOW, "source": {"service": "case-sync", "instance": "i-1"},
+            "correlation_id": "corr-1", "org_id": org, "trace_id": "trace-1",
+            "classification": "internal",
+            "payload": {
+                "connector_id": "c-1", "source_system": source,
+                "release_sync": null, "lead_created": null,
+                "case_sync": {
+                    "case_id": case_id, "title": "Broken build", "description": null,
+                    "severity": 3, "status": "Open", "owner": owner, "flag": false,
+                    "tlp": 1, "pap": 1, "created_at": 1_000, "updated_at": updated_at,
+                    "custom_fields": {}
+                },
+                "measurements": [{"name": "case.severity", "value": 3.0, "unit": null}],
+                "attributes": {}, "raw_topic": "connector.data.raw", "raw_partition": 0,
+                "raw_offset": 1, "cleaned_at": NOW
+            }
+        })
+    }
+
+    async fn silver(config: SilverConfig) -> Result<Silver, String> {
+        let bronze = contract("bronze/data-cleaned.avsc");
+        let (_, input_schema) = input_batch(&bronze, &[case("e0", 1, "C", 2, "v4", "o")], 0, NOW);
+        let output_schema = arrow_schema(&contract("silver/data-processed.avsc"));
+        Silver::new(offline_setup(GROUP, input_schema, output_schema), config).await
+    }
+
+    #[tokio::test]
+    async fn conforms_merges_and_applies_expectations() {
+        let mut stage = silver(SilverConfig::default()).await.expect("plans");
+        let events = [
+            case("e1", 7, "CASE-1", 2_000, "v5", "alice"),
+            case("e2", 7, "CASE-1", 3_000, "v5", ""),
+            case("e3", 7, "CASE-1", 2_500, "v4", "bob"),
+            // updated before it was created: dropped by `updated_at_not_before_creation`.
+            case("e4", 7, "CASE-2", 500, "v4", "carol"),
+        ];
+        let (batch, _) = input_batch(&contract("bronze/data-cleaned.avsc"), &events, 0, NOW);
+        let out = stage.process(batch).await.expect("processes");
+        let reasons: Vec<(u32, String)> = out
+            .rejected
+            .iter()
+            .map(|(r, f)| (*r, f.reason.clone()))
+            .collect();
+        assert_eq!(
+            reasons,
+            vec![(3, "updated_at_not_before_creation".to_string())]
+        );
+        assert_eq!(out.source_rows, vec![Some(0), Some(1), Some(2)]);
+        let rows = output_json(&contract("silver/data-processed.avsc"), &out.batch);
+        let changes: Vec<&str> = rows
+            .iter()
+            .map(|r| r["payload"]["change"].as_str().unwrap_or(""))
+            .collect();
+        assert_eq!(changes, ["CREATED", "UPDATED", "STALE"]);
+        assert_eq!(
+            rows[0]["payload"]["entity"],
+            json!({
+                "entity_type": "case", "entity_id": "CASE-1", "org_id": 7,
+                "source_system": "v5", "updated_at": 2_000
+            })
+        );
+        assert_eq!(rows[0]["payload"]["attributes"]["status"], "Open");
+        assert_eq!(rows[0]["payload"]["attributes"]["severity"], "3");
+        assert_eq!(rows[0]["payload"]["bronze_event_id"], "e1");
+        assert_ne!(rows[0]["event_id"], "e1");
+        assert_eq!(
+            rows[1]["payload"]["quality_warnings"],
+            json!(["case_has_owner"])
+        );
+        assert_eq!(rows[0]["payload"]["quality_warnings"], json!([]));
+        assert_eq!(
+            rows[2]["payload"]["measurements"][0]["name"],
+            "case.severity"
+        );
+        // Two state writes (CREATED, UPDATED); the stale update wrote nothing.
+        let changelog: Vec<_> = out.side.iter().filter(|s| s.partition == Some(0)).collect();
+        assert_eq!(changelog.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn fail_batch_halts_and_a_bad_expression_is_named() {
+        let halting = SilverConfig {
+            expectations: vec![Expectation {
+                name: "org_allowed".into(),
+                expr: "org_id <> 13".into(),
+                action: Action::FailBatch,
+            }],
+            ..SilverConfig::default()
+        };
+        let mut stage = silver(halting).await.expect("plans");
+        let events = [case("e1", 13, "CASE-1", 2_000, "v5", "alice")];
+        let (batch, _) = input_batch(&contract("bronze/data-cleaned.avsc"), &events, 0, NOW);
+        let err = stage.process(batch).await.expect_err("halts");
+        assert!(err.to_string().contains("org_allowed"), "{err}");
+
+        for (expr, needle) in [
+            ("no_such_column > 1", "no_such_column"),
+            ("org_id + 1", "boolean"),
+        ] {
+            let bad = SilverConfig {
+                expectations: vec![Expectation {
+                    name: "broken_rule".into(),
+                    expr: expr.into(),
+                    action: Action::Warn,
+                }],
+                ..SilverConfig::default()
+            };
+            let err = silver(bad).await.err().expect("rejected");
+            assert!(err.contains("broken_rule") && err.contains(needle), "{err}");
+        }
+    }
+}
