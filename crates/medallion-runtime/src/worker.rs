@@ -165,6 +165,17 @@ pub struct JsonEncoder {
 }
 
 impl JsonEncoder {
+    /// An encoder for schema `id` already registered (or a test's fixed id).
+    pub fn new(topic: &str, schema_text: &str, id: u32) -> Result<Self, String> {
+        let schema = apache_avro::Schema::parse_str(schema_text)
+            .map_err(|e| format!("schema of {topic}: {e}"))?;
+        Ok(Self {
+            topic: topic.to_string(),
+            schema,
+            id,
+        })
+    }
+
     pub fn topic(&self) -> &str {
         &self.topic
     }

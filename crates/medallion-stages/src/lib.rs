@@ -2,6 +2,7 @@
 //! transform; tests inline) and a thin binary in `src/bin/`; the shared runtime does the rest.
 
 pub mod bronze;
+pub mod gold;
 pub mod main_support;
 pub mod plan;
 pub mod silver;

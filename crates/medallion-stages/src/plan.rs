@@ -30,7 +30,8 @@ impl PartitionStream for Slot {
     }
 
     fn execute(&self, _ctx: Arc<TaskContext>) -> SendableRecordBatchStream {
-        let batch = self.next.lock().ok().and_then(|mut slot| slot.take());
+        // Cloned, not taken: a plan may scan `input` more than once (a CTE used twice).
+        let batch = self.next.lock().ok().and_then(|slot| slot.clone());
         let stream = futures::stream::iter(batch.map(Ok));
         Box::pin(RecordBatchStreamAdapter::new(self.schema.clone(), stream))
     }
@@ -92,7 +93,11 @@ impl BatchPlan {
             .lock()
             .map_err(|_| DataFusionError::Execution("input slot poisoned".into()))? = Some(batch);
         let plan = reset_plan_states(self.plan.clone())?;
-        collect(plan, self.task.clone()).await
+        let result = collect(plan, self.task.clone()).await;
+        if let Ok(mut slot) = self.next.lock() {
+            *slot = None;
+        }
+        result
     }
 }
 

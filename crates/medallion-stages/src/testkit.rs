@@ -30,11 +30,12 @@ pub fn offline_setup(group: &str, input_schema: SchemaRef, output_schema: Schema
 }
 
 /// Frames JSON events of `contract` (schema id 1), decodes them and adds the meta columns
-/// (key = org_id, partition `partition`, offsets from 0, processing time `now_ms`).
+/// (key = org_id, partition `partition`, offsets from `first_offset`, processing time `now_ms`).
 pub fn input_batch(
     contract: &medallion_contracts::Contract,
     events: &[serde_json::Value],
     partition: i32,
+    first_offset: i64,
     now_ms: i64,
 ) -> (arrow::array::RecordBatch, SchemaRef) {
     use medallion_contracts::columnar::BatchDecoder;
@@ -58,7 +59,7 @@ pub fn input_batch(
             .map(|e| Some(e["org_id"].to_string()))
             .collect(),
         vec![partition; n],
-        (0..n as i64).collect(),
+        (first_offset..first_offset + n as i64).collect(),
         now_ms,
     )
     .expect("meta");

@@ -106,7 +106,8 @@ mod stage {
 
     async fn silver(config: SilverConfig) -> Result<Silver, String> {
         let bronze = contract("bronze/data-cleaned.avsc");
-        let (_, input_schema) = input_batch(&bronze, &[case("e0", 1, "C", 2, "v4", "o")], 0, NOW);
+        let (_, input_schema) =
+            input_batch(&bronze, &[case("e0", 1, "C", 2, "v4", "o")], 0, 0, NOW);
         let output_schema = arrow_schema(&contract("silver/data-processed.avsc"));
         Silver::new(offline_setup(GROUP, input_schema, output_schema), config).await
     }
@@ -121,7 +122,7 @@ mod stage {
             // updated before it was created: dropped by `updated_at_not_before_creation`.
             case("e4", 7, "CASE-2", 500, "v4", "carol"),
         ];
-        let (batch, _) = input_batch(&contract("bronze/data-cleaned.avsc"), &events, 0, NOW);
+        let (batch, _) = input_batch(&contract("bronze/data-cleaned.avsc"), &events, 0, 0, NOW);
         let out = stage.process(batch).await.expect("processes");
         let reasons: Vec<(u32, String)> = out
             .rejected
@@ -176,7 +177,7 @@ mod stage {
         };
         let mut stage = silver(halting).await.expect("plans");
         let events = [case("e1", 13, "CASE-1", 2_000, "v5", "alice")];
-        let (batch, _) = input_batch(&contract("bronze/data-cleaned.avsc"), &events, 0, NOW);
+        let (batch, _) = input_batch(&contract("bronze/data-cleaned.avsc"), &events, 0, 0, NOW);
         let err = stage.process(batch).await.expect_err("halts");
         assert!(err.to_string().contains("org_allowed"), "{err}");
 
