@@ -116,6 +116,8 @@ pub struct SideRecord {
 #[derive(Debug, Clone)]
 pub struct StageSetup {
     pub group: String,
+    /// Where `schemas/`, `topic-config.yaml` and other shipped files live.
+    pub home: std::path::PathBuf,
     pub contracts: ContractSet,
     pub topics: TopicConfig,
     pub registry: Arc<RegistryClient>,
@@ -510,6 +512,7 @@ where
     let input_schema = stage_input_schema(&decoder.schema());
     let stage = make_stage(StageSetup {
         group: group.to_string(),
+        home: home.clone(),
         contracts: contracts.clone(),
         topics: topics.clone(),
         registry: registry.clone(),

@@ -5,6 +5,7 @@ pub mod bronze;
 pub mod gold;
 pub mod main_support;
 pub mod plan;
+pub mod rules;
 pub mod silver;
 
 #[cfg(test)]

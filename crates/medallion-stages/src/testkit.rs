@@ -16,6 +16,7 @@ pub fn offline_setup(group: &str, input_schema: SchemaRef, output_schema: Schema
     let spec = topics.consumer_groups.get(group).expect("group").clone();
     StageSetup {
         group: group.to_string(),
+        home: root.clone(),
         contracts: ContractSet::load(&root.join("schemas")).expect("schemas"),
         registry: Arc::new(
             RegistryClient::new("http://127.0.0.1:9", Duration::from_millis(100)).expect("client"),
