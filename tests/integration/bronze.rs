@@ -35,6 +35,10 @@ pub struct Pipeline {
     pub bronze: Contract,
     pub raw_id: u32,
     pub producer: FutureProducer,
+    pub contracts: medallion_contracts::ContractSet,
+    pub topics: medallion_contracts::TopicConfig,
+    /// Registered schema id by topic.
+    pub ids: HashMap<String, u32>,
 }
 
 impl Pipeline {
@@ -62,6 +66,9 @@ impl Pipeline {
                 .expect("bronze")
                 .clone(),
             raw_id: ids[RAW],
+            ids: ids.into_iter().collect(),
+            contracts,
+            topics,
             broker,
             registry,
             producer,
@@ -71,6 +78,47 @@ impl Pipeline {
     pub fn worker(&self, env: &[(&str, String)]) -> WorkerProcess {
         WorkerProcess::start(BIN, &self.broker.address, &self.registry.address, env)
             .expect("worker starts")
+    }
+
+    /// A worker process of another stage binary.
+    pub fn worker_of(&self, binary: &str, env: &[(&str, String)]) -> WorkerProcess {
+        WorkerProcess::start(binary, &self.broker.address, &self.registry.address, env)
+            .expect("worker starts")
+    }
+
+    /// The contract of `topic`.
+    pub fn contract(&self, topic: &str) -> &Contract {
+        let spec = self.topics.topic(topic).expect("declared topic");
+        self.contracts.get(&spec.schema).expect("contract")
+    }
+
+    /// Frames `event` with `topic`'s registered schema and produces it keyed by its org.
+    pub async fn publish(&self, topic: &str, event: &Json) {
+        let value =
+            to_framed(event, &self.contract(topic).schema, self.ids[topic]).expect("frames");
+        self.producer
+            .send(
+                FutureRecord::to(topic)
+                    .key(&event["org_id"].to_string())
+                    .payload(&value),
+                Duration::from_secs(10),
+            )
+            .await
+            .map_err(|(e, _)| e)
+            .expect("delivered");
+    }
+
+    /// Decodes records of `topic` to JSON.
+    pub fn decode(&self, topic: &str, messages: &[OwnedMessage]) -> Vec<Json> {
+        let contract = self.contract(topic);
+        messages
+            .iter()
+            .map(|m| {
+                let payload = m.payload().expect("payload");
+                from_avro_binary(&payload[5..], &contract.schema, &contract.schema)
+                    .expect("record of the topic's schema")
+            })
+            .collect()
     }
 
     pub fn frame(&self, event: &Json) -> Vec<u8> {

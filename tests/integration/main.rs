@@ -3,3 +3,4 @@
 
 mod bronze;
 mod contracts;
+mod stages;

@@ -53,12 +53,13 @@ fn restore_blocking(
         .clone()
         .set("group.id", format!("{topic}.restore"))
         .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "false")
+        .set("enable.partition.eof", "true")
         .create()
         .map_err(|e| error(e.to_string()))?;
     let (low, high) = consumer
         .fetch_watermarks(topic, partition, Duration::from_secs(30))
         .map_err(|e| error(e.to_string()))?;
+    tracing::debug!(topic, partition, low, high, "restoring changelog");
     let mut state = HashMap::new();
     if high <= low {
         return Ok(state);
@@ -75,7 +76,11 @@ fn restore_blocking(
         let Some(message) = consumer.poll(Duration::from_millis(500)) else {
             continue;
         };
-        let message = message.map_err(|e| error(e.to_string()))?;
+        // The end of the partition as of now: everything written before is in `state`.
+        let message = match message {
+            Err(rdkafka::error::KafkaError::PartitionEOF(_)) => return Ok(state),
+            other => other.map_err(|e| error(e.to_string()))?,
+        };
         if let Some(key) = message.key() {
             match message.payload() {
                 Some(value) if !value.is_empty() => {
@@ -85,9 +90,6 @@ fn restore_blocking(
                     state.remove(key);
                 }
             }
-        }
-        if message.offset() + 1 >= high {
-            return Ok(state);
         }
     }
 }
