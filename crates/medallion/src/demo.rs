@@ -1,7 +1,8 @@
 //! The local mode: an embedded broker (librdkafka's mock cluster) and an embedded Confluent-
 //! compatible registry in one process; contracts registered, topics created from
 //! topic-config.yaml, a realistic connector stream produced (several orgs, the seed 000, 001 and
-//! 004 feeds, ~1% malformed, some duplicates) and run through bronze-processor in process.
+//! 004 feeds, ~1% malformed, some duplicates) and run through bronze, silver, gold and the rule
+//! evaluator in process.
 
 use std::io::Write as _;
 use std::net::SocketAddr;
@@ -15,12 +16,18 @@ use medallion_contracts::sample::{SampleEvents, SplitMix};
 use medallion_contracts::{json, ContractSet, TopicConfig};
 use medallion_runtime::config::WorkerConfig;
 use medallion_runtime::http::Health;
-use medallion_runtime::worker::prepare;
+use medallion_runtime::worker::{prepare, Progress, RunTotals, Stage, StageSetup};
 use medallion_stages::bronze::{self, Bronze, BronzeConfig};
+use medallion_stages::gold::{self, Gold, GoldConfig};
+use medallion_stages::rules::{self, Rules, RulesConfig};
+use medallion_stages::silver::{self, Silver, SilverConfig};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
 use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
 
 const RAW_TOPIC: &str = "connector.data.raw";
 
@@ -142,54 +149,77 @@ pub async fn run(home: &Path, args: DemoArgs) -> anyhow::Result<ExitCode> {
         ids.len()
     );
 
-    // bronze-processor, in process, with the same runtime the worker binary uses.
-    let mut config: WorkerConfig<BronzeConfig> = WorkerConfig::default();
-    config.kafka.bootstrap = bootstrap.clone();
-    config.registry.url = registry_url.clone();
-    config.http.listen = SocketAddr::from(([127, 0, 0, 1], 0));
-    config.contracts.home = Some(home.to_path_buf());
-    let health = Health::new();
+    // The stage workers, in process, with the same runtime the worker binaries use.
     let metrics = medallion_runtime::metrics::install();
-    let http = medallion_runtime::http::serve(config.http.listen, health.clone(), metrics).await?;
-    println!("  bronze    /metrics /healthz /readyz on http://{http}");
-    let worker = prepare(&config, bronze::GROUP, health, |setup| {
-        Bronze::new(setup, config.stage.clone())
-    })
+    let health = Health::new();
+    let http = medallion_runtime::http::serve(
+        SocketAddr::from(([127, 0, 0, 1], 0)),
+        health.clone(),
+        metrics.clone(),
+    )
     .await?;
-    let progress = worker.progress();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let worker_config = config.clone();
-    let running = tokio::spawn(async move {
-        worker
-            .run(&worker_config, async {
-                let _ = stopped.await;
-            })
-            .await
-    });
+    println!("  metrics   http://{http}/metrics (all stages)");
+    let base = Base {
+        home: home.to_path_buf(),
+        bootstrap: bootstrap.clone(),
+        registry: registry_url.clone(),
+        health,
+    };
+    let bronze = base
+        .spawn(bronze::GROUP, |setup, c: BronzeConfig| {
+            Bronze::new(setup, c)
+        })
+        .await?;
+    let silver = base
+        .spawn(silver::GROUP, |setup, c: SilverConfig| {
+            Silver::new(setup, c)
+        })
+        .await?;
+    let gold = base
+        .spawn(gold::GROUP, |setup, c: GoldConfig| Gold::new(setup, c))
+        .await?;
+    let rules = base
+        .spawn(rules::GROUP, |setup, c: RulesConfig| Rules::new(setup, c))
+        .await?;
+    let stages = [&bronze, &silver, &gold, &rules];
 
     let producer = medallion_runtime::kafka::producer(&bootstrap)?;
     let started = Instant::now();
     let work = async {
         let produced = produce_stream(&producer, &raw, raw_id, &args).await?;
         let mut last = Instant::now();
+        let mut settled_at: Option<Instant> = None;
         loop {
-            let consumed = progress.consumed.load(Relaxed);
-            if last.elapsed() > Duration::from_millis(250) || consumed >= produced.total {
+            // Done when every stage has consumed everything its upstream wrote, for a while.
+            let mut upstream = produced.total;
+            let mut settled = true;
+            for stage in &stages {
+                settled &= stage.progress.consumed.load(Relaxed) >= upstream;
+                upstream = stage.progress.produced.load(Relaxed);
+            }
+            if last.elapsed() > Duration::from_millis(250) {
                 last = Instant::now();
                 print!(
-                    "\r  progress  {consumed} / {} consumed, {} to bronze, {} dead-lettered, {} duplicates dropped   ",
+                    "\r  progress  raw {} | bronze {} -> {} | silver {} -> {} | gold {} -> {} windows | alerts {}   ",
                     produced.total,
-                    progress.produced.load(Relaxed),
-                    progress.dead_lettered.load(Relaxed),
-                    progress.duplicates.load(Relaxed),
+                    bronze.progress.consumed.load(Relaxed),
+                    bronze.progress.produced.load(Relaxed),
+                    silver.progress.consumed.load(Relaxed),
+                    silver.progress.produced.load(Relaxed),
+                    gold.progress.consumed.load(Relaxed),
+                    gold.progress.produced.load(Relaxed),
+                    rules.progress.produced.load(Relaxed),
                 );
                 let _ = std::io::stdout().flush();
             }
-            if consumed >= produced.total {
-                break;
+            match (settled, settled_at) {
+                (true, Some(at)) if at.elapsed() > Duration::from_secs(2) => break,
+                (true, None) => settled_at = Some(Instant::now()),
+                (false, _) => settled_at = None,
+                _ => {}
             }
-            if started.elapsed() > Duration::from_secs(300) {
-                bail!("bronze did not finish within 300 s");
+            if started.elapsed() > Duration::from_secs(600) {
+                bail!("the pipeline did not drain within 600 s");
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -201,44 +231,170 @@ pub async fn run(home: &Path, args: DemoArgs) -> anyhow::Result<ExitCode> {
     };
     let elapsed = started.elapsed().as_secs_f64();
     drop(producer);
-    let _ = stop.send(());
-    let totals = running.await.context("bronze worker task")??;
+    let mut totals = Vec::new();
+    for stage in [bronze, silver, gold, rules] {
+        totals.push(stage.stop().await?);
+    }
+    // Let the stopped workers' background clients close while the embedded broker still runs.
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let Some(produced) = outcome else {
-        println!(
-            "\ninterrupted: stopped cleanly after {} events",
-            totals.consumed
-        );
+        println!("\ninterrupted: every stage stopped cleanly and committed");
         return Ok(ExitCode::from(130));
     };
+    let [bronze, silver, gold, rules] = &totals[..] else {
+        bail!("four stages expected");
+    };
+    let scrape = metrics.render();
     println!();
-    println!("summary");
+    println!(
+        "summary ({elapsed:.1} s, {:.0} raw events/s end to end)",
+        produced.total as f64 / elapsed
+    );
     println!(
         "  produced          {} events to {RAW_TOPIC} ({} malformed, {} redelivered duplicates)",
         produced.total, produced.malformed, produced.duplicates
     );
+    let layer = |name: &str, t: &RunTotals, out: &str| {
+        let dead: u64 = t.dead_lettered.values().sum();
+        println!(
+            "  {name:<8} in {:>7}  out {:>7} {out:<9} dlq {:>5}  duplicates {:>4}",
+            t.consumed, t.produced, dead, t.duplicates
+        );
+        for (reason, n) in &t.dead_lettered {
+            println!("    dlq {reason:<34} {n}");
+        }
+    };
+    layer("bronze", bronze, "events");
+    layer("silver", silver, "events");
+    layer("gold", gold, "windows");
+    layer("rules", rules, "alerts");
+    let failed: Vec<(String, f64)> = series(
+        &scrape,
+        medallion_runtime::metrics::EXPECTATION_RESULTS_TOTAL,
+    )
+    .into_iter()
+    .filter(|(labels, _)| labels.contains("result=\"fail\""))
+    .collect();
     println!(
-        "  bronze in         {} records in {elapsed:.2} s ({:.0} events/s)",
-        totals.consumed,
-        totals.consumed as f64 / elapsed
+        "  expectation failures (silver): {}",
+        if failed.is_empty() { "none" } else { "" }
     );
-    println!(
-        "  bronze out        {} records to bronze.data.cleaned",
-        totals.produced
-    );
-    println!(
-        "  duplicates        {} dropped by event_id dedup",
-        totals.duplicates
-    );
-    let dead: u64 = totals.dead_lettered.values().sum();
-    println!("  dead-lettered     {dead} to {RAW_TOPIC}.dlq");
-    for (reason, n) in &totals.dead_lettered {
-        println!("    {reason:<24} {n}");
+    for (labels, n) in failed {
+        println!(
+            "    {:<36} {:<10} {n}",
+            label(&labels, "expectation"),
+            label(&labels, "action")
+        );
     }
-    let accounted = totals.produced + totals.duplicates + dead;
-    if accounted != totals.consumed {
-        bail!("{accounted} of {} records accounted for", totals.consumed);
+    let total = |name: &str| -> u64 { series(&scrape, name).iter().map(|(_, v)| *v as u64).sum() };
+    let drift = total(medallion_runtime::metrics::DRIFT_TOTAL);
+    println!("  drift             {drift} stale updates kept out of entity state (audited on audit.events)");
+    let late = total(medallion_runtime::metrics::LATE_EVENTS_TOTAL);
+    let open = total(medallion_runtime::metrics::OPEN_WINDOWS);
+    println!("  late events       {late} (dead-lettered); {open} windows still open at the end of the stream");
+    println!("  alerts fired");
+    for (labels, n) in series(&scrape, medallion_runtime::metrics::ALERTS_TOTAL) {
+        println!(
+            "    {:<28} {:<9} {n}",
+            label(&labels, "rule"),
+            label(&labels, "severity")
+        );
+    }
+    for (name, t) in [
+        ("bronze", bronze),
+        ("silver", silver),
+        ("gold", gold),
+        ("rules", rules),
+    ] {
+        let dead: u64 = t.dead_lettered.values().sum();
+        if name == "bronze" && t.produced + t.duplicates + dead != t.consumed {
+            bail!(
+                "bronze: {} of {} records accounted for",
+                t.produced + t.duplicates + dead,
+                t.consumed
+            );
+        }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The samples of metric `name` in a Prometheus text scrape: (labels, value).
+fn series(scrape: &str, name: &str) -> Vec<(String, f64)> {
+    scrape
+        .lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .filter_map(|l| {
+            let (head, value) = l.rsplit_once(' ')?;
+            Some((head[name.len()..].to_string(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+/// The value of `key` in a `{k="v",...}` label set.
+fn label(labels: &str, key: &str) -> String {
+    let needle = format!("{key}=\"");
+    labels
+        .split_once(&needle)
+        .and_then(|(_, rest)| rest.split_once('"'))
+        .map(|(v, _)| v.to_string())
+        .unwrap_or_default()
+}
+
+/// Where every in-process worker connects.
+struct Base {
+    home: std::path::PathBuf,
+    bootstrap: String,
+    registry: String,
+    health: Arc<Health>,
+}
+
+/// A worker running in a task.
+struct Running {
+    progress: Arc<Progress>,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Result<RunTotals, medallion_runtime::worker::WorkerError>>,
+}
+
+impl Running {
+    async fn stop(self) -> anyhow::Result<RunTotals> {
+        let _ = self.stop.send(());
+        Ok(self.task.await.context("worker task")??)
+    }
+}
+
+impl Base {
+    async fn spawn<S, C, F, Fut>(&self, group: &str, make: F) -> anyhow::Result<Running>
+    where
+        S: Stage + Sync,
+        C: Default + Serialize + DeserializeOwned + Clone + Send + Sync + 'static,
+        F: FnOnce(StageSetup, C) -> Fut,
+        Fut: std::future::Future<Output = Result<S, String>>,
+    {
+        let mut config: WorkerConfig<C> = WorkerConfig::default();
+        config.kafka.bootstrap = self.bootstrap.clone();
+        config.registry.url = self.registry.clone();
+        config.contracts.home = Some(self.home.clone());
+        let stage_config = config.stage.clone();
+        let worker = prepare(&config, group, self.health.clone(), |setup| {
+            make(setup, stage_config)
+        })
+        .await
+        .with_context(|| format!("starting {group}"))?;
+        let progress = worker.progress();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            worker
+                .run(&config, async {
+                    let _ = stopped.await;
+                })
+                .await
+        });
+        Ok(Running {
+            progress,
+            stop,
+            task,
+        })
+    }
 }
 
 struct Produced {

@@ -138,10 +138,16 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // The local mode prints its own progress and summary (drift, late events and dead letters
+    // included): per-record warnings would only bury them. RUST_LOG still wins.
+    let default_filter = match cli.command {
+        Command::Demo(_) => "error,librdkafka=off,rdkafka=off",
+        _ => "warn",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
         )
         .with_writer(std::io::stderr)
         .init();
