@@ -1,8 +1,10 @@
 //! Replay benchmark: ≥ 1M Confluent-framed connector events through bronze-processor on a
 //! real broker, side by side with a bare consume→produce passthrough of the same bytes in the
-//! same run. Reports events/s, CPU seconds of the worker process, events per CPU-second and
-//! peak RSS. Targets (issue "stage runtime"): bronze ≥ 0.8× passthrough events/s, ≥ 200k
-//! events per CPU-second, peak RSS < 256 MiB.
+//! same run; then bronze's output through silver-processor and silver's through
+//! gold-processor, each as its own process. Reports events/s, CPU seconds of the worker
+//! process, events per CPU-second and peak RSS. Targets (issue "stage runtime"): bronze ≥ 0.8×
+//! passthrough events/s, ≥ 200k events per CPU-second, peak RSS < 256 MiB. Event times rise
+//! 2 ms per event, so gold closes a window every 30 000 events.
 //!
 //! `cargo bench -p medallion-stages --bench replay`; `MEDALLION_REPLAY_EVENTS` overrides the
 //! count; `MEDALLION_TEST_BOOTSTRAP` / `MEDALLION_TEST_REGISTRY_URL` use external services.
@@ -21,6 +23,8 @@ use rdkafka::Message;
 const RAW: &str = "connector.data.raw";
 const PASSTHROUGH_TOPIC: &str = "replay.passthrough";
 const BIN: &str = env!("CARGO_BIN_EXE_bronze-processor");
+const SILVER_BIN: &str = env!("CARGO_BIN_EXE_silver-processor");
+const GOLD_BIN: &str = env!("CARGO_BIN_EXE_gold-processor");
 const CLOCK_TICKS: f64 = 100.0;
 
 #[derive(Debug, Clone, Copy)]
@@ -46,6 +50,105 @@ fn usage(pid: u32) -> Option<Usage> {
         cpu_seconds: (utime + stime) / CLOCK_TICKS,
         peak_rss_kib: peak,
     })
+}
+
+/// Reads an Avro zigzag varint at `pos`; returns it and the position after it.
+fn varint(buf: &[u8], mut pos: usize) -> (i64, usize) {
+    let mut value: u64 = 0;
+    let mut shift = 0;
+    while let Some(byte) = buf.get(pos) {
+        value |= u64::from(byte & 0x7f) << shift;
+        pos += 1;
+        shift += 7;
+        if byte & 0x80 == 0 {
+            break;
+        }
+    }
+    (((value >> 1) as i64) ^ -((value & 1) as i64), pos)
+}
+
+/// Where the envelope's `timestamp` starts and ends in a framed connector event (after
+/// event_id, event_type and event_version).
+fn timestamp_span(value: &[u8]) -> (usize, usize) {
+    let mut pos = 5;
+    for _ in 0..3 {
+        let (len, after) = varint(value, pos);
+        pos = after + len as usize;
+    }
+    let (_, end) = varint(value, pos);
+    (pos, end)
+}
+
+/// Writes `t` as a zigzag varint of exactly `len` bytes (same magnitude as the template's).
+fn write_varint_fixed(out: &mut [u8], t: i64) {
+    let mut z = ((t << 1) ^ (t >> 63)) as u64;
+    let len = out.len();
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = (z & 0x7f) as u8 | if i + 1 < len { 0x80 } else { 0 };
+        z >>= 7;
+    }
+}
+
+/// Runs `bin` until it has consumed `expected` records; returns wall seconds from its first
+/// record, its CPU and peak RSS, and its last `/metrics` scrape.
+async fn measure(
+    bin: &str,
+    bootstrap: &str,
+    registry: &str,
+    expected: f64,
+) -> (f64, Usage, String) {
+    let worker = WorkerProcess::start(
+        bin,
+        bootstrap,
+        registry,
+        &[
+            ("MEDALLION__BATCH__MAX_RECORDS", "5000".into()),
+            ("MEDALLION__BATCH__LINGER_MS", "20".into()),
+        ],
+    )
+    .expect("worker starts");
+    let pid = worker.pid().expect("pid");
+    let mut started: Option<Instant> = None;
+    let deadline = Instant::now() + Duration::from_secs(1_800);
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "{bin} did not finish within 30 min"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let Ok(metrics) = worker.metrics().await else {
+            continue;
+        };
+        let consumed = metric_sum(&metrics, "kafka_messages_in_total");
+        if consumed > 0.0 && started.is_none() {
+            started = Some(Instant::now());
+        }
+        if consumed >= expected {
+            let seconds = started
+                .map(|s| s.elapsed().as_secs_f64())
+                .unwrap_or_default();
+            let usage = usage(pid).expect("worker usage");
+            // Let the last batch's deliveries land in the counters.
+            let mut settled = metrics;
+            loop {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                let Ok(next) = worker.metrics().await else {
+                    break;
+                };
+                let done = |m: &str| {
+                    metric_sum(m, "medallion_records_out_total")
+                        + metric_sum(m, "medallion_dlq_records_total")
+                        + metric_sum(m, "medallion_duplicates_dropped_total")
+                };
+                let stable = done(&next) == done(&settled);
+                settled = next;
+                if stable {
+                    break;
+                }
+            }
+            return (seconds, usage, settled);
+        }
+    }
 }
 
 fn now_ms() -> i64 {
@@ -162,7 +265,8 @@ async fn run() {
     let raw = contracts.get("connector/data-raw.avsc").expect("raw");
 
     // n unique events: 10k realistic templates, each copy with its own event_id.
-    let mut sample = SampleEvents::new(77, 16, now_ms() - 3_600_000);
+    let base_ms = now_ms() - 3_600_000;
+    let mut sample = SampleEvents::new(77, 16, base_ms);
     let templates: Vec<(String, Vec<u8>)> = (0..10_000)
         .map(|_| {
             let e = sample.next_event();
@@ -182,6 +286,8 @@ async fn run() {
         // event_id is the first field: a length byte, then 36 characters; rewrite the last 12.
         let suffix = format!("{:012x}", i);
         value[6 + 24..6 + 36].copy_from_slice(suffix.as_bytes());
+        let (from, to) = timestamp_span(&value);
+        write_varint_fixed(&mut value[from..to], base_ms + 2 * i as i64);
         bytes += value.len();
         let mut record = FutureRecord::to(RAW).key(key.as_str()).payload(&value);
         loop {
@@ -236,42 +342,8 @@ async fn run() {
     let (pt_seconds, pt_cpu, pt_rss) = (parts[1], parts[2], parts[3]);
 
     // bronze-processor, as its own process.
-    let worker = WorkerProcess::start(
-        BIN,
-        &broker.address,
-        &registry.address,
-        &[
-            ("MEDALLION__BATCH__MAX_RECORDS", "5000".into()),
-            ("MEDALLION__BATCH__LINGER_MS", "20".into()),
-        ],
-    )
-    .expect("bronze starts");
-    let pid = worker.pid().expect("pid");
-    let mut started: Option<Instant> = None;
-    let deadline = Instant::now() + Duration::from_secs(1_800);
-    let (seconds, metrics) = loop {
-        assert!(
-            Instant::now() < deadline,
-            "bronze did not finish within 30 min"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let Ok(metrics) = worker.metrics().await else {
-            continue;
-        };
-        let consumed = metric_sum(&metrics, "kafka_messages_in_total");
-        if consumed > 0.0 && started.is_none() {
-            started = Some(Instant::now());
-        }
-        if consumed >= n as f64 {
-            break (
-                started
-                    .map(|s| s.elapsed().as_secs_f64())
-                    .unwrap_or_default(),
-                metrics,
-            );
-        }
-    };
-    let usage = usage(pid).expect("worker usage");
+    let (seconds, usage, metrics) =
+        measure(BIN, &broker.address, &registry.address, n as f64).await;
     let out = metric_sum(&metrics, "medallion_records_out_total");
     let dedup_bytes = metric_sum(&metrics, "medallion_dedup_window_bytes");
     let bronze_rate = n as f64 / seconds;
@@ -296,4 +368,24 @@ async fn run() {
         bronze_rate / pt_rate,
         dedup_bytes / 1_048_576.0
     );
+
+    // silver on bronze's output, then gold on silver's.
+    let mut expected = out;
+    for (name, bin) in [
+        ("silver-processor", SILVER_BIN),
+        ("gold-processor", GOLD_BIN),
+    ] {
+        let (seconds, usage, metrics) =
+            measure(bin, &broker.address, &registry.address, expected).await;
+        let produced = metric_sum(&metrics, "medallion_records_out_total");
+        let dead = metric_sum(&metrics, "medallion_dlq_records_total").max(0.0);
+        println!(
+            "| {name} | {expected:.0} | {seconds:.2} | {:.0} | {:.2} | {:.0} | {:.1} |  out {produced:.0}, DLQ {dead:.0}",
+            expected / seconds.max(0.001),
+            usage.cpu_seconds,
+            expected / usage.cpu_seconds.max(0.01),
+            usage.peak_rss_kib as f64 / 1024.0
+        );
+        expected = produced;
+    }
 }

@@ -602,3 +602,70 @@ fn tempfile_with(text: &str) -> std::path::PathBuf {
     std::fs::write(&path, text).expect("writes");
     path
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_fail_batch_expectation_stops_silver_without_committing_the_batch() {
+    let p = Pipeline::start().await;
+    let config = tempfile_with(
+        "stage:\n  expectations:\n    - {name: org_13_is_blocked, expr: 'org_id <> 13', action: fail_batch}\n",
+    );
+    let port = medallion_tests::free_port().expect("port");
+    let start = |config: &std::path::Path| {
+        std::process::Command::new(SILVER_BIN)
+            .arg("--config")
+            .arg(config)
+            .env("MEDALLION__KAFKA__BOOTSTRAP", &p.broker.address)
+            .env("MEDALLION__KAFKA__SESSION_TIMEOUT_MS", "6000")
+            .env("MEDALLION__REGISTRY__URL", &p.registry.address)
+            .env("MEDALLION__HTTP__LISTEN", format!("127.0.0.1:{port}"))
+            .env(
+                "MEDALLION__CONTRACTS__HOME",
+                medallion_tests::workspace_root(),
+            )
+            .env("RUST_LOG", "error")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("silver starts")
+    };
+    let mut child = start(&config);
+    p.publish(
+        BRONZE,
+        &bronze_case(1, 13, 1_000, ("C1", 100, 0), 2.0, "ann"),
+    )
+    .await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("status") {
+            break status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "silver did not stop on a fail_batch expectation"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut stderr)
+        .expect("stderr");
+    assert!(!status.success());
+    assert!(stderr.contains("org_13_is_blocked"), "{stderr}");
+    // Nothing of the batch went out, and its offset was not committed: with the expectation
+    // relaxed, a restart processes the same event.
+    let relaxed = tempfile_with("stage:\n  expectations: []\n");
+    let mut child = start(&relaxed);
+    let out = read_topic(
+        &p.broker.address,
+        SILVER,
+        1,
+        Duration::from_secs(2),
+        Duration::from_secs(90),
+    )
+    .await
+    .expect("silver output after the fix");
+    let _ = child.kill();
+    let _ = child.wait();
+    let rows = p.decode(SILVER, &out);
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0]["payload"]["bronze_event_id"], uuid(1));
+}

@@ -95,7 +95,7 @@ impl SampleEvents {
                 let case = json!({
                     "case_id": format!("CASE-{case_no}"), "title": format!("  Case {case_no} on host-{} ", case_no % 13),
                     "description": null, "severity": severity, "status": STATUSES[self.rng.below(3) as usize],
-                    "owner": format!("analyst-{}", case_no % 9), "flag": case_no.is_multiple_of(5), "tlp": (case_no % 4) as i64,
+                    "owner": if case_no % 50 == 7 { String::from(" ") } else { format!("analyst-{}", case_no % 9) }, "flag": case_no.is_multiple_of(5), "tlp": (case_no % 4) as i64,
                     "pap": (case_no % 3) as i64, "created_at": t - 3_600_000, "updated_at": t - self.rng.below(60_000) as i64,
                     "custom_fields": {"region": "eu-west-1"}
                 });

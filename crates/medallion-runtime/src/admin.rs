@@ -91,9 +91,12 @@ pub struct TopicState {
     pub name: String,
     pub partitions: u32,
     pub retention_ms: Option<u128>,
+    /// `cleanup.policy` (`delete`, `compact`), when the broker reports it.
+    pub cleanup_policy: Option<String>,
 }
 
-/// Reads partition counts (metadata) and `retention.ms` (DescribeConfigs) of `names`.
+/// Reads partition counts (metadata), `retention.ms` and `cleanup.policy` (DescribeConfigs)
+/// of `names`.
 /// A topic the broker does not know is left out.
 pub async fn describe_topics(
     bootstrap: &str,
@@ -122,6 +125,7 @@ pub async fn describe_topics(
             name: name.clone(),
             partitions: topic.partitions().len() as u32,
             retention_ms: None,
+            cleanup_policy: None,
         });
     }
     let specifiers: Vec<ResourceSpecifier<'_>> = out
@@ -145,6 +149,7 @@ pub async fn describe_topics(
                 .get("retention.ms")
                 .and_then(|e| e.value.as_deref())
                 .and_then(|v| v.parse().ok());
+            state.cleanup_policy = resource.get("cleanup.policy").and_then(|e| e.value.clone());
         }
     }
     Ok(out)

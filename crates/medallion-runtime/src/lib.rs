@@ -9,6 +9,7 @@ pub mod dedup;
 pub mod dlq;
 pub mod error;
 pub mod http;
+pub mod ids;
 pub mod kafka;
 pub mod metrics;
 pub mod retry;

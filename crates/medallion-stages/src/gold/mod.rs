@@ -376,11 +376,7 @@ impl Gold {
 
 /// The deterministic event id of a window: the same org, metric and start give the same id.
 pub fn window_event_id(org: i64, metric: &str, start: i64) -> String {
-    uuid::Uuid::new_v5(
-        &uuid::Uuid::NAMESPACE_OID,
-        format!("gold:{org}:{metric}:{start}").as_bytes(),
-    )
-    .to_string()
+    medallion_runtime::ids::stable_id(&["gold", &org.to_string(), metric, &start.to_string()])
 }
 
 impl Stage for Gold {

@@ -378,11 +378,12 @@ impl Rules {
                     self.last_alert.insert(key, window_start);
                     metrics::counter!(m::ALERTS_TOTAL, "rule" => rule.id.clone(), "severity" => rule.severity.as_str()).increment(1);
                     let gold_id = event_id.value(source);
-                    let id = uuid::Uuid::new_v5(
-                        &uuid::Uuid::NAMESPACE_OID,
-                        format!("alert:{}:{}:{gold_id}", rule.id, self.current.version).as_bytes(),
-                    )
-                    .to_string();
+                    let id = medallion_runtime::ids::stable_id(&[
+                        "alert",
+                        &rule.id,
+                        &self.current.version.to_string(),
+                        gold_id,
+                    ]);
                     let message = format!(
                         "[{}] {}: {} = {} for org {} in window {}..{}",
                         rule.severity.as_str(),

@@ -282,7 +282,7 @@ impl Silver {
             return Ok(None);
         };
         let event = json!({
-            "event_id": uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, format!("drift:{}", row.event_id).as_bytes()).to_string(),
+            "event_id": medallion_runtime::ids::stable_id(&["drift", row.event_id]),
             "event_type": "audit.drift.detected",
             "event_version": "1.0.0",
             "timestamp": now_ms,
@@ -530,6 +530,9 @@ impl Silver {
         let mut attributes_out = Vec::with_capacity(n);
         let mut source_rows = Vec::with_capacity(n);
         let mut entity_source = Vec::with_capacity(n);
+        // One log line per batch, not per event: a replay can carry a lot of drift.
+        let mut drift = 0u64;
+        let mut first_drift: Option<String> = None;
         for i in 0..n {
             let row_id = source_row.value(i);
             // Expectations first: they decide whether the event goes on at all.
@@ -611,7 +614,7 @@ impl Silver {
                 }
                 state::Outcome::Stale(current) => {
                     metrics::counter!(m::DRIFT_TOTAL, "stage" => GROUP, "entity_type" => row.entity_type.to_string()).increment(1);
-                    tracing::warn!(
+                    tracing::debug!(
                         entity = %key,
                         event_id = row.event_id,
                         incoming_updated_at = row.updated_at,
@@ -619,6 +622,8 @@ impl Silver {
                         current_source = %current.source_system,
                         "drift: update older than the current state, not applied"
                     );
+                    drift += 1;
+                    first_drift.get_or_insert_with(|| key.clone());
                     if let Some(record) = self.drift_audit(&row, current, now.value(i))? {
                         side.push(record);
                     }
@@ -640,6 +645,13 @@ impl Silver {
             keep.push(true);
         }
         metrics::gauge!(m::STATE_ENTITIES, "stage" => GROUP).set(self.merge.len() as f64);
+        if let Some(example) = first_drift {
+            tracing::warn!(
+                stale_updates = drift,
+                example = %example,
+                "drift: updates older than the entity's current state were not applied (audited on audit.events)"
+            );
+        }
 
         let kept =
             arrow::compute::filter_record_batch(batch, &arrow::array::BooleanArray::from(keep))
@@ -655,11 +667,7 @@ impl Silver {
             .iter()
             .map(|id| {
                 let id = id.unwrap_or_default();
-                uuid::Uuid::new_v5(
-                    &uuid::Uuid::NAMESPACE_OID,
-                    format!("silver:{id}").as_bytes(),
-                )
-                .to_string()
+                medallion_runtime::ids::stable_id(&["silver", id])
             })
             .collect();
         let payload = build_struct(payload_fields, |name| match name {
