@@ -530,6 +530,9 @@ impl Silver {
         let mut attributes_out = Vec::with_capacity(n);
         let mut source_rows = Vec::with_capacity(n);
         let mut entity_source = Vec::with_capacity(n);
+        // Expectation failures, counted per batch (a counter update per row costs more than
+        // the check).
+        let mut failed = vec![0u64; self.config.expectations.len()];
         // One log line per batch, not per event: a replay can carry a lot of drift.
         let mut drift = 0u64;
         let mut first_drift: Option<String> = None;
@@ -538,13 +541,17 @@ impl Silver {
             // Expectations first: they decide whether the event goes on at all.
             let mut warnings = Vec::new();
             let mut dropped = None;
-            for (e, check) in self.config.expectations.iter().zip(&checks) {
-                let passed = check.is_null(i) || check.value(i);
-                let result = if passed { "pass" } else { "fail" };
-                metrics::counter!(m::EXPECTATION_RESULTS_TOTAL, "stage" => GROUP, "expectation" => e.name.clone(), "action" => e.action.as_str(), "result" => result).increment(1);
-                if passed {
+            for ((e, check), failures) in self
+                .config
+                .expectations
+                .iter()
+                .zip(&checks)
+                .zip(failed.iter_mut())
+            {
+                if check.is_null(i) || check.value(i) {
                     continue;
                 }
+                *failures += 1;
                 match e.action {
                     Action::Warn => warnings.push(e.name.clone()),
                     Action::Drop => {
@@ -645,6 +652,21 @@ impl Silver {
             keep.push(true);
         }
         metrics::gauge!(m::STATE_ENTITIES, "stage" => GROUP).set(self.merge.len() as f64);
+        // Rows decided before a fail-batch stop are not counted: the batch is read again.
+        let decided = n as u64;
+        for (e, failures) in self.config.expectations.iter().zip(&failed) {
+            let labels = |result: &'static str| {
+                [
+                    ("stage", GROUP.to_string()),
+                    ("expectation", e.name.clone()),
+                    ("action", e.action.as_str().to_string()),
+                    ("result", result.to_string()),
+                ]
+            };
+            metrics::counter!(m::EXPECTATION_RESULTS_TOTAL, &labels("pass"))
+                .increment(decided - failures);
+            metrics::counter!(m::EXPECTATION_RESULTS_TOTAL, &labels("fail")).increment(*failures);
+        }
         if let Some(example) = first_drift {
             tracing::warn!(
                 stale_updates = drift,
