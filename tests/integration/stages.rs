@@ -191,6 +191,30 @@ async fn scripted_bronze_input_gives_known_silver_rows_gold_windows_and_alerts()
     assert_eq!(c1["payload"]["entity"]["updated_at"], json!(T0 + 300));
     assert_eq!(c1["payload"]["attributes"]["severity"], "4");
 
+    // Per-expectation pass/fail counters on /metrics.
+    for (labels, want) in [
+        (
+            r#"expectation="case_has_owner",action="warn",result="fail""#,
+            1.0,
+        ),
+        (
+            r#"expectation="case_has_owner",action="warn",result="pass""#,
+            10.0,
+        ),
+        (
+            r#"expectation="updated_at_not_before_creation",action="drop",result="fail""#,
+            1.0,
+        ),
+    ] {
+        wait_metric(&silver, "medallion_expectation_results_total", labels, want).await;
+        let text = silver.metrics().await.expect("metrics");
+        let value: f64 = text
+            .lines()
+            .filter(|l| l.starts_with("medallion_expectation_results_total") && l.contains(labels))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        assert_eq!(value, want, "{labels}");
+    }
     // The dropped event is on the bronze DLQ with the expectation's name.
     let dlq = read_topic(
         &p.broker.address,
