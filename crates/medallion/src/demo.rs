@@ -273,7 +273,7 @@ pub async fn run(home: &Path, args: DemoArgs) -> anyhow::Result<ExitCode> {
         medallion_runtime::metrics::EXPECTATION_RESULTS_TOTAL,
     )
     .into_iter()
-    .filter(|(labels, _)| labels.contains("result=\"fail\""))
+    .filter(|(labels, n)| labels.contains("result=\"fail\"") && *n > 0.0)
     .collect();
     println!(
         "  expectation failures (silver): {}",
