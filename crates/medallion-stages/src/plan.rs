@@ -17,6 +17,34 @@ use datafusion::prelude::{SessionConfig, SessionContext};
 /// The table name a transform's SQL reads from.
 pub const INPUT_TABLE: &str = "input";
 
+/// The column stages append to their input: the row's index in the batch, so the plan's
+/// output rows can be traced back to the records they came from.
+pub const ROW: &str = "_row";
+
+/// `input` followed by the [`ROW`] column: the schema a stage plans its SQL over.
+pub fn with_row_column(input: &SchemaRef) -> SchemaRef {
+    let mut fields: Vec<arrow::datatypes::Field> =
+        input.fields().iter().map(|f| f.as_ref().clone()).collect();
+    fields.push(arrow::datatypes::Field::new(
+        ROW,
+        arrow::datatypes::DataType::UInt32,
+        false,
+    ));
+    Arc::new(arrow::datatypes::Schema::new(fields))
+}
+
+/// `batch` with its row numbers appended as [`ROW`], in `schema` (from [`with_row_column`]).
+pub fn number_rows(
+    schema: &SchemaRef,
+    batch: &RecordBatch,
+) -> std::result::Result<RecordBatch, arrow::error::ArrowError> {
+    let mut columns = batch.columns().to_vec();
+    columns.push(Arc::new(arrow::array::UInt32Array::from_iter_values(
+        0..batch.num_rows() as u32,
+    )));
+    RecordBatch::try_new(schema.clone(), columns)
+}
+
 /// Hands the next batch to the plan's scan.
 #[derive(Debug)]
 struct Slot {

@@ -4,15 +4,13 @@
 //! normalizes (trim, canonical case for enums and ids; times are UTC epoch milliseconds), and
 //! hands valid events on. Dedup by `event_id` is the runtime's.
 
-use std::sync::Arc;
-
-use arrow::array::{Array, ArrayRef, AsArray, RecordBatch, UInt32Array};
-use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use arrow::array::{Array, ArrayRef, AsArray, RecordBatch};
+use arrow::datatypes::SchemaRef;
 use medallion_runtime::error::{RecordFailure, StageError};
 use medallion_runtime::worker::{meta, Stage, StageOutput, StageSetup};
 use serde::{Deserialize, Serialize};
 
-use crate::plan::{struct_access, BatchPlan};
+use crate::plan::{number_rows, struct_access, with_row_column, BatchPlan, ROW};
 
 /// The consumer group, and so the binary's name.
 pub const GROUP: &str = "bronze-processor";
@@ -36,7 +34,6 @@ impl Default for BronzeConfig {
     }
 }
 
-const ROW: &str = "_row";
 const REJECT: &str = "_reject";
 
 /// Rejection reasons, stable labels for the DLQ and metrics.
@@ -217,14 +214,7 @@ pub struct Bronze {
 
 impl Bronze {
     pub async fn new(setup: StageSetup, config: BronzeConfig) -> Result<Self, String> {
-        let mut fields: Vec<Field> = setup
-            .input_schema
-            .fields()
-            .iter()
-            .map(|f| f.as_ref().clone())
-            .collect();
-        fields.push(Field::new(ROW, DataType::UInt32, false));
-        let plan_input = Arc::new(Schema::new(fields));
+        let plan_input = with_row_column(&setup.input_schema);
         let plan = BatchPlan::new(&sql(&config, &setup.input_topic), plan_input.clone())
             .await
             .map_err(|e| format!("planning the bronze transform: {e}"))?;
@@ -273,10 +263,7 @@ impl Bronze {
 
 impl Stage for Bronze {
     async fn process(&mut self, input: RecordBatch) -> Result<StageOutput, StageError> {
-        let rows = input.num_rows() as u32;
-        let mut columns = input.columns().to_vec();
-        columns.push(Arc::new(UInt32Array::from_iter_values(0..rows)));
-        let input = RecordBatch::try_new(self.plan_input.clone(), columns)
+        let input = number_rows(&self.plan_input, &input)
             .map_err(|e| StageError::Transform(e.to_string()))?;
         let results = self
             .plan

@@ -17,10 +17,9 @@
 //! event id and totals.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::Arc;
 
-use arrow::array::{Array, AsArray, BooleanArray, RecordBatch, UInt32Array};
-use arrow::datatypes::{DataType, Field, Float64Type, Int32Type, Int64Type, Schema, SchemaRef};
+use arrow::array::{Array, AsArray, BooleanArray, RecordBatch};
+use arrow::datatypes::{DataType, Float64Type, Int32Type, Int64Type, SchemaRef};
 use medallion_runtime::error::{RecordFailure, StageError};
 use medallion_runtime::metrics as m;
 use medallion_runtime::worker::{meta, JsonEncoder, Stage, StageOutput, StageSetup};
@@ -36,7 +35,6 @@ mod tests;
 pub const GROUP: &str = "gold-processor";
 /// DLQ reason of an event whose window had closed.
 pub const LATE: &str = "late";
-const ROW: &str = "_row";
 
 /// gold-processor's own settings (the `stage:` section of its config).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -131,7 +129,6 @@ impl PartitionState {
 pub struct Gold {
     config: GoldConfig,
     plan: BatchPlan,
-    plan_input: SchemaRef,
     output_schema: SchemaRef,
     output: JsonEncoder,
     partitions: HashMap<i32, PartitionState>,
@@ -167,21 +164,12 @@ impl Gold {
                 config.window_ms, config.allowed_lateness_ms
             ));
         }
-        let mut fields: Vec<Field> = setup
-            .input_schema
-            .fields()
-            .iter()
-            .map(|f| f.as_ref().clone())
-            .collect();
-        fields.push(Field::new(ROW, DataType::UInt32, false));
-        let plan_input = Arc::new(Schema::new(fields));
-        let plan = BatchPlan::new(&sql(&config), plan_input.clone())
+        let plan = BatchPlan::new(&sql(&config), setup.input_schema.clone())
             .await
             .map_err(|e| format!("planning the gold transform: {e}"))?;
         Ok(Self {
             config,
             plan,
-            plan_input,
             output_schema: setup.output_schema,
             output,
             partitions: HashMap::new(),
@@ -442,11 +430,7 @@ impl Stage for Gold {
         }
         let counted =
             BooleanArray::from(fates.iter().map(|f| *f == Fate::Count).collect::<Vec<_>>());
-        let rows = input.num_rows() as u32;
-        let mut columns = input.columns().to_vec();
-        columns.push(Arc::new(UInt32Array::from_iter_values(0..rows)));
-        let input = RecordBatch::try_new(self.plan_input.clone(), columns)
-            .and_then(|b| arrow::compute::filter_record_batch(&b, &counted))
+        let input = arrow::compute::filter_record_batch(&input, &counted)
             .map_err(|e| StageError::Transform(e.to_string()))?;
         if input.num_rows() > 0 {
             let partials = self

@@ -13,8 +13,8 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use arrow::array::{Array, AsArray, RecordBatch, UInt32Array};
-use arrow::datatypes::{DataType, Field, Float64Type, Int64Type, Schema, SchemaRef};
+use arrow::array::{Array, AsArray, RecordBatch};
+use arrow::datatypes::{DataType, Float64Type, Int64Type, SchemaRef};
 use medallion_contracts::registry::RegistryClient;
 use medallion_runtime::error::StageError;
 use medallion_runtime::metrics as m;
@@ -22,7 +22,7 @@ use medallion_runtime::worker::{JsonEncoder, Stage, StageOutput, StageSetup};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::plan::{struct_access, BatchPlan};
+use crate::plan::{number_rows, struct_access, with_row_column, BatchPlan, ROW};
 
 mod changes;
 #[cfg(test)]
@@ -32,7 +32,6 @@ mod tests;
 pub const GROUP: &str = "rule-evaluator";
 /// `config.changes` records for this stage carry this target.
 pub const TARGET: &str = "rules";
-const ROW: &str = "_row";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "UPPERCASE")]
@@ -220,17 +219,6 @@ impl Drop for Rules {
     }
 }
 
-fn plan_input(setup: &StageSetup) -> SchemaRef {
-    let mut fields: Vec<Field> = setup
-        .input_schema
-        .fields()
-        .iter()
-        .map(|f| f.as_ref().clone())
-        .collect();
-    fields.push(Field::new(ROW, DataType::UInt32, false));
-    Arc::new(Schema::new(fields))
-}
-
 impl Rules {
     /// Loads and validates the start-up rules, registers the output schema, and starts reading
     /// `config.changes`.
@@ -284,7 +272,7 @@ impl Rules {
                 rules: config.rules.clone(),
             },
         };
-        let plan_input = plan_input(setup);
+        let plan_input = with_row_column(&setup.input_schema);
         let current = compile(set, 0, plan_input.clone()).await?;
         metrics::gauge!(m::RULES_VERSION, "stage" => GROUP).set(0.0);
         Ok(Self {
@@ -439,10 +427,7 @@ impl Stage for Rules {
             );
             self.current = next;
         }
-        let rows = input.num_rows() as u32;
-        let mut columns = input.columns().to_vec();
-        columns.push(Arc::new(UInt32Array::from_iter_values(0..rows)));
-        let with_rows = RecordBatch::try_new(self.plan_input.clone(), columns)
+        let with_rows = number_rows(&self.plan_input, &input)
             .map_err(|e| StageError::Transform(e.to_string()))?;
         let results = if self.current.rules.is_empty() {
             Vec::new()

@@ -10,17 +10,17 @@ use std::sync::Arc;
 
 use arrow::array::{
     Array, ArrayRef, AsArray, ListArray, MapArray, RecordBatch, StringArray, StructArray,
-    TimestampMillisecondArray, UInt32Array,
+    TimestampMillisecondArray,
 };
 use arrow::buffer::OffsetBuffer;
-use arrow::datatypes::{DataType, Field, Fields, Int32Type, Int64Type, Schema, SchemaRef};
+use arrow::datatypes::{DataType, Field, Fields, Int32Type, Int64Type, SchemaRef};
 use medallion_runtime::error::{RecordFailure, StageError};
 use medallion_runtime::metrics as m;
 use medallion_runtime::worker::{meta, JsonEncoder, SideRecord, Stage, StageOutput, StageSetup};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::plan::{struct_access, BatchPlan};
+use crate::plan::{number_rows, struct_access, with_row_column, BatchPlan, ROW};
 
 mod state;
 #[cfg(test)]
@@ -31,7 +31,6 @@ pub use state::{Change, EntityState, Merge};
 /// The consumer group, and so the binary's name.
 pub const GROUP: &str = "silver-processor";
 const AUDIT_TOPIC: &str = "audit.events";
-const ROW: &str = "_row";
 
 /// Rejection reason of an event that maps to no entity.
 pub const NO_ENTITY: &str = "no_entity";
@@ -206,14 +205,7 @@ pub struct Silver {
 impl Silver {
     /// Plans the transform once; an expectation that does not plan is named in the error.
     pub async fn new(setup: StageSetup, config: SilverConfig) -> Result<Self, String> {
-        let mut fields: Vec<Field> = setup
-            .input_schema
-            .fields()
-            .iter()
-            .map(|f| f.as_ref().clone())
-            .collect();
-        fields.push(Field::new(ROW, DataType::UInt32, false));
-        let plan_input = Arc::new(Schema::new(fields));
+        let plan_input = with_row_column(&setup.input_schema);
         for (i, expectation) in config.expectations.iter().enumerate() {
             let mut names = config.expectations[..i].iter().map(|e| &e.name);
             if expectation.name.trim().is_empty() || names.any(|n| *n == expectation.name) {
@@ -456,10 +448,7 @@ impl Stage for Silver {
     }
 
     async fn process(&mut self, input: RecordBatch) -> Result<StageOutput, StageError> {
-        let rows = input.num_rows() as u32;
-        let mut columns = input.columns().to_vec();
-        columns.push(Arc::new(UInt32Array::from_iter_values(0..rows)));
-        let input = RecordBatch::try_new(self.plan_input.clone(), columns)
+        let input = number_rows(&self.plan_input, &input)
             .map_err(|e| StageError::Transform(e.to_string()))?;
         let results = self
             .plan
