@@ -148,13 +148,7 @@ impl StageSetup {
             .register(&self.topics.subject(topic), &contract.text)
             .await
             .map_err(|e| format!("registering {topic}: {e}"))?;
-        let schema = apache_avro::Schema::parse_str(&contract.text)
-            .map_err(|e| format!("schema of {topic}: {e}"))?;
-        Ok(JsonEncoder {
-            topic: topic.to_string(),
-            schema,
-            id,
-        })
+        JsonEncoder::new(topic, &contract.text, id)
     }
 }
 

@@ -197,14 +197,25 @@ pub struct Silver {
     output_schema: SchemaRef,
     merge: Merge,
     changelog: String,
-    audit: Option<JsonEncoder>,
+    audit: JsonEncoder,
     kafka: rdkafka::config::ClientConfig,
     instance: String,
 }
 
 impl Silver {
-    /// Plans the transform once; an expectation that does not plan is named in the error.
+    /// Registers the audit schema and plans the transform once; an expectation that does not
+    /// plan is named in the error.
     pub async fn new(setup: StageSetup, config: SilverConfig) -> Result<Self, String> {
+        let audit = setup.json_encoder(AUDIT_TOPIC).await?;
+        Self::with_audit(setup, config, audit).await
+    }
+
+    /// Plans the transform with the `audit.events` encoder already at hand.
+    pub async fn with_audit(
+        setup: StageSetup,
+        config: SilverConfig,
+        audit: JsonEncoder,
+    ) -> Result<Self, String> {
         let plan_input = with_row_column(&setup.input_schema);
         for (i, expectation) in config.expectations.iter().enumerate() {
             let mut names = config.expectations[..i].iter().map(|e| &e.name);
@@ -246,11 +257,6 @@ impl Silver {
                 )
             })?
             .to_string();
-        let audit = if setup.kafka.get("bootstrap.servers").is_some() {
-            Some(setup.json_encoder(AUDIT_TOPIC).await?)
-        } else {
-            None
-        };
         Ok(Self {
             merge: Merge::new(config.authoritative_source.clone()),
             config,
@@ -269,10 +275,7 @@ impl Silver {
         row: &Row<'_>,
         current: &EntityState,
         now_ms: i64,
-    ) -> Result<Option<SideRecord>, StageError> {
-        let Some(audit) = &self.audit else {
-            return Ok(None);
-        };
+    ) -> Result<SideRecord, StageError> {
         let event = json!({
             "event_id": medallion_runtime::ids::stable_id(&["drift", row.event_id]),
             "event_type": "audit.drift.detected",
@@ -303,7 +306,7 @@ impl Silver {
                 },
             },
         });
-        audit.record(&row.org_id.to_string(), &event).map(Some)
+        self.audit.record(&row.org_id.to_string(), &event)
     }
 }
 
@@ -428,10 +431,10 @@ impl Stage for Silver {
         partition: i32,
         _committed_metadata: Option<String>,
     ) -> Result<(), StageError> {
-        let kafka = self.kafka_config();
-        let entries = medallion_runtime::changelog::restore(&kafka, &self.changelog, partition)
-            .await
-            .map_err(|e| StageError::Transform(e.to_string()))?;
+        let entries =
+            medallion_runtime::changelog::restore(&self.kafka, &self.changelog, partition)
+                .await
+                .map_err(|e| StageError::Transform(e.to_string()))?;
         let restored = self.merge.restore(partition, entries);
         tracing::info!(
             partition,
@@ -471,10 +474,6 @@ impl Stage for Silver {
 }
 
 impl Silver {
-    fn kafka_config(&self) -> rdkafka::config::ClientConfig {
-        self.kafka.clone()
-    }
-
     fn merge_batch(&mut self, batch: &RecordBatch) -> Result<StageOutput, StageError> {
         let n = batch.num_rows();
         let strings = |name: &str| -> Result<StringArray, StageError> {
@@ -620,9 +619,7 @@ impl Silver {
                     );
                     drift += 1;
                     first_drift.get_or_insert_with(|| key.clone());
-                    if let Some(record) = self.drift_audit(&row, current, now.value(i))? {
-                        side.push(record);
-                    }
+                    side.push(self.drift_audit(&row, current, now.value(i))?);
                 }
                 state::Outcome::Replayed(_) => {}
             }

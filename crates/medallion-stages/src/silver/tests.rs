@@ -74,7 +74,7 @@ fn a_redelivered_event_gets_its_first_decision_and_state_round_trips() {
 }
 
 mod stage {
-    use medallion_runtime::worker::Stage;
+    use medallion_runtime::worker::{JsonEncoder, Stage};
     use serde_json::{json, Value as Json};
 
     use crate::silver::{Action, Expectation, Silver, SilverConfig, GROUP};
@@ -109,7 +109,14 @@ mod stage {
         let (_, input_schema) =
             input_batch(&bronze, &[case("e0", 1, "C", 2, "v4", "o")], 0, 0, NOW);
         let output_schema = arrow_schema(&contract("silver/data-processed.avsc"));
-        Silver::new(offline_setup(GROUP, input_schema, output_schema), config).await
+        let audit = contract("audit/events.avsc");
+        let audit = JsonEncoder::new("audit.events", &audit.text, 5).expect("audit encoder");
+        Silver::with_audit(
+            offline_setup(GROUP, input_schema, output_schema),
+            config,
+            audit,
+        )
+        .await
     }
 
     #[tokio::test]
@@ -163,6 +170,13 @@ mod stage {
         // Two state writes (CREATED, UPDATED); the stale update wrote nothing.
         let changelog: Vec<_> = out.side.iter().filter(|s| s.partition == Some(0)).collect();
         assert_eq!(changelog.len(), 2);
+        // The stale update is audited.
+        let audited: Vec<_> = out
+            .side
+            .iter()
+            .filter(|s| s.topic == "audit.events")
+            .collect();
+        assert_eq!(audited.len(), 1);
     }
 
     #[tokio::test]
