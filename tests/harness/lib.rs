@@ -463,9 +463,15 @@ pub fn java_partition(key: &[u8], partitions: i32) -> i32 {
 
 /// The sum of every series of metric `name` on a Prometheus text page (all label sets).
 pub fn metric_sum(metrics: &str, name: &str) -> f64 {
+    metric_sum_where(metrics, name, "")
+}
+
+/// Like [`metric_sum`], over the series whose label text contains `labels`
+/// (e.g. `result="fail"`).
+pub fn metric_sum_where(metrics: &str, name: &str, labels: &str) -> f64 {
     metrics
         .lines()
-        .filter(|l| l.starts_with(name))
+        .filter(|l| l.starts_with(name) && l.contains(labels))
         .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
         .sum()
 }

@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use medallion_runtime::dlq::{header, header_value};
-use medallion_tests::{read_topic, read_until, WorkerProcess};
+use medallion_tests::{metric_sum_where, read_topic, read_until, WorkerProcess};
 use rdkafka::message::Message;
 use serde_json::{json, Value as Json};
 
@@ -208,11 +208,7 @@ async fn scripted_bronze_input_gives_known_silver_rows_gold_windows_and_alerts()
     ] {
         wait_metric(&silver, "medallion_expectation_results_total", labels, want).await;
         let text = silver.metrics().await.expect("metrics");
-        let value: f64 = text
-            .lines()
-            .filter(|l| l.starts_with("medallion_expectation_results_total") && l.contains(labels))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum();
+        let value = metric_sum_where(&text, "medallion_expectation_results_total", labels);
         assert_eq!(value, want, "{labels}");
     }
     // The dropped event is on the bronze DLQ with the expectation's name.
@@ -604,11 +600,7 @@ async fn wait_metric(worker: &WorkerProcess, name: &str, label: &str, at_least: 
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     loop {
         let text = worker.metrics().await.unwrap_or_default();
-        let value: f64 = text
-            .lines()
-            .filter(|l| l.starts_with(name) && l.contains(label))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum();
+        let value = metric_sum_where(&text, name, label);
         if value >= at_least {
             return;
         }
