@@ -475,3 +475,162 @@ pub fn metric_sum_where(metrics: &str, name: &str, labels: &str) -> f64 {
         .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
         .sum()
 }
+
+/// How a [`WebhookReceiver`] endpoint answers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HookMode {
+    /// 200, and the delivery is recorded.
+    Accept,
+    /// Answers `status` with `body` the first `times` attempts of each event, then accepts.
+    FailFirst {
+        status: u16,
+        times: usize,
+        body: String,
+    },
+    /// Always answers `status` with `body`.
+    Reject { status: u16, body: String },
+    /// Holds the request open (the sender times out).
+    Stall,
+}
+
+/// One accepted delivery.
+#[derive(Debug, Clone)]
+pub struct HookDelivery {
+    pub idempotency_key: String,
+    pub signature: String,
+    pub timestamp: String,
+    pub body: Vec<u8>,
+}
+
+#[derive(Default)]
+struct HookState {
+    modes: std::collections::HashMap<String, HookMode>,
+    attempts: std::collections::HashMap<(String, String), usize>,
+    accepted: std::collections::HashMap<String, Vec<HookDelivery>>,
+}
+
+/// A real HTTP server on loopback taking webhooks at `/hook/<name>`; each endpoint fails,
+/// stalls and recovers on cue.
+pub struct WebhookReceiver {
+    pub base: String,
+    state: std::sync::Arc<Mutex<HookState>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl WebhookReceiver {
+    pub async fn start() -> anyhow::Result<Self> {
+        use axum::extract::{Path as UrlPath, State};
+        use axum::http::{HeaderMap, StatusCode};
+        type Shared = std::sync::Arc<Mutex<HookState>>;
+        async fn hook(
+            State(state): State<Shared>,
+            UrlPath(name): UrlPath<String>,
+            headers: HeaderMap,
+            body: axum::body::Bytes,
+        ) -> (StatusCode, String) {
+            let header = |k: &str| {
+                headers
+                    .get(k)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default()
+                    .to_string()
+            };
+            let key = header("idempotency-key");
+            enum Verdict {
+                Accept,
+                Answer(u16, String),
+                Stall,
+            }
+            let verdict = {
+                let Ok(mut s) = state.lock() else {
+                    return (StatusCode::INTERNAL_SERVER_ERROR, "poisoned".into());
+                };
+                let mode = s.modes.get(&name).cloned().unwrap_or(HookMode::Accept);
+                let n = s.attempts.entry((name.clone(), key.clone())).or_default();
+                *n += 1;
+                let attempt = *n;
+                let verdict = match mode {
+                    HookMode::FailFirst {
+                        status,
+                        times,
+                        body,
+                    } if attempt <= times => Verdict::Answer(status, body),
+                    HookMode::Reject { status, body } => Verdict::Answer(status, body),
+                    HookMode::Stall => Verdict::Stall,
+                    HookMode::Accept | HookMode::FailFirst { .. } => Verdict::Accept,
+                };
+                if let Verdict::Accept = verdict {
+                    s.accepted
+                        .entry(name.clone())
+                        .or_default()
+                        .push(HookDelivery {
+                            idempotency_key: key.clone(),
+                            signature: header("x-medallion-signature"),
+                            timestamp: header("x-medallion-timestamp"),
+                            body: body.to_vec(),
+                        });
+                }
+                verdict
+            };
+            match verdict {
+                Verdict::Accept => (StatusCode::OK, "ok".into()),
+                Verdict::Answer(status, body) => (
+                    StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+                    body,
+                ),
+                Verdict::Stall => {
+                    tokio::time::sleep(Duration::from_secs(3_600)).await;
+                    (StatusCode::OK, "late".into())
+                }
+            }
+        }
+        let state: Shared = Default::default();
+        let app = axum::Router::new()
+            .route("/hook/:name", axum::routing::post(hook))
+            .with_state(state.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let base = format!("http://{}", listener.local_addr()?);
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Ok(Self { base, state, task })
+    }
+
+    /// The URL of endpoint `name`.
+    pub fn url(&self, name: &str) -> String {
+        format!("{}/hook/{name}", self.base)
+    }
+
+    pub fn set(&self, name: &str, mode: HookMode) {
+        if let Ok(mut s) = self.state.lock() {
+            s.modes.insert(name.to_string(), mode);
+        }
+    }
+
+    /// Deliveries `name` accepted, in arrival order.
+    pub fn accepted(&self, name: &str) -> Vec<HookDelivery> {
+        self.state
+            .lock()
+            .map(|s| s.accepted.get(name).cloned().unwrap_or_default())
+            .unwrap_or_default()
+    }
+
+    /// Attempts `name` saw for `event_id`, accepted or not.
+    pub fn attempts(&self, name: &str, event_id: &str) -> usize {
+        self.state
+            .lock()
+            .map(|s| {
+                s.attempts
+                    .get(&(name.to_string(), event_id.to_string()))
+                    .copied()
+                    .unwrap_or_default()
+            })
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for WebhookReceiver {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

@@ -1,6 +1,8 @@
 //! Integration tests against a real broker (tansu), a real registry (rivven-schema) and the
 //! worker binaries as separate processes.
 
+mod audit;
 mod bronze;
 mod contracts;
+mod notify;
 mod stages;

@@ -237,11 +237,25 @@ async fn scripted_bronze_input_gives_known_silver_rows_gold_windows_and_alerts()
     .await
     .expect("audit");
     let audit = p.decode(AUDIT, &audit);
-    assert_eq!(audit.len(), 1);
-    assert_eq!(audit[0]["payload"]["action"], "drift.detected");
-    assert_eq!(audit[0]["payload"]["resource_id"], "C1");
-    assert_eq!(audit[0]["payload"]["details"]["event_id"], uuid(4));
-    assert_eq!(audit[0]["payload"]["details"]["current_event_id"], uuid(3));
+    let action = |e: &&Json, name: &str| e["payload"]["action"] == name;
+    let drift: Vec<&Json> = audit
+        .iter()
+        .filter(|e| action(e, "drift.detected"))
+        .collect();
+    assert_eq!(drift.len(), 1, "{audit:?}");
+    assert_eq!(drift[0]["payload"]["resource_id"], "C1");
+    assert_eq!(drift[0]["payload"]["details"]["event_id"], uuid(4));
+    assert_eq!(drift[0]["payload"]["details"]["current_event_id"], uuid(3));
+    // Every dead letter is on the audit trail too.
+    let routed: Vec<&Json> = audit.iter().filter(|e| action(e, "dlq.routed")).collect();
+    assert!(
+        routed.iter().any(
+            |e| e["payload"]["reason"] == "updated_at_not_before_creation"
+                && e["payload"]["actor"] == "silver-processor"
+        ),
+        "{routed:?}"
+    );
+    assert_eq!(drift.len() + routed.len(), audit.len(), "{audit:?}");
 
     // gold: exactly the closed windows, with known totals.
     wait(&gold).await;

@@ -95,6 +95,19 @@ pub struct TopicConfig {
     /// Compacted state topics of stateful groups, one partition per input partition.
     #[serde(default)]
     pub changelogs: BTreeMap<String, ChangelogSpec>,
+    /// Topics every worker reports to, beside its own output.
+    #[serde(default)]
+    pub telemetry: Option<Telemetry>,
+}
+
+/// Where every worker reports its batches and governance actions.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Telemetry {
+    /// One record per processed batch and partition (`etl/execution.avsc`).
+    pub execution: String,
+    /// Governance actions: dead letters, personal-data encryption, redactions, drift.
+    pub audit: String,
 }
 
 /// A compacted topic holding a group's state, partitioned like the topic it consumes: the
@@ -287,6 +300,21 @@ impl TopicConfig {
                     &["consumer_groups:", &key],
                     format!("consumer_groups.{group}.consumes must name at least one topic"),
                 ));
+            }
+        }
+        if let Some(telemetry) = &self.telemetry {
+            for (field, topic) in [
+                ("execution", &telemetry.execution),
+                ("audit", &telemetry.audit),
+            ] {
+                if !self.topics.contains_key(topic) {
+                    return Err(invalid(
+                        &["telemetry:", field],
+                        format!(
+                            "telemetry.{field}: topic `{topic}` is not declared under `topics`"
+                        ),
+                    ));
+                }
             }
         }
         for (name, spec) in &self.changelogs {

@@ -101,5 +101,6 @@ pub fn update(topic: &str, partition: i32, key: &[u8], value: Vec<u8>) -> SideRe
         partition: Some(partition),
         key: Some(key.to_vec()),
         value,
+        headers: None,
     }
 }

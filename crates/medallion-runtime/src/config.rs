@@ -30,6 +30,7 @@ pub struct WorkerConfig<S> {
     pub retry: RetryConfig,
     pub http: HttpConfig,
     pub contracts: ContractsConfig,
+    pub pipeline: PipelineConfig,
     /// The stage's own settings.
     pub stage: S,
 }
@@ -93,6 +94,13 @@ pub struct ContractsConfig {
     pub home: Option<PathBuf>,
 }
 
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineConfig {
+    /// Names this deployment in `etl.execution` (its record key, seed 002's `pipeline_id`).
+    pub id: String,
+}
+
 impl<S: Default> Default for WorkerConfig<S> {
     fn default() -> Self {
         Self {
@@ -120,6 +128,9 @@ impl<S: Default> Default for WorkerConfig<S> {
                 listen: SocketAddr::from(([0, 0, 0, 0], 9464)),
             },
             contracts: ContractsConfig { home: None },
+            pipeline: PipelineConfig {
+                id: "medallion".into(),
+            },
             stage: S::default(),
         }
     }
@@ -149,6 +160,9 @@ impl<S: Default + Serialize + DeserializeOwned> WorkerConfig<S> {
     fn validate(&self) -> Result<(), ConfigError> {
         if self.kafka.bootstrap.trim().is_empty() {
             return Err(ConfigError::Invalid("kafka.bootstrap is empty".into()));
+        }
+        if self.pipeline.id.trim().is_empty() {
+            return Err(ConfigError::Invalid("pipeline.id is empty".into()));
         }
         if self.batch.max_records == 0 {
             return Err(ConfigError::Invalid(

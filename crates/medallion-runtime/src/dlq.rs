@@ -77,6 +77,12 @@ pub fn dead_letter_headers(
             value: Some(value.as_bytes()),
         });
     }
+    for (key, value) in &failure.headers {
+        headers = headers.insert(Header {
+            key,
+            value: Some(value.as_bytes()),
+        });
+    }
     headers
 }
 

@@ -31,6 +31,8 @@ pub struct RecordFailure {
     pub reason: String,
     /// Human-readable detail.
     pub message: String,
+    /// Extra dead-letter headers naming the failure's specifics (e.g. an HTTP status).
+    pub headers: Vec<(String, String)>,
 }
 
 impl RecordFailure {
@@ -39,6 +41,7 @@ impl RecordFailure {
             class: ErrorClass::Poison,
             reason: reason.into(),
             message: message.into(),
+            headers: Vec::new(),
         }
     }
 
@@ -47,7 +50,14 @@ impl RecordFailure {
             class: ErrorClass::Transient,
             reason: reason.into(),
             message: message.into(),
+            headers: Vec::new(),
         }
+    }
+
+    /// Adds a dead-letter header.
+    pub fn with_header(mut self, key: &str, value: &str) -> Self {
+        self.headers.push((key.to_string(), value.to_string()));
+        self
     }
 }
 

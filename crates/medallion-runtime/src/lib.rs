@@ -3,6 +3,7 @@
 //! how a batch becomes its output ([`worker::Stage`]).
 
 pub mod admin;
+pub mod audit;
 pub mod changelog;
 pub mod config;
 pub mod dedup;
@@ -12,5 +13,6 @@ pub mod http;
 pub mod ids;
 pub mod kafka;
 pub mod metrics;
+pub mod pii;
 pub mod retry;
 pub mod worker;

@@ -53,8 +53,21 @@ pub const RULES_VERSION: &str = "medallion_rules_version";
 /// Rule-set updates, by outcome (applied|rejected).
 pub const RULE_UPDATES_TOTAL: &str = "medallion_rule_updates_total";
 
+/// Notifications by channel and outcome (delivered|dead_lettered|skipped|unrouted).
+pub const NOTIFICATIONS_TOTAL: &str = "medallion_notifications_total";
+/// Duration of one webhook attempt, by channel.
+pub const NOTIFICATION_ATTEMPT_SECONDS: &str = "medallion_notification_attempt_seconds";
+/// Notifications queued or retrying, by stage.
+pub const NOTIFICATIONS_IN_FLIGHT: &str = "medallion_notifications_in_flight";
+/// Rows written to the audit store.
+pub const AUDIT_ROWS_WRITTEN_TOTAL: &str = "medallion_audit_rows_written_total";
+/// Parquet files written to the audit store.
+pub const AUDIT_FILES_WRITTEN_TOTAL: &str = "medallion_audit_files_written_total";
+/// Personal-data fields encrypted before leaving bronze, by key id.
+pub const PII_FIELDS_ENCRYPTED_TOTAL: &str = "medallion_pii_fields_encrypted_total";
+
 /// Every name above.
-pub const ALL: [&str; 23] = [
+pub const ALL: [&str; 29] = [
     KAFKA_CONSUMER_LAG,
     KAFKA_MESSAGES_IN_TOTAL,
     KAFKA_BYTES_IN_TOTAL,
@@ -78,6 +91,12 @@ pub const ALL: [&str; 23] = [
     ALERTS_SUPPRESSED_TOTAL,
     RULES_VERSION,
     RULE_UPDATES_TOTAL,
+    NOTIFICATIONS_TOTAL,
+    NOTIFICATION_ATTEMPT_SECONDS,
+    NOTIFICATIONS_IN_FLIGHT,
+    AUDIT_ROWS_WRITTEN_TOTAL,
+    AUDIT_FILES_WRITTEN_TOTAL,
+    PII_FIELDS_ENCRYPTED_TOTAL,
 ];
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();

@@ -88,6 +88,11 @@ pub struct StageOutput {
     /// Records for other topics (audit events, changelog updates), already encoded. They are
     /// delivered with the batch, before its offsets are stored.
     pub side: Vec<SideRecord>,
+    /// Input rows whose outcome the stage reports later through [`Stage::settle`] (a webhook
+    /// still retrying, say). Their offsets are not committed before that.
+    pub deferred: Vec<u32>,
+    /// Headers added to single output rows: (output row, key, value).
+    pub row_headers: Vec<(u32, String, Vec<u8>)>,
 }
 
 impl StageOutput {
@@ -98,8 +103,32 @@ impl StageOutput {
             batch,
             rejected,
             side: Vec::new(),
+            deferred: Vec::new(),
+            row_headers: Vec::new(),
         }
     }
+
+    /// No output rows (a sink, or a batch that only fed state).
+    pub fn empty(schema: SchemaRef) -> Self {
+        Self::one_to_one(RecordBatch::new_empty(schema), Vec::new())
+    }
+}
+
+/// The outcome of an input record the stage deferred (see [`StageOutput::deferred`]).
+#[derive(Debug, Clone)]
+pub struct Resolved {
+    pub partition: i32,
+    pub offset: i64,
+    /// `None`: done. `Some`: the runtime dead-letters the original record with this reason.
+    pub failure: Option<RecordFailure>,
+    pub attempts: usize,
+}
+
+/// What [`Stage::settle`] hands back: finished deferred records and records to deliver.
+#[derive(Debug, Default)]
+pub struct Settled {
+    pub resolved: Vec<Resolved>,
+    pub side: Vec<SideRecord>,
 }
 
 /// One record for a topic other than the stage's output.
@@ -110,6 +139,7 @@ pub struct SideRecord {
     pub partition: Option<i32>,
     pub key: Option<Vec<u8>>,
     pub value: Vec<u8>,
+    pub headers: Option<OwnedHeaders>,
 }
 
 /// What a stage gets to build its transform once.
@@ -126,13 +156,23 @@ pub struct StageSetup {
     pub kafka: ClientConfig,
     /// Input rows: the input contract's columns followed by the [`meta`] columns.
     pub input_schema: SchemaRef,
-    /// The output contract's Arrow schema.
+    /// The output contract's Arrow schema (no fields for a sink group).
     pub output_schema: SchemaRef,
     pub input_topic: String,
-    pub output_topic: String,
+    /// `None` for a sink group (`produces: []`), whose effects leave Kafka.
+    pub output_topic: Option<String>,
+    /// The worker's backoff for transient failures (seed 001), for stage-owned retries.
+    pub retry: RetryPolicy,
 }
 
 impl StageSetup {
+    /// The output topic, or an error naming the group if it is a sink.
+    pub fn output(&self) -> Result<&str, String> {
+        self.output_topic
+            .as_deref()
+            .ok_or_else(|| format!("consumer group {} produces no topic", self.group))
+    }
+
     /// Registers `topic`'s value schema and returns an encoder of JSON events for it.
     pub async fn json_encoder(&self, topic: &str) -> Result<JsonEncoder, String> {
         let spec = self
@@ -185,6 +225,7 @@ impl JsonEncoder {
             partition: None,
             key: Some(key.as_bytes().to_vec()),
             value,
+            headers: None,
         })
     }
 }
@@ -215,6 +256,16 @@ pub trait Stage: Send + 'static {
     fn position(&self, _partition: i32, next_offset: i64) -> (i64, Option<String>) {
         (next_offset, None)
     }
+
+    /// Called after every batch, when no record arrived for a while, and once at shutdown
+    /// (`closing`): a stage with work in flight hands over what finished, and a buffering stage
+    /// flushes what is due, so offsets can advance without new input.
+    fn settle(
+        &mut self,
+        _closing: bool,
+    ) -> impl Future<Output = Result<Settled, StageError>> + Send {
+        async { Ok(Settled::default()) }
+    }
 }
 
 /// Why a worker could not start or had to stop.
@@ -222,12 +273,8 @@ pub trait Stage: Send + 'static {
 pub enum WorkerError {
     #[error("consumer group `{0}` is not declared in topic-config.yaml")]
     UnknownGroup(String),
-    #[error("consumer group `{group}` must consume exactly one topic and produce at least one (has {consumes} and {produces})")]
-    Shape {
-        group: String,
-        consumes: usize,
-        produces: usize,
-    },
+    #[error("consumer group `{group}` must consume exactly one topic (has {consumes})")]
+    Shape { group: String, consumes: usize },
     #[error("schema {0} is not in schemas/")]
     MissingContract(String),
     #[error("contracts: {0}")]
@@ -265,11 +312,16 @@ pub struct RunTotals {
 struct Topology {
     group: String,
     input_topic: String,
-    output_topic: String,
     dlq_topic: String,
     input: Contract,
-    output: Contract,
-    output_key: String,
+    output: Option<Output>,
+}
+
+/// The output topic of a group that has one.
+struct Output {
+    topic: String,
+    contract: Contract,
+    key: String,
 }
 
 fn topology(
@@ -281,15 +333,10 @@ fn topology(
         .consumer_groups
         .get(group)
         .ok_or_else(|| WorkerError::UnknownGroup(group.to_string()))?;
-    let (Some(input_topic), Some(output_topic), 1) = (
-        spec.consumes.first(),
-        spec.produces.first(),
-        spec.consumes.len(),
-    ) else {
+    let (Some(input_topic), 1) = (spec.consumes.first(), spec.consumes.len()) else {
         return Err(WorkerError::Shape {
             group: group.to_string(),
             consumes: spec.consumes.len(),
-            produces: spec.produces.len(),
         });
     };
     let contract = |topic: &str| -> Result<(Contract, String), WorkerError> {
@@ -302,15 +349,23 @@ fn topology(
         Ok((c.clone(), t.key.clone()))
     };
     let (input, _) = contract(input_topic)?;
-    let (output, output_key) = contract(output_topic)?;
+    let output = match spec.produces.first() {
+        Some(topic) => {
+            let (contract, key) = contract(topic)?;
+            Some(Output {
+                topic: topic.clone(),
+                contract,
+                key,
+            })
+        }
+        None => None,
+    };
     Ok(Topology {
         group: group.to_string(),
         input_topic: input_topic.clone(),
-        output_topic: output_topic.clone(),
         dlq_topic: topics.dlq_topic(input_topic),
         input,
         output,
-        output_key,
     })
 }
 
@@ -418,11 +473,30 @@ struct Outgoing {
     key: Option<Vec<u8>>,
     value: Vec<u8>,
     headers: Option<OwnedHeaders>,
+    /// Index of the input message it came from, if one.
+    source: Option<usize>,
+}
+
+impl From<SideRecord> for Outgoing {
+    fn from(side: SideRecord) -> Self {
+        Outgoing {
+            topic: side.topic,
+            partition: side.partition,
+            key: side.key,
+            value: side.value,
+            headers: side.headers,
+            source: None,
+        }
+    }
 }
 
 /// The work derived from one batch.
 struct Plan {
     outgoing: Vec<Outgoing>,
+    /// Message indexes whose outcome the stage reports later.
+    deferred: Vec<usize>,
+    /// Set when the whole batch failed and was dead-lettered.
+    failed: Option<String>,
     /// (message index, reason) of dead letters, for metrics.
     dead: Vec<(usize, RecordFailure)>,
     /// Event keys to remember once delivered, by partition.
@@ -438,9 +512,11 @@ pub struct StageWorker<S: Stage> {
     topo: Topology,
     registry: Arc<RegistryClient>,
     decoder: BatchDecoder,
-    encoder: BatchEncoder,
+    /// `None` for a sink group.
+    encoder: Option<BatchEncoder>,
     /// The output contract's Arrow schema (what the encoder takes).
     output_schema: SchemaRef,
+    telemetry: Option<Telemetry>,
     windows: HashMap<i32, DedupWindow>,
     window_capacity: usize,
     policy: RetryPolicy,
@@ -450,8 +526,47 @@ pub struct StageWorker<S: Stage> {
     revoked: Arc<Mutex<Vec<i32>>>,
     /// Partitions the stage has been told about (and has restored state for).
     initialized: HashSet<i32>,
+    /// The next offset to consume, by partition.
+    next_offsets: BTreeMap<i32, i64>,
+    /// Records whose outcome the stage has not reported yet, by partition and offset.
+    deferred: HashMap<i32, BTreeMap<i64, OwnedMessage>>,
     totals: RunTotals,
     progress: Arc<Progress>,
+}
+
+/// Where the worker reports its batches and governance actions (`telemetry:` in
+/// topic-config.yaml).
+struct Telemetry {
+    execution: JsonEncoder,
+    audit: JsonEncoder,
+    pipeline_id: String,
+    instance: String,
+}
+
+/// Registers `topic`'s schema, waiting out an unreachable registry.
+async fn register_with_retry(
+    registry: &RegistryClient,
+    topics: &TopicConfig,
+    topic: &str,
+    schema_text: &str,
+    policy: &RetryPolicy,
+    group: &str,
+) -> Result<u32, WorkerError> {
+    let subject = topics.subject(topic);
+    let mut attempt = 0usize;
+    loop {
+        match registry.register(&subject, schema_text).await {
+            Ok(id) => return Ok(id),
+            Err(e) if e.is_transient() => {
+                attempt += 1;
+                metrics::counter!(m::RETRIES_TOTAL, "stage" => group.to_string(), "reason" => "registry_unreachable").increment(1);
+                let wait = policy.wait_forever(attempt);
+                tracing::warn!(error = %e, ?wait, "registry unreachable at start-up; retrying");
+                tokio::time::sleep(wait).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
 }
 
 /// Prepares the worker for `group`; `make_stage` builds the stage's transform once.
@@ -478,30 +593,55 @@ where
         Duration::from_millis(config.registry.timeout_ms),
     )?);
     let policy = RetryPolicy::from_millis(&config.retry.backoff_ms);
-    // The output schema must be registered before anything is produced: wait for the registry.
-    let subject = topics.subject(&topo.output_topic);
-    let mut attempt = 0usize;
-    let output_id = loop {
-        match registry.register(&subject, &topo.output.text).await {
-            Ok(id) => break id,
-            Err(e) if e.is_transient() => {
-                attempt += 1;
-                metrics::counter!(m::RETRIES_TOTAL, "stage" => group.to_string(), "reason" => "registry_unreachable").increment(1);
-                let wait = policy.wait_forever(attempt);
-                tracing::warn!(error = %e, ?wait, "registry unreachable at start-up; retrying");
-                tokio::time::sleep(wait).await;
-            }
-            Err(e) => return Err(e.into()),
+    // Output schemas must be registered before anything is produced: wait for the registry.
+    let (encoder, output_schema) = match &topo.output {
+        Some(output) => {
+            let id = register_with_retry(
+                &registry,
+                &topics,
+                &output.topic,
+                &output.contract.text,
+                &policy,
+                group,
+            )
+            .await?;
+            let schema = BatchDecoder::new(&output.contract.full_name, &output.contract.text)
+                .map_err(|e| WorkerError::Setup(e.to_string()))?
+                .schema();
+            let encoder = BatchEncoder::new(&schema, &output.contract.text, id)
+                .map_err(|e| WorkerError::Setup(e.to_string()))?;
+            (Some(encoder), schema)
         }
+        None => (None, Arc::new(Schema::empty())),
+    };
+    let telemetry = match &topics.telemetry {
+        Some(names) => {
+            let mut encoders = Vec::with_capacity(2);
+            for topic in [&names.execution, &names.audit] {
+                let contract = topics
+                    .topic(topic)
+                    .and_then(|t| contracts.get(&t.schema))
+                    .ok_or_else(|| WorkerError::MissingContract(topic.clone()))?;
+                let id =
+                    register_with_retry(&registry, &topics, topic, &contract.text, &policy, group)
+                        .await?;
+                encoders
+                    .push(JsonEncoder::new(topic, &contract.text, id).map_err(WorkerError::Setup)?);
+            }
+            let audit = encoders.pop();
+            let execution = encoders.pop();
+            execution.zip(audit).map(|(execution, audit)| Telemetry {
+                execution,
+                audit,
+                pipeline_id: config.pipeline.id.clone(),
+                instance: crate::audit::instance(),
+            })
+        }
+        None => None,
     };
     health.set_registry_ok(true);
     metrics::gauge!(m::SCHEMA_REGISTRY_SCHEMAS_TOTAL).set(1.0);
     let decoder = BatchDecoder::new(&topo.input.full_name, &topo.input.text)
-        .map_err(|e| WorkerError::Setup(e.to_string()))?;
-    let output_decoder = BatchDecoder::new(&topo.output.full_name, &topo.output.text)
-        .map_err(|e| WorkerError::Setup(e.to_string()))?;
-    let output_schema = output_decoder.schema();
-    let encoder = BatchEncoder::new(&output_schema, &topo.output.text, output_id)
         .map_err(|e| WorkerError::Setup(e.to_string()))?;
     let input_schema = stage_input_schema(&decoder.schema());
     let stage = make_stage(StageSetup {
@@ -514,7 +654,8 @@ where
         input_schema: input_schema.clone(),
         output_schema: output_schema.clone(),
         input_topic: topo.input_topic.clone(),
-        output_topic: topo.output_topic.clone(),
+        output_topic: topo.output.as_ref().map(|o| o.topic.clone()),
+        retry: policy.clone(),
     })
     .await
     .map_err(WorkerError::Setup)?;
@@ -525,6 +666,7 @@ where
         decoder,
         encoder,
         output_schema,
+        telemetry,
         windows: HashMap::new(),
         window_capacity: config.dedup.window_per_partition,
         policy,
@@ -533,6 +675,8 @@ where
         positions: Arc::new(Mutex::new(BTreeMap::new())),
         revoked: Arc::new(Mutex::new(Vec::new())),
         initialized: HashSet::new(),
+        next_offsets: BTreeMap::new(),
+        deferred: HashMap::new(),
         totals: RunTotals::default(),
         progress: Arc::new(Progress::default()),
     })
@@ -543,8 +687,9 @@ impl<S: Stage> StageWorker<S> {
         &self.topo.input_topic
     }
 
-    pub fn output_topic(&self) -> &str {
-        &self.topo.output_topic
+    /// `None` for a sink group.
+    pub fn output_topic(&self) -> Option<&str> {
+        self.topo.output.as_ref().map(|o| o.topic.as_str())
     }
 
     /// Live counters, updated after every batch.
@@ -604,7 +749,10 @@ impl<S: Stage> StageWorker<S> {
                 _ = &mut shutdown => break,
                 polled = tokio::time::timeout(Duration::from_millis(500), consumer.recv()) => polled,
             };
-            let Ok(first) = first else { continue };
+            let Ok(first) = first else {
+                self.settle(false, &producer, &consumer).await?;
+                continue;
+            };
             let mut batch = vec![first?.detach()];
             let deadline = Instant::now() + linger;
             while batch.len() < max_records {
@@ -618,7 +766,8 @@ impl<S: Stage> StageWorker<S> {
             self.process_batch(&batch, &producer, &consumer).await?;
         }
         lag.abort();
-        tracing::info!("shutting down: committing and leaving the group");
+        tracing::info!("shutting down: settling work in flight, committing and leaving the group");
+        self.settle(true, &producer, &consumer).await?;
         if let Err(e) = commit_positions(
             consumer.as_ref(),
             &self.topo.input_topic,
@@ -691,6 +840,9 @@ impl<S: Stage> StageWorker<S> {
             }
         };
         self.health.set_registry_ok(true);
+        let mut plan = plan;
+        let telemetry = self.batch_telemetry(batch, &plan, started.elapsed());
+        plan.outgoing.extend(telemetry);
         self.deliver(plan.outgoing.as_slice(), producer).await;
 
         // Everything derived from the batch is acknowledged: remember and store offsets.
@@ -700,39 +852,26 @@ impl<S: Stage> StageWorker<S> {
                 .or_insert_with(|| DedupWindow::new(self.window_capacity))
                 .insert(*key);
         }
-        let mut last: BTreeMap<i32, i64> = BTreeMap::new();
+        let mut touched = BTreeMap::new();
         for message in batch {
-            let entry = last.entry(message.partition()).or_insert(message.offset());
-            *entry = (*entry).max(message.offset());
+            let next = self.next_offsets.entry(message.partition()).or_insert(0);
+            *next = (*next).max(message.offset() + 1);
+            touched.insert(message.partition(), ());
         }
-        for (partition, offset) in last {
-            let (commit, metadata) = self.stage.position(partition, offset + 1);
-            let mut tpl = TopicPartitionList::new();
-            let stored = tpl
-                .add_partition_offset(&topic, partition, Offset::Offset(commit))
-                .and_then(|()| {
-                    if let (Some(metadata), Some(mut elem)) =
-                        (metadata.as_ref(), tpl.find_partition(&topic, partition))
-                    {
-                        elem.set_metadata(metadata);
-                    }
-                    consumer.store_offsets(&tpl)
-                });
-            match stored {
-                Ok(()) => {
-                    if let Ok(mut positions) = self.positions.lock() {
-                        positions.insert(partition, (commit, metadata));
-                    }
-                }
-                // The partition moved to another replica meanwhile: it will redeliver.
-                Err(e) => tracing::warn!(partition, offset, error = %e, "offset not stored"),
-            }
+        for &index in &plan.deferred {
+            let message = &batch[index];
+            self.deferred
+                .entry(message.partition())
+                .or_default()
+                .insert(message.offset(), message.clone());
         }
+        self.store_positions(touched.keys().copied(), consumer);
 
+        let output_topic = self.output_topic().unwrap_or_default().to_string();
         let produced = plan
             .outgoing
             .iter()
-            .filter(|o| o.topic == self.topo.output_topic)
+            .filter(|o| o.topic == output_topic)
             .count() as u64;
         self.totals.consumed += batch.len() as u64;
         self.totals.produced += produced;
@@ -748,7 +887,9 @@ impl<S: Stage> StageWorker<S> {
                 .dead_lettered
                 .fetch_add(plan.dead.len() as u64, Relaxed);
         }
-        metrics::counter!(m::RECORDS_OUT_TOTAL, "stage" => group.clone(), "topic" => self.topo.output_topic.clone()).increment(produced);
+        if self.topo.output.is_some() {
+            metrics::counter!(m::RECORDS_OUT_TOTAL, "stage" => group.clone(), "topic" => output_topic).increment(produced);
+        }
         metrics::counter!(m::DUPLICATES_TOTAL, "stage" => group.clone(), "topic" => topic.clone())
             .increment(plan.duplicates);
         for (_, failure) in &plan.dead {
@@ -772,7 +913,292 @@ impl<S: Stage> StageWorker<S> {
             .fold((0, 0), |(e, b), w| (e + w.len(), b + w.approx_bytes()));
         metrics::gauge!(m::DEDUP_WINDOW_EVENTS, "stage" => group.clone()).set(events as f64);
         metrics::gauge!(m::DEDUP_WINDOW_BYTES, "stage" => group).set(bytes as f64);
+        self.settle(false, producer, consumer).await
+    }
+
+    /// Stores, for each of `partitions`, the offset to commit: the stage's position, held
+    /// back to the first record whose outcome the stage has not reported yet.
+    fn store_positions(
+        &mut self,
+        partitions: impl Iterator<Item = i32>,
+        consumer: &StreamConsumer<WorkerContext>,
+    ) {
+        let topic = self.topo.input_topic.clone();
+        let assigned = self.assigned.lock().map(|a| a.clone()).unwrap_or_default();
+        for partition in partitions {
+            let Some(&next) = self.next_offsets.get(&partition) else {
+                continue;
+            };
+            // A partition that moved to another replica is not ours to commit.
+            if !assigned.contains(&partition) {
+                continue;
+            }
+            let (mut commit, metadata) = self.stage.position(partition, next);
+            if let Some(first) = self
+                .deferred
+                .get(&partition)
+                .and_then(|d| d.keys().next().copied())
+            {
+                commit = commit.min(first);
+            }
+            let unchanged = self
+                .positions
+                .lock()
+                .map(|p| p.get(&partition) == Some(&(commit, metadata.clone())))
+                .unwrap_or(false);
+            if unchanged {
+                continue;
+            }
+            let mut tpl = TopicPartitionList::new();
+            let stored = tpl
+                .add_partition_offset(&topic, partition, Offset::Offset(commit))
+                .and_then(|()| {
+                    if let (Some(metadata), Some(mut elem)) =
+                        (metadata.as_ref(), tpl.find_partition(&topic, partition))
+                    {
+                        elem.set_metadata(metadata);
+                    }
+                    consumer.store_offsets(&tpl)
+                });
+            match stored {
+                Ok(()) => {
+                    if let Ok(mut positions) = self.positions.lock() {
+                        positions.insert(partition, (commit, metadata));
+                    }
+                }
+                // The partition moved to another replica meanwhile: it will redeliver.
+                Err(e) => tracing::warn!(partition, commit, error = %e, "offset not stored"),
+            }
+        }
+    }
+
+    /// Asks the stage for finished deferred work and due flushes, dead-letters what failed,
+    /// delivers what it hands over and stores the offsets that can now advance.
+    async fn settle(
+        &mut self,
+        closing: bool,
+        producer: &FutureProducer,
+        consumer: &StreamConsumer<WorkerContext>,
+    ) -> Result<(), WorkerError> {
+        self.apply_revocations();
+        let settled = match self.stage.settle(closing).await {
+            Ok(settled) => settled,
+            Err(StageError::Halt(message)) => {
+                self.health.set_assigned(false);
+                return Err(WorkerError::Halted(message));
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "settling deferred work failed; it stays uncommitted");
+                return Ok(());
+            }
+        };
+        let mut outgoing: Vec<Outgoing> = settled.side.into_iter().map(Outgoing::from).collect();
+        let mut dead = Vec::new();
+        for resolved in settled.resolved {
+            let Some(message) = self
+                .deferred
+                .get_mut(&resolved.partition)
+                .and_then(|d| d.remove(&resolved.offset))
+            else {
+                continue;
+            };
+            if let Some(failure) = resolved.failure {
+                outgoing.push(self.dead_letter(&message, &failure, resolved.attempts));
+                outgoing.extend(self.dead_letter_audit(&message, &failure, resolved.attempts));
+                dead.push(failure);
+            }
+        }
+        self.deliver(&outgoing, producer).await;
+        let group = self.topo.group.clone();
+        let topic = self.topo.input_topic.clone();
+        for failure in &dead {
+            *self
+                .totals
+                .dead_lettered
+                .entry(failure.reason.clone())
+                .or_default() += 1;
+            metrics::counter!(m::DLQ_RECORDS_TOTAL, "stage" => group.clone(), "topic" => topic.clone(), "class" => failure.class.as_str(), "reason" => failure.reason.clone()).increment(1);
+        }
+        self.progress
+            .dead_lettered
+            .fetch_add(dead.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        let partitions: Vec<i32> = self.next_offsets.keys().copied().collect();
+        self.store_positions(partitions.into_iter(), consumer);
         Ok(())
+    }
+
+    /// Forgets the state of partitions revoked since the last call; their records go to the
+    /// next owner.
+    fn apply_revocations(&mut self) {
+        let revoked: Vec<i32> = self
+            .revoked
+            .lock()
+            .map(|mut r| std::mem::take(&mut *r))
+            .unwrap_or_default();
+        for partition in revoked {
+            self.next_offsets.remove(&partition);
+            self.deferred.remove(&partition);
+            if self.initialized.remove(&partition) {
+                self.stage.revoke(partition);
+            }
+        }
+    }
+
+    /// One `etl.execution` record per partition of the batch, and one `audit.events` record per
+    /// dead letter.
+    fn batch_telemetry(
+        &self,
+        batch: &[OwnedMessage],
+        plan: &Plan,
+        duration: Duration,
+    ) -> Vec<Outgoing> {
+        let Some(telemetry) = &self.telemetry else {
+            return Vec::new();
+        };
+        let output_topic = self.output_topic().unwrap_or_default();
+        #[derive(Default)]
+        struct Counts {
+            first: i64,
+            last: i64,
+            records_in: i64,
+            records_out: i64,
+            records_dlq: i64,
+        }
+        let mut by_partition: BTreeMap<i32, Counts> = BTreeMap::new();
+        for message in batch {
+            let c = by_partition
+                .entry(message.partition())
+                .or_insert_with(|| Counts {
+                    first: message.offset(),
+                    last: message.offset(),
+                    ..Counts::default()
+                });
+            c.first = c.first.min(message.offset());
+            c.last = c.last.max(message.offset());
+            c.records_in += 1;
+        }
+        let first_partition = by_partition.keys().next().copied().unwrap_or_default();
+        for o in plan.outgoing.iter().filter(|o| o.topic == output_topic) {
+            // Records derived from state (closed windows) count in the batch's first partition.
+            let partition = o
+                .source
+                .and_then(|i| batch.get(i))
+                .map_or(first_partition, Message::partition);
+            if let Some(c) = by_partition.get_mut(&partition) {
+                c.records_out += 1;
+            }
+        }
+        for (index, _) in &plan.dead {
+            if let Some(c) = batch
+                .get(*index)
+                .and_then(|m| by_partition.get_mut(&m.partition()))
+            {
+                c.records_dlq += 1;
+            }
+        }
+        let now = now_ms();
+        let group = &self.topo.group;
+        let topic = &self.topo.input_topic;
+        let mut out = Vec::with_capacity(by_partition.len() + plan.dead.len());
+        for (partition, c) in &by_partition {
+            let status = if plan.failed.is_some() {
+                "FAILED"
+            } else if c.records_dlq > 0 {
+                "PARTIAL"
+            } else {
+                "SUCCEEDED"
+            };
+            let range = format!("{topic}/{partition}/{}-{}", c.first, c.last);
+            let event = serde_json::json!({
+                "event_id": crate::ids::stable_id(&["etl", group, &range]),
+                "event_type": "etl.execution",
+                "event_version": "1.0.0",
+                "timestamp": now,
+                "source": {"service": group, "instance": telemetry.instance},
+                "correlation_id": range,
+                "org_id": 0,
+                "trace_id": null,
+                "classification": "internal",
+                "payload": {
+                    "pipeline_id": telemetry.pipeline_id,
+                    "stage": group,
+                    "input_topic": topic,
+                    "partition": partition,
+                    "first_offset": c.first,
+                    "last_offset": c.last,
+                    "records_in": c.records_in,
+                    "records_out": c.records_out,
+                    "records_dlq": c.records_dlq,
+                    "duration_ms": duration.as_millis() as i64,
+                    "status": status,
+                    "error": plan.failed,
+                },
+            });
+            match telemetry.execution.record(&telemetry.pipeline_id, &event) {
+                Ok(record) => out.push(record.into()),
+                Err(e) => tracing::error!(error = %e, "etl.execution record not encoded"),
+            }
+        }
+        for (index, failure) in &plan.dead {
+            if let Some(message) = batch.get(*index) {
+                out.extend(self.dead_letter_audit(message, failure, 1));
+            }
+        }
+        out
+    }
+
+    /// The `audit.events` record of one dead letter (`dlq.routed`).
+    fn dead_letter_audit(
+        &self,
+        message: &OwnedMessage,
+        failure: &RecordFailure,
+        attempts: usize,
+    ) -> Option<Outgoing> {
+        let telemetry = self.telemetry.as_ref()?;
+        let group = &self.topo.group;
+        let resource = format!(
+            "{}/{}/{}",
+            message.topic(),
+            message.partition(),
+            message.offset()
+        );
+        let org_id = message
+            .key()
+            .and_then(|k| std::str::from_utf8(k).ok())
+            .and_then(|k| k.trim().parse::<i64>().ok())
+            .unwrap_or(0);
+        let mut detail: String = failure.message.chars().take(256).collect();
+        if detail.len() < failure.message.len() {
+            detail.push('…');
+        }
+        let action = crate::audit::AuditAction {
+            event_id: crate::ids::stable_id(&["dlq", group, &resource]),
+            action: "dlq.routed".into(),
+            actor: group.clone(),
+            org_id,
+            correlation_id: resource.clone(),
+            trace_id: None,
+            resource_type: "record".into(),
+            resource_id: resource,
+            outcome: "dead_lettered".into(),
+            reason: Some(failure.reason.clone()),
+            details: [
+                ("class".to_string(), failure.class.as_str().to_string()),
+                ("message".to_string(), detail),
+                ("dlq_topic".to_string(), self.topo.dlq_topic.clone()),
+                ("attempts".to_string(), attempts.to_string()),
+            ]
+            .into_iter()
+            .collect(),
+        };
+        let event = action.to_event(&telemetry.instance, now_ms());
+        match telemetry.audit.record(&org_id.to_string(), &event) {
+            Ok(record) => Some(record.into()),
+            Err(e) => {
+                tracing::error!(error = %e, "audit record not encoded");
+                None
+            }
+        }
     }
 
     /// Tells the stage about partitions it lost and partitions it sees for the first time
@@ -782,16 +1208,7 @@ impl<S: Stage> StageWorker<S> {
         batch: &[OwnedMessage],
         consumer: &StreamConsumer<WorkerContext>,
     ) -> Result<(), WorkerError> {
-        let revoked: Vec<i32> = self
-            .revoked
-            .lock()
-            .map(|mut r| std::mem::take(&mut *r))
-            .unwrap_or_default();
-        for partition in revoked {
-            if self.initialized.remove(&partition) {
-                self.stage.revoke(partition);
-            }
-        }
+        self.apply_revocations();
         let fresh: Vec<i32> = batch
             .iter()
             .map(Message::partition)
@@ -848,6 +1265,7 @@ impl<S: Stage> StageWorker<S> {
                 &origin,
                 attempts,
             )),
+            source: None,
         }
     }
 
@@ -862,7 +1280,9 @@ impl<S: Stage> StageWorker<S> {
                 .iter()
                 .map(|m| self.dead_letter(m, &failure, attempts))
                 .collect(),
+            failed: Some(failure.message.clone()),
             dead: (0..batch.len()).map(|i| (i, failure.clone())).collect(),
+            deferred: Vec::new(),
             remember: Vec::new(),
             duplicates: 0,
             event_times: Vec::new(),
@@ -957,12 +1377,7 @@ impl<S: Stage> StageWorker<S> {
         .map_err(|e| StageError::Transform(e.to_string()))?;
 
         let output = if input.num_rows() == 0 {
-            StageOutput {
-                batch: RecordBatch::new_empty(self.output_schema.clone()),
-                source_rows: Vec::new(),
-                rejected: Vec::new(),
-                side: Vec::new(),
-            }
+            StageOutput::empty(self.output_schema.clone())
         } else {
             self.stage.process(input).await?
         };
@@ -988,11 +1403,27 @@ impl<S: Stage> StageWorker<S> {
             }
         }
 
-        let encoded = self
-            .encoder
-            .encode(&output.batch)
-            .map_err(|e| StageError::Encode(e.to_string()))?;
-        let out_keys = key_column(&output.batch, &self.topo.output_key);
+        let (encoded, out_keys, output_topic) = match (&mut self.encoder, &self.topo.output) {
+            (Some(encoder), Some(out)) => (
+                encoder
+                    .encode(&output.batch)
+                    .map_err(|e| StageError::Encode(e.to_string()))?,
+                key_column(&output.batch, &out.key),
+                out.topic.clone(),
+            ),
+            _ if output.batch.num_rows() > 0 => {
+                return Err(StageError::Transform(format!(
+                    "group {} produces no topic but its stage returned {} rows",
+                    self.topo.group,
+                    output.batch.num_rows()
+                )))
+            }
+            _ => (Vec::new(), Vec::new(), String::new()),
+        };
+        let mut row_headers: HashMap<u32, Vec<(String, Vec<u8>)>> = HashMap::new();
+        for (row, key, value) in output.row_headers {
+            row_headers.entry(row).or_default().push((key, value));
+        }
         let times = output
             .batch
             .column_by_name("timestamp")
@@ -1005,43 +1436,53 @@ impl<S: Stage> StageWorker<S> {
                     "output row without a source row".into(),
                 ));
             };
-            let headers = match source_row {
-                None => None,
+            let (mut headers, source) = match source_row {
+                None => (None, None),
                 Some(source_row) => {
                     let Some(&index) = kept_rows.get(source_row as usize) else {
                         return Err(StageError::Transform(format!(
                             "source row {source_row} out of range"
                         )));
                     };
-                    batch[index].headers().cloned()
+                    (batch[index].headers().cloned(), Some(index))
                 }
             };
+            if let Some(added) = row_headers.remove(&(row as u32)) {
+                let mut h = headers.unwrap_or_default();
+                for (key, value) in &added {
+                    h = h.insert(rdkafka::message::Header {
+                        key,
+                        value: Some(value),
+                    });
+                }
+                headers = Some(h);
+            }
             if let Some(t) = times.as_ref().filter(|t| !t.is_null(row)) {
                 event_times.push(t.value(row));
             }
             outgoing.push(Outgoing {
-                topic: self.topo.output_topic.clone(),
+                topic: output_topic.clone(),
                 partition: None,
                 key: out_keys.get(row).cloned().flatten(),
                 value: value.to_vec(),
                 headers,
+                source,
             });
         }
-        for side in output.side {
-            outgoing.push(Outgoing {
-                topic: side.topic,
-                partition: side.partition,
-                key: side.key,
-                value: side.value,
-                headers: None,
-            });
-        }
+        outgoing.extend(output.side.into_iter().map(Outgoing::from));
+        let deferred: Vec<usize> = output
+            .deferred
+            .iter()
+            .filter_map(|row| kept_rows.get(*row as usize).copied())
+            .collect();
         dead.sort_by_key(|(i, _)| *i);
         for (index, failure) in &dead {
             outgoing.push(self.dead_letter(&batch[*index], failure, 1));
         }
         Ok(Plan {
             outgoing,
+            deferred,
+            failed: None,
             dead,
             remember,
             duplicates,

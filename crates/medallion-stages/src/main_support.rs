@@ -108,7 +108,7 @@ where
         tracing::info!(
             group,
             input = worker.input_topic(),
-            output = worker.output_topic(),
+            output = ?worker.output_topic(),
             "worker started"
         );
         match worker.run(&config, shutdown_signal()).await {

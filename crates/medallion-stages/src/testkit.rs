@@ -25,7 +25,8 @@ pub fn offline_setup(group: &str, input_schema: SchemaRef, output_schema: Schema
         input_schema,
         output_schema,
         input_topic: spec.consumes[0].clone(),
-        output_topic: spec.produces[0].clone(),
+        output_topic: spec.produces.first().cloned(),
+        retry: Default::default(),
         topics,
     }
 }

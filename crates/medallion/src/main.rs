@@ -35,6 +35,31 @@ enum Command {
     /// Topics and DLQs of topic-config.yaml.
     #[command(subcommand)]
     Topics(TopicsCommand),
+    /// The audit store written by audit-writer.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Run SQL over table `audit_events` (partition columns `org_id` and `day` prune files).
+    Query {
+        /// e.g. "SELECT action, count(*) FROM audit_events WHERE org_id = 7 GROUP BY action".
+        sql: String,
+        /// A directory, file:///dir or s3://bucket/prefix (AWS_* variables for S3).
+        #[arg(long, env = "MEDALLION_AUDIT_STORE", default_value = "audit-store")]
+        store: String,
+    },
+    /// Remove day partitions older than the retention (seed 002: 90 days).
+    Retention {
+        #[arg(long, env = "MEDALLION_AUDIT_STORE", default_value = "audit-store")]
+        store: String,
+        #[arg(long, default_value_t = medallion_stages::audit_writer::RETENTION_DAYS)]
+        days: u32,
+        /// List what would be removed, remove nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -70,6 +95,14 @@ enum TopicsCommand {
         #[arg(long, default_value_t = 3)]
         max_replication: u16,
     },
+}
+
+fn today() -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or_default();
+    medallion_stages::audit_writer::day_of_ms(now)
 }
 
 fn load(home: &std::path::Path) -> anyhow::Result<(ContractSet, TopicConfig)> {
@@ -115,6 +148,29 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             for (topic, id) in client.register_all(&contracts, &topics).await? {
                 println!("{:<32} id {id}", topics.subject(&topic));
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Audit(AuditCommand::Query { sql, store }) => {
+            let store = medallion_stages::audit_writer::AuditStore::open(&store)?;
+            let batches = store.query(&sql).await?;
+            println!(
+                "{}",
+                datafusion::arrow::util::pretty::pretty_format_batches(&batches)?
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Audit(AuditCommand::Retention {
+            store,
+            days,
+            dry_run,
+        }) => {
+            let store = medallion_stages::audit_writer::AuditStore::open(&store)?;
+            let removed = store.retain(days, &today(), dry_run).await?;
+            let verb = if dry_run { "would remove" } else { "removed" };
+            for partition in &removed {
+                println!("{verb} {partition}");
+            }
+            println!("{verb} {} partitions older than {days} days", removed.len());
             Ok(ExitCode::SUCCESS)
         }
         Command::Topics(TopicsCommand::Apply {

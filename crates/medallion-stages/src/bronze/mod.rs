@@ -312,6 +312,8 @@ impl Stage for Bronze {
             source_rows,
             rejected,
             side: Vec::new(),
+            deferred: Vec::new(),
+            row_headers: Vec::new(),
         })
     }
 }

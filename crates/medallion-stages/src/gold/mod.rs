@@ -148,7 +148,7 @@ enum Fate {
 impl Gold {
     /// Registers the output schema and plans the transform.
     pub async fn new(setup: StageSetup, config: GoldConfig) -> Result<Self, String> {
-        let output = setup.json_encoder(&setup.output_topic).await?;
+        let output = setup.json_encoder(setup.output()?).await?;
         Self::with_encoder(setup, config, output).await
     }
 
@@ -446,6 +446,8 @@ impl Stage for Gold {
             source_rows: Vec::new(),
             rejected,
             side,
+            deferred: Vec::new(),
+            row_headers: Vec::new(),
         })
     }
 }

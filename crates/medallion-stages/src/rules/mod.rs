@@ -223,7 +223,7 @@ impl Rules {
     /// Loads and validates the start-up rules, registers the output schema, and starts reading
     /// `config.changes`.
     pub async fn new(setup: StageSetup, config: RulesConfig) -> Result<Self, String> {
-        let output = setup.json_encoder(&setup.output_topic).await?;
+        let output = setup.json_encoder(setup.output()?).await?;
         let mut stage = Self::with_encoder(&setup, config, output).await?;
         let topic = setup
             .topics
@@ -444,6 +444,8 @@ impl Stage for Rules {
             source_rows: Vec::new(),
             rejected: Vec::new(),
             side,
+            deferred: Vec::new(),
+            row_headers: Vec::new(),
         })
     }
 }

@@ -736,6 +736,8 @@ impl Silver {
             source_rows,
             rejected,
             side,
+            deferred: Vec::new(),
+            row_headers: Vec::new(),
         })
     }
 }

@@ -1,0 +1,118 @@
+//! audit-writer as a separate process on a real broker, writing real Parquet files.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use arrow::array::{Array, Int64Array};
+use medallion_stages::audit_writer::AuditStore;
+use serde_json::{json, Value as Json};
+
+use crate::bronze::Pipeline;
+
+const BIN: &str = env!("CARGO_BIN_EXE_audit-writer");
+const AUDIT: &str = "audit.events";
+const DAY: i64 = 86_400_000;
+/// 2026-11-20 00:00 UTC.
+const T: i64 = 1_795_132_800_000;
+
+fn event(n: i64) -> Json {
+    json!({
+        "event_id": format!("00000000-0000-4000-b000-{n:012}"), "event_type": "audit.dlq.routed",
+        "event_version": "1.0.0", "timestamp": T + (n % 3) * DAY,
+        "source": {"service": "bronze-processor", "instance": "i"}, "correlation_id": format!("c{n}"),
+        "org_id": 1 + n % 5, "trace_id": null, "classification": "internal",
+        "payload": {"action": "dlq.routed", "actor": "bronze-processor", "resource_type": "record",
+                    "resource_id": format!("r{n}"), "outcome": "dead_lettered", "reason": "bad",
+                    "details": {"n": n.to_string()}}
+    })
+}
+
+/// (rows, distinct event ids) by org.
+async fn counts(store: &AuditStore) -> BTreeMap<i64, (i64, i64)> {
+    let Ok(batches) = store
+        .query("SELECT org_id, count(*) AS n, count(DISTINCT event_id) AS d FROM audit_events GROUP BY org_id")
+        .await
+    else {
+        return BTreeMap::new();
+    };
+    let mut out = BTreeMap::new();
+    for b in batches {
+        let col = |name: &str| {
+            let c = b.column_by_name(name).expect("column");
+            arrow::compute::cast(c, &arrow::datatypes::DataType::Int64).expect("int")
+        };
+        let (org, n, d) = (col("org_id"), col("n"), col("d"));
+        let as_i64 = |a: &std::sync::Arc<dyn Array>| {
+            a.as_any()
+                .downcast_ref::<Int64Array>()
+                .expect("i64")
+                .clone()
+        };
+        let (org, n, d) = (as_i64(&org), as_i64(&n), as_i64(&d));
+        for i in 0..org.len() {
+            out.insert(org.value(i), (n.value(i), d.value(i)));
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sigkill_while_writing_leaves_every_event_exactly_once_in_the_store() {
+    let p = Pipeline::start().await;
+    let dir = std::env::temp_dir().join(medallion_tests::unique("audit-store"));
+    let env = [
+        ("MEDALLION__STAGE__STORE", dir.display().to_string()),
+        ("MEDALLION__STAGE__FLUSH_ROWS", "150".to_string()),
+        ("MEDALLION__STAGE__FLUSH_INTERVAL_MS", "400".to_string()),
+        ("MEDALLION__BATCH__MAX_RECORDS", "100".to_string()),
+    ];
+    const N: i64 = 3_000;
+    for n in 0..N {
+        p.publish(AUDIT, &event(n)).await;
+    }
+    let store = AuditStore::open(&dir.display().to_string()).expect("store");
+    let mut worker = p.worker_of(BIN, &env);
+    // Kill it once it has written some files, mid-stream.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let files = store.files().await.unwrap_or_default().len();
+        if files >= 3 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no files written");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    worker.kill();
+    let written: i64 = counts(&store).await.values().map(|(n, _)| n).sum();
+    assert!(written < N, "killed before the end ({written} rows)");
+
+    let worker = p.worker_of(BIN, &env);
+    worker
+        .wait_ready(Duration::from_secs(90))
+        .await
+        .expect("ready");
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let rows: i64 = counts(&store).await.values().map(|(n, _)| n).sum();
+        if rows >= N {
+            break;
+        }
+        assert!(Instant::now() < deadline, "only {rows} rows");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let by_org = counts(&store).await;
+    let expected: BTreeMap<i64, (i64, i64)> = (1..=5).map(|org| (org, (N / 5, N / 5))).collect();
+    assert_eq!(by_org, expected, "every event once, per org");
+    // Files are laid out by org and day and named by topic, partition and offsets.
+    let files = store.files().await.expect("files");
+    assert!(files.iter().all(|f| {
+        let parts: Vec<&str> = f.split('/').collect();
+        parts.len() == 3
+            && parts[0].starts_with("org_id=")
+            && parts[1].starts_with("day=2026-11-2")
+            && parts[2].starts_with("audit.events-")
+            && parts[2].ends_with(".parquet")
+    }));
+    let _ = std::fs::remove_dir_all(&dir);
+}
