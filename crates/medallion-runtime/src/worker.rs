@@ -173,6 +173,17 @@ impl StageSetup {
             .ok_or_else(|| format!("consumer group {} produces no topic", self.group))
     }
 
+    /// Registers the `telemetry.audit` topic's schema and returns an encoder for it.
+    pub async fn audit_encoder(&self) -> Result<JsonEncoder, String> {
+        let topic = self
+            .topics
+            .telemetry
+            .as_ref()
+            .map(|t| t.audit.clone())
+            .ok_or("topic-config.yaml names no telemetry.audit topic")?;
+        self.json_encoder(&topic).await
+    }
+
     /// Registers `topic`'s value schema and returns an encoder of JSON events for it.
     pub async fn json_encoder(&self, topic: &str) -> Result<JsonEncoder, String> {
         let spec = self

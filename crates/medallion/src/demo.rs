@@ -1,8 +1,9 @@
 //! The local mode: an embedded broker (librdkafka's mock cluster) and an embedded Confluent-
 //! compatible registry in one process; contracts registered, topics created from
 //! topic-config.yaml, a realistic connector stream produced (several orgs, the seed 000, 001 and
-//! 004 feeds, ~1% malformed, some duplicates) and run through bronze, silver, gold and the rule
-//! evaluator in process.
+//! 004 feeds, ~1% malformed, some duplicates) and run through bronze, silver, gold, the rule
+//! evaluator, the notification sender (to a signed-webhook receiver the demo starts) and the
+//! audit writer (to a local directory), in process.
 
 use std::io::Write as _;
 use std::net::SocketAddr;
@@ -11,14 +12,18 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use arrow::array::Array as _;
 use medallion_contracts::registry::RegistryClient;
 use medallion_contracts::sample::{SampleEvents, SplitMix};
 use medallion_contracts::{json, ContractSet, TopicConfig};
 use medallion_runtime::config::WorkerConfig;
 use medallion_runtime::http::Health;
+use medallion_runtime::pii::{KeySource, Keyring, PiiConfig};
 use medallion_runtime::worker::{prepare, Progress, RunTotals, Stage, StageSetup};
+use medallion_stages::audit_writer::{self, AuditStore, AuditWriter, AuditWriterConfig};
 use medallion_stages::bronze::{self, Bronze, BronzeConfig};
 use medallion_stages::gold::{self, Gold, GoldConfig};
+use medallion_stages::notify::{self, ChannelConfig, Notify, NotifyConfig, Route};
 use medallion_stages::rules::{self, Rules, RulesConfig};
 use medallion_stages::silver::{self, Silver, SilverConfig};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -48,6 +53,58 @@ pub struct DemoArgs {
     /// Use this Schema Registry instead of the embedded one.
     #[arg(long, env = "MEDALLION_REGISTRY_URL")]
     registry: Option<String>,
+    /// Where the audit writer puts its Parquet files (emptied first; default
+    /// target/medallion-demo/audit-store under the repository).
+    #[arg(long)]
+    audit_store: Option<std::path::PathBuf>,
+}
+
+/// The demo's webhook endpoint: counts deliveries whose signature checks out.
+#[derive(Default)]
+struct Receiver {
+    secret: String,
+    accepted: std::sync::atomic::AtomicU64,
+    bad_signature: std::sync::atomic::AtomicU64,
+}
+
+async fn start_receiver(secret: String) -> anyhow::Result<(String, Arc<Receiver>)> {
+    use axum::extract::State;
+    use axum::http::{HeaderMap, StatusCode};
+    async fn hook(
+        State(receiver): State<Arc<Receiver>>,
+        headers: HeaderMap,
+        body: axum::body::Bytes,
+    ) -> StatusCode {
+        let header = |k: &str| headers.get(k).and_then(|v| v.to_str().ok()).unwrap_or("");
+        let timestamp = header(notify::header::TIMESTAMP)
+            .parse::<u64>()
+            .unwrap_or(0);
+        let expected = notify::signature(receiver.secret.as_bytes(), timestamp, &body);
+        if header(notify::header::SIGNATURE) == expected {
+            receiver.accepted.fetch_add(1, Relaxed);
+            StatusCode::NO_CONTENT
+        } else {
+            receiver.bad_signature.fetch_add(1, Relaxed);
+            StatusCode::UNAUTHORIZED
+        }
+    }
+    let receiver = Arc::new(Receiver {
+        secret,
+        ..Receiver::default()
+    });
+    let app = axum::Router::new()
+        .route("/alerts", axum::routing::post(hook))
+        .with_state(receiver.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .context("binding the demo webhook receiver")?;
+    let url = format!("http://{}/alerts", listener.local_addr()?);
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            eprintln!("demo webhook receiver stopped: {e}");
+        }
+    });
+    Ok((url, receiver))
 }
 
 /// What the malformed share of the stream looks like, in rotation.
@@ -165,23 +222,89 @@ pub async fn run(home: &Path, args: DemoArgs) -> anyhow::Result<ExitCode> {
         registry: registry_url.clone(),
         health,
     };
+    // Personal data is encrypted with a key made for this run.
+    let bronze_config = BronzeConfig {
+        pii: PiiConfig {
+            active_key: "local".into(),
+            keys: [(
+                "local".to_string(),
+                KeySource {
+                    env: None,
+                    value: Some(Keyring::generate_key()),
+                },
+            )]
+            .into(),
+        },
+        ..BronzeConfig::default()
+    };
+    let secret = uuid::Uuid::new_v4().to_string();
+    let (hook_url, receiver) = start_receiver(secret.clone()).await?;
+    println!("  webhook   {hook_url} (signed with a secret made for this run)");
+    let notify_config = NotifyConfig {
+        channels: [
+            (
+                "local-webhook".to_string(),
+                ChannelConfig::Webhook {
+                    url: hook_url,
+                    secret: Some(secret),
+                    secret_env: None,
+                    timeout_ms: 5_000,
+                    max_in_flight: 8,
+                },
+            ),
+            ("log".to_string(), ChannelConfig::Log),
+        ]
+        .into(),
+        routes: vec![
+            Route {
+                orgs: Vec::new(),
+                min_severity: None,
+                channels: vec!["local-webhook".into()],
+            },
+            Route {
+                orgs: Vec::new(),
+                min_severity: Some(notify::Severity::Critical),
+                channels: vec!["log".into()],
+            },
+        ],
+        ..NotifyConfig::default()
+    };
+    let store_dir = args
+        .audit_store
+        .clone()
+        .unwrap_or_else(|| home.join("target/medallion-demo/audit-store"));
+    if store_dir.exists() {
+        std::fs::remove_dir_all(&store_dir)
+            .with_context(|| format!("emptying {}", store_dir.display()))?;
+    }
+    let audit_config = AuditWriterConfig {
+        store: store_dir.display().to_string(),
+        flush_interval_ms: 1_000,
+        ..AuditWriterConfig::default()
+    };
+    println!(
+        "  audit     {} (Parquet by org and day)",
+        store_dir.display()
+    );
     let bronze = base
-        .spawn(bronze::GROUP, |setup, c: BronzeConfig| {
-            Bronze::new(setup, c)
-        })
+        .spawn(bronze::GROUP, bronze_config, Bronze::new)
         .await?;
     let silver = base
-        .spawn(silver::GROUP, |setup, c: SilverConfig| {
-            Silver::new(setup, c)
-        })
+        .spawn(silver::GROUP, SilverConfig::default(), Silver::new)
         .await?;
     let gold = base
-        .spawn(gold::GROUP, |setup, c: GoldConfig| Gold::new(setup, c))
+        .spawn(gold::GROUP, GoldConfig::default(), Gold::new)
         .await?;
     let rules = base
-        .spawn(rules::GROUP, |setup, c: RulesConfig| Rules::new(setup, c))
+        .spawn(rules::GROUP, RulesConfig::default(), Rules::new)
         .await?;
-    let stages = [&bronze, &silver, &gold, &rules];
+    let notifier = base
+        .spawn(notify::GROUP, notify_config, Notify::new)
+        .await?;
+    let auditor = base
+        .spawn(audit_writer::GROUP, audit_config, AuditWriter::new)
+        .await?;
+    let stages = [&bronze, &silver, &gold, &rules, &notifier];
 
     let producer = medallion_runtime::kafka::producer(&bootstrap)?;
     let started = Instant::now();
@@ -189,18 +312,23 @@ pub async fn run(home: &Path, args: DemoArgs) -> anyhow::Result<ExitCode> {
         let produced = produce_stream(&producer, &raw, raw_id, &args).await?;
         let mut last = Instant::now();
         let mut settled_at: Option<Instant> = None;
+        let mut audited = 0;
         loop {
-            // Done when every stage has consumed everything its upstream wrote, for a while.
+            // Done when every stage has consumed everything its upstream wrote, and the audit
+            // trail stopped growing, for a while.
             let mut upstream = produced.total;
             let mut settled = true;
             for stage in &stages {
                 settled &= stage.progress.consumed.load(Relaxed) >= upstream;
                 upstream = stage.progress.produced.load(Relaxed);
             }
+            let now_audited = auditor.progress.consumed.load(Relaxed);
+            settled &= now_audited == audited;
+            audited = now_audited;
             if last.elapsed() > Duration::from_millis(250) {
                 last = Instant::now();
                 print!(
-                    "\r  progress  raw {} | bronze {} -> {} | silver {} -> {} | gold {} -> {} windows | alerts {}   ",
+                    "\r  progress  raw {} | bronze {} -> {} | silver {} -> {} | gold {} -> {} windows | alerts {} | audit {}   ",
                     produced.total,
                     bronze.progress.consumed.load(Relaxed),
                     bronze.progress.produced.load(Relaxed),
@@ -209,6 +337,7 @@ pub async fn run(home: &Path, args: DemoArgs) -> anyhow::Result<ExitCode> {
                     gold.progress.consumed.load(Relaxed),
                     gold.progress.produced.load(Relaxed),
                     rules.progress.produced.load(Relaxed),
+                    auditor.progress.consumed.load(Relaxed),
                 );
                 let _ = std::io::stdout().flush();
             }
@@ -232,7 +361,7 @@ pub async fn run(home: &Path, args: DemoArgs) -> anyhow::Result<ExitCode> {
     let elapsed = started.elapsed().as_secs_f64();
     drop(producer);
     let mut totals = Vec::new();
-    for stage in [bronze, silver, gold, rules] {
+    for stage in [bronze, silver, gold, rules, notifier, auditor] {
         totals.push(stage.stop().await?);
     }
     // Let the stopped workers' background clients close while the embedded broker still runs.
@@ -241,8 +370,8 @@ pub async fn run(home: &Path, args: DemoArgs) -> anyhow::Result<ExitCode> {
         println!("\ninterrupted: every stage stopped cleanly and committed");
         return Ok(ExitCode::from(130));
     };
-    let [bronze, silver, gold, rules] = &totals[..] else {
-        bail!("four stages expected");
+    let [bronze, silver, gold, rules, _notifier, auditor] = &totals[..] else {
+        bail!("six stages expected");
     };
     let scrape = metrics.render();
     println!();
@@ -300,6 +429,54 @@ pub async fn run(home: &Path, args: DemoArgs) -> anyhow::Result<ExitCode> {
             label(&labels, "severity")
         );
     }
+    let notified = |channel: &str, outcome: &str| -> u64 {
+        series(&scrape, medallion_runtime::metrics::NOTIFICATIONS_TOTAL)
+            .iter()
+            .filter(|(labels, _)| {
+                label(labels, "channel") == channel && label(labels, "outcome") == outcome
+            })
+            .map(|(_, v)| *v as u64)
+            .sum()
+    };
+    println!(
+        "  notifications     webhook delivered {} dead-lettered {} | log delivered {} | signatures the receiver verified {} rejected {}",
+        notified("local-webhook", "delivered"),
+        notified("local-webhook", "dead_lettered"),
+        notified("log", "delivered"),
+        receiver.accepted.load(Relaxed),
+        receiver.bad_signature.load(Relaxed),
+    );
+    println!(
+        "  personal data     {} fields encrypted in bronze (AES-256-GCM, key `local`)",
+        total(medallion_runtime::metrics::PII_FIELDS_ENCRYPTED_TOTAL)
+    );
+    let store = AuditStore::open(&store_dir.display().to_string())?;
+    let rows = store
+        .query("SELECT action, count(*) AS n FROM audit_events GROUP BY action ORDER BY action")
+        .await?;
+    println!(
+        "  audit store       {} rows written in {} files from {} audit events; by action:",
+        total(medallion_runtime::metrics::AUDIT_ROWS_WRITTEN_TOTAL),
+        store.files().await?.len(),
+        auditor.consumed,
+    );
+    for batch in &rows {
+        let actions = arrow::compute::cast(batch.column(0), &arrow::datatypes::DataType::Utf8)?;
+        let counts = arrow::compute::cast(batch.column(1), &arrow::datatypes::DataType::Int64)?;
+        let (actions, counts) = (
+            actions.as_any().downcast_ref::<arrow::array::StringArray>(),
+            counts.as_any().downcast_ref::<arrow::array::Int64Array>(),
+        );
+        if let (Some(actions), Some(counts)) = (actions, counts) {
+            for i in 0..actions.len() {
+                println!("    {:<32} {}", actions.value(i), counts.value(i));
+            }
+        }
+    }
+    println!(
+        "    query it: cargo run -p medallion -- audit query --store {} \"SELECT * FROM audit_events LIMIT 5\"",
+        store_dir.display()
+    );
     for (name, t) in [
         ("bronze", bronze),
         ("silver", silver),
@@ -363,7 +540,7 @@ impl Running {
 }
 
 impl Base {
-    async fn spawn<S, C, F, Fut>(&self, group: &str, make: F) -> anyhow::Result<Running>
+    async fn spawn<S, C, F, Fut>(&self, group: &str, stage: C, make: F) -> anyhow::Result<Running>
     where
         S: Stage + Sync,
         C: Default + Serialize + DeserializeOwned + Clone + Send + Sync + 'static,
@@ -374,6 +551,7 @@ impl Base {
         config.kafka.bootstrap = self.bootstrap.clone();
         config.registry.url = self.registry.clone();
         config.contracts.home = Some(self.home.clone());
+        config.stage = stage;
         let stage_config = config.stage.clone();
         let worker = prepare(&config, group, self.health.clone(), |setup| {
             make(setup, stage_config)

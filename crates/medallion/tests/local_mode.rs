@@ -19,8 +19,10 @@ fn number_after(line: &str, label: &str) -> u64 {
 
 #[test]
 fn the_local_mode_runs_every_layer_and_accounts_for_every_event() {
+    let store = std::env::temp_dir().join(format!("medallion-demo-audit-{}", std::process::id()));
     let output = Command::new(env!("CARGO_BIN_EXE_medallion"))
-        .args(["demo", "--events", "20000"])
+        .args(["demo", "--events", "20000", "--audit-store"])
+        .arg(&store)
         .env(
             "MEDALLION_HOME",
             concat!(env!("CARGO_MANIFEST_DIR"), "/../.."),
@@ -74,4 +76,64 @@ fn the_local_mode_runs_every_layer_and_accounts_for_every_event() {
     );
     assert!(stdout.contains("drift"), "{stdout}");
     assert!(stdout.contains("alerts fired"), "{stdout}");
+
+    // Every alert reached the signed webhook, and its signature checked out.
+    let alerts = number_after(&rules, "out");
+    let notifications = line_with(&stdout, "notifications");
+    assert_eq!(
+        number_after(&notifications, "delivered"),
+        alerts,
+        "{stdout}"
+    );
+    assert_eq!(number_after(&notifications, "dead-lettered"), 0, "{stdout}");
+    assert_eq!(number_after(&notifications, "verified"), alerts, "{stdout}");
+    assert_eq!(number_after(&notifications, "rejected"), 0, "{stdout}");
+    // The audit store holds every audit event: one per dead letter among them.
+    let audit = line_with(&stdout, "audit store");
+    let audited = number_after(&audit, "store");
+    assert!(audited > 0, "{stdout}");
+    assert!(
+        audit.contains(&format!("from {audited} audit events")),
+        "{stdout}"
+    );
+    let query = Command::new(env!("CARGO_BIN_EXE_medallion"))
+        .args(["audit", "query", "--store"])
+        .arg(&store)
+        .arg("SELECT action, count(*) AS n, count(DISTINCT event_id) AS d FROM audit_events WHERE action = 'dlq.routed' GROUP BY action")
+        .output()
+        .expect("query runs");
+    let table = String::from_utf8_lossy(&query.stdout);
+    assert!(
+        query.status.success(),
+        "{table}{}",
+        String::from_utf8_lossy(&query.stderr)
+    );
+    let row = table
+        .lines()
+        .find(|l| l.contains("dlq.routed"))
+        .unwrap_or_else(|| panic!("no dlq.routed row:\n{table}"));
+    let cells: Vec<&str> = row
+        .split('|')
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+        .collect();
+    assert_eq!(cells, ["dlq.routed", "200", "200"], "{table}");
+    let bad = Command::new(env!("CARGO_BIN_EXE_medallion"))
+        .args(["audit", "query", "--store"])
+        .arg(&store)
+        .arg("SELECT nope FROM audit_events")
+        .output()
+        .expect("query runs");
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("nope"));
+    let _ = std::fs::remove_dir_all(&store);
+}
+
+/// The summary line that starts with `label`.
+fn line_with(stdout: &str, label: &str) -> String {
+    stdout
+        .lines()
+        .find(|l| l.trim_start().starts_with(label))
+        .unwrap_or_else(|| panic!("no {label} line in:\n{stdout}"))
+        .to_string()
 }

@@ -2,12 +2,17 @@
 //! (required fields, UUID `event_id`, event time within a sanity range, `org_id` > 0 and equal
 //! to the record key, payload variant matching `event_type`, the seed's allowed values),
 //! normalizes (trim, canonical case for enums and ids; times are UTC epoch milliseconds), and
-//! hands valid events on. Dedup by `event_id` is the runtime's.
+//! hands valid events on. Personal data (schema fields marked `"pii": true`) is encrypted with
+//! the active key before it leaves bronze; the record carries the key id in a header and each
+//! encryption is recorded on `audit.events`. Dedup by `event_id` is the runtime's.
 
 use arrow::array::{Array, ArrayRef, AsArray, RecordBatch};
 use arrow::datatypes::SchemaRef;
+use medallion_runtime::audit::AuditAction;
 use medallion_runtime::error::{RecordFailure, StageError};
-use medallion_runtime::worker::{meta, Stage, StageOutput, StageSetup};
+use medallion_runtime::metrics as m;
+use medallion_runtime::pii::{Keyring, PiiConfig, KEY_ID_HEADER};
+use medallion_runtime::worker::{meta, JsonEncoder, SideRecord, Stage, StageOutput, StageSetup};
 use serde::{Deserialize, Serialize};
 
 use crate::plan::{number_rows, struct_access, with_row_column, BatchPlan, ROW};
@@ -23,6 +28,8 @@ pub struct BronzeConfig {
     pub max_event_age_ms: i64,
     /// Furthest accepted event time in the future (producer clock skew).
     pub max_future_skew_ms: i64,
+    /// Keys that encrypt personal data; the worker refuses to start without one.
+    pub pii: PiiConfig,
 }
 
 impl Default for BronzeConfig {
@@ -30,6 +37,7 @@ impl Default for BronzeConfig {
         Self {
             max_event_age_ms: 30 * 86_400_000,
             max_future_skew_ms: 5 * 60_000,
+            pii: PiiConfig::default(),
         }
     }
 }
@@ -210,10 +218,33 @@ pub struct Bronze {
     plan: BatchPlan,
     plan_input: SchemaRef,
     output_schema: SchemaRef,
+    keyring: Keyring,
+    /// Dotted paths of the personal-data fields of the input contract.
+    pii_fields: Vec<String>,
+    audit: JsonEncoder,
+    instance: String,
 }
 
 impl Bronze {
+    /// Registers the audit schema, loads the keys and plans the transform once.
     pub async fn new(setup: StageSetup, config: BronzeConfig) -> Result<Self, String> {
+        let audit = setup.audit_encoder().await?;
+        Self::with_audit(setup, config, audit).await
+    }
+
+    /// Plans the transform with the `audit.events` encoder already at hand.
+    pub async fn with_audit(
+        setup: StageSetup,
+        config: BronzeConfig,
+        audit: JsonEncoder,
+    ) -> Result<Self, String> {
+        let keyring = Keyring::from_config(&config.pii, "stage.pii").map_err(|e| e.to_string())?;
+        let pii_fields = setup
+            .topics
+            .topic(&setup.input_topic)
+            .and_then(|t| setup.contracts.get(&t.schema))
+            .map(|c| c.pii_fields())
+            .unwrap_or_default();
         let plan_input = with_row_column(&setup.input_schema);
         let plan = BatchPlan::new(&sql(&config, &setup.input_topic), plan_input.clone())
             .await
@@ -240,7 +271,90 @@ impl Bronze {
             plan,
             plan_input,
             output_schema: setup.output_schema,
+            keyring,
+            pii_fields,
+            audit,
+            instance: medallion_runtime::audit::instance(),
         })
+    }
+
+    /// Encrypts the personal data of `batch`: the key id goes in a header of each record that
+    /// had some, and each encryption is recorded on `audit.events`.
+    #[allow(clippy::type_complexity)]
+    fn protect(
+        &self,
+        batch: RecordBatch,
+    ) -> Result<(RecordBatch, Vec<(u32, String, Vec<u8>)>, Vec<SideRecord>), StageError> {
+        if self.pii_fields.is_empty() || batch.num_rows() == 0 {
+            return Ok((batch, Vec::new(), Vec::new()));
+        }
+        let (batch, touched) = self
+            .keyring
+            .encrypt_columns(&batch, &self.pii_fields)
+            .map_err(|e| StageError::Transform(e.to_string()))?;
+        let text = |name: &str| {
+            batch
+                .column_by_name(name)
+                .and_then(|c| c.as_string_opt::<i32>().cloned())
+                .ok_or_else(|| StageError::Transform(format!("no text column {name}")))
+        };
+        let (event_ids, event_types, correlations, traces) = (
+            text("event_id")?,
+            text("event_type")?,
+            text("correlation_id")?,
+            text("trace_id")?,
+        );
+        let orgs = batch
+            .column_by_name("org_id")
+            .and_then(|c| c.as_primitive_opt::<arrow::datatypes::Int64Type>().cloned())
+            .ok_or_else(|| StageError::Transform("no org_id column".into()))?;
+        let key_id = self.keyring.active_id().to_string();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or_default();
+        let mut headers = Vec::new();
+        let mut side = Vec::new();
+        let mut fields = 0u64;
+        for (row, paths) in touched.iter().enumerate() {
+            if paths.is_empty() {
+                continue;
+            }
+            fields += paths.len() as u64;
+            headers.push((
+                row as u32,
+                KEY_ID_HEADER.to_string(),
+                key_id.clone().into_bytes(),
+            ));
+            let event_id = event_ids.value(row);
+            let org_id = orgs.value(row);
+            let action = AuditAction {
+                event_id: medallion_runtime::ids::stable_id(&["pii.encrypted", event_id]),
+                action: "pii.encrypted".into(),
+                actor: GROUP.into(),
+                org_id,
+                correlation_id: correlations.value(row).to_string(),
+                trace_id: (!traces.is_null(row)).then(|| traces.value(row).to_string()),
+                resource_type: event_types.value(row).to_string(),
+                resource_id: event_id.to_string(),
+                outcome: "encrypted".into(),
+                reason: None,
+                details: [
+                    ("fields".to_string(), paths.join(",")),
+                    ("key_id".to_string(), key_id.clone()),
+                    ("algorithm".to_string(), "AES-256-GCM".to_string()),
+                ]
+                .into_iter()
+                .collect(),
+            };
+            side.push(
+                self.audit
+                    .record(&org_id.to_string(), &action.to_event(&self.instance, now))?,
+            );
+        }
+        metrics::counter!(m::PII_FIELDS_ENCRYPTED_TOTAL, "stage" => GROUP, "key_id" => key_id)
+            .increment(fields);
+        Ok((batch, headers, side))
     }
 
     fn conform(&self, batch: &RecordBatch) -> Result<RecordBatch, StageError> {
@@ -307,13 +421,14 @@ impl Stage for Bronze {
             _ => arrow::compute::concat_batches(&self.output_schema, &accepted)
                 .map_err(|e| StageError::Transform(e.to_string()))?,
         };
+        let (batch, row_headers, side) = self.protect(batch)?;
         Ok(StageOutput {
             batch,
             source_rows,
             rejected,
-            side: Vec::new(),
+            side,
             deferred: Vec::new(),
-            row_headers: Vec::new(),
+            row_headers,
         })
     }
 }

@@ -11,7 +11,30 @@ use medallion_contracts::{Contract, ContractSet};
 use medallion_runtime::worker::{stage_input_schema, with_meta, Stage};
 use serde_json::{json, Value as Json};
 
+use medallion_runtime::pii::{KeySource, Keyring, PiiConfig, KEY_ID_HEADER};
+use medallion_runtime::worker::{JsonEncoder, StageOutput};
+
 use super::{reason, Bronze, BronzeConfig};
+
+/// A fixed test key (bytes 0..32).
+const KEY: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+
+fn test_config() -> BronzeConfig {
+    BronzeConfig {
+        pii: PiiConfig {
+            active_key: "k1".into(),
+            keys: [(
+                "k1".to_string(),
+                KeySource {
+                    env: None,
+                    value: Some(KEY.into()),
+                },
+            )]
+            .into(),
+        },
+        ..BronzeConfig::default()
+    }
+}
 
 fn contracts() -> ContractSet {
     ContractSet::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../../schemas"))
@@ -52,7 +75,9 @@ async fn fixture() -> Fixture {
         stage_input_schema(&decoder.schema()),
         output_schema,
     );
-    let stage = Bronze::new(setup, BronzeConfig::default())
+    let audit = contracts.get("audit/events.avsc").expect("audit");
+    let audit = JsonEncoder::new("audit.events", &audit.text, 5).expect("audit encoder");
+    let stage = Bronze::with_audit(setup, test_config(), audit)
         .await
         .expect("plans");
     Fixture {
@@ -68,6 +93,17 @@ async fn run(
     f: &mut Fixture,
     events: &[(Option<String>, Json)],
 ) -> (Vec<Json>, Vec<(u32, String)>) {
+    let (out, output) = run_full(f, events).await;
+    let rejected = output
+        .rejected
+        .iter()
+        .map(|(row, failure)| (*row, failure.reason.clone()))
+        .collect();
+    (out, rejected)
+}
+
+/// Runs events through bronze; returns output JSON and the stage's whole output.
+async fn run_full(f: &mut Fixture, events: &[(Option<String>, Json)]) -> (Vec<Json>, StageOutput) {
     let messages: Vec<Vec<u8>> = events
         .iter()
         .map(|(_, e)| to_framed(e, &f.raw.schema, 1).expect("frames"))
@@ -96,13 +132,75 @@ async fn run(
             from_avro_binary(&m[5..], &f.bronze.schema, &f.bronze.schema).expect("valid bronze")
         })
         .collect();
-    let rejected = output
-        .rejected
-        .iter()
-        .map(|(row, failure)| (*row, failure.reason.clone()))
-        .collect();
     assert_eq!(output.source_rows.len(), encoded.len());
-    (out, rejected)
+    (out, output)
+}
+
+#[tokio::test]
+async fn personal_data_leaves_bronze_encrypted_with_its_key_named_and_audited() {
+    let mut f = fixture().await;
+    let mut sample = SampleEvents::new(9, 3, now_ms() - 3_600_000);
+    let events: Vec<_> = (0..90).map(|_| keyed(sample.next_event())).collect();
+    let (out, output) = run_full(&mut f, &events).await;
+    let keys = Keyring::from_config(&test_config().pii, "stage.pii").expect("keys");
+    let wrong = Keyring::new("k1", [("k1".to_string(), vec![9u8; 32])]).expect("keys");
+    let mut protected = 0;
+    for (row, (o, (_, e))) in out.iter().zip(&events).enumerate() {
+        let mut fields = Vec::new();
+        if let Some(lead) = e["payload"]["lead_created"].as_object() {
+            fields.push((
+                "payload.lead_created.email",
+                lead["email"].clone(),
+                &o["payload"]["lead_created"]["email"],
+            ));
+            fields.push((
+                "payload.lead_created.name",
+                lead["name"].clone(),
+                &o["payload"]["lead_created"]["name"],
+            ));
+        }
+        if let Some(case) = e["payload"]["case_sync"].as_object() {
+            fields.push((
+                "payload.case_sync.owner",
+                case["owner"].clone(),
+                &o["payload"]["case_sync"]["owner"],
+            ));
+        }
+        let mut any = false;
+        for (path, sent, got) in fields {
+            let (sent, got) = (
+                sent.as_str().expect("text").trim(),
+                got.as_str().expect("text"),
+            );
+            if sent.is_empty() {
+                assert_eq!(got, "", "nothing to protect in an empty {path}");
+                continue;
+            }
+            any = true;
+            assert!(
+                !got.contains(sent),
+                "{path} left bronze in the clear: {got}"
+            );
+            assert_eq!(keys.decrypt(path, got).expect("decrypts"), sent);
+            assert!(wrong.decrypt(path, got).is_err(), "a wrong key must fail");
+        }
+        let header = output
+            .row_headers
+            .iter()
+            .find(|(r, k, _)| *r as usize == row && k == KEY_ID_HEADER);
+        assert_eq!(
+            header.map(|(_, _, v)| v.as_slice()),
+            any.then_some(b"k1".as_slice())
+        );
+        protected += usize::from(any);
+    }
+    assert!(
+        protected > 30,
+        "the sample carries leads and cases ({protected})"
+    );
+    // One audit record per protected event.
+    assert_eq!(output.side.len(), protected);
+    assert!(output.side.iter().all(|r| r.topic == "audit.events"));
 }
 
 fn keyed(event: Json) -> (Option<String>, Json) {

@@ -26,6 +26,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value as Json};
 use tokio::sync::mpsc;
 
+pub use crate::rules::Severity;
 pub use channel::{classify, dlq_header, header, signature, Attempt, Channel, Outcome, Webhook};
 
 /// The consumer group, and so the binary's name.
@@ -97,28 +98,6 @@ pub struct Route {
     #[serde(default)]
     pub min_severity: Option<Severity>,
     pub channels: Vec<String>,
-}
-
-/// `rules/alerts.avsc` severities, in order.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "UPPERCASE")]
-pub enum Severity {
-    Low,
-    Medium,
-    High,
-    Critical,
-}
-
-impl Severity {
-    fn parse(text: &str) -> Option<Self> {
-        match text {
-            "LOW" => Some(Self::Low),
-            "MEDIUM" => Some(Self::Medium),
-            "HIGH" => Some(Self::High),
-            "CRITICAL" => Some(Self::Critical),
-            _ => None,
-        }
-    }
 }
 
 impl NotifyConfig {
@@ -302,13 +281,7 @@ pub struct Notify {
 impl Notify {
     /// Checks the channels and routes and registers the audit schema.
     pub async fn new(setup: StageSetup, config: NotifyConfig) -> Result<Self, String> {
-        let audit_topic = setup
-            .topics
-            .telemetry
-            .as_ref()
-            .map(|t| t.audit.clone())
-            .ok_or("topic-config.yaml has no telemetry.audit topic")?;
-        let audit = setup.json_encoder(&audit_topic).await?;
+        let audit = setup.audit_encoder().await?;
         Self::with_audit(setup, config, audit)
     }
 

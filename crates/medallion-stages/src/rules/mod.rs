@@ -33,7 +33,8 @@ pub const GROUP: &str = "rule-evaluator";
 /// `config.changes` records for this stage carry this target.
 pub const TARGET: &str = "rules";
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// `rules/alerts.avsc` severities, in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "UPPERCASE")]
 pub enum Severity {
     Low,
@@ -50,6 +51,13 @@ impl Severity {
             Severity::High => "HIGH",
             Severity::Critical => "CRITICAL",
         }
+    }
+
+    /// The severity named `text` (as in the alert contract).
+    pub fn parse(text: &str) -> Option<Self> {
+        [Self::Low, Self::Medium, Self::High, Self::Critical]
+            .into_iter()
+            .find(|s| s.as_str() == text)
     }
 }
 

@@ -18,7 +18,6 @@ use medallion_runtime::error::{RecordFailure, StageError};
 use medallion_runtime::metrics as m;
 use medallion_runtime::worker::{meta, JsonEncoder, SideRecord, Stage, StageOutput, StageSetup};
 use serde::{Deserialize, Serialize};
-use serde_json::json;
 
 use crate::plan::{number_rows, struct_access, with_row_column, BatchPlan, ROW};
 
@@ -30,7 +29,6 @@ pub use state::{Change, EntityState, Merge};
 
 /// The consumer group, and so the binary's name.
 pub const GROUP: &str = "silver-processor";
-const AUDIT_TOPIC: &str = "audit.events";
 
 /// Rejection reason of an event that maps to no entity.
 pub const NO_ENTITY: &str = "no_entity";
@@ -206,7 +204,7 @@ impl Silver {
     /// Registers the audit schema and plans the transform once; an expectation that does not
     /// plan is named in the error.
     pub async fn new(setup: StageSetup, config: SilverConfig) -> Result<Self, String> {
-        let audit = setup.json_encoder(AUDIT_TOPIC).await?;
+        let audit = setup.audit_encoder().await?;
         Self::with_audit(setup, config, audit).await
     }
 
@@ -276,36 +274,33 @@ impl Silver {
         current: &EntityState,
         now_ms: i64,
     ) -> Result<SideRecord, StageError> {
-        let event = json!({
-            "event_id": medallion_runtime::ids::stable_id(&["drift", row.event_id]),
-            "event_type": "audit.drift.detected",
-            "event_version": "1.0.0",
-            "timestamp": now_ms,
-            "source": {"service": GROUP, "instance": self.instance},
-            "correlation_id": row.correlation_id,
-            "org_id": row.org_id,
-            "trace_id": row.trace_id,
-            "classification": "internal",
-            "payload": {
-                "action": "drift.detected",
-                "actor": GROUP,
-                "resource_type": row.entity_type,
-                "resource_id": row.entity_id,
-                "outcome": "not_overwritten",
-                "reason": format!(
-                    "incoming updated_at {} from {} is older than the current {} from {}",
-                    row.updated_at, row.source_system, current.updated_at, current.source_system
-                ),
-                "details": {
-                    "event_id": row.event_id,
-                    "incoming_updated_at": row.updated_at.to_string(),
-                    "incoming_source": row.source_system,
-                    "current_updated_at": current.updated_at.to_string(),
-                    "current_source": current.source_system,
-                    "current_event_id": current.event_id,
-                },
-            },
-        });
+        let action = medallion_runtime::audit::AuditAction {
+            event_id: medallion_runtime::ids::stable_id(&["drift", row.event_id]),
+            action: "drift.detected".into(),
+            actor: GROUP.into(),
+            org_id: row.org_id,
+            correlation_id: row.correlation_id.to_string(),
+            trace_id: row.trace_id.map(str::to_string),
+            resource_type: row.entity_type.to_string(),
+            resource_id: row.entity_id.to_string(),
+            outcome: "not_overwritten".into(),
+            reason: Some(format!(
+                "incoming updated_at {} from {} is older than the current {} from {}",
+                row.updated_at, row.source_system, current.updated_at, current.source_system
+            )),
+            details: [
+                ("event_id", row.event_id.to_string()),
+                ("incoming_updated_at", row.updated_at.to_string()),
+                ("incoming_source", row.source_system.to_string()),
+                ("current_updated_at", current.updated_at.to_string()),
+                ("current_source", current.source_system.to_string()),
+                ("current_event_id", current.event_id.to_string()),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect(),
+        };
+        let event = action.to_event(&self.instance, now_ms);
         self.audit.record(&row.org_id.to_string(), &event)
     }
 }
