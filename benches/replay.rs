@@ -15,6 +15,9 @@ use std::time::{Duration, Instant};
 use medallion_contracts::json::to_framed;
 use medallion_contracts::registry::RegistryClient;
 use medallion_contracts::sample::SampleEvents;
+use medallion_runtime::ops::capture::{
+    read_capture, replay, CaptureWriter, Captured, ReplayOptions,
+};
 use medallion_tests::{broker, contracts, metric_sum, registry, WorkerProcess};
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -284,41 +287,49 @@ async fn run() {
             )
         })
         .collect();
-    let producer = medallion_runtime::kafka::producer(&broker.address).expect("producer");
+    // The stream goes through a capture file and `medallion replay`'s own code path.
+    let capture_path =
+        std::env::temp_dir().join(format!("medallion-replay-{}.cap", std::process::id()));
+    {
+        let file = std::fs::File::create(&capture_path).expect("capture file");
+        let mut writer = CaptureWriter::new(std::io::BufWriter::new(file)).expect("writer");
+        for i in 0..n {
+            let (key, template) = &templates[i % templates.len()];
+            let mut value = template.clone();
+            // event_id is the first field: a length byte, then 36 characters; rewrite the last 12.
+            let suffix = format!("{:012x}", i);
+            value[6 + 24..6 + 36].copy_from_slice(suffix.as_bytes());
+            let (from, to) = timestamp_span(&value);
+            write_varint_fixed(&mut value[from..to], base_ms + 2 * i as i64);
+            writer
+                .write(&Captured {
+                    partition: 0,
+                    offset: i as i64,
+                    timestamp: None,
+                    key: Some(key.clone().into_bytes()),
+                    value: Some(value),
+                    headers: Vec::new(),
+                })
+                .expect("written");
+        }
+        writer.finish().expect("flushed");
+    }
+    let records = read_capture(&capture_path).expect("capture readable");
+    let _ = std::fs::remove_file(&capture_path);
     let produce_started = Instant::now();
-    let mut bytes = 0usize;
-    let mut pending = Vec::with_capacity(50_000);
-    for i in 0..n {
-        let (key, template) = &templates[i % templates.len()];
-        let mut value = template.clone();
-        // event_id is the first field: a length byte, then 36 characters; rewrite the last 12.
-        let suffix = format!("{:012x}", i);
-        value[6 + 24..6 + 36].copy_from_slice(suffix.as_bytes());
-        let (from, to) = timestamp_span(&value);
-        write_varint_fixed(&mut value[from..to], base_ms + 2 * i as i64);
-        bytes += value.len();
-        let mut record = FutureRecord::to(RAW).key(key.as_str()).payload(&value);
-        loop {
-            match producer.send_result(record) {
-                Ok(d) => {
-                    pending.push(d);
-                    break;
-                }
-                Err((_, r)) => {
-                    record = r;
-                    tokio::time::sleep(Duration::from_millis(1)).await;
-                }
-            }
-        }
-        if pending.len() >= 50_000 {
-            for d in pending.drain(..) {
-                d.await.expect("not cancelled").expect("delivered");
-            }
-        }
-    }
-    for d in pending.drain(..) {
-        d.await.expect("not cancelled").expect("delivered");
-    }
+    let options = ReplayOptions {
+        rate: None,
+        by_key: true,
+        new_timestamps: true,
+    };
+    let mut kafka = rdkafka::ClientConfig::new();
+    kafka.set("bootstrap.servers", &broker.address);
+    let summary = replay(&kafka, RAW, &records, &options, |_, _| {})
+        .await
+        .expect("replayed");
+    assert_eq!(summary.errors, 0, "every record delivered");
+    let bytes = summary.bytes as usize;
+    drop(records);
     let produce_seconds = produce_started.elapsed().as_secs_f64();
     println!(
         "replay: {n} events ({:.1} MB, {} B avg) produced in {produce_seconds:.1} s ({:.0} events/s)",

@@ -5,4 +5,5 @@ mod audit;
 mod bronze;
 mod contracts;
 mod notify;
+mod ops;
 mod stages;

@@ -13,6 +13,7 @@ pub mod http;
 pub mod ids;
 pub mod kafka;
 pub mod metrics;
+pub mod ops;
 pub mod pii;
 pub mod retry;
 pub mod worker;

@@ -38,6 +38,119 @@ enum Command {
     /// The audit store written by audit-writer.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Copy a topic (keys, values, headers, timestamps, partitions) to a file.
+    Capture {
+        #[command(flatten)]
+        kafka: KafkaArgs,
+        #[arg(long)]
+        topic: String,
+        /// The capture file to write.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Produce a capture file into a topic, at a rate or as fast as possible.
+    Replay {
+        #[command(flatten)]
+        kafka: KafkaArgs,
+        #[arg(long)]
+        topic: String,
+        /// A file written by `medallion capture`.
+        #[arg(long)]
+        file: PathBuf,
+        /// Records per second (default: as fast as the broker takes them).
+        #[arg(long)]
+        rate: Option<f64>,
+        /// Partition by key instead of keeping each record's captured partition.
+        #[arg(long)]
+        by_key: bool,
+        /// Let the broker stamp records instead of keeping the captured timestamps.
+        #[arg(long)]
+        new_timestamps: bool,
+    },
+    /// Consumer lag per group, topic and partition (committed offset vs high watermark).
+    Lag {
+        #[command(flatten)]
+        kafka: KafkaArgs,
+        /// Only these groups (default: every group of topic-config.yaml).
+        #[arg(long)]
+        group: Vec<String>,
+        /// Print again every this many seconds until interrupted.
+        #[arg(long)]
+        watch: Option<u64>,
+    },
+    /// Dead-letter topics: what they hold, and putting records back.
+    #[command(subcommand)]
+    Dlq(DlqCommand),
+}
+
+/// How to reach Kafka.
+#[derive(clap::Args)]
+struct KafkaArgs {
+    /// Kafka bootstrap servers.
+    #[arg(long, env = "MEDALLION_BOOTSTRAP")]
+    bootstrap: String,
+    /// Extra librdkafka properties, `key=value` (security.protocol, sasl.*, ...).
+    #[arg(long = "kafka-property", short = 'X', value_parser = parse_property)]
+    properties: Vec<(String, String)>,
+}
+
+fn parse_property(text: &str) -> Result<(String, String), String> {
+    text.split_once('=')
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .filter(|(k, _)| !k.is_empty())
+        .ok_or_else(|| format!("`{text}` is not key=value"))
+}
+
+impl KafkaArgs {
+    fn client(&self) -> rdkafka::ClientConfig {
+        let mut config = rdkafka::ClientConfig::new();
+        config.set("bootstrap.servers", &self.bootstrap);
+        for (k, v) in &self.properties {
+            config.set(k, v);
+        }
+        config
+    }
+}
+
+#[derive(Subcommand)]
+enum DlqCommand {
+    /// Counts by reason and stage, time span, and sample records with their error headers.
+    Inspect {
+        #[command(flatten)]
+        kafka: KafkaArgs,
+        /// The dead-letter topic, or the topic whose DLQ to read.
+        #[arg(long)]
+        topic: String,
+        /// Sample records shown per reason.
+        #[arg(long, default_value_t = 2)]
+        samples: usize,
+    },
+    /// Send dead letters back to the topic named in their headers, once each.
+    Redrive {
+        #[command(flatten)]
+        kafka: KafkaArgs,
+        /// The dead-letter topic, or the topic whose DLQ to redrive.
+        #[arg(long)]
+        topic: String,
+        /// Only records with this reason (repeatable).
+        #[arg(long)]
+        reason: Vec<String>,
+        /// Only records dead-lettered since: epoch ms, or a duration ago (`30m`, `2h`, `7d`).
+        #[arg(long)]
+        since: Option<String>,
+        /// Only records dead-lettered before: epoch ms, or a duration ago.
+        #[arg(long)]
+        until: Option<String>,
+        /// Show what would be redriven; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Leave records already redriven this many times in the DLQ.
+        #[arg(long, default_value_t = 3)]
+        max_redrives: u32,
+        /// Records per second (default: as fast as possible).
+        #[arg(long)]
+        rate: Option<f64>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -86,7 +199,14 @@ enum SchemasCommand {
 
 #[derive(Subcommand)]
 enum TopicsCommand {
-    /// Create every topic and DLQ that does not exist yet.
+    /// Show how the broker differs from topic-config.yaml (creates, partitions, retention).
+    Plan {
+        #[arg(long, env = "MEDALLION_BOOTSTRAP")]
+        bootstrap: String,
+        #[arg(long, default_value_t = 3)]
+        max_replication: u16,
+    },
+    /// Create missing topics and DLQs, add partitions, set retention and cleanup policy.
     Apply {
         /// Kafka bootstrap servers.
         #[arg(long, env = "MEDALLION_BOOTSTRAP")]
@@ -95,6 +215,46 @@ enum TopicsCommand {
         #[arg(long, default_value_t = 3)]
         max_replication: u16,
     },
+}
+
+/// Epoch ms of `text`: epoch ms, or a duration (`2h`) before now.
+fn instant(text: &str) -> anyhow::Result<i64> {
+    if let Ok(ms) = text.parse::<i64>() {
+        return Ok(ms);
+    }
+    let ago = medallion_contracts::topics::parse_duration(text).map_err(|e| {
+        anyhow::anyhow!("`{text}` is neither epoch milliseconds nor a duration like 2h: {e}")
+    })?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or_default();
+    Ok(now - ago.as_millis() as i64)
+}
+
+/// The DLQ of `topic` (or `topic` itself if it is one).
+fn dlq_of(home: &std::path::Path, topic: &str) -> anyhow::Result<String> {
+    let (_, topics) = load(home)?;
+    if topic.ends_with(&topics.dlq.suffix) {
+        return Ok(topic.to_string());
+    }
+    if topics.topic(topic).is_some_and(|t| t.dlq.is_some()) {
+        return Ok(topics.dlq_topic(topic));
+    }
+    anyhow::bail!("`{topic}` is neither a DLQ nor a topic with a DLQ in topic-config.yaml")
+}
+
+fn ms_text(ms: Option<i64>) -> String {
+    ms.map_or("-".into(), |ms| {
+        let day = medallion_stages::audit_writer::day_of_ms(ms);
+        let in_day = ms.rem_euclid(86_400_000) / 1_000;
+        format!(
+            "{day}T{:02}:{:02}:{:02}Z",
+            in_day / 3600,
+            in_day / 60 % 60,
+            in_day % 60
+        )
+    })
 }
 
 fn today() -> String {
@@ -173,20 +333,228 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("{verb} {} partitions older than {days} days", removed.len());
             Ok(ExitCode::SUCCESS)
         }
+        Command::Topics(TopicsCommand::Plan {
+            bootstrap,
+            max_replication,
+        }) => {
+            let (_, topics) = load(&home)?;
+            let plan =
+                medallion_runtime::admin::plan_topics(&bootstrap, &topics, max_replication).await?;
+            let mut pending = 0;
+            let mut impossible = false;
+            for (topic, changes) in &plan {
+                let what = if changes.is_empty() {
+                    "up to date".to_string()
+                } else {
+                    pending += 1;
+                    impossible |= changes.iter().any(|c| {
+                        matches!(c, medallion_runtime::admin::Change::FewerPartitions { .. })
+                    });
+                    changes
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                };
+                println!("{:<40} {what}", topic.name);
+            }
+            println!("{pending} of {} topics to change", plan.len());
+            Ok(if impossible {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
         Command::Topics(TopicsCommand::Apply {
             bootstrap,
             max_replication,
         }) => {
             let (_, topics) = load(&home)?;
             let applied =
-                medallion_runtime::admin::apply_topics(&bootstrap, &topics, max_replication)
+                medallion_runtime::admin::reconcile_topics(&bootstrap, &topics, max_replication)
                     .await?;
-            for (topic, outcome) in applied {
+            for (topic, changes) in applied {
+                let what = if changes.is_empty() {
+                    "up to date".to_string()
+                } else {
+                    changes
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                };
                 println!(
-                    "{:<36} {:>3} partitions  rf {}  retention {} ms  {:?}",
-                    topic.name, topic.partitions, topic.replication, topic.retention_ms, outcome
+                    "{:<40} {:>3} partitions  rf {}  {what}",
+                    topic.name, topic.partitions, topic.replication
                 );
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Capture { kafka, topic, out } => {
+            let client = kafka.client();
+            let summary = tokio::task::spawn_blocking(move || {
+                medallion_runtime::ops::capture::capture(&client, &topic, &out, |s| {
+                    eprint!("\r  captured {} records", s.records);
+                })
+            })
+            .await??;
+            eprintln!();
+            println!("{}", summary.table());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Replay {
+            kafka,
+            topic,
+            file,
+            rate,
+            by_key,
+            new_timestamps,
+        } => {
+            let records = medallion_runtime::ops::capture::read_capture(&file)?;
+            let options = medallion_runtime::ops::capture::ReplayOptions {
+                rate,
+                by_key,
+                new_timestamps,
+            };
+            let summary = medallion_runtime::ops::capture::replay(
+                &kafka.client(),
+                &topic,
+                &records,
+                &options,
+                |s, total| {
+                    eprint!(
+                        "\r  {}",
+                        medallion_runtime::ops::capture::progress_line(s, total)
+                    );
+                },
+            )
+            .await?;
+            eprintln!();
+            println!("{}", summary.table());
+            Ok(if summary.errors > 0 {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
+        Command::Lag {
+            kafka,
+            group,
+            watch,
+        } => {
+            let (_, topics) = load(&home)?;
+            let groups: Vec<(String, Vec<String>)> = topics
+                .consumer_groups
+                .iter()
+                .filter(|(name, _)| group.is_empty() || group.contains(name))
+                .map(|(name, spec)| (name.clone(), spec.consumes.clone()))
+                .collect();
+            if let Some(unknown) = group
+                .iter()
+                .find(|g| !topics.consumer_groups.contains_key(*g))
+            {
+                anyhow::bail!("consumer group `{unknown}` is not in topic-config.yaml");
+            }
+            let client = kafka.client();
+            loop {
+                let (client, groups) = (client.clone(), groups.clone());
+                let rows = tokio::task::spawn_blocking(move || {
+                    let mut rows = Vec::new();
+                    for (group, consumes) in &groups {
+                        rows.extend(medallion_runtime::ops::lag::group_lag(
+                            &client, group, consumes,
+                        )?);
+                    }
+                    Ok::<_, medallion_runtime::ops::capture::CaptureError>(rows)
+                })
+                .await??;
+                print!("{}", medallion_runtime::ops::lag::table(&rows));
+                let Some(every) = watch else {
+                    return Ok(ExitCode::SUCCESS);
+                };
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(every.max(1))) => println!(),
+                    _ = tokio::signal::ctrl_c() => return Ok(ExitCode::SUCCESS),
+                }
+            }
+        }
+        Command::Dlq(DlqCommand::Inspect {
+            kafka,
+            topic,
+            samples,
+        }) => {
+            let dlq = dlq_of(&home, &topic)?;
+            let client = kafka.client();
+            let name = dlq.clone();
+            let report = tokio::task::spawn_blocking(move || {
+                medallion_runtime::ops::redrive::inspect(&client, &name, samples)
+            })
+            .await??;
+            println!("{dlq}: {} records", report.total);
+            println!(
+                "{:<34} {:>8}  {:<22} {:<22} stages",
+                "REASON", "COUNT", "FIRST", "LAST"
+            );
+            for (reason, stats) in &report.by_reason {
+                let stages: Vec<String> = stats
+                    .stages
+                    .iter()
+                    .map(|(s, n)| format!("{s} {n}"))
+                    .collect();
+                println!(
+                    "{reason:<34} {:>8}  {:<22} {:<22} {}",
+                    stats.count,
+                    ms_text(stats.first_ms),
+                    ms_text(stats.last_ms),
+                    stages.join(", ")
+                );
+            }
+            for (reason, stats) in &report.by_reason {
+                for sample in &stats.samples {
+                    println!(
+                        "\n[{reason}] partition {} offset {}",
+                        sample.partition, sample.offset
+                    );
+                    for (k, v) in &sample.headers {
+                        let v = v
+                            .as_ref()
+                            .map(|v| String::from_utf8_lossy(v).into_owned())
+                            .unwrap_or_default();
+                        println!("  {k}: {v}");
+                    }
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Dlq(DlqCommand::Redrive {
+            kafka,
+            topic,
+            reason,
+            since,
+            until,
+            dry_run,
+            max_redrives,
+            rate,
+        }) => {
+            let dlq = dlq_of(&home, &topic)?;
+            let options = medallion_runtime::ops::redrive::RedriveOptions {
+                reasons: reason,
+                since_ms: since.as_deref().map(instant).transpose()?,
+                until_ms: until.as_deref().map(instant).transpose()?,
+                dry_run,
+                max_redrives,
+                rate,
+            };
+            let report =
+                medallion_runtime::ops::redrive::redrive(&kafka.client(), &dlq, &options).await?;
+            let verb = if dry_run { "would redrive" } else { "redriven" };
+            for (original, n) in &report.redriven {
+                println!("{verb:<14} {n:>8} to {original}");
+            }
+            println!(
+                "left in {dlq}: {} filtered out, {} redriven {max_redrives} times already, {} without an original topic; {} redriven before; {} postponed to the next run",
+                report.filtered, report.looping, report.unroutable, report.already, report.postponed
+            );
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -1,0 +1,104 @@
+//! `medallion lag`: per consumer group, topic and partition, the committed offset, the high
+//! watermark and the difference, read from the broker (the workers' own
+//! `kafka_consumer_lag` gauge says the same from inside).
+
+use std::time::Duration;
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{Offset, TopicPartitionList};
+
+use super::capture::CaptureError;
+
+/// One partition of one group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LagRow {
+    pub group: String,
+    pub topic: String,
+    pub partition: i32,
+    /// `None` when the group never committed on this partition.
+    pub committed: Option<i64>,
+    pub low: i64,
+    pub high: i64,
+    /// Records not consumed yet: from the committed offset (or the start) to the high watermark.
+    pub lag: i64,
+}
+
+/// The lag of `group` on each partition of `topics`.
+pub fn group_lag(
+    kafka: &ClientConfig,
+    group: &str,
+    topics: &[String],
+) -> Result<Vec<LagRow>, CaptureError> {
+    let consumer: BaseConsumer = kafka
+        .clone()
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .create()?;
+    let mut rows = Vec::new();
+    for topic in topics {
+        let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+        let partitions: Vec<i32> = metadata
+            .topics()
+            .iter()
+            .filter(|t| t.name() == topic)
+            .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+            .collect();
+        if partitions.is_empty() {
+            return Err(CaptureError::NoTopic(topic.clone()));
+        }
+        let mut tpl = TopicPartitionList::new();
+        for p in &partitions {
+            tpl.add_partition(topic, *p);
+        }
+        let committed = consumer.committed_offsets(tpl, Duration::from_secs(10))?;
+        for p in partitions {
+            let (low, high) = consumer.fetch_watermarks(topic, p, Duration::from_secs(10))?;
+            let committed = committed
+                .find_partition(topic, p)
+                .and_then(|e| match e.offset() {
+                    Offset::Offset(o) => Some(o),
+                    _ => None,
+                });
+            let from = committed.unwrap_or(low).max(low);
+            rows.push(LagRow {
+                group: group.to_string(),
+                topic: topic.clone(),
+                partition: p,
+                committed,
+                low,
+                high,
+                lag: (high - from).max(0),
+            });
+        }
+    }
+    Ok(rows)
+}
+
+/// The rows as an aligned table, with a total per group.
+pub fn table(rows: &[LagRow]) -> String {
+    let mut out = format!(
+        "{:<22} {:<26} {:>9} {:>12} {:>12} {:>10}\n",
+        "GROUP", "TOPIC", "PARTITION", "COMMITTED", "HIGH", "LAG"
+    );
+    let mut total: std::collections::BTreeMap<&str, i64> = Default::default();
+    for r in rows {
+        out.push_str(&format!(
+            "{:<22} {:<26} {:>9} {:>12} {:>12} {:>10}\n",
+            r.group,
+            r.topic,
+            r.partition,
+            r.committed.map_or("-".to_string(), |c| c.to_string()),
+            r.high,
+            r.lag
+        ));
+        *total.entry(r.group.as_str()).or_default() += r.lag;
+    }
+    for (group, lag) in total {
+        out.push_str(&format!(
+            "{group:<22} {:<26} {:>9} {:>12} {:>12} {lag:>10}\n",
+            "(total)", "", "", ""
+        ));
+    }
+    out
+}

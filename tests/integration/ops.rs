@@ -1,0 +1,348 @@
+//! The operator tooling (`medallion capture|replay|lag|dlq|topics`) on a real broker.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use medallion_runtime::admin::{plan_topics, reconcile_topics, Change};
+use medallion_runtime::ops::capture::{capture, read_capture, replay, ReplayOptions};
+use medallion_runtime::ops::lag::group_lag;
+use medallion_runtime::ops::redrive::{inspect, redrive, RedriveOptions, REDRIVE_COUNT};
+use medallion_tests::{broker, read_topic, read_until};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::FutureRecord;
+use rdkafka::ClientConfig;
+
+use crate::bronze::{now_ms, sample, Pipeline};
+
+const RAW: &str = "connector.data.raw";
+const BRONZE: &str = "bronze.data.cleaned";
+
+fn client(bootstrap: &str) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", bootstrap);
+    c
+}
+
+fn temp_file(name: &str) -> std::path::PathBuf {
+    std::env::temp_dir().join(medallion_tests::unique(name))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn capture_then_replay_reproduces_a_topic_byte_for_byte() {
+    let p = Pipeline::start().await;
+    // Keys and no keys, headers and none, explicit partitions and timestamps.
+    for n in 0..240i64 {
+        let key = format!("org-{}", n % 7);
+        let value = format!("value {n} {}", "x".repeat((n % 13) as usize));
+        let headers = OwnedHeaders::new()
+            .insert(Header {
+                key: "n",
+                value: Some(n.to_string().as_bytes()),
+            })
+            .insert(Header {
+                key: "empty",
+                value: None::<&[u8]>,
+            });
+        let mut record = FutureRecord::to(RAW)
+            .payload(value.as_bytes())
+            .partition((n % 5) as i32)
+            .timestamp(1_700_000_000_000 + n);
+        if n % 4 != 0 {
+            record = record.key(key.as_bytes());
+        }
+        if n % 3 != 0 {
+            record = record.headers(headers);
+        }
+        p.producer
+            .send(record, Duration::from_secs(10))
+            .await
+            .map_err(|(e, _)| e)
+            .expect("delivered");
+    }
+    let kafka = client(&p.broker.address);
+    let (first, second) = (temp_file("capture-a"), temp_file("capture-b"));
+    let (k, f) = (kafka.clone(), first.clone());
+    let captured = tokio::task::spawn_blocking(move || capture(&k, RAW, &f, |_| {}))
+        .await
+        .expect("task")
+        .expect("captured");
+    assert_eq!(captured.records, 240);
+    let records = read_capture(&first).expect("readable");
+    let replayed = replay(
+        &kafka,
+        BRONZE,
+        &records,
+        &ReplayOptions::default(),
+        |_, _| {},
+    )
+    .await
+    .expect("replayed");
+    assert_eq!((replayed.records, replayed.errors), (240, 0));
+    let (k, f) = (kafka.clone(), second.clone());
+    tokio::task::spawn_blocking(move || capture(&k, BRONZE, &f, |_| {}))
+        .await
+        .expect("task")
+        .expect("captured");
+    let (a, b) = (
+        std::fs::read(&first).expect("first"),
+        std::fs::read(&second).expect("second"),
+    );
+    assert_eq!(a, b, "the copy is the same, byte for byte (partitions, offsets, timestamps, keys, values, headers)");
+    assert!(
+        records.iter().any(|r| r.key.is_none()) && records.iter().any(|r| r.headers.is_empty())
+    );
+    // A paced replay keeps its rate.
+    let started = std::time::Instant::now();
+    let options = ReplayOptions {
+        rate: Some(400.0),
+        ..ReplayOptions::default()
+    };
+    replay(
+        &kafka,
+        "silver.data.processed",
+        &records[..120],
+        &options,
+        |_, _| {},
+    )
+    .await
+    .expect("paced");
+    assert!(
+        started.elapsed() >= Duration::from_millis(250),
+        "{:?}",
+        started.elapsed()
+    );
+    let _ = (std::fs::remove_file(&first), std::fs::remove_file(&second));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_redrive_after_the_fix_brings_every_dead_letter_back_exactly_once() {
+    let p = Pipeline::start().await;
+    let kafka = client(&p.broker.address);
+    let worker = p.worker(&[]);
+    worker
+        .wait_ready(Duration::from_secs(60))
+        .await
+        .expect("ready");
+    // 20 good events, 10 from a producer whose clock runs an hour ahead, 3 garbage records.
+    let good = sample(71, 20);
+    let mut ahead = sample(72, 10);
+    for e in &mut ahead {
+        e["timestamp"] = serde_json::json!(now_ms() + 3_600_000);
+    }
+    for e in good.iter().chain(&ahead) {
+        p.send(&e["org_id"].to_string(), &p.frame(e)).await;
+    }
+    for n in 0..3u8 {
+        p.send("7", &[0, 0, 0, 0, 99, n]).await;
+    }
+    let dlq = format!("{RAW}.dlq");
+    read_topic(
+        &p.broker.address,
+        &dlq,
+        13,
+        Duration::from_secs(1),
+        Duration::from_secs(60),
+    )
+    .await
+    .expect("dead letters");
+    let (k, d) = (kafka.clone(), dlq.clone());
+    let report = tokio::task::spawn_blocking(move || inspect(&k, &d, 1))
+        .await
+        .expect("task")
+        .expect("inspected");
+    assert_eq!(report.total, 13);
+    assert_eq!(report.by_reason["timestamp_out_of_range"].count, 10);
+    assert_eq!(
+        report
+            .by_reason
+            .values()
+            .map(|r| r.samples.len())
+            .sum::<usize>(),
+        report.by_reason.len()
+    );
+
+    // A dry run names what would go back and changes nothing.
+    let only_time = RedriveOptions {
+        reasons: vec!["timestamp_out_of_range".into()],
+        ..RedriveOptions::default()
+    };
+    let dry = redrive(
+        &kafka,
+        &dlq,
+        &RedriveOptions {
+            dry_run: true,
+            ..only_time.clone()
+        },
+    )
+    .await
+    .expect("dry run");
+    assert_eq!(dry.redriven, BTreeMap::from([(RAW.to_string(), 10)]));
+    assert_eq!(dry.filtered, 3);
+
+    // Fix the cause (allow the skew), then redrive: each event comes through once.
+    drop(worker);
+    let worker = p.worker(&[("MEDALLION__STAGE__MAX_FUTURE_SKEW_MS", "7200000".into())]);
+    worker
+        .wait_ready(Duration::from_secs(60))
+        .await
+        .expect("ready again");
+    let done = redrive(&kafka, &dlq, &only_time).await.expect("redriven");
+    assert_eq!(done.redriven, BTreeMap::from([(RAW.to_string(), 10)]));
+    let again = redrive(&kafka, &dlq, &only_time).await.expect("second run");
+    assert!(again.redriven.is_empty(), "{again:?}");
+    // Records past a left-behind one are remembered in the commit metadata, the rest by offset.
+    assert!(again.already <= 10 && again.filtered == 3, "{again:?}");
+    let out = read_topic(
+        &p.broker.address,
+        BRONZE,
+        30,
+        Duration::from_secs(3),
+        Duration::from_secs(60),
+    )
+    .await
+    .expect("bronze output");
+    let ids: Vec<String> = p
+        .bronze_json(&out)
+        .iter()
+        .map(|e| e["event_id"].as_str().expect("id").to_string())
+        .collect();
+    let expected: BTreeSet<String> = good
+        .iter()
+        .chain(&ahead)
+        .map(|e| e["event_id"].as_str().expect("id").to_string())
+        .collect();
+    assert_eq!(ids.len(), 30, "each event exactly once");
+    assert_eq!(ids.into_iter().collect::<BTreeSet<_>>(), expected);
+
+    // Garbage cannot loop: back once, dead again, then left alone.
+    let once = RedriveOptions {
+        max_redrives: 1,
+        ..RedriveOptions::default()
+    };
+    let first = redrive(&kafka, &dlq, &once)
+        .await
+        .expect("garbage redriven");
+    assert_eq!(first.redriven.get(RAW), Some(&3));
+    let back = read_until(
+        &p.broker.address,
+        &dlq,
+        |m| m.len() >= 16,
+        Duration::from_secs(1),
+        Duration::from_secs(60),
+    )
+    .await
+    .expect("dead again");
+    let counted = back
+        .iter()
+        .filter(|m| {
+            use rdkafka::message::Message;
+            m.headers()
+                .and_then(|h| medallion_runtime::dlq::header_value(h, REDRIVE_COUNT))
+                .as_deref()
+                == Some("1")
+        })
+        .count();
+    assert_eq!(counted, 3);
+    let last = redrive(&kafka, &dlq, &once).await.expect("third run");
+    assert!(last.redriven.is_empty(), "{last:?}");
+    assert_eq!(last.looping, 3);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn topics_plan_shows_the_difference_and_apply_removes_it() {
+    let broker = broker().expect("broker");
+    let (_, topics) = medallion_tests::contracts().expect("contracts");
+    let plan = plan_topics(&broker.address, &topics, 1)
+        .await
+        .expect("plan");
+    assert!(plan.iter().all(|(_, c)| c == &vec![Change::Create]));
+    reconcile_topics(&broker.address, &topics, 1)
+        .await
+        .expect("applied");
+    let plan = plan_topics(&broker.address, &topics, 1)
+        .await
+        .expect("plan");
+    assert!(plan.iter().all(|(_, c)| c.is_empty()), "{plan:?}");
+
+    // Shorter retention and more partitions for one topic.
+    let root = medallion_tests::workspace_root();
+    let text = std::fs::read_to_string(root.join("topic-config.yaml")).expect("yaml");
+    let changed = text.replacen(
+        "  connector.data.raw:\n    partitions: 12\n    replication: 3\n    retention: 7d",
+        "  connector.data.raw:\n    partitions: 12\n    replication: 3\n    retention: 3d",
+        1,
+    );
+    assert_ne!(changed, text);
+    let changed = medallion_contracts::TopicConfig::parse(&changed, "changed").expect("valid");
+    let plan = plan_topics(&broker.address, &changed, 1)
+        .await
+        .expect("plan");
+    let raw: Vec<&Change> = plan
+        .iter()
+        .filter(|(t, _)| t.name == RAW)
+        .flat_map(|(_, c)| c)
+        .collect();
+    assert_eq!(
+        raw,
+        [&Change::Retention {
+            from: Some(7 * 86_400_000),
+            to: 3 * 86_400_000
+        }]
+    );
+    assert_eq!(plan.iter().filter(|(_, c)| !c.is_empty()).count(), 1);
+    reconcile_topics(&broker.address, &changed, 1)
+        .await
+        .expect("applied");
+    let plan = plan_topics(&broker.address, &changed, 1)
+        .await
+        .expect("plan");
+    assert!(plan.iter().all(|(_, c)| c.is_empty()), "{plan:?}");
+    // Fewer partitions cannot be applied, and nothing is changed trying.
+    let fewer = medallion_contracts::TopicConfig::parse(
+        &text.replacen("partitions: 12", "partitions: 4", 1),
+        "fewer",
+    )
+    .expect("valid");
+    let e = reconcile_topics(&broker.address, &fewer, 1)
+        .await
+        .expect_err("refused");
+    assert!(e.to_string().contains("cannot remove partitions"), "{e}");
+}
+
+#[test]
+fn lag_is_committed_offset_to_high_watermark_per_partition() {
+    use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    let cluster = rdkafka::mocking::MockCluster::new(1).expect("mock cluster");
+    cluster.create_topic("t", 2, 1).expect("topic");
+    let kafka = client(&cluster.bootstrap_servers());
+    let producer: BaseProducer = kafka.create().expect("producer");
+    for n in 0..10 {
+        let partition = if n < 6 { 0 } else { 1 };
+        producer
+            .send(
+                BaseRecord::<(), [u8]>::to("t")
+                    .payload(b"x".as_slice())
+                    .partition(partition),
+            )
+            .map_err(|(e, _)| e)
+            .expect("queued");
+    }
+    producer.flush(Duration::from_secs(10)).expect("flushed");
+    let consumer: BaseConsumer = kafka
+        .clone()
+        .set("group.id", "g")
+        .create()
+        .expect("consumer");
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    tpl.add_partition_offset("t", 0, rdkafka::Offset::Offset(4))
+        .expect("tpl");
+    consumer.commit(&tpl, CommitMode::Sync).expect("committed");
+    let rows = group_lag(&kafka, "g", &["t".to_string()]).expect("lag");
+    let lag: Vec<(i32, Option<i64>, i64, i64)> = rows
+        .iter()
+        .map(|r| (r.partition, r.committed, r.high, r.lag))
+        .collect();
+    assert_eq!(lag, [(0, Some(4), 6, 2), (1, None, 4, 4)]);
+    assert!(medallion_runtime::ops::lag::table(&rows).contains("(total)"));
+}
