@@ -138,6 +138,8 @@ impl<S: Default> Default for WorkerConfig<S> {
 
 /// The environment prefix of overrides.
 pub const ENV_PREFIX: &str = "MEDALLION__";
+/// Extra librdkafka properties as `key=value,key=value` (e.g. `security.protocol=SASL_SSL`).
+pub const KAFKA_PROPERTIES_ENV: &str = "MEDALLION_KAFKA_PROPERTIES";
 
 impl<S: Default + Serialize + DeserializeOwned> WorkerConfig<S> {
     /// Defaults, then `file` (if given; it must exist), then `MEDALLION__*` variables.
@@ -150,9 +152,23 @@ impl<S: Default + Serialize + DeserializeOwned> WorkerConfig<S> {
             figment = figment.merge(Yaml::file(file));
         }
         figment = figment.merge(Env::prefixed(ENV_PREFIX).split("__"));
-        let config: Self = figment
+        let mut config: Self = figment
             .extract()
             .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        // librdkafka's dotted names cannot be segments of MEDALLION__A__B variables.
+        if let Ok(text) = std::env::var(KAFKA_PROPERTIES_ENV) {
+            for pair in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+                let (key, value) = pair.split_once('=').ok_or_else(|| {
+                    ConfigError::Invalid(format!(
+                        "{KAFKA_PROPERTIES_ENV}: `{pair}` is not key=value"
+                    ))
+                })?;
+                config
+                    .kafka
+                    .properties
+                    .insert(key.trim().to_string(), value.trim().to_string());
+            }
+        }
         config.validate()?;
         Ok(config)
     }
@@ -268,4 +284,47 @@ mod tests {
             .to_string();
         assert!(err.contains("registry.url"), "{err}");
     }
+}
+
+#[cfg(test)]
+mod env_tests {
+    use super::*;
+
+    #[test]
+    fn librdkafka_properties_come_from_one_environment_variable() {
+        // Dotted librdkafka names cannot be path segments of MEDALLION__A__B variables.
+        std::env::set_var(
+            KAFKA_PROPERTIES_ENV,
+            "security.protocol=SASL_SSL, sasl.mechanism=SCRAM-SHA-512",
+        );
+        let config = WorkerConfig::<BTreeMapStage>::load(None);
+        std::env::set_var(KAFKA_PROPERTIES_ENV, "security.protocol");
+        let bad = WorkerConfig::<BTreeMapStage>::load(None);
+        std::env::remove_var(KAFKA_PROPERTIES_ENV);
+        let bad = bad.expect_err("not key=value").to_string();
+        assert!(
+            bad.contains(KAFKA_PROPERTIES_ENV) && bad.contains("security.protocol"),
+            "{bad}"
+        );
+        let config = config.expect("valid");
+        assert_eq!(
+            config
+                .kafka
+                .properties
+                .get("security.protocol")
+                .map(String::as_str),
+            Some("SASL_SSL")
+        );
+        assert_eq!(
+            config
+                .kafka
+                .properties
+                .get("sasl.mechanism")
+                .map(String::as_str),
+            Some("SCRAM-SHA-512")
+        );
+    }
+
+    #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+    struct BTreeMapStage {}
 }

@@ -99,6 +99,28 @@ pub const ALL: [&str; 29] = [
     PII_FIELDS_ENCRYPTED_TOTAL,
 ];
 
+/// The counters above: exported at 0 from the start, so every name is scrapeable and `rate()`
+/// sees the first increment.
+pub const COUNTERS: [&str; 17] = [
+    KAFKA_MESSAGES_IN_TOTAL,
+    KAFKA_BYTES_IN_TOTAL,
+    RECORDS_OUT_TOTAL,
+    DLQ_RECORDS_TOTAL,
+    DUPLICATES_TOTAL,
+    RETRIES_TOTAL,
+    EXPECTATION_RESULTS_TOTAL,
+    DRIFT_TOTAL,
+    LATE_EVENTS_TOTAL,
+    WINDOWS_EMITTED_TOTAL,
+    ALERTS_TOTAL,
+    ALERTS_SUPPRESSED_TOTAL,
+    RULE_UPDATES_TOTAL,
+    NOTIFICATIONS_TOTAL,
+    AUDIT_ROWS_WRITTEN_TOTAL,
+    AUDIT_FILES_WRITTEN_TOTAL,
+    PII_FIELDS_ENCRYPTED_TOTAL,
+];
+
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
 /// Installs the process-wide Prometheus recorder (once) and returns its handle.
@@ -117,7 +139,11 @@ pub fn install() -> PrometheusHandle {
             let recorder = builder.build_recorder();
             let handle = recorder.handle();
             // Another recorder may be installed already (a host process); ours still renders.
-            let _ = metrics::set_global_recorder(recorder);
+            if metrics::set_global_recorder(recorder).is_ok() {
+                for name in COUNTERS {
+                    metrics::counter!(name).absolute(0);
+                }
+            }
             handle
         })
         .clone()

@@ -789,6 +789,8 @@ impl<S: Stage> StageWorker<S> {
                 tracing::warn!(error = %e, "final commit failed");
             }
         }
+        // The final lag, so a scrape after the drain sees where the group stopped.
+        publish_lag(consumer.clone(), &self.topo.group, &self.topo.input_topic).await;
         consumer.unsubscribe();
         self.health.set_assigned(false);
         Ok(self.totals)
@@ -1604,35 +1606,38 @@ fn key_column(batch: &RecordBatch, field: &str) -> Vec<Option<Vec<u8>>> {
 async fn lag_loop(consumer: Arc<StreamConsumer<WorkerContext>>, group: String, topic: String) {
     loop {
         tokio::time::sleep(Duration::from_secs(2)).await;
-        let consumer = consumer.clone();
-        let topic_name = topic.clone();
-        let lags = tokio::task::spawn_blocking(move || -> Vec<(i32, i64)> {
-            let Ok(assignment) = consumer.assignment() else {
-                return Vec::new();
-            };
-            let Ok(committed) = consumer.committed_offsets(assignment, Duration::from_secs(5))
+        publish_lag(consumer.clone(), &group, &topic).await;
+    }
+}
+
+/// Measures and publishes the lag of the assigned partitions once.
+async fn publish_lag(consumer: Arc<StreamConsumer<WorkerContext>>, group: &str, topic: &str) {
+    let topic_name = topic.to_string();
+    let lags = tokio::task::spawn_blocking(move || -> Vec<(i32, i64)> {
+        let Ok(assignment) = consumer.assignment() else {
+            return Vec::new();
+        };
+        let Ok(committed) = consumer.committed_offsets(assignment, Duration::from_secs(5)) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for e in committed.elements_for_topic(&topic_name) {
+            let Ok((_, high)) =
+                consumer.fetch_watermarks(&topic_name, e.partition(), Duration::from_secs(5))
             else {
-                return Vec::new();
+                continue;
             };
-            let mut out = Vec::new();
-            for e in committed.elements_for_topic(&topic_name) {
-                let Ok((_, high)) =
-                    consumer.fetch_watermarks(&topic_name, e.partition(), Duration::from_secs(5))
-                else {
-                    continue;
-                };
-                let committed = match e.offset() {
-                    Offset::Offset(o) => o,
-                    _ => 0,
-                };
-                out.push((e.partition(), (high - committed).max(0)));
-            }
-            out
-        })
-        .await
-        .unwrap_or_default();
-        for (partition, lag) in lags {
-            metrics::gauge!(m::KAFKA_CONSUMER_LAG, "group" => group.clone(), "topic" => topic.clone(), "partition" => partition.to_string()).set(lag as f64);
+            let committed = match e.offset() {
+                Offset::Offset(o) => o,
+                _ => 0,
+            };
+            out.push((e.partition(), (high - committed).max(0)));
         }
+        out
+    })
+    .await
+    .unwrap_or_default();
+    for (partition, lag) in lags {
+        metrics::gauge!(m::KAFKA_CONSUMER_LAG, "group" => group.to_string(), "topic" => topic.to_string(), "partition" => partition.to_string()).set(lag as f64);
     }
 }

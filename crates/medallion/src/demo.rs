@@ -57,6 +57,13 @@ pub struct DemoArgs {
     /// target/medallion-demo/audit-store under the repository).
     #[arg(long)]
     audit_store: Option<std::path::PathBuf>,
+    /// Where to serve /metrics, /healthz and /readyz of all stages.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    metrics_listen: SocketAddr,
+    /// After the summary, keep serving the final /metrics (for a local Prometheus and the
+    /// dashboards) until Ctrl-C or SIGTERM.
+    #[arg(long)]
+    keep_running: bool,
 }
 
 /// The demo's webhook endpoint: counts deliveries whose signature checks out.
@@ -209,12 +216,9 @@ pub async fn run(home: &Path, args: DemoArgs) -> anyhow::Result<ExitCode> {
     // The stage workers, in process, with the same runtime the worker binaries use.
     let metrics = medallion_runtime::metrics::install();
     let health = Health::new();
-    let http = medallion_runtime::http::serve(
-        SocketAddr::from(([127, 0, 0, 1], 0)),
-        health.clone(),
-        metrics.clone(),
-    )
-    .await?;
+    let http = medallion_runtime::http::serve(args.metrics_listen, health.clone(), metrics.clone())
+        .await
+        .with_context(|| format!("serving metrics on {}", args.metrics_listen))?;
     println!("  metrics   http://{http}/metrics (all stages)");
     let base = Base {
         home: home.to_path_buf(),
@@ -491,6 +495,11 @@ pub async fn run(home: &Path, args: DemoArgs) -> anyhow::Result<ExitCode> {
                 t.consumed
             );
         }
+    }
+    if args.keep_running {
+        println!("serving the final metrics at http://{http}/metrics until Ctrl-C");
+        let _ = std::io::stdout().flush();
+        medallion_stages::main_support::shutdown_signal().await;
     }
     Ok(ExitCode::SUCCESS)
 }
