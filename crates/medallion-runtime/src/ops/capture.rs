@@ -30,6 +30,45 @@ pub struct Captured {
     pub headers: Vec<(String, Option<Vec<u8>>)>,
 }
 
+impl Captured {
+    /// The record `message` of `partition`, with everything a replay needs.
+    pub fn from_message<M: Message>(partition: i32, message: &M) -> Self {
+        Captured {
+            partition,
+            offset: message.offset(),
+            timestamp: message.timestamp().to_millis(),
+            key: message.key().map(<[u8]>::to_vec),
+            value: message.payload().map(<[u8]>::to_vec),
+            headers: message
+                .headers()
+                .map(|h| {
+                    h.iter()
+                        .map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec)))
+                        .collect()
+                })
+                .unwrap_or_default(),
+        }
+    }
+}
+
+/// The partition ids of `topic`; an error if it does not exist.
+pub fn partitions_of<C: rdkafka::consumer::ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    topic: &str,
+) -> Result<Vec<i32>, CaptureError> {
+    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+    let partitions: Vec<i32> = metadata
+        .topics()
+        .iter()
+        .filter(|t| t.name() == topic)
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .collect();
+    if partitions.is_empty() {
+        return Err(CaptureError::NoTopic(topic.to_string()));
+    }
+    Ok(partitions)
+}
+
 /// Why a capture or replay failed.
 #[derive(Debug, thiserror::Error)]
 pub enum CaptureError {
@@ -195,17 +234,7 @@ pub fn read_topic_now(
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "true")
         .create()?;
-    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
-    let partitions: Vec<i32> = metadata
-        .topics()
-        .iter()
-        .filter(|t| t.name() == topic)
-        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
-        .collect();
-    if partitions.is_empty() {
-        return Err(CaptureError::NoTopic(topic.to_string()));
-    }
-    for partition in partitions {
+    for partition in partitions_of(&consumer, topic)? {
         let (low, high) = consumer.fetch_watermarks(topic, partition, Duration::from_secs(10))?;
         if high <= low {
             continue;
@@ -228,22 +257,7 @@ pub fn read_topic_now(
                 Err(rdkafka::error::KafkaError::PartitionEOF(_)) => break,
                 other => other?,
             };
-            let headers = message
-                .headers()
-                .map(|h| {
-                    h.iter()
-                        .map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec)))
-                        .collect()
-                })
-                .unwrap_or_default();
-            each(Captured {
-                partition,
-                offset: message.offset(),
-                timestamp: message.timestamp().to_millis(),
-                key: message.key().map(<[u8]>::to_vec),
-                value: message.payload().map(<[u8]>::to_vec),
-                headers,
-            })?;
+            each(Captured::from_message(partition, &message))?;
         }
     }
     Ok(())

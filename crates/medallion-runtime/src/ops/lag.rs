@@ -8,7 +8,7 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
 
-use super::capture::CaptureError;
+use super::capture::{partitions_of, CaptureError};
 
 /// One partition of one group.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,16 +37,7 @@ pub fn group_lag(
         .create()?;
     let mut rows = Vec::new();
     for topic in topics {
-        let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
-        let partitions: Vec<i32> = metadata
-            .topics()
-            .iter()
-            .filter(|t| t.name() == topic)
-            .flat_map(|t| t.partitions().iter().map(|p| p.id()))
-            .collect();
-        if partitions.is_empty() {
-            return Err(CaptureError::NoTopic(topic.clone()));
-        }
+        let partitions = partitions_of(&consumer, topic)?;
         let mut tpl = TopicPartitionList::new();
         for p in &partitions {
             tpl.add_partition(topic, *p);

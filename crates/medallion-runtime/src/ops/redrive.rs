@@ -17,7 +17,7 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 
-use super::capture::{read_topic_now, CaptureError, Captured};
+use super::capture::{partitions_of, read_topic_now, CaptureError, Captured};
 use crate::dlq::header;
 
 /// Times a record has been redriven.
@@ -169,16 +169,7 @@ pub async fn redrive(
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "true")
         .create()?;
-    let metadata = consumer.fetch_metadata(Some(dlq_topic), Duration::from_secs(10))?;
-    let partitions: Vec<i32> = metadata
-        .topics()
-        .iter()
-        .filter(|t| t.name() == dlq_topic)
-        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
-        .collect();
-    if partitions.is_empty() {
-        return Err(CaptureError::NoTopic(dlq_topic.to_string()));
-    }
+    let partitions = partitions_of(&consumer, dlq_topic)?;
     let mut wanted = TopicPartitionList::new();
     for p in &partitions {
         wanted.add_partition(dlq_topic, *p);
@@ -221,7 +212,7 @@ pub async fn redrive(
                 Err(rdkafka::error::KafkaError::PartitionEOF(_)) => break,
                 other => other?,
             };
-            use rdkafka::message::{Headers, Message};
+            use rdkafka::message::Message;
             let offset = message.offset();
             if already_done(offset) {
                 report.already += 1;
@@ -235,21 +226,7 @@ pub async fn redrive(
                 continue;
             }
             next = Some(offset + 1);
-            let record = Captured {
-                partition,
-                offset: message.offset(),
-                timestamp: message.timestamp().to_millis(),
-                key: message.key().map(<[u8]>::to_vec),
-                value: message.payload().map(<[u8]>::to_vec),
-                headers: message
-                    .headers()
-                    .map(|h| {
-                        h.iter()
-                            .map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec)))
-                            .collect()
-                    })
-                    .unwrap_or_default(),
-            };
+            let record = Captured::from_message(partition, &message);
             let reason = text(&record, header::ERROR_REASON).unwrap_or_default();
             let at = record.timestamp.unwrap_or_default();
             if (!options.reasons.is_empty() && !options.reasons.contains(&reason))
