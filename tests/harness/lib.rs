@@ -558,11 +558,13 @@ pub fn bronze_env(extra: &[(&str, String)]) -> Vec<(String, String)> {
 pub enum HookMode {
     /// 200, and the delivery is recorded.
     Accept,
-    /// Answers `status` with `body` the first `times` attempts of each event, then accepts.
+    /// Answers `status` with `body` (and `Retry-After: retry_after` seconds, if set) the first
+    /// `times` attempts of each event, then accepts.
     FailFirst {
         status: u16,
         times: usize,
         body: String,
+        retry_after: Option<u64>,
     },
     /// Always answers `status` with `body`.
     Reject { status: u16, body: String },
@@ -582,7 +584,7 @@ pub struct HookDelivery {
 #[derive(Default)]
 struct HookState {
     modes: std::collections::HashMap<String, HookMode>,
-    attempts: std::collections::HashMap<(String, String), usize>,
+    attempts: std::collections::HashMap<(String, String), Vec<Instant>>,
     accepted: std::collections::HashMap<String, Vec<HookDelivery>>,
 }
 
@@ -604,7 +606,7 @@ impl WebhookReceiver {
             UrlPath(name): UrlPath<String>,
             headers: HeaderMap,
             body: axum::body::Bytes,
-        ) -> (StatusCode, String) {
+        ) -> (StatusCode, HeaderMap, String) {
             let header = |k: &str| {
                 headers
                     .get(k)
@@ -615,24 +617,29 @@ impl WebhookReceiver {
             let key = header("idempotency-key");
             enum Verdict {
                 Accept,
-                Answer(u16, String),
+                Answer(u16, String, Option<u64>),
                 Stall,
             }
             let verdict = {
                 let Ok(mut s) = state.lock() else {
-                    return (StatusCode::INTERNAL_SERVER_ERROR, "poisoned".into());
+                    return (
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        HeaderMap::new(),
+                        "poisoned".into(),
+                    );
                 };
                 let mode = s.modes.get(&name).cloned().unwrap_or(HookMode::Accept);
-                let n = s.attempts.entry((name.clone(), key.clone())).or_default();
-                *n += 1;
-                let attempt = *n;
+                let seen = s.attempts.entry((name.clone(), key.clone())).or_default();
+                seen.push(Instant::now());
+                let attempt = seen.len();
                 let verdict = match mode {
                     HookMode::FailFirst {
                         status,
                         times,
                         body,
-                    } if attempt <= times => Verdict::Answer(status, body),
-                    HookMode::Reject { status, body } => Verdict::Answer(status, body),
+                        retry_after,
+                    } if attempt <= times => Verdict::Answer(status, body, retry_after),
+                    HookMode::Reject { status, body } => Verdict::Answer(status, body, None),
                     HookMode::Stall => Verdict::Stall,
                     HookMode::Accept | HookMode::FailFirst { .. } => Verdict::Accept,
                 };
@@ -650,14 +657,21 @@ impl WebhookReceiver {
                 verdict
             };
             match verdict {
-                Verdict::Accept => (StatusCode::OK, "ok".into()),
-                Verdict::Answer(status, body) => (
-                    StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
-                    body,
-                ),
+                Verdict::Accept => (StatusCode::OK, HeaderMap::new(), "ok".into()),
+                Verdict::Answer(status, body, retry_after) => {
+                    let mut headers = HeaderMap::new();
+                    if let Some(seconds) = retry_after {
+                        headers.insert(axum::http::header::RETRY_AFTER, seconds.into());
+                    }
+                    (
+                        StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+                        headers,
+                        body,
+                    )
+                }
                 Verdict::Stall => {
                     tokio::time::sleep(Duration::from_secs(3_600)).await;
-                    (StatusCode::OK, "late".into())
+                    (StatusCode::OK, HeaderMap::new(), "late".into())
                 }
             }
         }
@@ -694,12 +708,17 @@ impl WebhookReceiver {
 
     /// Attempts `name` saw for `event_id`, accepted or not.
     pub fn attempts(&self, name: &str, event_id: &str) -> usize {
+        self.attempt_times(name, event_id).len()
+    }
+
+    /// When `name` saw each attempt for `event_id`.
+    pub fn attempt_times(&self, name: &str, event_id: &str) -> Vec<Instant> {
         self.state
             .lock()
             .map(|s| {
                 s.attempts
                     .get(&(name.to_string(), event_id.to_string()))
-                    .copied()
+                    .cloned()
                     .unwrap_or_default()
             })
             .unwrap_or_default()

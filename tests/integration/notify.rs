@@ -55,12 +55,14 @@ fn keys(deliveries: &[medallion_tests::HookDelivery]) -> BTreeMap<String, usize>
 async fn alerts_reach_every_channel_once_or_the_dlq_across_failures_and_a_restart() {
     let p = Pipeline::start().await;
     let hooks = WebhookReceiver::start().await.expect("receiver");
+    // Two 429s asking for a 2 s pause: longer than the first backoff steps (0.2 s, 1 s).
     hooks.set(
         "flaky",
         HookMode::FailFirst {
-            status: 503,
+            status: 429,
             times: 2,
-            body: "busy".into(),
+            body: "slow down".into(),
+            retry_after: Some(2),
         },
     );
     hooks.set(
@@ -125,7 +127,15 @@ async fn alerts_reach_every_channel_once_or_the_dlq_across_failures_and_a_restar
     .await;
     assert!(hooks.accepted("stalled").is_empty());
     for a in &org1 {
-        assert_eq!(hooks.attempts("flaky", a), 3, "two 503s, then accepted");
+        let times = hooks.attempt_times("flaky", a);
+        assert_eq!(times.len(), 3, "two 429s, then accepted");
+        for pair in times.windows(2) {
+            let gap = pair[1] - pair[0];
+            assert!(
+                gap >= Duration::from_millis(1_900),
+                "Retry-After: 2 honoured ({gap:?})"
+            );
+        }
     }
 
     // The worker dies while the stalled endpoint still retries; then the endpoint recovers.
