@@ -174,14 +174,27 @@ impl StageSetup {
     }
 
     /// Registers the `telemetry.audit` topic's schema and returns an encoder for it.
-    pub async fn audit_encoder(&self) -> Result<JsonEncoder, String> {
+    pub async fn audit_encoder(&self) -> Result<crate::audit::AuditEncoder, String> {
         let topic = self
             .topics
             .telemetry
             .as_ref()
             .map(|t| t.audit.clone())
             .ok_or("topic-config.yaml names no telemetry.audit topic")?;
-        self.json_encoder(&topic).await
+        let spec = self
+            .topics
+            .topic(&topic)
+            .ok_or_else(|| format!("topic {topic} is not in topic-config.yaml"))?;
+        let contract = self
+            .contracts
+            .get(&spec.schema)
+            .ok_or_else(|| format!("schema {} is not in schemas/", spec.schema))?;
+        let id = self
+            .registry
+            .register(&self.topics.subject(&topic), &contract.text)
+            .await
+            .map_err(|e| format!("registering {topic}: {e}"))?;
+        crate::audit::AuditEncoder::new(&topic, &contract.text, id)
     }
 
     /// Registers `topic`'s value schema and returns an encoder of JSON events for it.
@@ -549,7 +562,7 @@ pub struct StageWorker<S: Stage> {
 /// topic-config.yaml).
 struct Telemetry {
     execution: JsonEncoder,
-    audit: JsonEncoder,
+    audit: crate::audit::AuditEncoder,
     pipeline_id: String,
     instance: String,
 }
@@ -627,7 +640,7 @@ where
     };
     let telemetry = match &topics.telemetry {
         Some(names) => {
-            let mut encoders = Vec::with_capacity(2);
+            let mut registered = Vec::with_capacity(2);
             for topic in [&names.execution, &names.audit] {
                 let contract = topics
                     .topic(topic)
@@ -636,14 +649,14 @@ where
                 let id =
                     register_with_retry(&registry, &topics, topic, &contract.text, &policy, group)
                         .await?;
-                encoders
-                    .push(JsonEncoder::new(topic, &contract.text, id).map_err(WorkerError::Setup)?);
+                registered.push((topic.clone(), contract.text.clone(), id));
             }
-            let audit = encoders.pop();
-            let execution = encoders.pop();
-            execution.zip(audit).map(|(execution, audit)| Telemetry {
-                execution,
-                audit,
+            let (execution, audit) = (&registered[0], &registered[1]);
+            Some(Telemetry {
+                execution: JsonEncoder::new(&execution.0, &execution.1, execution.2)
+                    .map_err(WorkerError::Setup)?,
+                audit: crate::audit::AuditEncoder::new(&audit.0, &audit.1, audit.2)
+                    .map_err(WorkerError::Setup)?,
                 pipeline_id: config.pipeline.id.clone(),
                 instance: crate::audit::instance(),
             })
@@ -1204,14 +1217,7 @@ impl<S: Stage> StageWorker<S> {
             .into_iter()
             .collect(),
         };
-        let event = action.to_event(&telemetry.instance, now_ms());
-        match telemetry.audit.record(&org_id.to_string(), &event) {
-            Ok(record) => Some(record.into()),
-            Err(e) => {
-                tracing::error!(error = %e, "audit record not encoded");
-                None
-            }
-        }
+        Some(telemetry.audit.record(&action, now_ms()).into())
     }
 
     /// Tells the stage about partitions it lost and partitions it sees for the first time

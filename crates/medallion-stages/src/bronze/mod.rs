@@ -8,11 +8,11 @@
 
 use arrow::array::{Array, ArrayRef, AsArray, RecordBatch};
 use arrow::datatypes::SchemaRef;
-use medallion_runtime::audit::AuditAction;
+use medallion_runtime::audit::{AuditAction, AuditEncoder};
 use medallion_runtime::error::{RecordFailure, StageError};
 use medallion_runtime::metrics as m;
 use medallion_runtime::pii::{Keyring, PiiConfig, KEY_ID_HEADER};
-use medallion_runtime::worker::{meta, JsonEncoder, SideRecord, Stage, StageOutput, StageSetup};
+use medallion_runtime::worker::{meta, SideRecord, Stage, StageOutput, StageSetup};
 use serde::{Deserialize, Serialize};
 
 use crate::plan::{number_rows, struct_access, with_row_column, BatchPlan, ROW};
@@ -221,8 +221,7 @@ pub struct Bronze {
     keyring: Keyring,
     /// Dotted paths of the personal-data fields of the input contract.
     pii_fields: Vec<String>,
-    audit: JsonEncoder,
-    instance: String,
+    audit: AuditEncoder,
 }
 
 impl Bronze {
@@ -236,7 +235,7 @@ impl Bronze {
     pub async fn with_audit(
         setup: StageSetup,
         config: BronzeConfig,
-        audit: JsonEncoder,
+        audit: AuditEncoder,
     ) -> Result<Self, String> {
         let keyring = Keyring::from_config(&config.pii, "stage.pii").map_err(|e| e.to_string())?;
         let pii_fields = setup
@@ -274,7 +273,6 @@ impl Bronze {
             keyring,
             pii_fields,
             audit,
-            instance: medallion_runtime::audit::instance(),
         })
     }
 
@@ -347,10 +345,7 @@ impl Bronze {
                 .into_iter()
                 .collect(),
             };
-            side.push(
-                self.audit
-                    .record(&org_id.to_string(), &action.to_event(&self.instance, now))?,
-            );
+            side.push(self.audit.record(&action, now));
         }
         metrics::counter!(m::PII_FIELDS_ENCRYPTED_TOTAL, "stage" => GROUP, "key_id" => key_id)
             .increment(fields);

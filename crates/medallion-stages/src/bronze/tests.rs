@@ -12,7 +12,7 @@ use medallion_runtime::worker::{stage_input_schema, with_meta, Stage};
 use serde_json::{json, Value as Json};
 
 use medallion_runtime::pii::{KeySource, Keyring, PiiConfig, KEY_ID_HEADER};
-use medallion_runtime::worker::{JsonEncoder, StageOutput};
+use medallion_runtime::worker::StageOutput;
 
 use super::{reason, Bronze, BronzeConfig};
 
@@ -76,7 +76,8 @@ async fn fixture() -> Fixture {
         output_schema,
     );
     let audit = contracts.get("audit/events.avsc").expect("audit");
-    let audit = JsonEncoder::new("audit.events", &audit.text, 5).expect("audit encoder");
+    let audit = medallion_runtime::audit::AuditEncoder::new("audit.events", &audit.text, 5)
+        .expect("audit encoder");
     let stage = Bronze::with_audit(setup, test_config(), audit)
         .await
         .expect("plans");

@@ -19,7 +19,7 @@ use medallion_runtime::error::{RecordFailure, StageError};
 use medallion_runtime::metrics as m;
 use medallion_runtime::retry::RetryPolicy;
 use medallion_runtime::worker::{
-    meta, JsonEncoder, Resolved, Settled, SideRecord, Stage, StageOutput, StageSetup,
+    meta, Resolved, Settled, SideRecord, Stage, StageOutput, StageSetup,
 };
 use rdkafka::config::ClientConfig;
 use serde::{Deserialize, Serialize};
@@ -268,14 +268,13 @@ pub struct Notify {
     alert_encoder: BatchEncoder,
     alert_schema: apache_avro::Schema,
     alert_columns: usize,
-    audit: JsonEncoder,
+    audit: medallion_runtime::audit::AuditEncoder,
     ledger_topic: String,
     kafka: ClientConfig,
     ledger: HashMap<i32, HashMap<String, Entry>>,
     pending: BTreeMap<(i32, i64), Pending>,
     done_tx: mpsc::UnboundedSender<Done>,
     done_rx: mpsc::UnboundedReceiver<Done>,
-    instance: String,
 }
 
 impl Notify {
@@ -289,7 +288,7 @@ impl Notify {
     pub fn with_audit(
         setup: StageSetup,
         config: NotifyConfig,
-        audit: JsonEncoder,
+        audit: medallion_runtime::audit::AuditEncoder,
     ) -> Result<Self, String> {
         let channels = config.build_channels()?;
         let contract = setup
@@ -332,7 +331,6 @@ impl Notify {
             pending: BTreeMap::new(),
             done_tx,
             done_rx,
-            instance: medallion_runtime::audit::instance(),
         })
     }
 
@@ -393,8 +391,7 @@ impl Notify {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_millis() as i64)
             .unwrap_or_default();
-        self.audit
-            .record(&org_id.to_string(), &action.to_event(&self.instance, now))
+        Ok(self.audit.record(&action, now))
     }
 
     /// Folds finished deliveries into their alerts; alerts with every channel done resolve.

@@ -16,7 +16,7 @@ use arrow::buffer::OffsetBuffer;
 use arrow::datatypes::{DataType, Field, Fields, Int32Type, Int64Type, SchemaRef};
 use medallion_runtime::error::{RecordFailure, StageError};
 use medallion_runtime::metrics as m;
-use medallion_runtime::worker::{meta, JsonEncoder, SideRecord, Stage, StageOutput, StageSetup};
+use medallion_runtime::worker::{meta, SideRecord, Stage, StageOutput, StageSetup};
 use serde::{Deserialize, Serialize};
 
 use crate::plan::{number_rows, struct_access, with_row_column, BatchPlan, ROW};
@@ -195,9 +195,8 @@ pub struct Silver {
     output_schema: SchemaRef,
     merge: Merge,
     changelog: String,
-    audit: JsonEncoder,
+    audit: medallion_runtime::audit::AuditEncoder,
     kafka: rdkafka::config::ClientConfig,
-    instance: String,
 }
 
 impl Silver {
@@ -212,7 +211,7 @@ impl Silver {
     pub async fn with_audit(
         setup: StageSetup,
         config: SilverConfig,
-        audit: JsonEncoder,
+        audit: medallion_runtime::audit::AuditEncoder,
     ) -> Result<Self, String> {
         let plan_input = with_row_column(&setup.input_schema);
         for (i, expectation) in config.expectations.iter().enumerate() {
@@ -264,7 +263,6 @@ impl Silver {
             changelog,
             audit,
             kafka: setup.kafka.clone(),
-            instance: std::env::var("HOSTNAME").unwrap_or_else(|_| "local".into()),
         })
     }
 
@@ -300,8 +298,7 @@ impl Silver {
             .map(|(k, v)| (k.to_string(), v))
             .collect(),
         };
-        let event = action.to_event(&self.instance, now_ms);
-        self.audit.record(&row.org_id.to_string(), &event)
+        Ok(self.audit.record(&action, now_ms))
     }
 }
 

@@ -74,7 +74,7 @@ fn a_redelivered_event_gets_its_first_decision_and_state_round_trips() {
 }
 
 mod stage {
-    use medallion_runtime::worker::{JsonEncoder, Stage};
+    use medallion_runtime::worker::Stage;
     use serde_json::{json, Value as Json};
 
     use crate::silver::{Action, Expectation, Silver, SilverConfig, GROUP};
@@ -110,7 +110,8 @@ mod stage {
             input_batch(&bronze, &[case("e0", 1, "C", 2, "v4", "o")], 0, 0, NOW);
         let output_schema = arrow_schema(&contract("silver/data-processed.avsc"));
         let audit = contract("audit/events.avsc");
-        let audit = JsonEncoder::new("audit.events", &audit.text, 5).expect("audit encoder");
+        let audit = medallion_runtime::audit::AuditEncoder::new("audit.events", &audit.text, 5)
+            .expect("audit encoder");
         Silver::with_audit(
             offline_setup(GROUP, input_schema, output_schema),
             config,
