@@ -405,3 +405,46 @@ async fn connector_events_travel_the_wire_format_end_to_end() {
     rejected.sort_unstable();
     assert_eq!(rejected, vec!["unknown_magic_byte", "unknown_schema_id"]);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn registry_credentials_are_sent_and_refusal_is_not_retried() {
+    use axum::http::{HeaderMap, StatusCode};
+    // A registry that wants HTTP basic credentials, as Confluent Cloud does.
+    async fn register(headers: HeaderMap) -> (StatusCode, String) {
+        let expected = "Basic bWVkYWxsaW9uOnMzY3JldA=="; // medallion:s3cret
+        match headers.get("authorization").and_then(|v| v.to_str().ok()) {
+            Some(value) if value == expected => (StatusCode::OK, r#"{"id": 7}"#.into()),
+            _ => (
+                StatusCode::UNAUTHORIZED,
+                r#"{"error_code": 40101, "message": "Unauthorized"}"#.into(),
+            ),
+        }
+    }
+    let app =
+        axum::Router::new().route("/subjects/:subject/versions", axum::routing::post(register));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    let server = tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    let schema = r#"{"type": "record", "name": "R", "fields": [{"name": "a", "type": "int"}]}"#;
+    let with = RegistryClient::with_basic_auth(
+        &url,
+        Duration::from_secs(5),
+        Some(("medallion".into(), "s3cret".into())),
+    )
+    .expect("client");
+    assert_eq!(
+        with.register("t-value", schema).await.expect("registered"),
+        7
+    );
+    let without = RegistryClient::new(&url, Duration::from_secs(5)).expect("client");
+    let refused = without
+        .register("t-value", schema)
+        .await
+        .expect_err("unauthorized");
+    assert!(!refused.is_transient(), "{refused}");
+    server.abort();
+}

@@ -48,6 +48,8 @@ pub struct RegistryClient {
     settings: SrSettings,
     by_id: Mutex<HashMap<u32, String>>,
     http: reqwest::Client,
+    /// HTTP basic credentials (Confluent Cloud: API key and secret).
+    basic: Option<(String, String)>,
 }
 
 impl std::fmt::Debug for RegistryClient {
@@ -61,15 +63,25 @@ impl std::fmt::Debug for RegistryClient {
 impl RegistryClient {
     /// `url` like `http://127.0.0.1:8081`; each call times out after `timeout`.
     pub fn new(url: &str, timeout: Duration) -> Result<Self, RegistryError> {
+        Self::with_basic_auth(url, timeout, None)
+    }
+
+    /// Like [`RegistryClient::new`], authenticating with HTTP basic `(username, password)`.
+    pub fn with_basic_auth(
+        url: &str,
+        timeout: Duration,
+        basic: Option<(String, String)>,
+    ) -> Result<Self, RegistryError> {
         let url = url.trim_end_matches('/').to_string();
-        let settings = SrSettings::new_builder(url.clone())
-            .set_timeout(timeout)
-            .no_proxy()
-            .build()
-            .map_err(|e| RegistryError::Rejected {
-                what: format!("client for {url}"),
-                message: e.to_string(),
-            })?;
+        let mut builder = SrSettings::new_builder(url.clone());
+        builder.set_timeout(timeout).no_proxy();
+        if let Some((user, password)) = &basic {
+            builder.set_basic_authorization(user, Some(password));
+        }
+        let settings = builder.build().map_err(|e| RegistryError::Rejected {
+            what: format!("client for {url}"),
+            message: e.to_string(),
+        })?;
         let http = reqwest::Client::builder()
             .timeout(timeout)
             .no_proxy()
@@ -83,6 +95,7 @@ impl RegistryClient {
             http,
             settings,
             by_id: Mutex::new(HashMap::new()),
+            basic,
         })
     }
 
@@ -176,11 +189,15 @@ impl RegistryClient {
             self.url
         );
         let body = serde_json::json!({ "schema": schema, "schemaType": "AVRO" });
-        let response = self
+        let mut request = self
             .http
             .post(&url)
             .header("Content-Type", "application/vnd.schemaregistry.v1+json")
-            .body(body.to_string())
+            .body(body.to_string());
+        if let Some((user, password)) = &self.basic {
+            request = request.basic_auth(user, Some(password));
+        }
+        let response = request
             .send()
             .await
             .map_err(|e| RegistryError::Unreachable {

@@ -54,6 +54,12 @@ pub struct RegistryConfig {
     /// Confluent-compatible Schema Registry URL.
     pub url: String,
     pub timeout_ms: u64,
+    /// HTTP basic credentials, e.g. from a Secret: `MEDALLION__REGISTRY__USERNAME` and
+    /// `MEDALLION__REGISTRY__PASSWORD` (Confluent Cloud: API key and secret).
+    #[serde(default)]
+    pub username: Option<String>,
+    #[serde(default)]
+    pub password: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -113,6 +119,8 @@ impl<S: Default> Default for WorkerConfig<S> {
             registry: RegistryConfig {
                 url: "http://localhost:8081".into(),
                 timeout_ms: 5_000,
+                username: None,
+                password: None,
             },
             batch: BatchConfig {
                 max_records: 2_000,
@@ -179,6 +187,11 @@ impl<S: Default + Serialize + DeserializeOwned> WorkerConfig<S> {
         }
         if self.pipeline.id.trim().is_empty() {
             return Err(ConfigError::Invalid("pipeline.id is empty".into()));
+        }
+        if self.registry.username.is_some() != self.registry.password.is_some() {
+            return Err(ConfigError::Invalid(
+                "registry.username and registry.password go together".into(),
+            ));
         }
         if self.batch.max_records == 0 {
             return Err(ConfigError::Invalid(

@@ -612,9 +612,14 @@ where
     let topics = TopicConfig::load(&home.join("topic-config.yaml"))
         .map_err(|e| WorkerError::Contracts(e.to_string()))?;
     let topo = topology(&contracts, &topics, group)?;
-    let registry = Arc::new(RegistryClient::new(
+    let registry = Arc::new(RegistryClient::with_basic_auth(
         &config.registry.url,
         Duration::from_millis(config.registry.timeout_ms),
+        config
+            .registry
+            .username
+            .clone()
+            .zip(config.registry.password.clone()),
     )?);
     let policy = RetryPolicy::from_millis(&config.retry.backoff_ms);
     // Output schemas must be registered before anything is produced: wait for the registry.
