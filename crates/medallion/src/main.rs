@@ -225,11 +225,7 @@ fn instant(text: &str) -> anyhow::Result<i64> {
     let ago = medallion_contracts::topics::parse_duration(text).map_err(|e| {
         anyhow::anyhow!("`{text}` is neither epoch milliseconds nor a duration like 2h: {e}")
     })?;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or_default();
-    Ok(now - ago.as_millis() as i64)
+    Ok(medallion_runtime::worker::now_ms() - ago.as_millis() as i64)
 }
 
 /// The DLQ of `topic` (or `topic` itself if it is one).
@@ -258,11 +254,7 @@ fn ms_text(ms: Option<i64>) -> String {
 }
 
 fn today() -> String {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or_default();
-    medallion_stages::audit_writer::day_of_ms(now)
+    medallion_stages::audit_writer::day_of_ms(medallion_runtime::worker::now_ms())
 }
 
 fn load(home: &std::path::Path) -> anyhow::Result<(ContractSet, TopicConfig)> {

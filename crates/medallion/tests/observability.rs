@@ -118,10 +118,7 @@ impl Drop for Killed {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
+    medallion_tests::free_port().expect("a free port")
 }
 
 /// A plain HTTP/1.0 GET of `http://host:port/path`; the body of a 200 answer.

@@ -307,10 +307,7 @@ impl Bronze {
             .and_then(|c| c.as_primitive_opt::<arrow::datatypes::Int64Type>().cloned())
             .ok_or_else(|| StageError::Transform("no org_id column".into()))?;
         let key_id = self.keyring.active_id().to_string();
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as i64)
-            .unwrap_or_default();
+        let now = medallion_runtime::worker::now_ms();
         let mut headers = Vec::new();
         let mut side = Vec::new();
         let mut fields = 0u64;

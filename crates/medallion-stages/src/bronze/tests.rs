@@ -16,9 +16,6 @@ use medallion_runtime::worker::StageOutput;
 
 use super::{reason, Bronze, BronzeConfig};
 
-/// A fixed test key (bytes 0..32).
-const KEY: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
-
 fn test_config() -> BronzeConfig {
     BronzeConfig {
         pii: PiiConfig {
@@ -27,7 +24,7 @@ fn test_config() -> BronzeConfig {
                 "k1".to_string(),
                 KeySource {
                     env: None,
-                    value: Some(KEY.into()),
+                    value: Some(medallion_tests::TEST_PII_KEY.into()),
                 },
             )]
             .into(),

@@ -387,11 +387,9 @@ impl Notify {
             .into_iter()
             .collect(),
         };
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as i64)
-            .unwrap_or_default();
-        Ok(self.audit.record(&action, now))
+        Ok(self
+            .audit
+            .record(&action, medallion_runtime::worker::now_ms()))
     }
 
     /// Folds finished deliveries into their alerts; alerts with every channel done resolve.
