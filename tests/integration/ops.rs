@@ -346,3 +346,55 @@ fn lag_is_committed_offset_to_high_watermark_per_partition() {
     assert_eq!(lag, [(0, Some(4), 6, 2), (1, None, 4, 4)]);
     assert!(medallion_runtime::ops::lag::table(&rows).contains("(total)"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_producer_acknowledges_a_batch_and_names_the_records_that_failed() {
+    use medallion_runtime::kafka::{BatchProducer, BatchRecord};
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::Message;
+    let cluster = rdkafka::mocking::MockCluster::new(1).expect("mock cluster");
+    cluster.create_topic("acks", 1, 1).expect("topic");
+    let kafka = client(&cluster.bootstrap_servers());
+    let producer = BatchProducer::new(&kafka).expect("producer");
+    let values: Vec<Vec<u8>> = (0..50).map(|n| format!("v{n}").into_bytes()).collect();
+    let indexes: Vec<usize> = (0..values.len()).collect();
+    // Two batches on one producer: the second must not see the first's acknowledgements.
+    for round in 0..2 {
+        let failures = producer
+            .send_all(&indexes, |i| BatchRecord {
+                topic: "acks",
+                // Record 7 goes to a partition the topic does not have.
+                partition: Some(if i == 7 { 5 } else { 0 }),
+                key: Some(b"1"),
+                value: &values[i],
+                headers: None,
+            })
+            .await;
+        assert_eq!(failures.indexes, vec![7], "round {round}");
+        assert!(failures.first_error.is_some());
+    }
+    let consumer: BaseConsumer = kafka
+        .clone()
+        .set("group.id", "acks-reader")
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .expect("consumer");
+    consumer.subscribe(&["acks"]).expect("subscribe");
+    let mut seen = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while seen.len() < 98 && std::time::Instant::now() < deadline {
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
+            seen.push(String::from_utf8_lossy(m.payload().unwrap_or_default()).into_owned());
+        }
+    }
+    let mut expected: Vec<String> = (0..50)
+        .filter(|n| *n != 7)
+        .flat_map(|n| [format!("v{n}"), format!("v{n}")])
+        .collect();
+    expected.sort();
+    seen.sort();
+    assert_eq!(
+        seen, expected,
+        "every other record delivered, once per round"
+    );
+}

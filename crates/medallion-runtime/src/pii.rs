@@ -7,15 +7,18 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use aes_gcm::aead::{Aead, AeadCore, KeyInit, OsRng, Payload};
+use aes_gcm::aead::rand_core::RngCore;
+use aes_gcm::aead::{Aead, AeadCore, AeadInPlace, KeyInit, OsRng, Payload};
 use aes_gcm::{Aes256Gcm, Nonce};
-use arrow::array::{Array, ArrayRef, AsArray, RecordBatch, StringArray, StructArray};
+use arrow::array::{Array, ArrayRef, AsArray, RecordBatch, StringBuilder, StructArray};
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 
 /// Marks an encrypted value.
 pub const PREFIX: &str = "enc:v1:";
+/// AES-GCM's 96-bit nonce.
+const NONCE_LEN: usize = 12;
 /// Record header naming the key that encrypted a record's personal data.
 pub const KEY_ID_HEADER: &str = "medallion.pii.key_id";
 
@@ -142,23 +145,46 @@ impl Keyring {
 
     /// Encrypts `plaintext` of field `field` with the active key.
     pub fn encrypt(&self, field: &str, plaintext: &str) -> Result<String, PiiError> {
-        let cipher = self
-            .keys
-            .get(&self.active)
-            .ok_or_else(|| PiiError::UnknownKey(self.active.clone()))?;
         let nonce = Aes256Gcm::generate_nonce(OsRng);
-        let sealed = cipher
-            .encrypt(
-                &nonce,
-                Payload {
-                    msg: plaintext.as_bytes(),
-                    aad: field.as_bytes(),
-                },
+        let mut out = String::new();
+        self.seal(&nonce, field, plaintext, &mut Vec::new(), &mut out)?;
+        Ok(out)
+    }
+
+    fn active_cipher(&self) -> Result<&Aes256Gcm, PiiError> {
+        self.keys
+            .get(&self.active)
+            .map(|c| c.as_ref())
+            .ok_or_else(|| PiiError::UnknownKey(self.active.clone()))
+    }
+
+    /// Writes the encrypted form of `plaintext` to `out`, with `buf` as scratch space.
+    fn seal(
+        &self,
+        nonce: &[u8],
+        field: &str,
+        plaintext: &str,
+        buf: &mut Vec<u8>,
+        out: &mut String,
+    ) -> Result<(), PiiError> {
+        let cipher = self.active_cipher()?;
+        buf.clear();
+        buf.extend_from_slice(nonce);
+        buf.extend_from_slice(plaintext.as_bytes());
+        let tag = cipher
+            .encrypt_in_place_detached(
+                Nonce::from_slice(nonce),
+                field.as_bytes(),
+                &mut buf[nonce.len()..],
             )
             .map_err(|_| PiiError::Config("encryption failed".into()))?;
-        let mut out = nonce.to_vec();
-        out.extend_from_slice(&sealed);
-        Ok(format!("{PREFIX}{}:{}", self.active, STANDARD.encode(out)))
+        buf.extend_from_slice(&tag);
+        out.clear();
+        out.push_str(PREFIX);
+        out.push_str(&self.active);
+        out.push(':');
+        STANDARD.encode_string(&buf[..], out);
+        Ok(())
     }
 
     /// Decrypts a value of field `field` with the key it names.
@@ -175,10 +201,10 @@ impl Keyring {
             .get(key)
             .ok_or_else(|| PiiError::UnknownKey(key.to_string()))?;
         let bytes = STANDARD.decode(body).map_err(|_| not_encrypted())?;
-        if bytes.len() < 12 {
+        if bytes.len() < NONCE_LEN {
             return Err(not_encrypted());
         }
-        let (nonce, sealed) = bytes.split_at(12);
+        let (nonce, sealed) = bytes.split_at(NONCE_LEN);
         let failed = || PiiError::Decrypt {
             field: field.to_string(),
             key: key.to_string(),
@@ -235,17 +261,33 @@ impl Keyring {
                 let Some(strings) = array.as_string_opt::<i32>() else {
                     return Err(PiiError::Arrow(format!("{path} is not a string column")));
                 };
-                let mut out = Vec::with_capacity(strings.len());
+                let sealable = |v: &str| !v.is_empty() && !v.starts_with(PREFIX);
+                let count = strings.iter().flatten().filter(|v| sealable(v)).count();
+                // One call to the system's random source per column and batch, not per value.
+                let mut nonces = vec![0u8; NONCE_LEN * count];
+                OsRng
+                    .try_fill_bytes(&mut nonces)
+                    .map_err(|e| PiiError::Config(format!("no random nonce: {e}")))?;
+                let mut nonces = nonces.chunks_exact(NONCE_LEN);
+                let mut out = StringBuilder::with_capacity(
+                    strings.len(),
+                    strings.value_data().len() * 2 + count * 64,
+                );
+                let (mut buf, mut text) = (Vec::new(), String::new());
                 for (row, value) in strings.iter().enumerate() {
-                    out.push(match value {
-                        Some(v) if !v.is_empty() && !v.starts_with(PREFIX) => {
+                    match value {
+                        Some(v) if sealable(v) => {
+                            let nonce = nonces.next().ok_or_else(|| {
+                                PiiError::Config("fewer nonces than values".into())
+                            })?;
+                            self.seal(nonce, path, v, &mut buf, &mut text)?;
                             rows.push(row);
-                            Some(self.encrypt(path, v)?)
+                            out.append_value(&text);
                         }
-                        other => other.map(str::to_string),
-                    });
+                        other => out.append_option(other),
+                    }
                 }
-                Ok(std::sync::Arc::new(StringArray::from(out)))
+                Ok(std::sync::Arc::new(out.finish()))
             }
             Some((name, rest)) => {
                 let Some(parent) = array.as_struct_opt() else {
@@ -273,6 +315,7 @@ impl Keyring {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use arrow::array::StringArray;
 
     fn ring(active: &str, keys: &[(&str, u8)]) -> Keyring {
         Keyring::new(

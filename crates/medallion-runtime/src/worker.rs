@@ -21,7 +21,6 @@ use rdkafka::consumer::{
 };
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Message, OwnedHeaders, OwnedMessage};
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -31,6 +30,7 @@ use crate::dedup::{event_key, DedupWindow};
 use crate::dlq::{dead_letter_headers, Origin};
 use crate::error::{RecordFailure, StageError};
 use crate::http::Health;
+use crate::kafka::{BatchProducer, BatchRecord};
 use crate::metrics as m;
 use crate::retry::RetryPolicy;
 
@@ -490,7 +490,8 @@ struct Outgoing {
     topic: String,
     partition: Option<i32>,
     key: Option<Vec<u8>>,
-    value: Vec<u8>,
+    /// Encoded rows share their batch's buffer: no copy per record.
+    value: bytes::Bytes,
     headers: Option<OwnedHeaders>,
     /// Index of the input message it came from, if one.
     source: Option<usize>,
@@ -502,7 +503,7 @@ impl From<SideRecord> for Outgoing {
             topic: side.topic,
             partition: side.partition,
             key: side.key,
-            value: side.value,
+            value: side.value.into(),
             headers: side.headers,
             source: None,
         }
@@ -727,8 +728,17 @@ impl<S: Stage> StageWorker<S> {
         config: &WorkerConfig<C>,
         shutdown: impl Future<Output = ()>,
     ) -> Result<RunTotals, WorkerError> {
+        let mut consumer_config = client_config(config);
+        // librdkafka prefetches up to 64 MiB by default; a few batches ahead is enough.
+        if !config
+            .kafka
+            .properties
+            .contains_key("queued.max.messages.kbytes")
+        {
+            consumer_config.set("queued.max.messages.kbytes", "16384");
+        }
         let consumer: Arc<StreamConsumer<WorkerContext>> = Arc::new(
-            client_config(config)
+            consumer_config
                 .set("group.id", &self.topo.group)
                 .set("enable.auto.commit", "true")
                 .set("auto.commit.interval.ms", "1000")
@@ -747,16 +757,17 @@ impl<S: Stage> StageWorker<S> {
                     revoked: self.revoked.clone(),
                 })?,
         );
-        let producer: FutureProducer = client_config(config)
-            .set("enable.idempotence", "true")
-            .set("acks", "all")
-            .set("partitioner", "murmur2_random")
-            .set("linger.ms", "5")
-            .set(
-                "message.timeout.ms",
-                config.kafka.produce_timeout_ms.to_string(),
-            )
-            .create()?;
+        let producer = BatchProducer::new(
+            client_config(config)
+                .set("enable.idempotence", "true")
+                .set("acks", "all")
+                .set("partitioner", "murmur2_random")
+                .set("linger.ms", "5")
+                .set(
+                    "message.timeout.ms",
+                    config.kafka.produce_timeout_ms.to_string(),
+                ),
+        )?;
         consumer.subscribe(&[&self.topo.input_topic])?;
         let lag = tokio::spawn(lag_loop(
             consumer.clone(),
@@ -812,7 +823,7 @@ impl<S: Stage> StageWorker<S> {
     async fn process_batch(
         &mut self,
         batch: &[OwnedMessage],
-        producer: &FutureProducer,
+        producer: &BatchProducer,
         consumer: &StreamConsumer<WorkerContext>,
     ) -> Result<(), WorkerError> {
         let started = Instant::now();
@@ -927,9 +938,9 @@ impl<S: Stage> StageWorker<S> {
             metrics::counter!(m::DLQ_RECORDS_TOTAL, "stage" => group.clone(), "topic" => topic.clone(), "class" => failure.class.as_str(), "reason" => failure.reason.clone()).increment(1);
         }
         let now = now_ms();
+        let latency = metrics::histogram!(m::EVENT_LATENCY_SECONDS, "stage" => group.clone());
         for t in &plan.event_times {
-            metrics::histogram!(m::EVENT_LATENCY_SECONDS, "stage" => group.clone())
-                .record((now - t).max(0) as f64 / 1_000.0);
+            latency.record((now - t).max(0) as f64 / 1_000.0);
         }
         metrics::histogram!(m::BATCH_DURATION_SECONDS, "stage" => group.clone())
             .record(started.elapsed().as_secs_f64());
@@ -1003,7 +1014,7 @@ impl<S: Stage> StageWorker<S> {
     async fn settle(
         &mut self,
         closing: bool,
-        producer: &FutureProducer,
+        producer: &BatchProducer,
         consumer: &StreamConsumer<WorkerContext>,
     ) -> Result<(), WorkerError> {
         self.apply_revocations();
@@ -1276,7 +1287,10 @@ impl<S: Stage> StageWorker<S> {
             topic: self.topo.dlq_topic.clone(),
             partition: None,
             key: message.key().map(<[u8]>::to_vec),
-            value: message.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+            value: message
+                .payload()
+                .map(bytes::Bytes::copy_from_slice)
+                .unwrap_or_default(),
             headers: Some(dead_letter_headers(
                 message.headers(),
                 &self.topo.group,
@@ -1483,7 +1497,7 @@ impl<S: Stage> StageWorker<S> {
                 topic: output_topic.clone(),
                 partition: None,
                 key: out_keys.get(row).cloned().flatten(),
-                value: value.to_vec(),
+                value,
                 headers,
                 source,
             });
@@ -1512,50 +1526,25 @@ impl<S: Stage> StageWorker<S> {
     /// Produces every record and waits for every acknowledgement. A failed delivery means the
     /// broker is unavailable: consumption pauses (this call does not return) and the failed
     /// records are sent again with backoff until the broker takes them.
-    async fn deliver(&self, outgoing: &[Outgoing], producer: &FutureProducer) {
+    async fn deliver(&self, outgoing: &[Outgoing], producer: &BatchProducer) {
         let mut pending: Vec<usize> = (0..outgoing.len()).collect();
         let mut retry = 0usize;
         while !pending.is_empty() {
-            let mut deliveries: Vec<(usize, DeliveryFuture)> = Vec::with_capacity(pending.len());
-            let mut failed = Vec::new();
-            for &i in &pending {
-                let o = &outgoing[i];
-                loop {
-                    let mut record = FutureRecord::to(&o.topic).payload(&o.value);
-                    if let Some(key) = &o.key {
-                        record = record.key(key);
+            let failures = producer
+                .send_all(&pending, |i| {
+                    let o = &outgoing[i];
+                    BatchRecord {
+                        topic: &o.topic,
+                        partition: o.partition,
+                        key: o.key.as_deref(),
+                        value: o.value.as_ref(),
+                        headers: o.headers.as_ref(),
                     }
-                    if let Some(partition) = o.partition {
-                        record = record.partition(partition);
-                    }
-                    if let Some(headers) = &o.headers {
-                        record = record.headers(headers.clone());
-                    }
-                    match producer.send_result(record) {
-                        Ok(d) => {
-                            deliveries.push((i, d));
-                            break;
-                        }
-                        Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
-                            tokio::time::sleep(Duration::from_millis(5)).await;
-                        }
-                        Err((e, _)) => {
-                            tracing::warn!(error = %e, topic = %o.topic, "produce refused");
-                            failed.push(i);
-                            break;
-                        }
-                    }
-                }
-            }
-            for (i, delivery) in deliveries {
-                match delivery.await {
-                    Ok(Ok(_)) => {}
-                    Ok(Err((e, _))) => {
-                        tracing::warn!(error = %e, "delivery failed");
-                        failed.push(i);
-                    }
-                    Err(_) => failed.push(i),
-                }
+                })
+                .await;
+            let failed = failures.indexes;
+            if let Some(e) = &failures.first_error {
+                tracing::warn!(error = %e, records = failed.len(), "delivery failed");
             }
             if failed.is_empty() {
                 break;
@@ -1569,7 +1558,6 @@ impl<S: Stage> StageWorker<S> {
                 "broker unavailable; pausing consumption"
             );
             tokio::time::sleep(wait).await;
-            failed.sort_unstable();
             pending = failed;
         }
     }

@@ -94,19 +94,22 @@ fn sql_with_brackets(config: &BronzeConfig, input_topic: &str) -> String {
     format!(
         r#"
 SELECT
-  CASE
-    WHEN {missing} THEN '{missing_field}'
-    WHEN NOT regexp_like(trim("event_id"), '^[0-9a-fA-F]{{8}}-[0-9a-fA-F]{{4}}-[0-9a-fA-F]{{4}}-[0-9a-fA-F]{{4}}-[0-9a-fA-F]{{12}}$') THEN '{invalid_event_id}'
-    WHEN "org_id" <= 0 THEN '{invalid_org_id}'
-    WHEN "{key}" IS NULL OR trim("{key}") <> CAST("org_id" AS VARCHAR) THEN '{key_mismatch}'
-    WHEN CAST("timestamp" AS BIGINT) < "{now}" - {max_age} OR CAST("timestamp" AS BIGINT) > "{now}" + {max_skew} THEN '{timestamp_out_of_range}'
-    WHEN CASE lower(trim("event_type"))
+  -- The first failed check names the reason. One single-branch CASE per check, joined by
+  -- COALESCE, evaluates each check once over the whole batch; a multi-branch CASE would copy
+  -- the remaining rows before every branch.
+  COALESCE(
+    CASE WHEN {missing} THEN '{missing_field}' ELSE NULL END,
+    CASE WHEN NOT regexp_like(trim("event_id"), '^[0-9a-fA-F]{{8}}-[0-9a-fA-F]{{4}}-[0-9a-fA-F]{{4}}-[0-9a-fA-F]{{4}}-[0-9a-fA-F]{{12}}$') THEN '{invalid_event_id}' ELSE NULL END,
+    CASE WHEN "org_id" <= 0 THEN '{invalid_org_id}' ELSE NULL END,
+    CASE WHEN "{key}" IS NULL OR trim("{key}") <> CAST("org_id" AS VARCHAR) THEN '{key_mismatch}' ELSE NULL END,
+    CASE WHEN CAST("timestamp" AS BIGINT) < "{now}" - {max_age} OR CAST("timestamp" AS BIGINT) > "{now}" + {max_skew} THEN '{timestamp_out_of_range}' ELSE NULL END,
+    CASE WHEN CASE lower(trim("event_type"))
            WHEN 'release.sync.created' THEN NOT {only_release}
            WHEN 'case.sync.v1' THEN NOT {only_case}
            WHEN 'lead.created' THEN NOT {only_lead}
            ELSE NOT ({rs} IS NULL AND {cs} IS NULL AND {ls} IS NULL)
-         END THEN '{payload_mismatch}'
-    WHEN {rs} IS NOT NULL AND (
+         END THEN '{payload_mismatch}' ELSE NULL END,
+    CASE WHEN {rs} IS NOT NULL AND (
            lower(trim({rs}['sbom_ref']['storage_type'])) NOT IN ('ipfs', 's3')
            OR lower(trim({rs}['endpoint']['endpoint_type'])) NOT IN ('eks', 'lambda', 'gke', 'fargate', 'iot', 'mission_asset')
            OR {blank_release_name} OR {blank_release_version})
@@ -116,8 +119,8 @@ SELECT
            OR {cs}['tlp'] NOT BETWEEN 0 AND 3 OR {cs}['pap'] NOT BETWEEN 0 AND 3
            OR {blank_case_id})
       OR {ls} IS NOT NULL AND (NOT strpos(trim({ls}['email']), '@') > 1)
-      THEN '{invalid_value}'
-  END AS "{reject}",
+      THEN '{invalid_value}' ELSE NULL END
+  ) AS "{reject}",
   lower(trim("event_id")) AS "event_id",
   lower(trim("event_type")) AS "event_type",
   trim("event_version") AS "event_version",
