@@ -71,6 +71,10 @@ fn describe(reason: &str, config: &BronzeConfig) -> String {
     }
 }
 
+/// The payload variants (Avro unions with null); the SQL normalizes each one's fields for
+/// every row, and [`Bronze::restore_variants`] then marks it null where the input's was.
+const VARIANTS: [&str; 3] = ["release_sync", "case_sync", "lead_created"];
+
 /// The transform, as SQL over table `input`.
 pub fn sql(config: &BronzeConfig, input_topic: &str) -> String {
     struct_access(&sql_with_brackets(config, input_topic))
@@ -133,7 +137,7 @@ SELECT
   named_struct(
     'connector_id', trim({p}['connector_id']),
     'source_system', lower(trim({p}['source_system'])),
-    'release_sync', CASE WHEN {rs} IS NOT NULL THEN named_struct(
+    'release_sync', named_struct(
         'event_time', {rs}['event_time'],
         'synced_at', {rs}['synced_at'],
         'release', named_struct(
@@ -152,8 +156,8 @@ SELECT
             'name', trim({rs}['endpoint']['name']),
             'endpoint_type', lower(trim({rs}['endpoint']['endpoint_type'])),
             'environment', lower(trim({rs}['endpoint']['environment'])),
-            'is_public', {rs}['endpoint']['is_public'])) END,
-    'case_sync', CASE WHEN {cs} IS NOT NULL THEN named_struct(
+            'is_public', {rs}['endpoint']['is_public'])),
+    'case_sync', named_struct(
         'case_id', upper(trim({cs}['case_id'])),
         'title', trim({cs}['title']),
         'description', trim({cs}['description']),
@@ -165,14 +169,14 @@ SELECT
         'pap', {cs}['pap'],
         'created_at', {cs}['created_at'],
         'updated_at', {cs}['updated_at'],
-        'custom_fields', {cs}['custom_fields']) END,
-    'lead_created', CASE WHEN {ls} IS NOT NULL THEN named_struct(
+        'custom_fields', {cs}['custom_fields']),
+    'lead_created', named_struct(
         'lead_id', lower(trim({ls}['lead_id'])),
         'name', trim({ls}['name']),
         'email', lower(trim({ls}['email'])),
         'source', lower(trim({ls}['source'])),
         'assigned_to', trim({ls}['assigned_to']),
-        'created_at', {ls}['created_at']) END,
+        'created_at', {ls}['created_at']),
     'measurements', {p}['measurements'],
     'attributes', {p}['attributes'],
     'raw_topic', '{topic}',
@@ -352,6 +356,56 @@ impl Bronze {
         Ok((batch, headers, side))
     }
 
+    /// Sets each payload variant of the plan's output null where the input's was. A
+    /// `CASE WHEN variant IS NOT NULL` per variant in the SQL would do the same but copy the
+    /// batch's payloads once per variant; this only builds three validity bitmaps.
+    fn restore_variants(input: &RecordBatch, out: &RecordBatch) -> Result<RecordBatch, StageError> {
+        let fail =
+            |what: &str| StageError::Transform(format!("restoring payload variants: {what}"));
+        let rows = out
+            .column_by_name(ROW)
+            .and_then(|c| c.as_primitive_opt::<arrow::datatypes::UInt32Type>())
+            .ok_or_else(|| fail("no _row column"))?;
+        let source = input
+            .column_by_name("payload")
+            .and_then(|c| c.as_struct_opt())
+            .ok_or_else(|| fail("no input payload"))?;
+        let Some(index) = out.schema().index_of("payload").ok() else {
+            return Err(fail("no output payload"));
+        };
+        let payload = out
+            .column(index)
+            .as_struct_opt()
+            .ok_or_else(|| fail("payload is not a struct"))?;
+        let (fields, mut children, nulls) = payload.clone().into_parts();
+        for variant in VARIANTS {
+            let (Some(at), Some(was)) = (
+                fields.iter().position(|f| f.name() == variant),
+                source.column_by_name(variant),
+            ) else {
+                continue;
+            };
+            let validity: arrow::buffer::BooleanBuffer = rows
+                .values()
+                .iter()
+                .map(|row| was.is_valid(*row as usize))
+                .collect();
+            let Some(normalized) = children[at].as_struct_opt() else {
+                return Err(fail(variant));
+            };
+            let (f, c, _) = normalized.clone().into_parts();
+            children[at] = std::sync::Arc::new(
+                arrow::array::StructArray::try_new(f, c, Some(validity.into()))
+                    .map_err(|e| fail(&e.to_string()))?,
+            );
+        }
+        let payload = arrow::array::StructArray::try_new(fields, children, nulls)
+            .map_err(|e| fail(&e.to_string()))?;
+        let mut columns = out.columns().to_vec();
+        columns[index] = std::sync::Arc::new(payload);
+        RecordBatch::try_new(out.schema(), columns).map_err(|e| fail(&e.to_string()))
+    }
+
     fn conform(&self, batch: &RecordBatch) -> Result<RecordBatch, StageError> {
         let columns = self
             .output_schema
@@ -376,13 +430,14 @@ impl Stage for Bronze {
             .map_err(|e| StageError::Transform(e.to_string()))?;
         let results = self
             .plan
-            .run(input)
+            .run(input.clone())
             .await
             .map_err(|e| StageError::Transform(e.to_string()))?;
         let mut accepted = Vec::new();
         let mut source_rows = Vec::new();
         let mut rejected = Vec::new();
         for batch in results {
+            let batch = Self::restore_variants(&input, &batch)?;
             let reject = batch
                 .column_by_name(REJECT)
                 .ok_or_else(|| StageError::Transform("no _reject column".into()))?

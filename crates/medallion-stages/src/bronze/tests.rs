@@ -218,6 +218,15 @@ async fn valid_events_are_normalized() {
         assert_eq!(o["org_id"], e["org_id"]);
         assert_eq!(o["payload"]["raw_topic"], "connector.data.raw");
         assert_eq!(o["payload"]["raw_partition"], 3);
+        // Exactly the input's payload variant is present; the others stay null.
+        for variant in ["release_sync", "case_sync", "lead_created"] {
+            assert_eq!(
+                o["payload"][variant].is_null(),
+                e["payload"][variant].is_null(),
+                "{variant} of {}",
+                e["event_id"]
+            );
+        }
         if let Some(release) = e["payload"]["release_sync"].as_object() {
             let version = release["release"]["version"].as_str().expect("version");
             assert_eq!(
