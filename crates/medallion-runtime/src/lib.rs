@@ -17,9 +17,3 @@ pub mod ops;
 pub mod pii;
 pub mod retry;
 pub mod worker;
-
-/// Every process that links the runtime (the workers, the CLI, the benchmarks) allocates
-/// through mimalloc: a batch creates and drops many short-lived buffers, and glibc's
-/// allocator spent about a fifth of bronze's CPU on them.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
