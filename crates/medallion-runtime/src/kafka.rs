@@ -8,7 +8,7 @@ use rdkafka::consumer::StreamConsumer;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::OwnedHeaders;
 use rdkafka::producer::{
-    BaseRecord, DeliveryResult, FutureProducer, Producer, ProducerContext, ThreadedProducer,
+    BaseRecord, DeliveryResult, FutureProducer, ProducerContext, ThreadedProducer,
 };
 use rdkafka::ClientContext;
 use tokio::sync::Notify;
@@ -25,19 +25,27 @@ pub struct ClientError {
 /// An idempotent producer keyed by `org_id`, partitioned like the Java client (murmur2), so
 /// Java and Rust producers put an org on the same partition.
 pub fn producer(bootstrap: &str) -> Result<FutureProducer, ClientError> {
-    ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
+    producer_settings(
+        ClientConfig::new().set("bootstrap.servers", bootstrap),
+        30_000,
+    )
+    .create()
+    .map_err(|source| ClientError {
+        kind: "producer",
+        bootstrap: bootstrap.to_string(),
+        source,
+    })
+}
+
+/// The producer settings every Medallion producer shares: idempotent, all replicas, the Java
+/// client's murmur2 partitioning, and `message_timeout_ms` before a delivery counts as failed.
+pub fn producer_settings(config: &mut ClientConfig, message_timeout_ms: u64) -> &mut ClientConfig {
+    config
         .set("enable.idempotence", "true")
         .set("acks", "all")
         .set("partitioner", "murmur2_random")
         .set("linger.ms", "5")
-        .set("message.timeout.ms", "30000")
-        .create()
-        .map_err(|source| ClientError {
-            kind: "producer",
-            bootstrap: bootstrap.to_string(),
-            source,
-        })
+        .set("message.timeout.ms", message_timeout_ms.to_string())
 }
 
 /// A consumer in `group` that commits only what the caller stores.
@@ -216,10 +224,5 @@ impl BatchProducer {
             indexes: indexes.to_vec(),
             first_error: None,
         }
-    }
-
-    /// Waits up to `timeout` for records still queued (at shutdown).
-    pub fn flush(&self, timeout: Duration) {
-        let _ = self.producer.flush(timeout);
     }
 }

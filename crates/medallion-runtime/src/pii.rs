@@ -147,7 +147,14 @@ impl Keyring {
     pub fn encrypt(&self, field: &str, plaintext: &str) -> Result<String, PiiError> {
         let nonce = Aes256Gcm::generate_nonce(OsRng);
         let mut out = String::new();
-        self.seal(&nonce, field, plaintext, &mut Vec::new(), &mut out)?;
+        self.seal(
+            self.active_cipher()?,
+            &nonce,
+            field,
+            plaintext,
+            &mut Vec::new(),
+            &mut out,
+        )?;
         Ok(out)
     }
 
@@ -158,16 +165,17 @@ impl Keyring {
             .ok_or_else(|| PiiError::UnknownKey(self.active.clone()))
     }
 
-    /// Writes the encrypted form of `plaintext` to `out`, with `buf` as scratch space.
+    /// Writes the encrypted form of `plaintext` (by `cipher`, the active key's) to `out`, with
+    /// `buf` as scratch space.
     fn seal(
         &self,
+        cipher: &Aes256Gcm,
         nonce: &[u8],
         field: &str,
         plaintext: &str,
         buf: &mut Vec<u8>,
         out: &mut String,
     ) -> Result<(), PiiError> {
-        let cipher = self.active_cipher()?;
         buf.clear();
         buf.extend_from_slice(nonce);
         buf.extend_from_slice(plaintext.as_bytes());
@@ -273,6 +281,7 @@ impl Keyring {
                     strings.len(),
                     strings.value_data().len() * 2 + count * 64,
                 );
+                let cipher = self.active_cipher()?;
                 let (mut buf, mut text) = (Vec::new(), String::new());
                 for (row, value) in strings.iter().enumerate() {
                     match value {
@@ -280,7 +289,7 @@ impl Keyring {
                             let nonce = nonces.next().ok_or_else(|| {
                                 PiiError::Config("fewer nonces than values".into())
                             })?;
-                            self.seal(nonce, path, v, &mut buf, &mut text)?;
+                            self.seal(cipher, nonce, path, v, &mut buf, &mut text)?;
                             rows.push(row);
                             out.append_value(&text);
                         }

@@ -758,17 +758,10 @@ impl<S: Stage> StageWorker<S> {
                     revoked: self.revoked.clone(),
                 })?,
         );
-        let producer = BatchProducer::new(
-            client_config(config)
-                .set("enable.idempotence", "true")
-                .set("acks", "all")
-                .set("partitioner", "murmur2_random")
-                .set("linger.ms", "5")
-                .set(
-                    "message.timeout.ms",
-                    config.kafka.produce_timeout_ms.to_string(),
-                ),
-        )?;
+        let producer = BatchProducer::new(crate::kafka::producer_settings(
+            &mut client_config(config),
+            u64::from(config.kafka.produce_timeout_ms),
+        ))?;
         consumer.subscribe(&[&self.topo.input_topic])?;
         let lag = tokio::spawn(lag_loop(
             consumer.clone(),
@@ -794,12 +787,10 @@ impl<S: Stage> StageWorker<S> {
             while batch.len() < max_records {
                 // A message already fetched is taken without arming a timer; the clock is
                 // read every 256 messages so a steady stream still closes the batch on time.
-                let ready = if batch.len() % 256 == 0 && Instant::now() >= deadline {
+                if batch.len() % 256 == 0 && Instant::now() >= deadline {
                     break;
-                } else {
-                    futures::FutureExt::now_or_never(consumer.recv())
-                };
-                let next = match ready {
+                }
+                let next = match futures::FutureExt::now_or_never(consumer.recv()) {
                     Some(polled) => Ok(polled),
                     None => {
                         let left = deadline.saturating_duration_since(Instant::now());

@@ -370,9 +370,10 @@ impl Bronze {
             .column_by_name("payload")
             .and_then(|c| c.as_struct_opt())
             .ok_or_else(|| fail("no input payload"))?;
-        let Some(index) = out.schema().index_of("payload").ok() else {
-            return Err(fail("no output payload"));
-        };
+        let index = out
+            .schema()
+            .index_of("payload")
+            .map_err(|_| fail("no output payload"))?;
         let payload = out
             .column(index)
             .as_struct_opt()
