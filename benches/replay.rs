@@ -338,7 +338,16 @@ async fn run() {
         n as f64 / produce_seconds
     );
 
+    // The broker shares the machine: its CPU per run shows what each run asks of it.
+    let broker_cpu = || {
+        broker
+            .pid()
+            .and_then(usage)
+            .map_or(f64::NAN, |u| u.cpu_seconds)
+    };
+
     // Passthrough, as its own process.
+    let broker_before = broker_cpu();
     let exe = std::env::current_exe().expect("own path");
     let output = Command::new(exe)
         .env(
@@ -359,24 +368,29 @@ async fn run() {
         .filter_map(|v| v.parse().ok())
         .collect();
     let (pt_seconds, pt_cpu, pt_rss) = (parts[1], parts[2], parts[3]);
+    let pt_broker = broker_cpu() - broker_before;
 
     // bronze-processor, as its own process.
+    let broker_before = broker_cpu();
     let (seconds, usage, metrics) =
         measure(BIN, &broker.address, &registry.address, n as f64).await;
+    let bronze_broker = broker_cpu() - broker_before;
     let out = metric_sum(&metrics, "medallion_records_out_total");
     let dedup_bytes = metric_sum(&metrics, "medallion_dedup_window_bytes");
     let bronze_rate = n as f64 / seconds;
     let pt_rate = n as f64 / pt_seconds;
     println!();
-    println!("| run | events | wall s | events/s | CPU s | events/CPU-s | peak RSS MiB |");
-    println!("|---|---|---|---|---|---|---|");
     println!(
-        "| passthrough | {n} | {pt_seconds:.2} | {pt_rate:.0} | {pt_cpu:.2} | {:.0} | {:.1} |",
+        "| run | events | wall s | events/s | CPU s | events/CPU-s | peak RSS MiB | broker CPU s |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    println!(
+        "| passthrough | {n} | {pt_seconds:.2} | {pt_rate:.0} | {pt_cpu:.2} | {:.0} | {:.1} | {pt_broker:.2} |",
         n as f64 / pt_cpu.max(0.01),
         pt_rss / 1024.0
     );
     println!(
-        "| bronze-processor | {n} | {seconds:.2} | {bronze_rate:.0} | {:.2} | {:.0} | {:.1} |",
+        "| bronze-processor | {n} | {seconds:.2} | {bronze_rate:.0} | {:.2} | {:.0} | {:.1} | {bronze_broker:.2} |",
         usage.cpu_seconds,
         n as f64 / usage.cpu_seconds.max(0.01),
         usage.peak_rss_kib as f64 / 1024.0
@@ -394,12 +408,14 @@ async fn run() {
         ("silver-processor", SILVER_BIN),
         ("gold-processor", GOLD_BIN),
     ] {
+        let broker_before = broker_cpu();
         let (seconds, usage, metrics) =
             measure(bin, &broker.address, &registry.address, expected).await;
+        let on_broker = broker_cpu() - broker_before;
         let produced = metric_sum(&metrics, "medallion_records_out_total");
         let dead = metric_sum(&metrics, "medallion_dlq_records_total").max(0.0);
         println!(
-            "| {name} | {expected:.0} | {seconds:.2} | {:.0} | {:.2} | {:.0} | {:.1} |  out {produced:.0}, DLQ {dead:.0}",
+            "| {name} | {expected:.0} | {seconds:.2} | {:.0} | {:.2} | {:.0} | {:.1} | {on_broker:.2} |  out {produced:.0}, DLQ {dead:.0}",
             expected / seconds.max(0.001),
             usage.cpu_seconds,
             expected / usage.cpu_seconds.max(0.01),
