@@ -386,6 +386,90 @@ async fn sigkill_mid_stream_loses_nothing() {
     );
 }
 
+/// bronze plans a large batch in parts, the next while the previous one's records are
+/// acknowledged. A backlog taken in large batches, with each duplicate far behind its first
+/// copy (another part) and poison among them, still comes out exactly once, in order.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_backlog_taken_in_parts_comes_out_exactly_once_in_order() {
+    let p = Pipeline::start().await;
+    let valid = sample(41, 1_500);
+    let mut records: Vec<(String, Vec<u8>)> = valid
+        .iter()
+        .map(|e| (e["org_id"].to_string(), p.frame(e)))
+        .collect();
+    // Every fifth of the first 1000 again, after all 1500: other parts of the batch.
+    let duplicates: Vec<(String, Vec<u8>)> = records[..1_000].iter().step_by(5).cloned().collect();
+    records.extend(duplicates.iter().cloned());
+    let mut poison = BTreeSet::new();
+    for i in [700usize, 1_400, 1_650] {
+        let (key, value) = records[i].clone();
+        let bad = value[..value.len() / 2].to_vec();
+        records.insert(i, (key, bad.clone()));
+        poison.insert(bad);
+    }
+    let pending: Vec<_> = records
+        .iter()
+        .map(|(key, value)| {
+            p.producer
+                .send_result(FutureRecord::to(RAW).key(key).payload(value))
+                .map_err(|(e, _)| e)
+                .expect("queued")
+        })
+        .collect();
+    for delivery in pending {
+        delivery.await.expect("not cancelled").expect("delivered");
+    }
+    // The whole backlog is on the broker before the worker starts: few, large batches.
+    let worker = p.worker(&[
+        ("MEDALLION__BATCH__MAX_RECORDS", "5000".into()),
+        ("MEDALLION__BATCH__LINGER_MS", "1000".into()),
+    ]);
+    let out = read_topic(
+        &p.broker.address,
+        BRONZE,
+        valid.len(),
+        Duration::from_secs(3),
+        Duration::from_secs(120),
+    )
+    .await
+    .expect("bronze output");
+    let ids = ids_of(&p, &out);
+    assert_eq!(ids.len(), valid.len(), "each valid event exactly once");
+    // Per key (so per partition), in the order sent.
+    let mut sent_by_key: BTreeMap<String, Vec<&str>> = BTreeMap::new();
+    for e in &valid {
+        sent_by_key
+            .entry(e["org_id"].to_string())
+            .or_default()
+            .push(e["event_id"].as_str().expect("id"));
+    }
+    let mut out_by_key: BTreeMap<String, Vec<&str>> = BTreeMap::new();
+    for (message, id) in out.iter().zip(&ids) {
+        let key = String::from_utf8(message.key().expect("key").to_vec()).expect("utf-8");
+        out_by_key.entry(key).or_default().push(id);
+    }
+    assert_eq!(out_by_key, sent_by_key);
+    let dlq = read_topic(
+        &p.broker.address,
+        RAW_DLQ,
+        poison.len(),
+        Duration::from_secs(2),
+        Duration::from_secs(60),
+    )
+    .await
+    .expect("dlq");
+    let dead: BTreeSet<Vec<u8>> = dlq
+        .iter()
+        .filter_map(|m| m.payload().map(<[u8]>::to_vec))
+        .collect();
+    assert_eq!((dlq.len(), dead), (poison.len(), poison));
+    let metrics = worker.metrics().await.expect("metrics");
+    assert_eq!(
+        metric_sum(&metrics, "medallion_duplicates_dropped_total"),
+        duplicates.len() as f64
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn two_replicas_share_partitions_and_survive_one_leaving() {
     let p = Pipeline::start().await;

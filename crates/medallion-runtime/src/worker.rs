@@ -284,7 +284,20 @@ pub trait Stage: Send + 'static {
     ) -> impl Future<Output = Result<Settled, StageError>> + Send {
         async { Ok(Settled::default()) }
     }
+
+    /// Whether the runtime may plan the next part of a batch while the previous part's
+    /// records are being acknowledged. Only for a stage whose output depends on nothing but
+    /// its input: it keeps no state across batches, defers nothing and keeps the default
+    /// `position`.
+    fn pipelined(&self) -> bool {
+        false
+    }
 }
+
+/// A pipelined stage's batch goes in this many parts (fewer when that leaves a part smaller
+/// than [`MIN_PIPELINE_PART`] records).
+const PIPELINE_PARTS: usize = 4;
+const MIN_PIPELINE_PART: usize = 256;
 
 /// Why a worker could not start or had to stop.
 #[derive(Debug, thiserror::Error)]
@@ -839,16 +852,78 @@ impl<S: Stage> StageWorker<S> {
             .map(|m| m.payload().map_or(0, <[u8]>::len))
             .sum();
         metrics::counter!(m::KAFKA_MESSAGES_IN_TOTAL, "group" => group.clone(), "topic" => topic.clone()).increment(batch.len() as u64);
-        metrics::counter!(m::KAFKA_BYTES_IN_TOTAL, "group" => group.clone(), "topic" => topic.clone()).increment(bytes as u64);
+        metrics::counter!(m::KAFKA_BYTES_IN_TOTAL, "group" => group.clone(), "topic" => topic)
+            .increment(bytes as u64);
         self.prune_windows();
         self.sync_partitions(batch, consumer).await?;
 
+        // A pipelined stage takes the batch in parts: part k+1 is planned while part k's
+        // records are acknowledged. The consumer is not polled meanwhile, so no rebalance
+        // can come between a part's acknowledgement and its stored offset.
+        let part_len = if self.stage.pipelined() {
+            batch.len().div_ceil(PIPELINE_PARTS).max(MIN_PIPELINE_PART)
+        } else {
+            batch.len()
+        };
+        let mut parts = batch.chunks(part_len.max(1));
+        let Some(first) = parts.next() else {
+            return Ok(());
+        };
+        let mut current = (first, self.plan_with_retry(first).await?);
+        loop {
+            let (part, mut plan) = current;
+            let telemetry = self.batch_telemetry(part, &plan, started.elapsed());
+            plan.outgoing.extend(telemetry);
+            // Remembered before the next part is planned, so a duplicate across parts is
+            // dropped. Delivery does not give up (it pauses consumption), so nothing
+            // remembered here goes unsent while the process lives.
+            for (partition, key) in &plan.remember {
+                self.windows
+                    .entry(*partition)
+                    .or_insert_with(|| DedupWindow::new(self.window_capacity))
+                    .insert(*key);
+            }
+            let next = match parts.next() {
+                Some(next_part) => {
+                    let policy = self.policy.clone();
+                    let (_, planned) = tokio::join!(
+                        deliver(&policy, &group, &plan.outgoing, producer),
+                        self.plan_with_retry(next_part)
+                    );
+                    Some((next_part, planned))
+                }
+                None => {
+                    deliver(&self.policy, &group, &plan.outgoing, producer).await;
+                    None
+                }
+            };
+            // Everything derived from the part is acknowledged: store its offsets.
+            self.finish(part, plan, consumer);
+            match next {
+                Some((next_part, planned)) => current = (next_part, planned?),
+                None => break,
+            }
+        }
+        metrics::histogram!(m::BATCH_DURATION_SECONDS, "stage" => group.clone())
+            .record(started.elapsed().as_secs_f64());
+        let (events, bytes) = self
+            .windows
+            .values()
+            .fold((0, 0), |(e, b), w| (e + w.len(), b + w.approx_bytes()));
+        metrics::gauge!(m::DEDUP_WINDOW_EVENTS, "stage" => group.clone()).set(events as f64);
+        metrics::gauge!(m::DEDUP_WINDOW_BYTES, "stage" => group).set(bytes as f64);
+        self.settle(false, producer, consumer).await
+    }
+
+    /// Plans `part`, retrying transient failures with the retry policy and dead-lettering the
+    /// part when they are exhausted or the stage fails it.
+    async fn plan_with_retry(&mut self, part: &[OwnedMessage]) -> Result<Plan, WorkerError> {
         let mut attempt = 1usize;
         let plan = loop {
-            match self.plan(batch).await {
+            match self.plan(part).await {
                 Ok(plan) => break plan,
                 Err(e) if e.is_transient() => {
-                    metrics::counter!(m::RETRIES_TOTAL, "stage" => group.clone(), "reason" => "registry_unreachable").increment(1);
+                    metrics::counter!(m::RETRIES_TOTAL, "stage" => self.topo.group.clone(), "reason" => "registry_unreachable").increment(1);
                     self.health.set_registry_ok(false);
                     match self.policy.wait_before(attempt) {
                         Some(wait) => {
@@ -859,7 +934,7 @@ impl<S: Stage> StageWorker<S> {
                         None => {
                             tracing::error!(error = %e, attempts = attempt, "retries exhausted; dead-lettering the batch");
                             break self.dead_letter_all(
-                                batch,
+                                part,
                                 RecordFailure::transient("registry_unreachable", e.to_string()),
                                 attempt,
                             );
@@ -874,7 +949,7 @@ impl<S: Stage> StageWorker<S> {
                 Err(e) => {
                     tracing::error!(error = %e, "batch failed; dead-lettering it");
                     break self.dead_letter_all(
-                        batch,
+                        part,
                         RecordFailure::poison("stage_failed", e.to_string()),
                         attempt,
                     );
@@ -882,26 +957,26 @@ impl<S: Stage> StageWorker<S> {
             }
         };
         self.health.set_registry_ok(true);
-        let mut plan = plan;
-        let telemetry = self.batch_telemetry(batch, &plan, started.elapsed());
-        plan.outgoing.extend(telemetry);
-        self.deliver(plan.outgoing.as_slice(), producer).await;
+        Ok(plan)
+    }
 
-        // Everything derived from the batch is acknowledged: remember and store offsets.
-        for (partition, key) in &plan.remember {
-            self.windows
-                .entry(*partition)
-                .or_insert_with(|| DedupWindow::new(self.window_capacity))
-                .insert(*key);
-        }
+    /// Books a delivered part: offsets, deferred records, totals and metrics.
+    fn finish(
+        &mut self,
+        part: &[OwnedMessage],
+        plan: Plan,
+        consumer: &StreamConsumer<WorkerContext>,
+    ) {
+        let group = self.topo.group.clone();
+        let topic = self.topo.input_topic.clone();
         let mut touched = BTreeMap::new();
-        for message in batch {
+        for message in part {
             let next = self.next_offsets.entry(message.partition()).or_insert(0);
             *next = (*next).max(message.offset() + 1);
             touched.insert(message.partition(), ());
         }
         for &index in &plan.deferred {
-            let message = &batch[index];
+            let message = &part[index];
             self.deferred
                 .entry(message.partition())
                 .or_default()
@@ -915,14 +990,12 @@ impl<S: Stage> StageWorker<S> {
             .iter()
             .filter(|o| o.topic == output_topic)
             .count() as u64;
-        self.totals.consumed += batch.len() as u64;
+        self.totals.consumed += part.len() as u64;
         self.totals.produced += produced;
         self.totals.duplicates += plan.duplicates;
         {
             use std::sync::atomic::Ordering::Relaxed;
-            self.progress
-                .consumed
-                .fetch_add(batch.len() as u64, Relaxed);
+            self.progress.consumed.fetch_add(part.len() as u64, Relaxed);
             self.progress.produced.fetch_add(produced, Relaxed);
             self.progress.duplicates.fetch_add(plan.duplicates, Relaxed);
             self.progress
@@ -943,19 +1016,10 @@ impl<S: Stage> StageWorker<S> {
             metrics::counter!(m::DLQ_RECORDS_TOTAL, "stage" => group.clone(), "topic" => topic.clone(), "class" => failure.class.as_str(), "reason" => failure.reason.clone()).increment(1);
         }
         let now = now_ms();
-        let latency = metrics::histogram!(m::EVENT_LATENCY_SECONDS, "stage" => group.clone());
+        let latency = metrics::histogram!(m::EVENT_LATENCY_SECONDS, "stage" => group);
         for t in &plan.event_times {
             latency.record((now - t).max(0) as f64 / 1_000.0);
         }
-        metrics::histogram!(m::BATCH_DURATION_SECONDS, "stage" => group.clone())
-            .record(started.elapsed().as_secs_f64());
-        let (events, bytes) = self
-            .windows
-            .values()
-            .fold((0, 0), |(e, b), w| (e + w.len(), b + w.approx_bytes()));
-        metrics::gauge!(m::DEDUP_WINDOW_EVENTS, "stage" => group.clone()).set(events as f64);
-        metrics::gauge!(m::DEDUP_WINDOW_BYTES, "stage" => group).set(bytes as f64);
-        self.settle(false, producer, consumer).await
     }
 
     /// Stores, for each of `partitions`, the offset to commit: the stage's position, held
@@ -1050,7 +1114,7 @@ impl<S: Stage> StageWorker<S> {
                 dead.push(failure);
             }
         }
-        self.deliver(&outgoing, producer).await;
+        deliver(&self.policy, &self.topo.group, &outgoing, producer).await;
         let group = self.topo.group.clone();
         let topic = self.topo.input_topic.clone();
         for failure in &dead {
@@ -1527,44 +1591,49 @@ impl<S: Stage> StageWorker<S> {
             event_times,
         })
     }
+}
 
-    /// Produces every record and waits for every acknowledgement. A failed delivery means the
-    /// broker is unavailable: consumption pauses (this call does not return) and the failed
-    /// records are sent again with backoff until the broker takes them.
-    async fn deliver(&self, outgoing: &[Outgoing], producer: &BatchProducer) {
-        let mut pending: Vec<usize> = (0..outgoing.len()).collect();
-        let mut retry = 0usize;
-        while !pending.is_empty() {
-            let failures = producer
-                .send_all(&pending, |i| {
-                    let o = &outgoing[i];
-                    BatchRecord {
-                        topic: &o.topic,
-                        partition: o.partition,
-                        key: o.key.as_deref(),
-                        value: o.value.as_ref(),
-                        headers: o.headers.as_ref(),
-                    }
-                })
-                .await;
-            let failed = failures.indexes;
-            if let Some(e) = &failures.first_error {
-                tracing::warn!(error = %e, records = failed.len(), "delivery failed");
-            }
-            if failed.is_empty() {
-                break;
-            }
-            retry += 1;
-            metrics::counter!(m::RETRIES_TOTAL, "stage" => self.topo.group.clone(), "reason" => "broker_unavailable").increment(1);
-            let wait = self.policy.wait_forever(retry);
-            tracing::warn!(
-                records = failed.len(),
-                ?wait,
-                "broker unavailable; pausing consumption"
-            );
-            tokio::time::sleep(wait).await;
-            pending = failed;
+/// Produces every record and waits for every acknowledgement. A failed delivery means the
+/// broker is unavailable: consumption pauses (this call does not return) and the failed
+/// records are sent again with backoff until the broker takes them.
+async fn deliver(
+    policy: &RetryPolicy,
+    group: &str,
+    outgoing: &[Outgoing],
+    producer: &BatchProducer,
+) {
+    let mut pending: Vec<usize> = (0..outgoing.len()).collect();
+    let mut retry = 0usize;
+    while !pending.is_empty() {
+        let failures = producer
+            .send_all(&pending, |i| {
+                let o = &outgoing[i];
+                BatchRecord {
+                    topic: &o.topic,
+                    partition: o.partition,
+                    key: o.key.as_deref(),
+                    value: o.value.as_ref(),
+                    headers: o.headers.as_ref(),
+                }
+            })
+            .await;
+        let failed = failures.indexes;
+        if let Some(e) = &failures.first_error {
+            tracing::warn!(error = %e, records = failed.len(), "delivery failed");
         }
+        if failed.is_empty() {
+            break;
+        }
+        retry += 1;
+        metrics::counter!(m::RETRIES_TOTAL, "stage" => group.to_string(), "reason" => "broker_unavailable").increment(1);
+        let wait = policy.wait_forever(retry);
+        tracing::warn!(
+            records = failed.len(),
+            ?wait,
+            "broker unavailable; pausing consumption"
+        );
+        tokio::time::sleep(wait).await;
+        pending = failed;
     }
 }
 
