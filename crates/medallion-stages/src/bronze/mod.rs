@@ -107,12 +107,14 @@ SELECT
     CASE WHEN "org_id" <= 0 THEN '{invalid_org_id}' ELSE NULL END,
     CASE WHEN "{key}" IS NULL OR trim("{key}") <> CAST("org_id" AS VARCHAR) THEN '{key_mismatch}' ELSE NULL END,
     CASE WHEN CAST("timestamp" AS BIGINT) < "{now}" - {max_age} OR CAST("timestamp" AS BIGINT) > "{now}" + {max_skew} THEN '{timestamp_out_of_range}' ELSE NULL END,
-    CASE WHEN CASE lower(trim("event_type"))
-           WHEN 'release.sync.created' THEN NOT {only_release}
-           WHEN 'case.sync.v1' THEN NOT {only_case}
-           WHEN 'lead.created' THEN NOT {only_lead}
-           ELSE NOT ({rs} IS NULL AND {cs} IS NULL AND {ls} IS NULL)
-         END THEN '{payload_mismatch}' ELSE NULL END,
+    -- Plain boolean logic, not `CASE event_type WHEN ...`: a CASE with a base expression
+    -- copies the payloads of the rows of each branch before evaluating it.
+    CASE WHEN lower(trim("event_type")) = 'release.sync.created' AND NOT {only_release}
+           OR lower(trim("event_type")) = 'case.sync.v1' AND NOT {only_case}
+           OR lower(trim("event_type")) = 'lead.created' AND NOT {only_lead}
+           OR COALESCE(lower(trim("event_type")) NOT IN ('release.sync.created', 'case.sync.v1', 'lead.created'), true)
+              AND NOT ({rs} IS NULL AND {cs} IS NULL AND {ls} IS NULL)
+         THEN '{payload_mismatch}' ELSE NULL END,
     CASE WHEN {rs} IS NOT NULL AND (
            lower(trim({rs}['sbom_ref']['storage_type'])) NOT IN ('ipfs', 's3')
            OR lower(trim({rs}['endpoint']['endpoint_type'])) NOT IN ('eks', 'lambda', 'gke', 'fargate', 'iot', 'mission_asset')

@@ -288,6 +288,26 @@ async fn each_invalid_event_is_rejected_with_its_reason() {
         "lead.created"
     });
     cases.push((keyed(e), reason::PAYLOAD_MISMATCH));
+    // An event type no payload variant belongs to, with a variant set.
+    let mut e = base();
+    e["event_type"] = json!("something.else");
+    cases.push((keyed(e), reason::PAYLOAD_MISMATCH));
+    // Two variants set at once.
+    let mut e = base();
+    if e["payload"]["case_sync"].is_null() {
+        let mut other = base();
+        while other["payload"]["case_sync"].is_null() {
+            other = base();
+        }
+        e["payload"]["case_sync"] = other["payload"]["case_sync"].clone();
+    } else {
+        let mut other = base();
+        while other["payload"]["lead_created"].is_null() {
+            other = base();
+        }
+        e["payload"]["lead_created"] = other["payload"]["lead_created"].clone();
+    }
+    cases.push((keyed(e), reason::PAYLOAD_MISMATCH));
     // An invalid value inside a case payload.
     let mut e = loop {
         let e = base();
