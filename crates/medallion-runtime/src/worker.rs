@@ -1426,7 +1426,7 @@ impl<S: Stage> StageWorker<S> {
             .cloned();
         let mut keep = Vec::with_capacity(decoded.rows.len());
         let mut keys = Vec::with_capacity(decoded.rows.len());
-        let mut in_batch: HashSet<(i32, u128)> = HashSet::new();
+        let mut in_batch: foldhash::HashSet<(i32, u128)> = foldhash::HashSet::default();
         let mut duplicates = 0u64;
         for (row, &index) in decoded.rows.iter().enumerate() {
             let partition = batch[index].partition();
