@@ -869,10 +869,11 @@ impl<S: Stage> StageWorker<S> {
         let Some(first) = parts.next() else {
             return Ok(());
         };
-        let mut current = (first, self.plan_with_retry(first).await?);
+        // (part, its plan, when its planning began): etl.execution reports each part's time.
+        let mut current = (first, self.plan_with_retry(first).await?, started);
         loop {
-            let (part, mut plan) = current;
-            let telemetry = self.batch_telemetry(part, &plan, started.elapsed());
+            let (part, mut plan, part_started) = current;
+            let telemetry = self.batch_telemetry(part, &plan, part_started.elapsed());
             plan.outgoing.extend(telemetry);
             // Remembered before the next part is planned, so a duplicate across parts is
             // dropped. Delivery does not give up (it pauses consumption), so nothing
@@ -886,11 +887,12 @@ impl<S: Stage> StageWorker<S> {
             let next = match parts.next() {
                 Some(next_part) => {
                     let policy = self.policy.clone();
+                    let next_started = Instant::now();
                     let (_, planned) = tokio::join!(
                         deliver(&policy, &group, &plan.outgoing, producer),
                         self.plan_with_retry(next_part)
                     );
-                    Some((next_part, planned))
+                    Some((next_part, planned, next_started))
                 }
                 None => {
                     deliver(&self.policy, &group, &plan.outgoing, producer).await;
@@ -900,7 +902,9 @@ impl<S: Stage> StageWorker<S> {
             // Everything derived from the part is acknowledged: store its offsets.
             self.finish(part, plan, consumer);
             match next {
-                Some((next_part, planned)) => current = (next_part, planned?),
+                Some((next_part, planned, next_started)) => {
+                    current = (next_part, planned?, next_started)
+                }
                 None => break,
             }
         }
