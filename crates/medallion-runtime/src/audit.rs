@@ -24,6 +24,24 @@ pub struct AuditAction {
     pub details: BTreeMap<String, String>,
 }
 
+/// An [`AuditAction`] over borrowed text, for hot paths that build one per event (bronze's
+/// `pii.encrypted`): [`AuditEncoder::encode_fields`] encodes it without copying its fields.
+#[derive(Debug, Clone, Copy)]
+pub struct AuditFields<'a> {
+    pub event_id: &'a str,
+    pub action: &'a str,
+    pub actor: &'a str,
+    pub org_id: i64,
+    pub correlation_id: &'a str,
+    pub trace_id: Option<&'a str>,
+    pub resource_type: &'a str,
+    pub resource_id: &'a str,
+    pub outcome: &'a str,
+    pub reason: Option<&'a str>,
+    /// Written in this order; keys must be distinct (an Avro map).
+    pub details: &'a [(&'a str, &'a str)],
+}
+
 impl AuditAction {
     /// The `audit/events.avsc` event, as JSON for [`crate::worker::JsonEncoder`].
     pub fn to_event(&self, instance: &str, now_ms: i64) -> Value {
@@ -141,28 +159,56 @@ impl AuditEncoder {
 
     /// The framed Avro record of `action` at `now_ms`.
     pub fn encode(&self, action: &AuditAction, now_ms: i64) -> Vec<u8> {
+        let details: Vec<(&str, &str)> = action
+            .details
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        self.encode_fields(
+            &AuditFields {
+                event_id: &action.event_id,
+                action: &action.action,
+                actor: &action.actor,
+                org_id: action.org_id,
+                correlation_id: &action.correlation_id,
+                trace_id: action.trace_id.as_deref(),
+                resource_type: &action.resource_type,
+                resource_id: &action.resource_id,
+                outcome: &action.outcome,
+                reason: action.reason.as_deref(),
+                details: &details,
+            },
+            now_ms,
+        )
+    }
+
+    /// The framed Avro record of `fields` at `now_ms`: what [`AuditEncoder::encode`] writes.
+    pub fn encode_fields(&self, action: &AuditFields<'_>, now_ms: i64) -> Vec<u8> {
+        const PREFIX: &str = "audit.";
         let mut out = Vec::with_capacity(256);
         out.push(0);
         out.extend_from_slice(&self.id.to_be_bytes());
-        put_str(&mut out, &action.event_id);
-        put_str(&mut out, &format!("audit.{}", action.action));
+        put_str(&mut out, action.event_id);
+        put_long(&mut out, (PREFIX.len() + action.action.len()) as i64);
+        out.extend_from_slice(PREFIX.as_bytes());
+        out.extend_from_slice(action.action.as_bytes());
         put_str(&mut out, "1.0.0");
         put_long(&mut out, now_ms);
-        put_str(&mut out, &action.actor);
+        put_str(&mut out, action.actor);
         put_str(&mut out, &self.instance);
-        put_str(&mut out, &action.correlation_id);
+        put_str(&mut out, action.correlation_id);
         put_long(&mut out, action.org_id);
-        put_optional(&mut out, action.trace_id.as_deref());
+        put_optional(&mut out, action.trace_id);
         put_long(&mut out, INTERNAL);
-        put_str(&mut out, &action.action);
-        put_str(&mut out, &action.actor);
-        put_str(&mut out, &action.resource_type);
-        put_str(&mut out, &action.resource_id);
-        put_str(&mut out, &action.outcome);
-        put_optional(&mut out, action.reason.as_deref());
+        put_str(&mut out, action.action);
+        put_str(&mut out, action.actor);
+        put_str(&mut out, action.resource_type);
+        put_str(&mut out, action.resource_id);
+        put_str(&mut out, action.outcome);
+        put_optional(&mut out, action.reason);
         if !action.details.is_empty() {
             put_long(&mut out, action.details.len() as i64);
-            for (k, v) in &action.details {
+            for (k, v) in action.details {
                 put_str(&mut out, k);
                 put_str(&mut out, v);
             }
@@ -173,11 +219,24 @@ impl AuditEncoder {
 
     /// The `audit.events` record of `action`, keyed by its org.
     pub fn record(&self, action: &AuditAction, now_ms: i64) -> crate::worker::SideRecord {
+        self.side_record(action.org_id, self.encode(action, now_ms))
+    }
+
+    /// The `audit.events` record of `fields`, keyed by its org.
+    pub fn record_fields(
+        &self,
+        fields: &AuditFields<'_>,
+        now_ms: i64,
+    ) -> crate::worker::SideRecord {
+        self.side_record(fields.org_id, self.encode_fields(fields, now_ms))
+    }
+
+    fn side_record(&self, org_id: i64, value: Vec<u8>) -> crate::worker::SideRecord {
         crate::worker::SideRecord {
             topic: self.topic.clone(),
             partition: None,
-            key: Some(action.org_id.to_string().into_bytes()),
-            value: self.encode(action, now_ms),
+            key: Some(org_id.to_string().into_bytes()),
+            value,
             headers: None,
         }
     }
@@ -213,6 +272,29 @@ mod tests {
             medallion_contracts::json::from_avro_binary(&bytes[5..], &audit.schema, &audit.schema)
                 .expect("decodes");
         assert_eq!(decoded, action.to_event(&instance(), -5));
+        // The borrowed view writes the same bytes as the owned action.
+        let mut detailed = action.clone();
+        detailed.trace_id = Some("t-1".into());
+        detailed.details = [("fields", "a,b"), ("key_id", "k1")]
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .into();
+        let view = AuditFields {
+            event_id: &detailed.event_id,
+            action: &detailed.action,
+            actor: &detailed.actor,
+            org_id: detailed.org_id,
+            correlation_id: &detailed.correlation_id,
+            trace_id: Some("t-1"),
+            resource_type: &detailed.resource_type,
+            resource_id: &detailed.resource_id,
+            outcome: &detailed.outcome,
+            reason: Some("why"),
+            details: &[("fields", "a,b"), ("key_id", "k1")],
+        };
+        assert_eq!(
+            encoder.encode_fields(&view, 7),
+            encoder.encode(&detailed, 7)
+        );
         // Another contract (a field more) is refused at construction.
         let mut other: serde_json::Value = serde_json::from_str(&audit.text).expect("JSON");
         if let Some(fields) = other["fields"].as_array_mut() {

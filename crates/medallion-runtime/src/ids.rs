@@ -4,6 +4,11 @@
 /// A UUID (version-4 layout) derived from `parts` by 128-bit FNV-1a: stable across processes and
 /// Rust releases, unlike `std`'s hasher. Not a secret; only an identity.
 pub fn stable_id(parts: &[&str]) -> String {
+    stable_uuid(parts).to_string()
+}
+
+/// [`stable_id`] as a [`uuid::Uuid`], for callers that format it without allocating.
+pub fn stable_uuid(parts: &[&str]) -> uuid::Uuid {
     const OFFSET: u128 = 0x6c62_272e_07bb_0142_62b8_2175_6295_c58d;
     const PRIME: u128 = 0x0000_0000_0100_0000_0000_0000_0000_013b;
     let mut hash = OFFSET;
@@ -18,9 +23,7 @@ pub fn stable_id(parts: &[&str]) -> String {
             hash = hash.wrapping_mul(PRIME);
         }
     }
-    uuid::Builder::from_random_bytes(hash.to_be_bytes())
-        .into_uuid()
-        .to_string()
+    uuid::Builder::from_random_bytes(hash.to_be_bytes()).into_uuid()
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@
 
 use arrow::array::{Array, ArrayRef, AsArray, RecordBatch};
 use arrow::datatypes::SchemaRef;
-use medallion_runtime::audit::{AuditAction, AuditEncoder};
+use medallion_runtime::audit::{AuditEncoder, AuditFields};
 use medallion_runtime::error::{RecordFailure, StageError};
 use medallion_runtime::metrics as m;
 use medallion_runtime::pii::{Keyring, PiiConfig, KEY_ID_HEADER};
@@ -331,27 +331,31 @@ impl Bronze {
                 key_id.clone().into_bytes(),
             ));
             let event_id = event_ids.value(row);
-            let org_id = orgs.value(row);
-            let action = AuditAction {
-                event_id: medallion_runtime::ids::stable_id(&["pii.encrypted", event_id]),
-                action: "pii.encrypted".into(),
-                actor: GROUP.into(),
-                org_id,
-                correlation_id: correlations.value(row).to_string(),
-                trace_id: (!traces.is_null(row)).then(|| traces.value(row).to_string()),
-                resource_type: event_types.value(row).to_string(),
-                resource_id: event_id.to_string(),
-                outcome: "encrypted".into(),
+            let mut id = uuid::Uuid::encode_buffer();
+            let audit_id = medallion_runtime::ids::stable_uuid(&["pii.encrypted", event_id])
+                .hyphenated()
+                .encode_lower(&mut id);
+            let fields = paths.join(",");
+            // Borrowed from the batch: one allocation per event (the field list), not twenty.
+            let action = AuditFields {
+                event_id: audit_id,
+                action: "pii.encrypted",
+                actor: GROUP,
+                org_id: orgs.value(row),
+                correlation_id: correlations.value(row),
+                trace_id: (!traces.is_null(row)).then(|| traces.value(row)),
+                resource_type: event_types.value(row),
+                resource_id: event_id,
+                outcome: "encrypted",
                 reason: None,
-                details: [
-                    ("fields".to_string(), paths.join(",")),
-                    ("key_id".to_string(), key_id.clone()),
-                    ("algorithm".to_string(), "AES-256-GCM".to_string()),
-                ]
-                .into_iter()
-                .collect(),
+                // In key order, as the map of the owned AuditAction writes them.
+                details: &[
+                    ("algorithm", "AES-256-GCM"),
+                    ("fields", &fields),
+                    ("key_id", &key_id),
+                ],
             };
-            side.push(self.audit.record(&action, now));
+            side.push(self.audit.record_fields(&action, now));
         }
         metrics::counter!(m::PII_FIELDS_ENCRYPTED_TOTAL, "stage" => GROUP, "key_id" => key_id)
             .increment(fields);

@@ -143,6 +143,8 @@ async fn personal_data_leaves_bronze_encrypted_with_its_key_named_and_audited() 
     let keys = Keyring::from_config(&test_config().pii, "stage.pii").expect("keys");
     let wrong = Keyring::new("k1", [("k1".to_string(), vec![9u8; 32])]).expect("keys");
     let mut protected = 0;
+    // (event_id, org_id, protected paths) of each protected event, in order.
+    let mut audited = Vec::new();
     for (row, (o, (_, e))) in out.iter().zip(&events).enumerate() {
         let mut fields = Vec::new();
         if let Some(lead) = e["payload"]["lead_created"].as_object() {
@@ -165,6 +167,7 @@ async fn personal_data_leaves_bronze_encrypted_with_its_key_named_and_audited() 
             ));
         }
         let mut any = false;
+        let mut paths = Vec::new();
         for (path, sent, got) in fields {
             let (sent, got) = (
                 sent.as_str().expect("text").trim(),
@@ -175,6 +178,7 @@ async fn personal_data_leaves_bronze_encrypted_with_its_key_named_and_audited() 
                 continue;
             }
             any = true;
+            paths.push(path);
             assert!(
                 !got.contains(sent),
                 "{path} left bronze in the clear: {got}"
@@ -191,6 +195,10 @@ async fn personal_data_leaves_bronze_encrypted_with_its_key_named_and_audited() 
             any.then_some(b"k1".as_slice())
         );
         protected += usize::from(any);
+        if any {
+            paths.sort_unstable();
+            audited.push((o["event_id"].clone(), o["org_id"].clone(), paths.join(",")));
+        }
     }
     assert!(
         protected > 30,
@@ -199,6 +207,33 @@ async fn personal_data_leaves_bronze_encrypted_with_its_key_named_and_audited() 
     // One audit record per protected event.
     assert_eq!(output.side.len(), protected);
     assert!(output.side.iter().all(|r| r.topic == "audit.events"));
+    let audit = contracts().get("audit/events.avsc").expect("audit").clone();
+    for (record, (event_id, org_id, paths)) in output.side.iter().zip(&audited) {
+        let a = from_avro_binary(&record.value[5..], &audit.schema, &audit.schema)
+            .expect("an audit.events record");
+        assert_eq!(record.key.as_deref(), Some(org_id.to_string().as_bytes()));
+        assert_eq!(a["event_type"], "audit.pii.encrypted");
+        assert_eq!(a["org_id"], *org_id);
+        let p = &a["payload"];
+        assert_eq!(
+            (&p["action"], &p["actor"], &p["resource_id"], &p["outcome"]),
+            (
+                &json!("pii.encrypted"),
+                &json!(super::GROUP),
+                event_id,
+                &json!("encrypted")
+            )
+        );
+        let mut listed: Vec<&str> = p["details"]["fields"]
+            .as_str()
+            .expect("fields")
+            .split(',')
+            .collect();
+        listed.sort_unstable();
+        assert_eq!(listed.join(","), *paths);
+        assert_eq!(p["details"]["key_id"], "k1");
+        assert_eq!(p["details"]["algorithm"], "AES-256-GCM");
+    }
 }
 
 fn keyed(event: Json) -> (Option<String>, Json) {
