@@ -1002,28 +1002,35 @@ impl<S: Stage> StageWorker<S> {
             self.progress.consumed.fetch_add(part.len() as u64, Relaxed);
             self.progress.produced.fetch_add(produced, Relaxed);
             self.progress.duplicates.fetch_add(plan.duplicates, Relaxed);
-            self.progress
-                .dead_lettered
-                .fetch_add(plan.dead.len() as u64, Relaxed);
         }
         if self.topo.output.is_some() {
             metrics::counter!(m::RECORDS_OUT_TOTAL, "stage" => group.clone(), "topic" => output_topic).increment(produced);
         }
         metrics::counter!(m::DUPLICATES_TOTAL, "stage" => group.clone(), "topic" => topic.clone())
             .increment(plan.duplicates);
-        for (_, failure) in &plan.dead {
-            *self
-                .totals
-                .dead_lettered
-                .entry(failure.reason.clone())
-                .or_default() += 1;
-            metrics::counter!(m::DLQ_RECORDS_TOTAL, "stage" => group.clone(), "topic" => topic.clone(), "class" => failure.class.as_str(), "reason" => failure.reason.clone()).increment(1);
-        }
+        self.count_dead_letters(plan.dead.iter().map(|(_, failure)| failure));
         let now = now_ms();
         let latency = metrics::histogram!(m::EVENT_LATENCY_SECONDS, "stage" => group);
         for t in &plan.event_times {
             latency.record((now - t).max(0) as f64 / 1_000.0);
         }
+    }
+
+    /// Counts dead letters that were delivered: run totals, progress and the DLQ metric.
+    fn count_dead_letters<'f>(&mut self, failures: impl Iterator<Item = &'f RecordFailure>) {
+        let mut count = 0u64;
+        for failure in failures {
+            count += 1;
+            *self
+                .totals
+                .dead_lettered
+                .entry(failure.reason.clone())
+                .or_default() += 1;
+            metrics::counter!(m::DLQ_RECORDS_TOTAL, "stage" => self.topo.group.clone(), "topic" => self.topo.input_topic.clone(), "class" => failure.class.as_str(), "reason" => failure.reason.clone()).increment(1);
+        }
+        self.progress
+            .dead_lettered
+            .fetch_add(count, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Stores, for each of `partitions`, the offset to commit: the stage's position, held
@@ -1119,19 +1126,7 @@ impl<S: Stage> StageWorker<S> {
             }
         }
         deliver(&self.policy, &self.topo.group, &outgoing, producer).await;
-        let group = self.topo.group.clone();
-        let topic = self.topo.input_topic.clone();
-        for failure in &dead {
-            *self
-                .totals
-                .dead_lettered
-                .entry(failure.reason.clone())
-                .or_default() += 1;
-            metrics::counter!(m::DLQ_RECORDS_TOTAL, "stage" => group.clone(), "topic" => topic.clone(), "class" => failure.class.as_str(), "reason" => failure.reason.clone()).increment(1);
-        }
-        self.progress
-            .dead_lettered
-            .fetch_add(dead.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        self.count_dead_letters(dead.iter());
         let partitions: Vec<i32> = self.next_offsets.keys().copied().collect();
         self.store_positions(partitions.into_iter(), consumer);
         Ok(())

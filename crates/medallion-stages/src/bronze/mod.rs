@@ -335,7 +335,7 @@ impl Bronze {
             let audit_id = medallion_runtime::ids::stable_uuid(&["pii.encrypted", event_id])
                 .hyphenated()
                 .encode_lower(&mut id);
-            let fields = paths.join(",");
+            let listed = paths.join(",");
             // Borrowed from the batch: one allocation per event (the field list), not twenty.
             let action = AuditFields {
                 event_id: audit_id,
@@ -351,7 +351,7 @@ impl Bronze {
                 // In key order, as the map of the owned AuditAction writes them.
                 details: &[
                     ("algorithm", "AES-256-GCM"),
-                    ("fields", &fields),
+                    ("fields", &listed),
                     ("key_id", &key_id),
                 ],
             };
