@@ -34,7 +34,7 @@ fn decode_all(decoder: &mut BatchDecoder, messages: &[Vec<u8>]) -> usize {
     rows
 }
 
-/// The seed-002 envelope alone (`common/metadata.avsc`): the target's "envelope records".
+/// The envelope alone (`common/metadata.avsc`): the target's "envelope records".
 fn decode_envelopes(c: &mut Criterion) {
     let contract = contract("common/metadata.avsc");
     let messages = framed_events(&contract, 1, RECORDS, 20_000);

@@ -1,4 +1,4 @@
-//! The BACKWARD compatibility gate (seed 002): a new schema must read data written with the
+//! The BACKWARD compatibility gate: a new schema must read data written with the
 //! released one. Rules: a new field needs a default; a field without a default cannot be
 //! removed; types do not change (an enum may gain symbols, a union may gain branches, a type
 //! may become a union that contains it). A deliberate break is released by bumping the

@@ -64,7 +64,11 @@ fn schema_of_golden(golden: &str) -> String {
 fn every_topic_has_a_contract_with_its_key_field() {
     let contracts = contracts();
     let topics = topics();
-    assert_eq!(topics.topics.len(), 8, "seed 002 lists eight topics");
+    assert_eq!(
+        topics.topics.len(),
+        8,
+        "eight declared topics: the five layers, config.changes, etl.execution, audit.events"
+    );
     for (topic, spec) in &topics.topics {
         let contract = contracts
             .get(&spec.schema)

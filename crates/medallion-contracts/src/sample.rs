@@ -1,5 +1,5 @@
-//! A deterministic generator of realistic `connector.data.raw` events (the seed 000, 001 and
-//! 004 feeds across several orgs), for the local mode, tests and benchmarks.
+//! A deterministic generator of realistic `connector.data.raw` events (the release, lead and
+//! case feeds across several orgs), for the local mode, tests and benchmarks.
 
 use serde_json::{json, Value as Json};
 

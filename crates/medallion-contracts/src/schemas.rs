@@ -1,4 +1,4 @@
-//! The Avro contracts in `schemas/`: one `.avsc` per topic (seed 002 layout) plus the shared
+//! The Avro contracts in `schemas/`: one `.avsc` per topic, a folder per layer, plus the shared
 //! `common/` types. Files may reference named types defined in other files; loading inlines
 //! them so every contract is a self-contained schema, which is what the registry receives.
 

@@ -1,4 +1,4 @@
-//! Governance records for `audit.events` (seeds 001 and 003): every worker writes one when it
+//! Governance records for `audit.events`: every worker writes one when it
 //! dead-letters a record, encrypts personal data, redacts an outgoing message or sees drift.
 
 use std::collections::BTreeMap;

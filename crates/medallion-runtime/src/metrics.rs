@@ -34,7 +34,7 @@ pub const WORKER_READY: &str = "medallion_worker_ready";
 
 /// Data-quality expectation outcomes, by stage, expectation, action and result (pass|fail).
 pub const EXPECTATION_RESULTS_TOTAL: &str = "medallion_expectation_results_total";
-/// Updates older than the entity's current state (seed 004 drift), by stage and entity type.
+/// Updates older than the entity's current state (drift), by stage and entity type.
 pub const DRIFT_TOTAL: &str = "medallion_drift_detected_total";
 /// Entities held in a stage's merge state, by stage.
 pub const STATE_ENTITIES: &str = "medallion_state_entities";

@@ -1,4 +1,4 @@
-//! Personal data (schema fields marked `"pii": true`, seeds 001 and 003) is encrypted with
+//! Personal data (schema fields marked `"pii": true`) is encrypted with
 //! AES-256-GCM before it leaves bronze. A value becomes `enc:v1:<key id>:<base64(nonce ‖
 //! ciphertext ‖ tag)>`, bound to its field path as associated data. Keys come from config or
 //! the environment; the active key encrypts, every configured key decrypts, so a rotation only

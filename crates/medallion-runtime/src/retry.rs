@@ -1,4 +1,4 @@
-//! Backoff for transient failures (seed 001: 0.5 s, 2 s, 8 s, 32 s).
+//! Backoff for transient failures: 0.5 s, 2 s, 8 s, 32 s, then the record is dead-lettered.
 
 use std::time::Duration;
 

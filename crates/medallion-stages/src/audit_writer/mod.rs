@@ -50,7 +50,7 @@ impl Default for AuditWriterConfig {
     }
 }
 
-/// Seed 002's audit retention.
+/// How long the audit trail is kept, in days.
 pub const RETENTION_DAYS: u32 = 90;
 
 /// Columns of the Parquet files (`org_id` and `day` are in the path).

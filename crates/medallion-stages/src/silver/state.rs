@@ -1,4 +1,4 @@
-//! Latest-`updated_at`-wins merge state per entity (seed 004), by input partition.
+//! Latest-`updated_at`-wins merge state per entity, by input partition.
 
 use std::collections::HashMap;
 
