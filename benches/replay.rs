@@ -181,7 +181,10 @@ async fn passthrough(bootstrap: &str, n: u64) {
         .create()
         .expect("consumer");
     consumer.subscribe(&[RAW]).expect("subscribe");
-    let producer: FutureProducer = medallion_runtime::kafka::producer(bootstrap).expect("producer");
+    let producer: FutureProducer = medallion_runtime::kafka::producer(
+        &medallion_runtime::kafka::KafkaConnection::plain(bootstrap).expect("connection"),
+    )
+    .expect("producer");
     let mut seen = 0u64;
     let mut started: Option<Instant> = None;
     while seen < n {
@@ -265,9 +268,13 @@ async fn run() {
     let mut scratch = topics.topics[RAW].clone();
     scratch.dlq = None;
     topics.topics.insert(PASSTHROUGH_TOPIC.into(), scratch);
-    medallion_runtime::admin::apply_topics(&broker.address, &topics, 1)
-        .await
-        .expect("topics");
+    medallion_runtime::admin::apply_topics(
+        &medallion_runtime::kafka::KafkaConnection::plain(&broker.address).expect("connection"),
+        &topics,
+        1,
+    )
+    .await
+    .expect("topics");
     let client = RegistryClient::new(&registry.address, Duration::from_secs(10)).expect("client");
     let ids = client
         .register_all(&contracts, &topics)
@@ -322,8 +329,8 @@ async fn run() {
         by_key: true,
         new_timestamps: true,
     };
-    let mut kafka = rdkafka::ClientConfig::new();
-    kafka.set("bootstrap.servers", &broker.address);
+    let kafka =
+        medallion_runtime::kafka::KafkaConnection::plain(&broker.address).expect("connection");
     let summary = replay(&kafka, RAW, &records, &options, |_, _| {})
         .await
         .expect("replayed");

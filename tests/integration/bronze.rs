@@ -46,16 +46,23 @@ impl Pipeline {
         let broker = broker().expect("broker starts");
         let registry = registry().expect("registry starts");
         let (contracts, topics) = contracts().expect("contracts");
-        medallion_runtime::admin::apply_topics(&broker.address, &topics, 1)
-            .await
-            .expect("topics");
+        medallion_runtime::admin::apply_topics(
+            &medallion_runtime::kafka::KafkaConnection::plain(&broker.address).expect("connection"),
+            &topics,
+            1,
+        )
+        .await
+        .expect("topics");
         let client =
             RegistryClient::new(&registry.address, Duration::from_secs(10)).expect("client");
         let ids = client
             .register_all(&contracts, &topics)
             .await
             .expect("registered");
-        let producer = medallion_runtime::kafka::producer(&broker.address).expect("producer");
+        let producer = medallion_runtime::kafka::producer(
+            &medallion_runtime::kafka::KafkaConnection::plain(&broker.address).expect("connection"),
+        )
+        .expect("producer");
         Pipeline {
             raw: contracts
                 .get("connector/data-raw.avsc")
@@ -130,10 +137,10 @@ impl Pipeline {
         to_framed(event, &self.raw.schema, self.raw_id).expect("frames")
     }
 
-    pub async fn send(&self, key: &str, value: &[u8]) {
+    pub async fn send(&self, key: impl AsRef<[u8]>, value: &[u8]) {
         self.producer
             .send(
-                FutureRecord::to(RAW).key(key).payload(value),
+                FutureRecord::to(RAW).key(key.as_ref()).payload(value),
                 Duration::from_secs(10),
             )
             .await
@@ -171,7 +178,16 @@ async fn bronze_outputs_valid_unique_events_and_dead_letters_the_rest() {
     let valid = sample(21, 400);
     let mut expected_dlq: BTreeMap<Vec<u8>, &str> = BTreeMap::new();
     for (i, event) in valid.iter().enumerate() {
-        let key = event["org_id"].to_string();
+        // Every third producer keys by a Java Long (LongSerializer: 8 bytes, big-endian).
+        let key = if i % 3 == 1 {
+            event["org_id"]
+                .as_i64()
+                .expect("org")
+                .to_be_bytes()
+                .to_vec()
+        } else {
+            event["org_id"].to_string().into_bytes()
+        };
         let value = p.frame(event);
         p.send(&key, &value).await;
         if i % 20 == 0 {
@@ -180,7 +196,7 @@ async fn bronze_outputs_valid_unique_events_and_dead_letters_the_rest() {
         }
     }
     // (key, value, reason) of records that must be dead-lettered.
-    let mut poison: Vec<(String, Vec<u8>, &str)> = Vec::new();
+    let mut poison: Vec<(Vec<u8>, Vec<u8>, &str)> = Vec::new();
     let mut bad_magic = p.frame(&valid[0]);
     bad_magic[0] = b'{';
     poison.push(("211".into(), bad_magic, "unknown_magic_byte"));
@@ -195,16 +211,23 @@ async fn bronze_outputs_valid_unique_events_and_dead_letters_the_rest() {
     poison.push(("211".into(), unknown, "unknown_schema_id"));
     let mut e = sample(22, 1).remove(0);
     e["event_id"] = json!("definitely-not-a-uuid");
-    poison.push((e["org_id"].to_string(), p.frame(&e), "invalid_event_id"));
+    poison.push((
+        e["org_id"].to_string().into_bytes(),
+        p.frame(&e),
+        "invalid_event_id",
+    ));
     let mut e = sample(23, 1).remove(0);
     e["timestamp"] = json!(now_ms() - 400 * 86_400_000);
     poison.push((
-        e["org_id"].to_string(),
+        e["org_id"].to_string().into_bytes(),
         p.frame(&e),
         "timestamp_out_of_range",
     ));
     let e = sample(24, 1).remove(0);
     poison.push(("424242".into(), p.frame(&e), "key_mismatch"));
+    let e = sample(26, 1).remove(0);
+    let other_org = (e["org_id"].as_i64().expect("org") + 1).to_be_bytes();
+    poison.push((other_org.to_vec(), p.frame(&e), "key_mismatch"));
     let mut e = sample(25, 1).remove(0);
     e["org_id"] = json!(-5);
     poison.push(("-5".into(), p.frame(&e), "invalid_org_id"));
@@ -657,7 +680,10 @@ async fn metrics_show_the_lag_of_a_backlog_falling_to_zero() {
         .await
         .expect("registered");
     let raw = contracts.get("connector/data-raw.avsc").expect("raw");
-    let producer = medallion_runtime::kafka::producer(&bootstrap).expect("producer");
+    let producer = medallion_runtime::kafka::producer(
+        &medallion_runtime::kafka::KafkaConnection::plain(&bootstrap).expect("connection"),
+    )
+    .expect("producer");
     let backlog = sample(61, 20_000);
     let mut pending = Vec::new();
     for e in &backlog {
@@ -962,4 +988,105 @@ fn base64_key(text: &str) -> Vec<u8> {
     base64::engine::general_purpose::STANDARD
         .decode(text)
         .expect("base64")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_deployments_share_one_cluster_under_their_prefixes() {
+    let p = Pipeline::start().await;
+    let kafka =
+        medallion_runtime::kafka::KafkaConnection::plain(&p.broker.address).expect("connection");
+    // A second deployment, `blue.`, on the same broker and registry.
+    let blue = p.topics.clone().with_prefix("blue.").expect("prefix");
+    medallion_runtime::admin::apply_topics(&kafka, &blue, 1)
+        .await
+        .expect("blue topics");
+    let blue_ids: HashMap<String, u32> =
+        RegistryClient::new(&p.registry.address, Duration::from_secs(10))
+            .expect("client")
+            .register_all(&p.contracts, &blue)
+            .await
+            .expect("blue subjects")
+            .into_iter()
+            .collect();
+    let blue_raw = "blue.connector.data.raw";
+    assert!(blue_ids.contains_key(blue_raw), "{blue_ids:?}");
+
+    let green = p.worker(&[]);
+    let blue_worker = p.worker(&[("MEDALLION__NAMING__PREFIX", "blue.".to_string())]);
+    for w in [&green, &blue_worker] {
+        w.wait_ready(Duration::from_secs(60)).await.expect("ready");
+    }
+    let green_events = sample(61, 40);
+    let blue_events = sample(62, 25);
+    for e in &green_events {
+        p.send(e["org_id"].to_string(), &p.frame(e)).await;
+    }
+    for e in &blue_events {
+        let value = to_framed(e, &p.raw.schema, blue_ids[blue_raw]).expect("frames");
+        p.producer
+            .send(
+                FutureRecord::to(blue_raw)
+                    .key(&e["org_id"].to_string())
+                    .payload(&value),
+                Duration::from_secs(10),
+            )
+            .await
+            .map_err(|(e, _)| e)
+            .expect("delivered");
+    }
+    let ids = |events: &[Json]| -> BTreeSet<String> {
+        events
+            .iter()
+            .map(|e| e["event_id"].as_str().expect("id").to_string())
+            .collect()
+    };
+    for (topic, events) in [
+        (BRONZE, &green_events),
+        ("blue.bronze.data.cleaned", &blue_events),
+    ] {
+        let out = read_topic(
+            &p.broker.address,
+            topic,
+            events.len(),
+            Duration::from_secs(3),
+            Duration::from_secs(90),
+        )
+        .await
+        .expect("output");
+        let got: BTreeSet<String> = p
+            .bronze_json(&out)
+            .iter()
+            .map(|e| e["event_id"].as_str().expect("id").to_string())
+            .collect();
+        assert_eq!(
+            out.len(),
+            events.len(),
+            "{topic}: each of its own events once"
+        );
+        assert_eq!(
+            got,
+            ids(events),
+            "{topic}: exactly its own deployment's events"
+        );
+    }
+    // Each deployment commits under its own group: blue's group holds blue's raw offsets, and
+    // the unprefixed group never read the blue topic.
+    let committed = |group: &str| {
+        medallion_runtime::ops::lag::group_lag(&kafka, group, &[blue_raw.to_string()])
+            .expect("lag")
+            .iter()
+            .filter_map(|r| r.committed)
+            .sum::<i64>()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while committed("blue.bronze-processor") < blue_events.len() as i64 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "blue.bronze-processor committed {} of {}",
+            committed("blue.bronze-processor"),
+            blue_events.len()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert_eq!(committed("bronze-processor"), 0);
 }

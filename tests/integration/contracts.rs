@@ -134,7 +134,7 @@ async fn the_gate_agrees_with_the_registry_compatibility_endpoint() {
         .register(&subject, &released_text)
         .await
         .expect("released version registered");
-    // (what, from, to, registry agrees): the one deliberate difference is seed 002's rule
+    // (what, from, to, registry agrees): the one deliberate difference is our rule
     // that a field without a default cannot be removed, stricter than Avro's BACKWARD.
     let cases = [
         ("unchanged", "", "", true),
@@ -158,7 +158,7 @@ async fn the_gate_agrees_with_the_registry_compatibility_endpoint() {
         ),
         (
             "defaulted field removed",
-            r#"{"name": "trace_id", "type": ["null", "string"], "default": null, "doc": "Distributed trace id (seed 001)."},"#,
+            r#"{"name": "trace_id", "type": ["null", "string"], "default": null, "doc": "Distributed trace id, carried unchanged through every stage."},"#,
             "",
             true,
         ),
@@ -206,22 +206,33 @@ async fn connector_events_travel_the_wire_format_end_to_end() {
     let (contracts, topics) = contracts().expect("contracts");
 
     // Topics from topic-config.yaml through the Admin API (idempotent).
-    let applied = medallion_runtime::admin::apply_topics(&broker.address, &topics, 1)
-        .await
-        .expect("topics created");
+    let applied = medallion_runtime::admin::apply_topics(
+        &medallion_runtime::kafka::KafkaConnection::plain(&broker.address).expect("connection"),
+        &topics,
+        1,
+    )
+    .await
+    .expect("topics created");
     assert_eq!(applied.len(), topics.physical_topics(1).len());
-    let again = medallion_runtime::admin::apply_topics(&broker.address, &topics, 1)
-        .await
-        .expect("second apply is a no-op");
+    let again = medallion_runtime::admin::apply_topics(
+        &medallion_runtime::kafka::KafkaConnection::plain(&broker.address).expect("connection"),
+        &topics,
+        1,
+    )
+    .await
+    .expect("second apply is a no-op");
     assert!(again
         .iter()
         .all(|(_, outcome)| *outcome == medallion_runtime::admin::Applied::AlreadyExists));
     // The broker holds every topic and DLQ with the declared partitions and retention.
     let declared = topics.physical_topics(1);
     let names: Vec<String> = declared.iter().map(|t| t.name.clone()).collect();
-    let states = medallion_runtime::admin::describe_topics(&broker.address, &names)
-        .await
-        .expect("describe");
+    let states = medallion_runtime::admin::describe_topics(
+        &medallion_runtime::kafka::KafkaConnection::plain(&broker.address).expect("connection"),
+        &names,
+    )
+    .await
+    .expect("describe");
     assert_eq!(states.len(), declared.len(), "{states:?}");
     for (state, topic) in states.iter().zip(&declared) {
         assert_eq!(state.name, topic.name);
@@ -261,7 +272,10 @@ async fn connector_events_travel_the_wire_format_end_to_end() {
     let id = ids[raw_topic];
 
     // Produce Confluent-framed events keyed by org_id.
-    let producer = medallion_runtime::kafka::producer(&broker.address).expect("producer");
+    let producer = medallion_runtime::kafka::producer(
+        &medallion_runtime::kafka::KafkaConnection::plain(&broker.address).expect("connection"),
+    )
+    .expect("producer");
     let mut events = SampleEvents::new(99, 6, 1_735_200_000_000);
     let sent: Vec<Json> = (0..300).map(|_| events.next_event()).collect();
     for event in &sent {
@@ -297,8 +311,18 @@ async fn connector_events_travel_the_wire_format_end_to_end() {
     let mut rejected: Vec<&'static str> = Vec::new();
 
     // Consume them back in a consumer group and decode into Arrow.
+    let group = unique("it-e2e");
     let consumer: StreamConsumer =
-        medallion_runtime::kafka::consumer(&broker.address, &unique("it-e2e")).expect("consumer");
+        medallion_runtime::kafka::KafkaConnection::plain(&broker.address)
+            .expect("connection")
+            .create(
+                medallion_runtime::kafka::Role::StageConsumer {
+                    group: &group,
+                    session_timeout_ms: 6000,
+                },
+                "consumer",
+            )
+            .expect("consumer");
     consumer.subscribe(&[raw_topic]).expect("subscribe");
     let fresh = self::client(&registry.address);
     let mut decoder = BatchDecoder::new(&raw.full_name, &raw.text).expect("decoder");

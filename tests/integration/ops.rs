@@ -4,23 +4,21 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use medallion_runtime::admin::{plan_topics, reconcile_topics, Change};
+use medallion_runtime::kafka::{KafkaConnection, Role};
 use medallion_runtime::ops::capture::{capture, read_capture, replay, ReplayOptions};
 use medallion_runtime::ops::lag::group_lag;
 use medallion_runtime::ops::redrive::{inspect, redrive, RedriveOptions, REDRIVE_COUNT};
 use medallion_tests::{broker, read_topic, read_until};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::FutureRecord;
-use rdkafka::ClientConfig;
 
 use crate::bronze::{now_ms, sample, Pipeline};
 
 const RAW: &str = "connector.data.raw";
 const BRONZE: &str = "bronze.data.cleaned";
 
-fn client(bootstrap: &str) -> ClientConfig {
-    let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", bootstrap);
-    c
+fn client(bootstrap: &str) -> KafkaConnection {
+    KafkaConnection::plain(bootstrap).expect("connection")
 }
 
 fn temp_file(name: &str) -> std::path::PathBuf {
@@ -252,14 +250,14 @@ async fn a_redrive_after_the_fix_brings_every_dead_letter_back_exactly_once() {
 async fn topics_plan_shows_the_difference_and_apply_removes_it() {
     let broker = broker().expect("broker");
     let (_, topics) = medallion_tests::contracts().expect("contracts");
-    let plan = plan_topics(&broker.address, &topics, 1)
+    let plan = plan_topics(&client(&broker.address), &topics, 1)
         .await
         .expect("plan");
     assert!(plan.iter().all(|(_, c)| c == &vec![Change::Create]));
-    reconcile_topics(&broker.address, &topics, 1)
+    reconcile_topics(&client(&broker.address), &topics, 1)
         .await
         .expect("applied");
-    let plan = plan_topics(&broker.address, &topics, 1)
+    let plan = plan_topics(&client(&broker.address), &topics, 1)
         .await
         .expect("plan");
     assert!(plan.iter().all(|(_, c)| c.is_empty()), "{plan:?}");
@@ -274,7 +272,7 @@ async fn topics_plan_shows_the_difference_and_apply_removes_it() {
     );
     assert_ne!(changed, text);
     let changed = medallion_contracts::TopicConfig::parse(&changed, "changed").expect("valid");
-    let plan = plan_topics(&broker.address, &changed, 1)
+    let plan = plan_topics(&client(&broker.address), &changed, 1)
         .await
         .expect("plan");
     let raw: Vec<&Change> = plan
@@ -290,10 +288,10 @@ async fn topics_plan_shows_the_difference_and_apply_removes_it() {
         }]
     );
     assert_eq!(plan.iter().filter(|(_, c)| !c.is_empty()).count(), 1);
-    reconcile_topics(&broker.address, &changed, 1)
+    reconcile_topics(&client(&broker.address), &changed, 1)
         .await
         .expect("applied");
-    let plan = plan_topics(&broker.address, &changed, 1)
+    let plan = plan_topics(&client(&broker.address), &changed, 1)
         .await
         .expect("plan");
     assert!(plan.iter().all(|(_, c)| c.is_empty()), "{plan:?}");
@@ -303,7 +301,7 @@ async fn topics_plan_shows_the_difference_and_apply_removes_it() {
         "fewer",
     )
     .expect("valid");
-    let e = reconcile_topics(&broker.address, &fewer, 1)
+    let e = reconcile_topics(&client(&broker.address), &fewer, 1)
         .await
         .expect_err("refused");
     assert!(e.to_string().contains("cannot remove partitions"), "{e}");
@@ -316,7 +314,7 @@ fn lag_is_committed_offset_to_high_watermark_per_partition() {
     let cluster = rdkafka::mocking::MockCluster::new(1).expect("mock cluster");
     cluster.create_topic("t", 2, 1).expect("topic");
     let kafka = client(&cluster.bootstrap_servers());
-    let producer: BaseProducer = kafka.create().expect("producer");
+    let producer: BaseProducer = kafka.config(Role::Admin).create().expect("producer");
     for n in 0..10 {
         let partition = if n < 6 { 0 } else { 1 };
         producer
@@ -330,9 +328,13 @@ fn lag_is_committed_offset_to_high_watermark_per_partition() {
     }
     producer.flush(Duration::from_secs(10)).expect("flushed");
     let consumer: BaseConsumer = kafka
-        .clone()
-        .set("group.id", "g")
-        .create()
+        .create(
+            Role::Reader {
+                group: "g",
+                until_end: false,
+            },
+            "consumer",
+        )
         .expect("consumer");
     let mut tpl = rdkafka::TopicPartitionList::new();
     tpl.add_partition_offset("t", 0, rdkafka::Offset::Offset(4))
@@ -355,7 +357,10 @@ async fn batch_producer_acknowledges_a_batch_and_names_the_records_that_failed()
     let cluster = rdkafka::mocking::MockCluster::new(1).expect("mock cluster");
     cluster.create_topic("acks", 1, 1).expect("topic");
     let kafka = client(&cluster.bootstrap_servers());
-    let producer = BatchProducer::new(&kafka).expect("producer");
+    let producer = BatchProducer::new(&kafka.config(Role::Producer {
+        message_timeout_ms: 30_000,
+    }))
+    .expect("producer");
     let values: Vec<Vec<u8>> = (0..50).map(|n| format!("v{n}").into_bytes()).collect();
     let indexes: Vec<usize> = (0..values.len()).collect();
     // Two batches on one producer: the second must not see the first's acknowledgements.
@@ -374,10 +379,13 @@ async fn batch_producer_acknowledges_a_batch_and_names_the_records_that_failed()
         assert!(failures.first_error.is_some());
     }
     let consumer: BaseConsumer = kafka
-        .clone()
-        .set("group.id", "acks-reader")
-        .set("auto.offset.reset", "earliest")
-        .create()
+        .create(
+            Role::Reader {
+                group: "acks-reader",
+                until_end: false,
+            },
+            "consumer",
+        )
         .expect("consumer");
     consumer.subscribe(&["acks"]).expect("subscribe");
     let mut seen = Vec::new();

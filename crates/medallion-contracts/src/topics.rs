@@ -98,6 +98,23 @@ pub struct TopicConfig {
     /// Topics every worker reports to, beside its own output.
     #[serde(default)]
     pub telemetry: Option<Telemetry>,
+    /// The deployment prefix applied by [`TopicConfig::with_prefix`]; empty as loaded.
+    #[serde(skip)]
+    pub prefix: String,
+}
+
+/// Checks a deployment prefix: Kafka's topic characters only (`a-z A-Z 0-9 . _ -`).
+pub fn check_prefix(prefix: &str) -> Result<(), String> {
+    match prefix
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        Some(c) => Err(format!(
+            "`{prefix}` has `{c}`; topic names allow only a-z, A-Z, 0-9, `.`, `_` and `-`"
+        )),
+        None if prefix.len() > 100 => Err(format!("`{prefix}` is longer than 100 characters")),
+        None => Ok(()),
+    }
 }
 
 /// Where every worker reports its batches and governance actions.
@@ -126,7 +143,7 @@ pub struct ChangelogSpec {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RegistryPolicy {
-    /// Only BACKWARD is supported (seed 002).
+    /// Only BACKWARD is supported: consumers upgrade first, then producers.
     pub compatibility: Compatibility,
     pub subject_strategy: SubjectStrategy,
 }
@@ -147,7 +164,7 @@ pub enum SubjectStrategy {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DlqPolicy {
-    /// Appended to the source topic name, `.dlq` by seed 002.
+    /// Appended to the source topic name: `.dlq`.
     pub suffix: String,
 }
 
@@ -347,6 +364,50 @@ impl TopicConfig {
         Ok(())
     }
 
+    /// The same configuration for a deployment whose every topic, DLQ, changelog and consumer
+    /// group name starts with `prefix`, so two pipelines can share one cluster. Applied once,
+    /// right after loading: everything read from the result is a name on the broker.
+    pub fn with_prefix(mut self, prefix: &str) -> Result<Self, String> {
+        check_prefix(prefix)?;
+        if prefix.is_empty() {
+            return Ok(self);
+        }
+        let name = |n: &String| format!("{prefix}{n}");
+        let names = |list: &[String]| list.iter().map(name).collect::<Vec<_>>();
+        self.topics = std::mem::take(&mut self.topics)
+            .into_iter()
+            .map(|(n, spec)| (name(&n), spec))
+            .collect();
+        self.consumer_groups = std::mem::take(&mut self.consumer_groups)
+            .into_iter()
+            .map(|(n, mut g)| {
+                g.consumes = names(&g.consumes);
+                g.broadcast = names(&g.broadcast);
+                g.produces = names(&g.produces);
+                (name(&n), g)
+            })
+            .collect();
+        self.changelogs = std::mem::take(&mut self.changelogs)
+            .into_iter()
+            .map(|(n, mut c)| {
+                c.group = name(&c.group);
+                c.partitioned_like = name(&c.partitioned_like);
+                (name(&n), c)
+            })
+            .collect();
+        if let Some(t) = &mut self.telemetry {
+            t.execution = name(&t.execution);
+            t.audit = name(&t.audit);
+        }
+        self.prefix = format!("{}{prefix}", self.prefix);
+        Ok(self)
+    }
+
+    /// The broker name of a consumer group declared as `group` in the file.
+    pub fn group_name(&self, group: &str) -> String {
+        format!("{}{group}", self.prefix)
+    }
+
     /// The changelog topic of `group`, if it keeps state.
     pub fn changelog_of(&self, group: &str) -> Option<&str> {
         self.changelogs
@@ -422,6 +483,49 @@ impl TopicConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_prefix_names_every_topic_dlq_changelog_and_group_of_a_deployment() {
+        let path = crate::project_root().join("topic-config.yaml");
+        let plain = TopicConfig::load(&path).expect("loads");
+        let blue = plain.clone().with_prefix("blue.").expect("valid prefix");
+        assert_eq!(blue.topics.len(), plain.topics.len());
+        for t in blue.physical_topics(1) {
+            assert!(t.name.starts_with("blue."), "{}", t.name);
+            if let Some(of) = &t.dlq_of {
+                assert!(of.starts_with("blue."), "{of}");
+            }
+        }
+        for (name, group) in &blue.consumer_groups {
+            assert!(name.starts_with("blue."), "{name}");
+            for t in group
+                .consumes
+                .iter()
+                .chain(&group.produces)
+                .chain(&group.broadcast)
+            {
+                assert!(blue.topic(t).is_some(), "{name} names undeclared {t}");
+            }
+        }
+        for spec in blue.changelogs.values() {
+            assert!(blue.consumer_groups.contains_key(&spec.group));
+            assert!(blue.topic(&spec.partitioned_like).is_some());
+        }
+        let telemetry = blue.telemetry.as_ref().expect("telemetry");
+        assert!(blue.topic(&telemetry.execution).is_some());
+        assert!(blue.topic(&telemetry.audit).is_some());
+        assert_eq!(blue.group_name("bronze-processor"), "blue.bronze-processor");
+        assert!(blue
+            .consumer_groups
+            .contains_key(&blue.group_name("bronze-processor")));
+        assert_eq!(
+            blue.subject("blue.connector.data.raw"),
+            "blue.connector.data.raw-value"
+        );
+        assert_eq!(plain.group_name("bronze-processor"), "bronze-processor");
+        assert!(plain.clone().with_prefix("a b").is_err());
+        assert!(plain.clone().with_prefix("ü.").is_err());
+    }
 
     const GOOD: &str = "\
 schema_registry:

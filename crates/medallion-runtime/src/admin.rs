@@ -5,26 +5,23 @@ use std::time::Duration;
 use medallion_contracts::topics::{PhysicalTopic, TopicConfig};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
 use rdkafka::client::DefaultClientContext;
-use rdkafka::config::ClientConfig;
 use rdkafka::error::RDKafkaErrorCode;
+
+use crate::kafka::{KafkaConnection, Role};
 
 /// Why topics could not be applied.
 #[derive(Debug, thiserror::Error)]
 pub enum AdminError {
-    #[error("cannot create an admin client for {bootstrap}: {message}")]
-    Client { bootstrap: String, message: String },
+    #[error(transparent)]
+    Client(#[from] crate::kafka::ClientError),
+    #[error("cannot read the cluster metadata from {bootstrap}: {message}")]
+    Metadata { bootstrap: String, message: String },
     #[error("creating topic {topic} failed: {message}")]
     Create { topic: String, message: String },
 }
 
-fn admin_client(bootstrap: &str) -> Result<AdminClient<DefaultClientContext>, AdminError> {
-    ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .create()
-        .map_err(|e| AdminError::Client {
-            bootstrap: bootstrap.to_string(),
-            message: e.to_string(),
-        })
+fn admin_client(kafka: &KafkaConnection) -> Result<AdminClient<DefaultClientContext>, AdminError> {
+    Ok(kafka.create(Role::Admin, "admin client")?)
 }
 
 /// What happened to one topic.
@@ -36,11 +33,11 @@ pub enum Applied {
 
 /// Creates every topic and DLQ of `config` that does not exist yet. Idempotent.
 pub async fn apply_topics(
-    bootstrap: &str,
+    kafka: &KafkaConnection,
     config: &TopicConfig,
     max_replication: u16,
 ) -> Result<Vec<(PhysicalTopic, Applied)>, AdminError> {
-    let admin = admin_client(bootstrap)?;
+    let admin = admin_client(kafka)?;
     let topics = config.physical_topics(max_replication);
     let retention: Vec<String> = topics.iter().map(|t| t.retention_ms.to_string()).collect();
     let new_topics: Vec<NewTopic<'_>> = topics
@@ -99,16 +96,16 @@ pub struct TopicState {
 /// of `names`.
 /// A topic the broker does not know is left out.
 pub async fn describe_topics(
-    bootstrap: &str,
+    kafka: &KafkaConnection,
     names: &[String],
 ) -> Result<Vec<TopicState>, AdminError> {
-    let admin = admin_client(bootstrap)?;
+    let admin = admin_client(kafka)?;
     let metadata = {
-        let bootstrap = bootstrap.to_string();
+        let bootstrap = kafka.bootstrap().to_string();
         let client = admin.inner();
         client
             .fetch_metadata(None, Duration::from_secs(10))
-            .map_err(|e| AdminError::Client {
+            .map_err(|e| AdminError::Metadata {
                 bootstrap,
                 message: e.to_string(),
             })?
@@ -203,13 +200,13 @@ impl std::fmt::Display for Change {
 
 /// Every declared topic and DLQ with what would change (empty: up to date).
 pub async fn plan_topics(
-    bootstrap: &str,
+    kafka: &KafkaConnection,
     config: &TopicConfig,
     max_replication: u16,
 ) -> Result<Vec<(PhysicalTopic, Vec<Change>)>, AdminError> {
     let wanted = config.physical_topics(max_replication);
     let names: Vec<String> = wanted.iter().map(|t| t.name.clone()).collect();
-    let existing = describe_topics(bootstrap, &names).await?;
+    let existing = describe_topics(kafka, &names).await?;
     let mut out = Vec::with_capacity(wanted.len());
     for topic in wanted {
         let Some(have) = existing.iter().find(|s| s.name == topic.name) else {
@@ -249,11 +246,11 @@ pub async fn plan_topics(
 /// Brings the broker to the plan: creates missing topics, adds partitions, sets retention and
 /// cleanup policy. Refuses (before changing anything) if a topic would need fewer partitions.
 pub async fn reconcile_topics(
-    bootstrap: &str,
+    kafka: &KafkaConnection,
     config: &TopicConfig,
     max_replication: u16,
 ) -> Result<Vec<(PhysicalTopic, Vec<Change>)>, AdminError> {
-    let plan = plan_topics(bootstrap, config, max_replication).await?;
+    let plan = plan_topics(kafka, config, max_replication).await?;
     if let Some((topic, change)) = plan.iter().find_map(|(t, c)| {
         c.iter()
             .find(|c| matches!(c, Change::FewerPartitions { .. }))
@@ -264,8 +261,8 @@ pub async fn reconcile_topics(
             message: change.to_string(),
         });
     }
-    apply_topics(bootstrap, config, max_replication).await?;
-    let admin = admin_client(bootstrap)?;
+    apply_topics(kafka, config, max_replication).await?;
+    let admin = admin_client(kafka)?;
     let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
     for (topic, changes) in &plan {
         if changes.contains(&Change::Create) {
@@ -300,8 +297,8 @@ pub async fn reconcile_topics(
             if !topic.compacted {
                 entries.push(("retention.ms", topic.retention_ms.to_string()));
             }
-            let (bootstrap, name) = (bootstrap.to_string(), topic.name.clone());
-            tokio::task::spawn_blocking(move || set_topic_configs(&bootstrap, &name, &entries))
+            let (kafka, name) = (kafka.clone(), topic.name.clone());
+            tokio::task::spawn_blocking(move || set_topic_configs(&kafka, &name, &entries))
                 .await
                 .map_err(|e| AdminError::Create {
                     topic: topic.name.clone(),
@@ -315,7 +312,7 @@ pub async fn reconcile_topics(
 /// Sets `entries` on `topic` with IncrementalAlterConfigs (KIP-339): only the named keys change,
 /// unlike the legacy AlterConfigs, which resets every other dynamic setting of the topic.
 fn set_topic_configs(
-    bootstrap: &str,
+    kafka: &KafkaConnection,
     topic: &str,
     entries: &[(&str, String)],
 ) -> Result<(), AdminError> {
@@ -323,7 +320,7 @@ fn set_topic_configs(
 
     use rdkafka::bindings as rd;
 
-    let admin = admin_client(bootstrap)?;
+    let admin = admin_client(kafka)?;
     let error = |message: String| AdminError::Create {
         topic: topic.to_string(),
         message: format!("altering configs: {message}"),

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use rdkafka::config::ClientConfig;
+use crate::kafka::{KafkaConnection, ReaderContext, Role};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
@@ -24,7 +24,7 @@ pub struct RestoreError {
 /// Reads changelog `topic` partition `partition` from the start to its current end: the latest
 /// value of every key (an empty value deletes the key).
 pub async fn restore(
-    kafka: &ClientConfig,
+    kafka: &KafkaConnection,
     topic: &str,
     partition: i32,
 ) -> Result<HashMap<Vec<u8>, Vec<u8>>, RestoreError> {
@@ -40,7 +40,7 @@ pub async fn restore(
 }
 
 fn restore_blocking(
-    kafka: &ClientConfig,
+    kafka: &KafkaConnection,
     topic: &str,
     partition: i32,
 ) -> Result<HashMap<Vec<u8>, Vec<u8>>, RestoreError> {
@@ -49,12 +49,16 @@ fn restore_blocking(
         partition,
         message,
     };
-    let consumer: BaseConsumer = kafka
-        .clone()
-        .set("group.id", format!("{topic}.restore"))
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "true")
-        .create()
+    let group = format!("{topic}.restore");
+    let consumer: BaseConsumer<ReaderContext> = kafka
+        .create_with_context(
+            Role::Reader {
+                group: &group,
+                until_end: true,
+            },
+            "changelog reader",
+            ReaderContext,
+        )
         .map_err(|e| error(e.to_string()))?;
     let (low, high) = consumer
         .fetch_watermarks(topic, partition, Duration::from_secs(30))

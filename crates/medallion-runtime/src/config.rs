@@ -31,6 +31,9 @@ pub struct WorkerConfig<S> {
     pub http: HttpConfig,
     pub contracts: ContractsConfig,
     pub pipeline: PipelineConfig,
+    /// Names of this deployment's topics and consumer groups.
+    #[serde(default)]
+    pub naming: NamingConfig,
     /// The stage's own settings.
     pub stage: S,
 }
@@ -81,7 +84,7 @@ pub struct DedupConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RetryConfig {
-    /// Waits between attempts of a transient failure; seed 001: 0.5 s, 2 s, 8 s, 32 s.
+    /// Waits between attempts of a transient failure: 0.5 s, 2 s, 8 s, 32 s.
     pub backoff_ms: Vec<u64>,
 }
 
@@ -103,8 +106,32 @@ pub struct ContractsConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PipelineConfig {
-    /// Names this deployment in `etl.execution` (its record key, seed 002's `pipeline_id`).
+    /// Names this deployment in `etl.execution` (its record key, `pipeline_id`).
     pub id: String,
+}
+
+/// A deployment prefix lets two pipelines (blue/green, staging beside production) share one
+/// cluster: every topic, DLQ, changelog and consumer group of `topic-config.yaml` is named
+/// `<prefix><name>`, and each subject follows its topic (`<prefix><topic>-value`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NamingConfig {
+    /// e.g. `blue.` or `staging-`; empty: the names of topic-config.yaml as they are.
+    #[serde(default)]
+    pub prefix: String,
+}
+
+impl KafkaConfig {
+    /// The connection every client of the worker is built from; refuses a property the runtime
+    /// owns.
+    pub fn connection(
+        &self,
+    ) -> Result<crate::kafka::KafkaConnection, crate::kafka::ConnectionError> {
+        crate::kafka::KafkaConnection::new(
+            &self.bootstrap,
+            self.properties.iter().map(|(k, v)| (k.clone(), v.clone())),
+        )
+    }
 }
 
 impl<S: Default> Default for WorkerConfig<S> {
@@ -139,6 +166,7 @@ impl<S: Default> Default for WorkerConfig<S> {
             pipeline: PipelineConfig {
                 id: "medallion".into(),
             },
+            naming: NamingConfig::default(),
             stage: S::default(),
         }
     }
@@ -185,6 +213,11 @@ impl<S: Default + Serialize + DeserializeOwned> WorkerConfig<S> {
         if self.kafka.bootstrap.trim().is_empty() {
             return Err(ConfigError::Invalid("kafka.bootstrap is empty".into()));
         }
+        self.kafka
+            .connection()
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        medallion_contracts::topics::check_prefix(&self.naming.prefix)
+            .map_err(|e| ConfigError::Invalid(format!("naming.prefix: {e}")))?;
         if self.pipeline.id.trim().is_empty() {
             return Err(ConfigError::Invalid("pipeline.id is empty".into()));
         }
@@ -279,6 +312,39 @@ mod tests {
             .expect_err("typo")
             .to_string();
         assert!(err.contains("treshold"), "{err}");
+    }
+
+    #[test]
+    fn a_kafka_property_the_runtime_owns_is_refused_with_its_name() {
+        for (key, hint) in [
+            ("group.id", "naming.prefix"),
+            ("enable.auto.commit", "acknowledged"),
+            ("session.timeout.ms", "kafka.session_timeout_ms"),
+            ("enable.idempotence", "idempotent"),
+        ] {
+            let (_dir, path) = write(&format!("kafka:\n  properties:\n    {key}: x\n"));
+            let err = WorkerConfig::<StageSettings>::load(Some(&path))
+                .expect_err("owned property")
+                .to_string();
+            assert!(
+                err.contains(&format!("`{key}`")) && err.contains(hint),
+                "{err}"
+            );
+        }
+        let (_dir, path) = write("kafka:\n  properties:\n    security.protocol: SASL_SSL\n");
+        assert!(WorkerConfig::<StageSettings>::load(Some(&path)).is_ok());
+    }
+
+    #[test]
+    fn a_naming_prefix_outside_kafkas_characters_is_refused() {
+        let (_dir, path) = write("naming:\n  prefix: blue.\n");
+        let config = WorkerConfig::<StageSettings>::load(Some(&path)).expect("valid");
+        assert_eq!(config.naming.prefix, "blue.");
+        let (_dir, path) = write("naming:\n  prefix: 'blue/'\n");
+        let err = WorkerConfig::<StageSettings>::load(Some(&path))
+            .expect_err("bad prefix")
+            .to_string();
+        assert!(err.contains("naming.prefix") && err.contains('/'), "{err}");
     }
 
     #[test]

@@ -12,6 +12,7 @@ pub mod error;
 pub mod http;
 pub mod ids;
 pub mod kafka;
+pub mod keys;
 pub mod metrics;
 pub mod ops;
 pub mod pii;

@@ -15,7 +15,6 @@ use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimestampMillisecondT
 use medallion_contracts::columnar::{BatchDecoder, BatchEncoder};
 use medallion_contracts::registry::{RegistryClient, RegistryError};
 use medallion_contracts::{Contract, ContractSet, TopicConfig};
-use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
@@ -30,7 +29,7 @@ use crate::dedup::{event_key, DedupWindow};
 use crate::dlq::{dead_letter_headers, Origin};
 use crate::error::{RecordFailure, StageError};
 use crate::http::Health;
-use crate::kafka::{BatchProducer, BatchRecord};
+use crate::kafka::{BatchProducer, BatchRecord, KafkaConnection, Role};
 use crate::metrics as m;
 use crate::retry::RetryPolicy;
 
@@ -151,9 +150,9 @@ pub struct StageSetup {
     pub contracts: ContractSet,
     pub topics: TopicConfig,
     pub registry: Arc<RegistryClient>,
-    /// librdkafka settings of the worker (bootstrap and extra properties), for stage-owned
-    /// clients such as changelog restore or a broadcast reader.
-    pub kafka: ClientConfig,
+    /// How the worker reaches Kafka, for stage-owned clients such as changelog restore or a
+    /// broadcast reader.
+    pub kafka: KafkaConnection,
     /// Input rows: the input contract's columns followed by the [`meta`] columns.
     pub input_schema: SchemaRef,
     /// The output contract's Arrow schema (no fields for a sink group).
@@ -161,7 +160,7 @@ pub struct StageSetup {
     pub input_topic: String,
     /// `None` for a sink group (`produces: []`), whose effects leave Kafka.
     pub output_topic: Option<String>,
-    /// The worker's backoff for transient failures (seed 001), for stage-owned retries.
+    /// The worker's backoff for transient failures (0.5 s, 2 s, 8 s, 32 s), for stage-owned retries.
     pub retry: RetryPolicy,
 }
 
@@ -312,6 +311,10 @@ pub enum WorkerError {
     Contracts(String),
     #[error("Kafka: {0}")]
     Kafka(#[from] KafkaError),
+    #[error("{0}")]
+    Client(#[from] crate::kafka::ClientError),
+    #[error("{0}")]
+    Connection(#[from] crate::kafka::ConnectionError),
     #[error("registry: {0}")]
     Registry(#[from] RegistryError),
     #[error("stage setup: {0}")]
@@ -489,15 +492,6 @@ pub fn now_ms() -> i64 {
         .unwrap_or_default()
 }
 
-fn client_config<C>(config: &WorkerConfig<C>) -> ClientConfig {
-    let mut cc = ClientConfig::new();
-    cc.set("bootstrap.servers", &config.kafka.bootstrap);
-    for (k, v) in &config.kafka.properties {
-        cc.set(k, v);
-    }
-    cc
-}
-
 /// One record to produce, with the input message it came from.
 struct Outgoing {
     topic: String,
@@ -542,6 +536,7 @@ struct Plan {
 /// The runtime state of one worker.
 pub struct StageWorker<S: Stage> {
     stage: S,
+    kafka: KafkaConnection,
     topo: Topology,
     registry: Arc<RegistryClient>,
     decoder: BatchDecoder,
@@ -619,7 +614,11 @@ where
     let contracts = ContractSet::load(&home.join("schemas"))
         .map_err(|e| WorkerError::Contracts(e.to_string()))?;
     let topics = TopicConfig::load(&home.join("topic-config.yaml"))
-        .map_err(|e| WorkerError::Contracts(e.to_string()))?;
+        .map_err(|e| WorkerError::Contracts(e.to_string()))?
+        .with_prefix(&config.naming.prefix)
+        .map_err(|e| WorkerError::Contracts(format!("naming.prefix: {e}")))?;
+    let group = &topics.group_name(group);
+    let kafka = config.kafka.connection()?;
     let topo = topology(&contracts, &topics, group)?;
     let registry = Arc::new(RegistryClient::with_basic_auth(
         &config.registry.url,
@@ -688,7 +687,7 @@ where
         contracts: contracts.clone(),
         topics: topics.clone(),
         registry: registry.clone(),
-        kafka: client_config(config),
+        kafka: kafka.clone(),
         input_schema: input_schema.clone(),
         output_schema: output_schema.clone(),
         input_topic: topo.input_topic.clone(),
@@ -699,6 +698,7 @@ where
     .map_err(WorkerError::Setup)?;
     Ok(StageWorker {
         stage,
+        kafka,
         topo,
         registry,
         decoder,
@@ -741,40 +741,24 @@ impl<S: Stage> StageWorker<S> {
         config: &WorkerConfig<C>,
         shutdown: impl Future<Output = ()>,
     ) -> Result<RunTotals, WorkerError> {
-        let mut consumer_config = client_config(config);
-        // librdkafka prefetches up to 64 MiB by default. 32 MiB keeps the replay benchmark's
-        // stages as fast (16 MiB halved gold's rate: its records are larger) with less memory.
-        if !config
-            .kafka
-            .properties
-            .contains_key("queued.max.messages.kbytes")
-        {
-            consumer_config.set("queued.max.messages.kbytes", "32768");
-        }
-        let consumer: Arc<StreamConsumer<WorkerContext>> = Arc::new(
-            consumer_config
-                .set("group.id", &self.topo.group)
-                .set("enable.auto.commit", "true")
-                .set("auto.commit.interval.ms", "1000")
-                .set("enable.auto.offset.store", "false")
-                .set("auto.offset.reset", "earliest")
-                .set(
-                    "session.timeout.ms",
-                    config.kafka.session_timeout_ms.to_string(),
-                )
-                .set("partition.assignment.strategy", "cooperative-sticky")
-                .create_with_context(WorkerContext {
+        let consumer: Arc<StreamConsumer<WorkerContext>> =
+            Arc::new(self.kafka.create_with_context(
+                Role::StageConsumer {
+                    group: &self.topo.group,
+                    session_timeout_ms: config.kafka.session_timeout_ms,
+                },
+                "consumer",
+                WorkerContext {
                     health: self.health.clone(),
                     assigned: self.assigned.clone(),
                     topic: self.topo.input_topic.clone(),
                     positions: self.positions.clone(),
                     revoked: self.revoked.clone(),
-                })?,
-        );
-        let producer = BatchProducer::new(crate::kafka::producer_settings(
-            &mut client_config(config),
-            u64::from(config.kafka.produce_timeout_ms),
-        ))?;
+                },
+            )?);
+        let producer = BatchProducer::new(&self.kafka.config(Role::Producer {
+            message_timeout_ms: u64::from(config.kafka.produce_timeout_ms),
+        }))?;
         consumer.subscribe(&[&self.topo.input_topic])?;
         let lag = tokio::spawn(lag_loop(
             consumer.clone(),
@@ -1267,11 +1251,7 @@ impl<S: Stage> StageWorker<S> {
             message.partition(),
             message.offset()
         );
-        let org_id = message
-            .key()
-            .and_then(|k| std::str::from_utf8(k).ok())
-            .and_then(|k| k.trim().parse::<i64>().ok())
-            .unwrap_or(0);
+        let org_id = message.key().and_then(crate::keys::org_id).unwrap_or(0);
         let mut detail: String = failure.message.chars().take(256).collect();
         if detail.len() < failure.message.len() {
             detail.push('…');
@@ -1466,9 +1446,12 @@ impl<S: Stage> StageWorker<S> {
             kept_rows
                 .iter()
                 .map(|i| {
-                    batch[*i]
-                        .key()
-                        .map(|k| String::from_utf8_lossy(k).into_owned())
+                    // Decimal text or a Java long; anything else is kept as it came, so the
+                    // stage can name it in its reason.
+                    batch[*i].key().map(|k| match crate::keys::org_key_text(k) {
+                        Some(text) => text.into_owned(),
+                        None => String::from_utf8_lossy(k).into_owned(),
+                    })
                 })
                 .collect(),
             kept_rows.iter().map(|i| batch[*i].partition()).collect(),

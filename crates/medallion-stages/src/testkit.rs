@@ -6,8 +6,8 @@ use std::time::Duration;
 use arrow::datatypes::SchemaRef;
 use medallion_contracts::registry::RegistryClient;
 use medallion_contracts::{project_root, ContractSet, TopicConfig};
+use medallion_runtime::kafka::KafkaConnection;
 use medallion_runtime::worker::StageSetup;
-use rdkafka::config::ClientConfig;
 
 /// A setup for `group` on the repository's contracts, with no broker or registry behind it.
 pub fn offline_setup(group: &str, input_schema: SchemaRef, output_schema: SchemaRef) -> StageSetup {
@@ -21,7 +21,7 @@ pub fn offline_setup(group: &str, input_schema: SchemaRef, output_schema: Schema
         registry: Arc::new(
             RegistryClient::new("http://127.0.0.1:9", Duration::from_millis(100)).expect("client"),
         ),
-        kafka: ClientConfig::new(),
+        kafka: KafkaConnection::plain("127.0.0.1:9").expect("connection"),
         input_schema,
         output_schema,
         input_topic: spec.consumes[0].clone(),

@@ -1,6 +1,6 @@
 //! The local mode: an embedded broker (librdkafka's mock cluster) and an embedded Confluent-
 //! compatible registry in one process; contracts registered, topics created from
-//! topic-config.yaml, a realistic connector stream produced (several orgs, the seed 000, 001 and
+//! topic-config.yaml, a realistic connector stream produced (several orgs, the release, lead and
 //! 004 feeds, ~1% malformed, some duplicates) and run through bronze, silver, gold, the rule
 //! evaluator, the notification sender (to a signed-webhook receiver the demo starts) and the
 //! audit writer (to a local directory), in process.
@@ -166,7 +166,8 @@ pub async fn run(home: &Path, args: DemoArgs) -> anyhow::Result<ExitCode> {
     let cluster;
     let bootstrap = match &args.bootstrap {
         Some(b) => {
-            medallion_runtime::admin::apply_topics(b, &topics, 1).await?;
+            let kafka = medallion_runtime::kafka::KafkaConnection::plain(b)?;
+            medallion_runtime::admin::apply_topics(&kafka, &topics, 1).await?;
             b.clone()
         }
         None => {
@@ -310,7 +311,9 @@ pub async fn run(home: &Path, args: DemoArgs) -> anyhow::Result<ExitCode> {
         .await?;
     let stages = [&bronze, &silver, &gold, &rules, &notifier];
 
-    let producer = medallion_runtime::kafka::producer(&bootstrap)?;
+    let producer = medallion_runtime::kafka::producer(
+        &medallion_runtime::kafka::KafkaConnection::plain(&bootstrap)?,
+    )?;
     let started = Instant::now();
     let work = async {
         let produced = produce_stream(&producer, &raw, raw_id, &args).await?;
@@ -425,8 +428,17 @@ pub async fn run(home: &Path, args: DemoArgs) -> anyhow::Result<ExitCode> {
     let late = total(medallion_runtime::metrics::LATE_EVENTS_TOTAL);
     let open = total(medallion_runtime::metrics::OPEN_WINDOWS);
     println!("  late events       {late} (dead-lettered); {open} windows still open at the end of the stream");
-    println!("  alerts fired");
-    for (labels, n) in series(&scrape, medallion_runtime::metrics::ALERTS_TOTAL) {
+    // Every counter is registered at zero with no labels at start-up: only rules that fired.
+    let fired: Vec<_> = series(&scrape, medallion_runtime::metrics::ALERTS_TOTAL)
+        .into_iter()
+        .filter(|(labels, n)| *n > 0.0 && !label(labels, "rule").is_empty())
+        .collect();
+    if fired.is_empty() {
+        println!("  alerts fired      none");
+    } else {
+        println!("  alerts fired");
+    }
+    for (labels, n) in fired {
         println!(
             "    {:<28} {:<9} {n}",
             label(&labels, "rule"),

@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use medallion_contracts::{compat, registry::RegistryClient, ContractSet, TopicConfig};
+use medallion_runtime::kafka::KafkaConnection;
 
 #[derive(Parser)]
 #[command(
@@ -21,6 +22,15 @@ struct Cli {
     /// the current directory).
     #[arg(long, global = true, env = "MEDALLION_HOME")]
     home: Option<PathBuf>,
+    /// Deployment prefix of every topic and consumer group of topic-config.yaml (`naming.prefix`
+    /// of the workers), so two pipelines can share one cluster.
+    #[arg(
+        long,
+        global = true,
+        env = "MEDALLION__NAMING__PREFIX",
+        default_value = ""
+    )]
+    naming_prefix: String,
     #[command(subcommand)]
     command: Command,
 }
@@ -89,7 +99,8 @@ struct KafkaArgs {
     /// Kafka bootstrap servers.
     #[arg(long, env = "MEDALLION_BOOTSTRAP")]
     bootstrap: String,
-    /// Extra librdkafka properties, `key=value` (security.protocol, sasl.*, ...).
+    /// Extra librdkafka properties, `key=value` (security.protocol, sasl.*, ...); added to
+    /// those of MEDALLION_KAFKA_PROPERTIES, and winning over them.
     #[arg(long = "kafka-property", short = 'X', value_parser = parse_property)]
     properties: Vec<(String, String)>,
 }
@@ -102,13 +113,20 @@ fn parse_property(text: &str) -> Result<(String, String), String> {
 }
 
 impl KafkaArgs {
-    fn client(&self) -> rdkafka::ClientConfig {
-        let mut config = rdkafka::ClientConfig::new();
-        config.set("bootstrap.servers", &self.bootstrap);
-        for (k, v) in &self.properties {
-            config.set(k, v);
+    /// The connection every client of the command is built from: `MEDALLION_KAFKA_PROPERTIES`,
+    /// then `-X`; a property the runtime owns stops the command with its name.
+    fn client(&self) -> anyhow::Result<KafkaConnection> {
+        let mut properties = std::collections::BTreeMap::new();
+        if let Ok(text) = std::env::var(medallion_runtime::config::KAFKA_PROPERTIES_ENV) {
+            for pair in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+                let (k, v) = parse_property(pair).map_err(|e| {
+                    anyhow::anyhow!("{}: {e}", medallion_runtime::config::KAFKA_PROPERTIES_ENV)
+                })?;
+                properties.insert(k, v);
+            }
         }
-        config
+        properties.extend(self.properties.iter().cloned());
+        Ok(KafkaConnection::new(&self.bootstrap, properties)?)
     }
 }
 
@@ -163,7 +181,7 @@ enum AuditCommand {
         #[arg(long, env = "MEDALLION_AUDIT_STORE", default_value = "audit-store")]
         store: String,
     },
-    /// Remove day partitions older than the retention (seed 002: 90 days).
+    /// Remove day partitions older than the retention (90 days).
     Retention {
         #[arg(long, env = "MEDALLION_AUDIT_STORE", default_value = "audit-store")]
         store: String,
@@ -201,16 +219,15 @@ enum SchemasCommand {
 enum TopicsCommand {
     /// Show how the broker differs from topic-config.yaml (creates, partitions, retention).
     Plan {
-        #[arg(long, env = "MEDALLION_BOOTSTRAP")]
-        bootstrap: String,
+        #[command(flatten)]
+        kafka: KafkaArgs,
         #[arg(long, default_value_t = 3)]
         max_replication: u16,
     },
     /// Create missing topics and DLQs, add partitions, set retention and cleanup policy.
     Apply {
-        /// Kafka bootstrap servers.
-        #[arg(long, env = "MEDALLION_BOOTSTRAP")]
-        bootstrap: String,
+        #[command(flatten)]
+        kafka: KafkaArgs,
         /// Cap replication (a development cluster may have fewer brokers than production).
         #[arg(long, default_value_t = 3)]
         max_replication: u16,
@@ -228,14 +245,21 @@ fn instant(text: &str) -> anyhow::Result<i64> {
     Ok(medallion_runtime::worker::now_ms() - ago.as_millis() as i64)
 }
 
-/// The DLQ of `topic` (or `topic` itself if it is one).
-fn dlq_of(home: &std::path::Path, topic: &str) -> anyhow::Result<String> {
-    let (_, topics) = load(home)?;
-    if topic.ends_with(&topics.dlq.suffix) {
-        return Ok(topic.to_string());
-    }
-    if topics.topic(topic).is_some_and(|t| t.dlq.is_some()) {
-        return Ok(topics.dlq_topic(topic));
+/// The DLQ of `topic` (or `topic` itself if it is one); a name of topic-config.yaml gets the
+/// deployment prefix.
+fn dlq_of(topics: &TopicConfig, topic: &str) -> anyhow::Result<String> {
+    let prefixed = format!("{}{topic}", topics.prefix);
+    for name in [topic, prefixed.as_str()] {
+        if topics
+            .physical_topics(u16::MAX)
+            .iter()
+            .any(|t| t.name == name && t.dlq_of.is_some())
+        {
+            return Ok(name.to_string());
+        }
+        if topics.topic(name).is_some_and(|t| t.dlq.is_some()) {
+            return Ok(topics.dlq_topic(name));
+        }
     }
     anyhow::bail!("`{topic}` is neither a DLQ nor a topic with a DLQ in topic-config.yaml")
 }
@@ -257,15 +281,18 @@ fn today() -> String {
     medallion_stages::audit_writer::day_of_ms(medallion_runtime::worker::now_ms())
 }
 
-fn load(home: &std::path::Path) -> anyhow::Result<(ContractSet, TopicConfig)> {
+fn load(home: &std::path::Path, prefix: &str) -> anyhow::Result<(ContractSet, TopicConfig)> {
     let contracts = ContractSet::load(&home.join("schemas"))
         .with_context(|| format!("loading schemas from {}", home.join("schemas").display()))?;
-    let topics = TopicConfig::load(&home.join("topic-config.yaml"))?;
+    let topics = TopicConfig::load(&home.join("topic-config.yaml"))?
+        .with_prefix(prefix)
+        .map_err(|e| anyhow::anyhow!("--naming-prefix: {e}"))?;
     Ok((contracts, topics))
 }
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let home = cli.home.unwrap_or_else(medallion_contracts::project_root);
+    let load = |home: &std::path::Path| load(home, &cli.naming_prefix);
     match cli.command {
         Command::Demo(args) => demo::run(&home, args).await,
         Command::Schemas(SchemasCommand::Check { released }) => {
@@ -326,12 +353,13 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Topics(TopicsCommand::Plan {
-            bootstrap,
+            kafka,
             max_replication,
         }) => {
             let (_, topics) = load(&home)?;
             let plan =
-                medallion_runtime::admin::plan_topics(&bootstrap, &topics, max_replication).await?;
+                medallion_runtime::admin::plan_topics(&kafka.client()?, &topics, max_replication)
+                    .await?;
             let mut pending = 0;
             let mut impossible = false;
             for (topic, changes) in &plan {
@@ -358,13 +386,16 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             })
         }
         Command::Topics(TopicsCommand::Apply {
-            bootstrap,
+            kafka,
             max_replication,
         }) => {
             let (_, topics) = load(&home)?;
-            let applied =
-                medallion_runtime::admin::reconcile_topics(&bootstrap, &topics, max_replication)
-                    .await?;
+            let applied = medallion_runtime::admin::reconcile_topics(
+                &kafka.client()?,
+                &topics,
+                max_replication,
+            )
+            .await?;
             for (topic, changes) in applied {
                 let what = if changes.is_empty() {
                     "up to date".to_string()
@@ -383,7 +414,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Capture { kafka, topic, out } => {
-            let client = kafka.client();
+            let client = kafka.client()?;
             let summary = tokio::task::spawn_blocking(move || {
                 medallion_runtime::ops::capture::capture(&client, &topic, &out, |s| {
                     eprint!("\r  captured {} records", s.records);
@@ -402,6 +433,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             by_key,
             new_timestamps,
         } => {
+            let kafka = kafka.client()?;
             let records = medallion_runtime::ops::capture::read_capture(&file)?;
             let options = medallion_runtime::ops::capture::ReplayOptions {
                 rate,
@@ -409,7 +441,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 new_timestamps,
             };
             let summary = medallion_runtime::ops::capture::replay(
-                &kafka.client(),
+                &kafka,
                 &topic,
                 &records,
                 &options,
@@ -435,6 +467,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             watch,
         } => {
             let (_, topics) = load(&home)?;
+            let group: Vec<String> = group.iter().map(|g| topics.group_name(g)).collect();
             let groups: Vec<(String, Vec<String>)> = topics
                 .consumer_groups
                 .iter()
@@ -447,7 +480,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             {
                 anyhow::bail!("consumer group `{unknown}` is not in topic-config.yaml");
             }
-            let client = kafka.client();
+            let client = kafka.client()?;
             loop {
                 let (client, groups) = (client.clone(), groups.clone());
                 let rows = tokio::task::spawn_blocking(move || {
@@ -475,8 +508,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             topic,
             samples,
         }) => {
-            let dlq = dlq_of(&home, &topic)?;
-            let client = kafka.client();
+            let dlq = dlq_of(&load(&home)?.1, &topic)?;
+            let client = kafka.client()?;
             let name = dlq.clone();
             let report = tokio::task::spawn_blocking(move || {
                 medallion_runtime::ops::redrive::inspect(&client, &name, samples)
@@ -528,7 +561,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             max_redrives,
             rate,
         }) => {
-            let dlq = dlq_of(&home, &topic)?;
+            let dlq = dlq_of(&load(&home)?.1, &topic)?;
             let options = medallion_runtime::ops::redrive::RedriveOptions {
                 reasons: reason,
                 since_ms: since.as_deref().map(instant).transpose()?,
@@ -538,7 +571,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 rate,
             };
             let report =
-                medallion_runtime::ops::redrive::redrive(&kafka.client(), &dlq, &options).await?;
+                medallion_runtime::ops::redrive::redrive(&kafka.client()?, &dlq, &options).await?;
             let verb = if dry_run { "would redrive" } else { "redriven" };
             for (original, n) in &report.redriven {
                 println!("{verb:<14} {n:>8} to {original}");

@@ -11,7 +11,7 @@ use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use rdkafka::config::ClientConfig;
+use crate::kafka::{KafkaConnection, ReaderContext, Role};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -74,6 +74,8 @@ pub fn partitions_of<C: rdkafka::consumer::ConsumerContext>(
 pub enum CaptureError {
     #[error("Kafka: {0}")]
     Kafka(#[from] rdkafka::error::KafkaError),
+    #[error("{0}")]
+    Client(#[from] crate::kafka::ClientError),
     #[error("{path}: {message}")]
     File { path: String, message: String },
     #[error("topic {0} does not exist or has no partitions")]
@@ -221,19 +223,19 @@ pub fn read_capture(path: &Path) -> Result<Vec<Captured>, CaptureError> {
 
 /// Every record of `topic` present now, partition by partition (read to each partition's end).
 pub fn read_topic_now(
-    kafka: &ClientConfig,
+    kafka: &KafkaConnection,
     topic: &str,
     mut each: impl FnMut(Captured) -> Result<(), CaptureError>,
 ) -> Result<(), CaptureError> {
-    let consumer: BaseConsumer = kafka
-        .clone()
-        .set(
-            "group.id",
-            format!("medallion-capture-{}", uuid::Uuid::new_v4()),
-        )
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "true")
-        .create()?;
+    let group = format!("medallion-capture-{}", uuid::Uuid::new_v4());
+    let consumer: BaseConsumer<ReaderContext> = kafka.create_with_context(
+        Role::Reader {
+            group: &group,
+            until_end: true,
+        },
+        "capture reader",
+        ReaderContext,
+    )?;
     for partition in partitions_of(&consumer, topic)? {
         let (low, high) = consumer.fetch_watermarks(topic, partition, Duration::from_secs(10))?;
         if high <= low {
@@ -265,7 +267,7 @@ pub fn read_topic_now(
 
 /// Captures `topic` as it is now into `path`.
 pub fn capture(
-    kafka: &ClientConfig,
+    kafka: &KafkaConnection,
     topic: &str,
     path: &Path,
     progress: impl Fn(&Summary),
@@ -302,19 +304,13 @@ pub struct ReplayOptions {
 
 /// Produces `records` into `topic`; `progress` is called now and then with (done, total).
 pub async fn replay(
-    kafka: &ClientConfig,
+    kafka: &KafkaConnection,
     topic: &str,
     records: &[Captured],
     options: &ReplayOptions,
     progress: impl Fn(&Summary, usize),
 ) -> Result<Summary, CaptureError> {
-    let producer: FutureProducer = kafka
-        .clone()
-        .set("enable.idempotence", "true")
-        .set("acks", "all")
-        .set("linger.ms", "5")
-        .set("partitioner", "murmur2_random")
-        .create()?;
+    let producer: FutureProducer = crate::kafka::producer(kafka)?;
     let started = Instant::now();
     let mut summary = Summary::default();
     let mut pending = Vec::new();

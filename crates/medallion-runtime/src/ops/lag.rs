@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use rdkafka::config::ClientConfig;
+use crate::kafka::{KafkaConnection, Role};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
 
@@ -26,15 +26,17 @@ pub struct LagRow {
 
 /// The lag of `group` on each partition of `topics`.
 pub fn group_lag(
-    kafka: &ClientConfig,
+    kafka: &KafkaConnection,
     group: &str,
     topics: &[String],
 ) -> Result<Vec<LagRow>, CaptureError> {
-    let consumer: BaseConsumer = kafka
-        .clone()
-        .set("group.id", group)
-        .set("enable.auto.commit", "false")
-        .create()?;
+    let consumer: BaseConsumer = kafka.create(
+        Role::Reader {
+            group,
+            until_end: false,
+        },
+        "lag reader",
+    )?;
     let mut rows = Vec::new();
     for topic in topics {
         let partitions = partitions_of(&consumer, topic)?;

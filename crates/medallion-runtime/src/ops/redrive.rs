@@ -11,7 +11,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use rdkafka::config::ClientConfig;
+use crate::kafka::{KafkaConnection, ReaderContext, Role};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -54,7 +54,7 @@ pub struct Inspection {
 
 /// Reads `dlq_topic` to its end; keeps `samples` records per reason.
 pub fn inspect(
-    kafka: &ClientConfig,
+    kafka: &KafkaConnection,
     dlq_topic: &str,
     samples: usize,
 ) -> Result<Inspection, CaptureError> {
@@ -158,28 +158,26 @@ fn format_ranges(offsets: &std::collections::BTreeSet<i64>) -> (String, usize) {
 
 /// Redrives the records of `dlq_topic` not redriven before (see the module docs).
 pub async fn redrive(
-    kafka: &ClientConfig,
+    kafka: &KafkaConnection,
     dlq_topic: &str,
     options: &RedriveOptions,
 ) -> Result<RedriveReport, CaptureError> {
     let group = format!("medallion-redrive.{dlq_topic}");
-    let consumer: BaseConsumer = kafka
-        .clone()
-        .set("group.id", &group)
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "true")
-        .create()?;
+    let consumer: BaseConsumer<ReaderContext> = kafka.create_with_context(
+        Role::Reader {
+            group: &group,
+            until_end: true,
+        },
+        "DLQ reader",
+        ReaderContext,
+    )?;
     let partitions = partitions_of(&consumer, dlq_topic)?;
     let mut wanted = TopicPartitionList::new();
     for p in &partitions {
         wanted.add_partition(dlq_topic, *p);
     }
     let committed = consumer.committed_offsets(wanted, Duration::from_secs(10))?;
-    let producer: FutureProducer = kafka
-        .clone()
-        .set("enable.idempotence", "true")
-        .set("acks", "all")
-        .create()?;
+    let producer: FutureProducer = crate::kafka::producer(kafka)?;
     let mut report = RedriveReport::default();
     let started = std::time::Instant::now();
     let mut sent = 0u64;

@@ -16,12 +16,12 @@ use arrow::array::RecordBatch;
 use medallion_contracts::columnar::BatchEncoder;
 use medallion_runtime::audit::AuditAction;
 use medallion_runtime::error::{RecordFailure, StageError};
+use medallion_runtime::kafka::KafkaConnection;
 use medallion_runtime::metrics as m;
 use medallion_runtime::retry::RetryPolicy;
 use medallion_runtime::worker::{
     meta, Resolved, Settled, SideRecord, Stage, StageOutput, StageSetup,
 };
-use rdkafka::config::ClientConfig;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value as Json};
 use tokio::sync::mpsc;
@@ -270,7 +270,7 @@ pub struct Notify {
     alert_columns: usize,
     audit: medallion_runtime::audit::AuditEncoder,
     ledger_topic: String,
-    kafka: ClientConfig,
+    kafka: KafkaConnection,
     ledger: HashMap<i32, HashMap<String, Entry>>,
     pending: BTreeMap<(i32, i64), Pending>,
     done_tx: mpsc::UnboundedSender<Done>,

@@ -7,8 +7,8 @@ use std::time::Duration;
 use arrow::datatypes::SchemaRef;
 use medallion_contracts::json::from_avro_binary;
 use medallion_contracts::wire::parse_frame;
+use medallion_runtime::kafka::{KafkaConnection, Role};
 use medallion_runtime::metrics as m;
-use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
@@ -37,7 +37,7 @@ pub async fn offer(
 }
 
 pub struct Reader {
-    pub kafka: ClientConfig,
+    pub kafka: KafkaConnection,
     pub topic: String,
     pub registry: Registry,
     pub reader_schema: apache_avro::Schema,
@@ -58,15 +58,16 @@ impl Reader {
 
     async fn read(&mut self) -> Result<(), String> {
         let reader_schema = self.reader_schema.clone();
+        let group = format!("{GROUP}.config.{}", uuid::Uuid::new_v4());
         let consumer: StreamConsumer = self
             .kafka
-            .clone()
-            .set(
-                "group.id",
-                format!("{GROUP}.config.{}", uuid::Uuid::new_v4()),
+            .create(
+                Role::Reader {
+                    group: &group,
+                    until_end: false,
+                },
+                "config.changes reader",
             )
-            .set("enable.auto.commit", "false")
-            .create()
             .map_err(|e| e.to_string())?;
         let metadata = consumer
             .fetch_metadata(Some(&self.topic), Duration::from_secs(10))

@@ -1,7 +1,7 @@
 //! silver-processor (`bronze.data.cleaned` → `silver.data.processed`, "clean and validate"):
 //! conforms each event to the entity model (`schemas/common/entity.avsc`), applies the
 //! data-quality expectations declared in config, and merges per entity with
-//! latest-`updated_at`-wins (seed 004). An update older than the entity's state is passed on
+//! latest-`updated_at`-wins. An update older than the entity's state is passed on
 //! as `STALE`, never overwrites the state, and is recorded as drift (counter, log line and an
 //! `audit.events` record). The merge state lives in the changelog topic declared in
 //! topic-config.yaml and is restored from it when a partition is assigned.
@@ -82,7 +82,7 @@ impl Default for SilverConfig {
             action,
         };
         Self {
-            // Seed 004: during phase B1 v4 is authoritative.
+            // While cases migrate to the v4 system, v4 is the system of record: it wins ties.
             authoritative_source: "v4".into(),
             expectations: vec![
                 e(
@@ -105,7 +105,7 @@ impl Default for SilverConfig {
     }
 }
 
-/// Canonical entity attributes (seed 004's canonical fields and their siblings), as SQL.
+/// Canonical entity attributes (case_id, title, status, severity, updated_at and their siblings), as SQL.
 const ATTRIBUTES: [(&str, &str); 12] = [
     ("title", "payload['case_sync']['title']"),
     ("status", "payload['case_sync']['status']"),
@@ -196,7 +196,7 @@ pub struct Silver {
     merge: Merge,
     changelog: String,
     audit: medallion_runtime::audit::AuditEncoder,
-    kafka: rdkafka::config::ClientConfig,
+    kafka: medallion_runtime::kafka::KafkaConnection,
 }
 
 impl Silver {
