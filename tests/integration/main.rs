@@ -7,3 +7,4 @@ mod contracts;
 mod notify;
 mod ops;
 mod stages;
+mod writers;

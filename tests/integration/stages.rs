@@ -10,8 +10,8 @@ use serde_json::{json, Value as Json};
 
 use crate::bronze::Pipeline;
 
-const SILVER_BIN: &str = env!("CARGO_BIN_EXE_silver-processor");
-const GOLD_BIN: &str = env!("CARGO_BIN_EXE_gold-processor");
+pub(crate) const SILVER_BIN: &str = env!("CARGO_BIN_EXE_silver-processor");
+pub(crate) const GOLD_BIN: &str = env!("CARGO_BIN_EXE_gold-processor");
 const RULES_BIN: &str = env!("CARGO_BIN_EXE_rule-evaluator");
 const BRONZE: &str = "bronze.data.cleaned";
 const SILVER: &str = "silver.data.processed";
@@ -21,14 +21,14 @@ const AUDIT: &str = "audit.events";
 const CHANGES: &str = "config.changes";
 
 /// A minute boundary, so windows start at T0.
-const T0: i64 = 28_333_334 * 60_000;
-const MIN: i64 = 60_000;
+pub(crate) const T0: i64 = 28_333_334 * 60_000;
+pub(crate) const MIN: i64 = 60_000;
 
-fn uuid(n: u64) -> String {
+pub(crate) fn uuid(n: u64) -> String {
     format!("00000000-0000-4000-8000-{n:012}")
 }
 
-fn envelope(id: &str, org: i64, t: i64) -> Json {
+pub(crate) fn envelope(id: &str, org: i64, t: i64) -> Json {
     json!({
         "event_id": id, "event_type": "case.sync.v1", "event_version": "1.0.0",
         "timestamp": t, "source": {"service": "case-sync", "instance": "i-1"},
@@ -38,7 +38,7 @@ fn envelope(id: &str, org: i64, t: i64) -> Json {
 }
 
 /// A bronze case event: `updated_at` and `created_at` in ms after T0.
-fn bronze_case(
+pub(crate) fn bronze_case(
     n: u64,
     org: i64,
     t: i64,

@@ -307,13 +307,15 @@ impl BatchDecoder {
                     .into_iter()
                     .map(conform)
                     .collect::<Result<Vec<_>, _>>()?;
-                arrow::compute::concat_batches(&arrow_schema, &conformed).map_err(|e| {
-                    CodecError::SchemaMismatch {
+                // Sub-batches of different writers: concatenation merges their enum
+                // dictionaries, so put enum columns back on the reader's symbol list.
+                arrow::compute::concat_batches(&arrow_schema, &conformed)
+                    .and_then(|batch| crate::enums::conform(batch, &arrow_schema))
+                    .map_err(|e| CodecError::SchemaMismatch {
                         id: 0,
                         reader: self.reader_name.clone(),
                         reason: e.to_string(),
-                    }
-                })?
+                    })?
             }
         };
         Ok(DecodedBatch {
@@ -327,6 +329,8 @@ impl BatchDecoder {
 /// Encodes Arrow batches into Confluent-framed messages, one per row.
 pub struct BatchEncoder {
     encoder: Encoder,
+    /// The writer schema's Arrow form: its enum fields name their symbol lists.
+    target: SchemaRef,
 }
 
 impl BatchEncoder {
@@ -337,6 +341,8 @@ impl BatchEncoder {
         writer_schema: &str,
         id: u32,
     ) -> Result<Self, CodecError> {
+        let target = arrow_schema_of("writer", writer_schema)
+            .map_err(|e| CodecError::Encode(e.to_string()))?;
         let mut metadata = arrow_schema.metadata().clone();
         metadata.insert(SCHEMA_METADATA_KEY.to_string(), writer_schema.to_string());
         let schema = ArrowSchema::new_with_metadata(arrow_schema.fields().clone(), metadata);
@@ -344,13 +350,21 @@ impl BatchEncoder {
             .with_fingerprint_strategy(FingerprintStrategy::Id(id))
             .build_encoder::<AvroSoeFormat>()
             .map_err(|e| CodecError::Encode(e.to_string()))?;
-        Ok(Self { encoder })
+        Ok(Self { encoder, target })
     }
 
     /// One framed message per row of `batch`, in row order.
     pub fn encode(&mut self, batch: &RecordBatch) -> Result<Vec<bytes::Bytes>, CodecError> {
+        // A stage's concat, filter or cast may leave an enum column with a dictionary other
+        // than the writer's symbol list, which the Avro encoder refuses.
+        let batch = if batch.num_columns() == self.target.fields().len() {
+            crate::enums::conform(batch.clone(), &self.target)
+                .map_err(|e| CodecError::Encode(e.to_string()))?
+        } else {
+            batch.clone()
+        };
         self.encoder
-            .encode(batch)
+            .encode(&batch)
             .map_err(|e| CodecError::Encode(e.to_string()))?;
         let rows = self.encoder.flush();
         Ok(rows.iter().collect())

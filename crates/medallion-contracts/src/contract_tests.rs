@@ -264,7 +264,7 @@ fn the_gate_passes_on_the_repository_and_names_a_deliberate_break() {
     assert!(compat::gate(&set, &released).expect("runs").passed());
 }
 
-fn raw() -> crate::Contract {
+pub(crate) fn raw() -> crate::Contract {
     contracts()
         .get("connector/data-raw.avsc")
         .expect("raw")
@@ -352,7 +352,7 @@ fn an_older_writer_is_resolved_against_the_reader_schema() {
 }
 
 /// An envelope event of the connector schema with random field values.
-fn arb_event() -> impl Strategy<Value = Json> {
+pub(crate) fn arb_event() -> impl Strategy<Value = Json> {
     (
         "[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}",
         prop::sample::select(vec!["release.sync.created", "case.sync.v1", "lead.created"]),

@@ -10,6 +10,7 @@
 
 pub mod columnar;
 pub mod compat;
+pub mod enums;
 pub mod json;
 pub mod registry;
 pub mod sample;
@@ -43,3 +44,5 @@ pub fn project_root() -> PathBuf {
 
 #[cfg(test)]
 mod contract_tests;
+#[cfg(test)]
+mod writer_mix_tests;
