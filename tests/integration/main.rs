@@ -4,6 +4,7 @@
 mod audit;
 mod bronze;
 mod contracts;
+mod isolation;
 mod notify;
 mod ops;
 mod stages;

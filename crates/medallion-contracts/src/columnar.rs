@@ -363,9 +363,11 @@ impl BatchEncoder {
         } else {
             batch.clone()
         };
-        self.encoder
-            .encode(&batch)
-            .map_err(|e| CodecError::Encode(e.to_string()))?;
+        if let Err(e) = self.encoder.encode(&batch) {
+            // Drop whatever the failed call left buffered, so the next batch starts clean.
+            let _ = self.encoder.flush();
+            return Err(CodecError::Encode(e.to_string()));
+        }
         let rows = self.encoder.flush();
         Ok(rows.iter().collect())
     }

@@ -87,6 +87,16 @@ pub enum StageError {
 }
 
 impl StageError {
+    /// The stable label of a record dead-lettered with this error (`medallion.error.reason`).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            StageError::Registry(_) => "registry_unreachable",
+            StageError::Transform(_) => "transform_failed",
+            StageError::Encode(_) => "encode_failed",
+            StageError::Halt(_) => "halted",
+        }
+    }
+
     pub fn is_transient(&self) -> bool {
         match self {
             StageError::Registry(e) => e.is_transient(),

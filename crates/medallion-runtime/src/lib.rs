@@ -11,6 +11,7 @@ pub mod dlq;
 pub mod error;
 pub mod http;
 pub mod ids;
+pub mod isolate;
 pub mod kafka;
 pub mod keys;
 pub mod metrics;

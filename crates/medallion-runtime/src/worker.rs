@@ -249,6 +249,10 @@ impl JsonEncoder {
 
 /// A stage: how a batch becomes its output. Everything else is the runtime's.
 pub trait Stage: Send + 'static {
+    /// Transforms one batch. An error fails the batch as a whole: the runtime then runs the
+    /// stage again on halves of it to find the records at fault, so a stage must leave its
+    /// state as it was when it returns an error (compute first, then apply). A record the
+    /// stage knows to be bad is better reported in [`StageOutput::rejected`] at once.
     fn process(
         &mut self,
         input: RecordBatch,
@@ -543,7 +547,6 @@ pub struct StageWorker<S: Stage> {
     /// `None` for a sink group.
     encoder: Option<BatchEncoder>,
     /// The output contract's Arrow schema (what the encoder takes).
-    output_schema: SchemaRef,
     telemetry: Option<Telemetry>,
     windows: HashMap<i32, DedupWindow>,
     window_capacity: usize,
@@ -703,7 +706,6 @@ where
         registry,
         decoder,
         encoder,
-        output_schema,
         telemetry,
         windows: HashMap::new(),
         window_capacity: config.dedup.window_per_partition,
@@ -935,10 +937,10 @@ impl<S: Stage> StageWorker<S> {
                     return Err(WorkerError::Halted(message));
                 }
                 Err(e) => {
-                    tracing::error!(error = %e, "batch failed; dead-lettering it");
+                    tracing::error!(error = %e, "batch failed before the stage; dead-lettering it");
                     break self.dead_letter_all(
                         part,
-                        RecordFailure::poison("stage_failed", e.to_string()),
+                        RecordFailure::poison(e.reason(), e.to_string()),
                         attempt,
                     );
                 }
@@ -1460,11 +1462,78 @@ impl<S: Stage> StageWorker<S> {
         )
         .map_err(|e| StageError::Transform(e.to_string()))?;
 
-        let output = if input.num_rows() == 0 {
-            StageOutput::empty(self.output_schema.clone())
-        } else {
-            self.stage.process(input).await?
-        };
+        let transformed = self.transform_isolating(batch, input, &kept_rows).await?;
+        dead.extend(transformed.dead);
+        let failed: HashSet<usize> = dead.iter().map(|(index, _)| *index).collect();
+        // Every row the stage took (output or only state) is remembered against redelivery.
+        let remember: Vec<(i32, u128)> = kept_rows
+            .iter()
+            .zip(&kept_keys)
+            .filter(|(index, _)| !failed.contains(index))
+            .filter_map(|(index, key)| key.map(|key| (batch[*index].partition(), key)))
+            .collect();
+        let mut outgoing = transformed.outgoing;
+        dead.sort_by_key(|(i, _)| *i);
+        for (index, failure) in &dead {
+            outgoing.push(self.dead_letter(&batch[*index], failure, 1));
+        }
+        Ok(Plan {
+            outgoing,
+            deferred: transformed.deferred,
+            failed: None,
+            dead,
+            remember,
+            duplicates,
+            event_times: transformed.event_times,
+        })
+    }
+
+    /// Runs the stage on `input` (`rows[i]` is the message index of input row i). When the
+    /// stage fails the batch as a whole, the batch is bisected until the records at fault are
+    /// found: they are dead-lettered with the stage's own error, and every other record goes
+    /// on, in order. A transient error or a halt is the batch's, not a record's: returned.
+    async fn transform_isolating(
+        &mut self,
+        batch: &[OwnedMessage],
+        input: RecordBatch,
+        rows: &[usize],
+    ) -> Result<Transformed, StageError> {
+        let mut out = Transformed::default();
+        let mut bisect = crate::isolate::Bisect::new(input.num_rows());
+        let mut isolating = false;
+        while let Some(piece) = bisect.next_piece() {
+            let part = input.slice(piece.start, piece.len());
+            match self.transform(batch, part, &rows[piece.clone()]).await {
+                Ok(done) => out.append(done),
+                Err(e) if e.is_transient() || matches!(e, StageError::Halt(_)) => return Err(e),
+                Err(e) => {
+                    if !isolating {
+                        isolating = true;
+                        tracing::warn!(error = %e, rows = input.num_rows(), "the stage failed a batch; looking for the records at fault");
+                    }
+                    if let Some(row) = bisect.failed(piece) {
+                        let message = &batch[rows[row]];
+                        tracing::error!(error = %e, partition = message.partition(), offset = message.offset(), "record at fault; dead-lettering it");
+                        out.dead
+                            .push((rows[row], RecordFailure::poison(e.reason(), e.to_string())));
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Runs the stage once on `input` and encodes its output. `rows[i]` is the message index
+    /// of input row i. An output row that cannot be encoded is dead-lettered with its source
+    /// record; one with no source record (an aggregate) halts the worker, since no record is at
+    /// fault and dropping it would lose data.
+    async fn transform(
+        &mut self,
+        batch: &[OwnedMessage],
+        input: RecordBatch,
+        rows: &[usize],
+    ) -> Result<Transformed, StageError> {
+        let output = self.stage.process(input).await?;
         if output.source_rows.len() != output.batch.num_rows() {
             return Err(StageError::Transform(format!(
                 "stage returned {} output rows but {} source rows",
@@ -1472,29 +1541,55 @@ impl<S: Stage> StageWorker<S> {
                 output.source_rows.len()
             )));
         }
-        let mut failed_rows: HashSet<u32> = HashSet::with_capacity(output.rejected.len());
+        let mut dead = Vec::with_capacity(output.rejected.len());
         for (row, failure) in output.rejected {
-            if let Some(index) = kept_rows.get(row as usize) {
+            if let Some(index) = rows.get(row as usize) {
                 dead.push((*index, failure));
-                failed_rows.insert(row);
             }
         }
-        // Every row the stage took (output or only state) is remembered against redelivery.
-        let mut remember = Vec::with_capacity(kept_rows.len());
-        for (row, key) in kept_keys.iter().enumerate() {
-            if let (Some(key), false) = (key, failed_rows.contains(&(row as u32))) {
-                remember.push((batch[kept_rows[row]].partition(), *key));
-            }
-        }
-
+        let source_of =
+            |source_row: Option<u32>| -> Result<Option<usize>, StageError> {
+                match source_row {
+                    None => Ok(None),
+                    Some(row) => rows.get(row as usize).copied().map(Some).ok_or_else(|| {
+                        StageError::Transform(format!("source row {row} out of range"))
+                    }),
+                }
+            };
         let (encoded, out_keys, output_topic) = match (&mut self.encoder, &self.topo.output) {
-            (Some(encoder), Some(out)) => (
-                encoder
-                    .encode(&output.batch)
-                    .map_err(|e| StageError::Encode(e.to_string()))?,
-                key_column(&output.batch, &out.key),
-                out.topic.clone(),
-            ),
+            (Some(encoder), Some(out)) => {
+                let encoded: Vec<Option<bytes::Bytes>> = match encoder.encode(&output.batch) {
+                    Ok(values) => values.into_iter().map(Some).collect(),
+                    Err(batch_error) => {
+                        // One row at a time, to find which ones the output schema refuses.
+                        let mut values = Vec::with_capacity(output.batch.num_rows());
+                        for row in 0..output.batch.num_rows() {
+                            match encoder.encode(&output.batch.slice(row, 1)) {
+                                Ok(mut one) => values.push(one.pop()),
+                                Err(e) => {
+                                    let source = output.source_rows.get(row).copied().flatten();
+                                    let Some(index) = source_of(source)? else {
+                                        return Err(StageError::Halt(format!(
+                                            "an output row with no source record cannot be encoded ({e}); batch error: {batch_error}"
+                                        )));
+                                    };
+                                    dead.push((
+                                        index,
+                                        RecordFailure::poison("encode_failed", e.to_string()),
+                                    ));
+                                    values.push(None);
+                                }
+                            }
+                        }
+                        values
+                    }
+                };
+                (
+                    encoded,
+                    key_column(&output.batch, &out.key),
+                    out.topic.clone(),
+                )
+            }
             _ if output.batch.num_rows() > 0 => {
                 return Err(StageError::Transform(format!(
                     "group {} produces no topic but its stage returned {} rows",
@@ -1512,7 +1607,7 @@ impl<S: Stage> StageWorker<S> {
             .batch
             .column_by_name("timestamp")
             .and_then(|c| c.as_primitive_opt::<TimestampMillisecondType>().cloned());
-        let mut outgoing = Vec::with_capacity(encoded.len() + dead.len() + output.side.len());
+        let mut outgoing = Vec::with_capacity(encoded.len() + output.side.len());
         let mut event_times = Vec::with_capacity(encoded.len());
         for (row, value) in encoded.into_iter().enumerate() {
             let Some(&source_row) = output.source_rows.get(row) else {
@@ -1520,17 +1615,11 @@ impl<S: Stage> StageWorker<S> {
                     "output row without a source row".into(),
                 ));
             };
-            let (mut headers, source) = match source_row {
-                None => (None, None),
-                Some(source_row) => {
-                    let Some(&index) = kept_rows.get(source_row as usize) else {
-                        return Err(StageError::Transform(format!(
-                            "source row {source_row} out of range"
-                        )));
-                    };
-                    (batch[index].headers().cloned(), Some(index))
-                }
+            let Some(value) = value else {
+                continue;
             };
+            let source = source_of(source_row)?;
+            let mut headers = source.and_then(|index| batch[index].headers().cloned());
             if let Some(added) = row_headers.remove(&(row as u32)) {
                 let mut h = headers.unwrap_or_default();
                 for (key, value) in &added {
@@ -1557,21 +1646,33 @@ impl<S: Stage> StageWorker<S> {
         let deferred: Vec<usize> = output
             .deferred
             .iter()
-            .filter_map(|row| kept_rows.get(*row as usize).copied())
+            .filter_map(|row| rows.get(*row as usize).copied())
             .collect();
-        dead.sort_by_key(|(i, _)| *i);
-        for (index, failure) in &dead {
-            outgoing.push(self.dead_letter(&batch[*index], failure, 1));
-        }
-        Ok(Plan {
+        Ok(Transformed {
             outgoing,
-            deferred,
-            failed: None,
             dead,
-            remember,
-            duplicates,
+            deferred,
             event_times,
         })
+    }
+}
+
+/// What the stage made of (a piece of) a batch: message indexes, not input rows.
+#[derive(Default)]
+struct Transformed {
+    /// Output and side records, in the stage's order.
+    outgoing: Vec<Outgoing>,
+    dead: Vec<(usize, RecordFailure)>,
+    deferred: Vec<usize>,
+    event_times: Vec<i64>,
+}
+
+impl Transformed {
+    fn append(&mut self, other: Transformed) {
+        self.outgoing.extend(other.outgoing);
+        self.dead.extend(other.dead);
+        self.deferred.extend(other.deferred);
+        self.event_times.extend(other.event_times);
     }
 }
 
