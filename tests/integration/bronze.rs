@@ -561,17 +561,20 @@ async fn two_replicas_share_partitions_and_survive_one_leaving() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn registry_outage_is_retried_and_nothing_is_skipped() {
+async fn a_registry_outage_longer_than_the_retry_schedule_pauses_and_dead_letters_nothing() {
     let p = Pipeline::start().await;
     let upstream = p.registry.address.trim_start_matches("http://").to_string();
     let proxy = medallion_tests::Toggle::start(&upstream)
         .await
         .expect("proxy");
+    // A schedule of 0.1 + 0.2 + 0.4 s: the outage below lasts ten times longer. The registry
+    // is needed by every record, so the worker waits (capped at the last step) and never
+    // dead-letters; the schedule-then-DLQ is for failures of one record or destination.
     let worker = WorkerProcess::start(
         BIN,
         &p.broker.address,
         &format!("http://{}", proxy.address),
-        &medallion_tests::bronze_env(&[]),
+        &medallion_tests::bronze_env(&[("MEDALLION__RETRY__BACKOFF_MS", "[100,200,400]".into())]),
     )
     .expect("worker");
     worker
@@ -616,15 +619,22 @@ async fn registry_outage_is_retried_and_nothing_is_skipped() {
         let value = to_framed(&e, &v2, v2_id).expect("v2 frame");
         p.send(&e["org_id"].to_string(), &value).await;
     }
-    tokio::time::sleep(Duration::from_secs(4)).await;
-    let retries = metric_sum(
-        &worker.metrics().await.expect("metrics"),
-        "medallion_retries_total",
-    );
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let metrics = worker.metrics().await.expect("metrics");
+    let retries = metric_sum(&metrics, "medallion_retries_total");
     assert!(
-        retries >= 1.0,
-        "the worker retried while the registry was away"
+        retries >= 4.0,
+        "the worker kept retrying past its schedule while the registry was away: {retries}"
     );
+    assert_eq!(
+        metric_sum(&metrics, "medallion_consumption_paused"),
+        1.0,
+        "paused, and says so"
+    );
+    let ready = reqwest::get(format!("{}/readyz", worker.http))
+        .await
+        .expect("readyz answers");
+    assert_eq!(ready.status(), reqwest::StatusCode::SERVICE_UNAVAILABLE);
     proxy.set(true);
 
     let all = before.len() + during.len();
@@ -1089,4 +1099,74 @@ async fn two_deployments_share_one_cluster_under_their_prefixes() {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     assert_eq!(committed("bronze-processor"), 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_started_before_its_topics_exist_carries_on_and_starts_when_they_do() {
+    let p = Pipeline::start().await;
+    let late = p.topics.clone().with_prefix("late.").expect("prefix");
+    let ids = RegistryClient::new(&p.registry.address, Duration::from_secs(10))
+        .expect("client")
+        .register_all(&p.contracts, &late)
+        .await
+        .expect("late subjects");
+    let worker = p.worker(&[("MEDALLION__NAMING__PREFIX", "late.".to_string())]);
+    // The consumer reports the missing input topic: an error to log and survive.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let errors = match worker.metrics().await {
+            Ok(text) => metric_sum(&text, "medallion_consumer_errors_total"),
+            Err(_) => 0.0,
+        };
+        if errors >= 1.0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no consumer error was reported (or the worker is gone)"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    worker
+        .metrics()
+        .await
+        .expect("the worker is still serving after consumer errors");
+
+    let kafka =
+        medallion_runtime::kafka::KafkaConnection::plain(&p.broker.address).expect("connection");
+    medallion_runtime::admin::apply_topics(&kafka, &late, 1)
+        .await
+        .expect("late topics");
+    let events = sample(91, 30);
+    let raw = "late.connector.data.raw";
+    for e in &events {
+        let value = to_framed(e, &p.raw.schema, ids[raw]).expect("frames");
+        p.producer
+            .send(
+                FutureRecord::to(raw)
+                    .key(&e["org_id"].to_string())
+                    .payload(&value),
+                Duration::from_secs(10),
+            )
+            .await
+            .map_err(|(e, _)| e)
+            .expect("delivered");
+    }
+    let out = read_topic(
+        &p.broker.address,
+        "late.bronze.data.cleaned",
+        events.len(),
+        Duration::from_secs(2),
+        Duration::from_secs(120),
+    )
+    .await
+    .expect("the worker picked the topic up once it existed");
+    let got: BTreeSet<String> = ids_of(&p, &out).into_iter().collect();
+    let want: BTreeSet<String> = events
+        .iter()
+        .map(|e| e["event_id"].as_str().expect("id").to_string())
+        .collect();
+    assert_eq!(got, want);
+    assert_eq!(out.len(), events.len());
 }

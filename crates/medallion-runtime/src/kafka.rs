@@ -180,7 +180,12 @@ impl KafkaConnection {
         match role {
             // librdkafka prefetches up to 64 MiB by default. 32 MiB keeps the replay
             // benchmark's stages as fast (16 MiB halved gold's rate: its records are larger).
-            Role::StageConsumer { .. } => default("queued.max.messages.kbytes", "32768"),
+            Role::StageConsumer { .. } => {
+                default("queued.max.messages.kbytes", "32768");
+                // An input topic created after the worker started (or partitions added) is
+                // seen within 10 s rather than librdkafka's 5 min.
+                default("topic.metadata.refresh.interval.ms", "10000");
+            }
             Role::Producer { .. } => default("linger.ms", "5"),
             Role::Admin | Role::Reader { .. } => {}
         }

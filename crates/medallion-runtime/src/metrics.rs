@@ -65,9 +65,13 @@ pub const AUDIT_ROWS_WRITTEN_TOTAL: &str = "medallion_audit_rows_written_total";
 pub const AUDIT_FILES_WRITTEN_TOTAL: &str = "medallion_audit_files_written_total";
 /// Personal-data fields encrypted before leaving bronze, by key id.
 pub const PII_FIELDS_ENCRYPTED_TOTAL: &str = "medallion_pii_fields_encrypted_total";
+/// 1 while a stage waits for infrastructure every record needs (the registry), by stage.
+pub const CONSUMPTION_PAUSED: &str = "medallion_consumption_paused";
+/// Errors the consumer reported and the worker survived (fetch, metadata), by stage and error.
+pub const CONSUMER_ERRORS_TOTAL: &str = "medallion_consumer_errors_total";
 
 /// Every name above.
-pub const ALL: [&str; 29] = [
+pub const ALL: [&str; 31] = [
     KAFKA_CONSUMER_LAG,
     KAFKA_MESSAGES_IN_TOTAL,
     KAFKA_BYTES_IN_TOTAL,
@@ -97,11 +101,14 @@ pub const ALL: [&str; 29] = [
     AUDIT_ROWS_WRITTEN_TOTAL,
     AUDIT_FILES_WRITTEN_TOTAL,
     PII_FIELDS_ENCRYPTED_TOTAL,
+    CONSUMPTION_PAUSED,
+    CONSUMER_ERRORS_TOTAL,
 ];
 
 /// The counters above: exported at 0 from the start, so every name is scrapeable and `rate()`
 /// sees the first increment.
-pub const COUNTERS: [&str; 17] = [
+pub const COUNTERS: [&str; 18] = [
+    CONSUMER_ERRORS_TOTAL,
     KAFKA_MESSAGES_IN_TOTAL,
     KAFKA_BYTES_IN_TOTAL,
     RECORDS_OUT_TOTAL,

@@ -768,6 +768,9 @@ impl<S: Stage> StageWorker<S> {
             self.topo.input_topic.clone(),
         ));
 
+        metrics::gauge!(m::CONSUMPTION_PAUSED, "stage" => self.topo.group.clone()).set(0.0);
+        // Consumer errors in a row, for the backoff between them.
+        let mut consumer_errors = 0usize;
         let max_records = config.batch.max_records;
         let linger = Duration::from_millis(config.batch.linger_ms);
         tokio::pin!(shutdown);
@@ -781,7 +784,15 @@ impl<S: Stage> StageWorker<S> {
                 self.settle(false, &producer, &consumer).await?;
                 continue;
             };
-            let mut batch = vec![first?.detach()];
+            let first = match first {
+                Ok(message) => message.detach(),
+                Err(e) => {
+                    consumer_errors = self.consumer_error(&e, consumer_errors).await;
+                    continue;
+                }
+            };
+            consumer_errors = 0;
+            let mut batch = vec![first];
             let deadline = Instant::now() + linger;
             while batch.len() < max_records {
                 // A message already fetched is taken without arming a timer; the clock is
@@ -798,7 +809,11 @@ impl<S: Stage> StageWorker<S> {
                 };
                 match next {
                     Ok(Ok(message)) => batch.push(message.detach()),
-                    Ok(Err(e)) => return Err(e.into()),
+                    Ok(Err(e)) => {
+                        // The batch so far is good; the error is dealt with after it.
+                        consumer_errors = self.consumer_error(&e, consumer_errors).await;
+                        break;
+                    }
                     Err(_) => break,
                 }
             }
@@ -822,6 +837,27 @@ impl<S: Stage> StageWorker<S> {
         consumer.unsubscribe();
         self.health.set_assigned(false);
         Ok(self.totals)
+    }
+
+    /// A consumer error (a failed fetch, a topic not there yet, a broker away): logged,
+    /// counted and survived; librdkafka reconnects and refetches by itself. Consecutive errors
+    /// back off along the retry schedule so a lasting one does not spin. Returns the new count.
+    async fn consumer_error(&self, error: &KafkaError, in_a_row: usize) -> usize {
+        let code = error
+            .rdkafka_error_code()
+            .map_or_else(|| "client".to_string(), |c| format!("{c:?}"));
+        metrics::counter!(m::CONSUMER_ERRORS_TOTAL, "stage" => self.topo.group.clone(), "error" => code)
+            .increment(1);
+        let in_a_row = in_a_row + 1;
+        let wait = self
+            .policy
+            .wait_forever(in_a_row)
+            .min(Duration::from_secs(5));
+        if in_a_row == 1 || in_a_row.is_multiple_of(20) {
+            tracing::warn!(%error, in_a_row, ?wait, "consumer error; carrying on");
+        }
+        tokio::time::sleep(wait).await;
+        in_a_row
     }
 
     async fn process_batch(
@@ -905,35 +941,33 @@ impl<S: Stage> StageWorker<S> {
         self.settle(false, producer, consumer).await
     }
 
-    /// Plans `part`, retrying transient failures with the retry policy and dead-lettering the
-    /// part when they are exhausted or the stage fails it.
+    /// Plans `part`. A transient failure is of infrastructure every record needs (the
+    /// registry): consumption pauses and the part is planned again, with the retry schedule's
+    /// waits and then its last wait repeated, never dead-lettered; readiness is false and
+    /// `medallion_consumption_paused` is 1 meanwhile. A halt stops the worker. Any other
+    /// failure here happened before the stage (decoding the batch as a whole): the part is
+    /// dead-lettered with it.
     async fn plan_with_retry(&mut self, part: &[OwnedMessage]) -> Result<Plan, WorkerError> {
         let mut attempt = 1usize;
+        let paused = metrics::gauge!(m::CONSUMPTION_PAUSED, "stage" => self.topo.group.clone());
         let plan = loop {
             match self.plan(part).await {
                 Ok(plan) => break plan,
                 Err(e) if e.is_transient() => {
-                    metrics::counter!(m::RETRIES_TOTAL, "stage" => self.topo.group.clone(), "reason" => "registry_unreachable").increment(1);
+                    metrics::counter!(m::RETRIES_TOTAL, "stage" => self.topo.group.clone(), "reason" => e.reason()).increment(1);
                     self.health.set_registry_ok(false);
-                    match self.policy.wait_before(attempt) {
-                        Some(wait) => {
-                            tracing::warn!(error = %e, attempt, ?wait, "transient failure; retrying the batch");
-                            tokio::time::sleep(wait).await;
-                            attempt += 1;
-                        }
-                        None => {
-                            tracing::error!(error = %e, attempts = attempt, "retries exhausted; dead-lettering the batch");
-                            break self.dead_letter_all(
-                                part,
-                                RecordFailure::transient("registry_unreachable", e.to_string()),
-                                attempt,
-                            );
-                        }
+                    paused.set(1.0);
+                    let wait = self.policy.wait_forever(attempt);
+                    if attempt == 1 || attempt.is_multiple_of(10) {
+                        tracing::warn!(error = %e, attempt, ?wait, "the registry is unavailable; consumption paused until it answers");
                     }
+                    tokio::time::sleep(wait).await;
+                    attempt += 1;
                 }
                 Err(StageError::Halt(message)) => {
                     tracing::error!(%message, "stage halted the pipeline; nothing of this batch is committed");
                     self.health.set_assigned(false);
+                    paused.set(0.0);
                     return Err(WorkerError::Halted(message));
                 }
                 Err(e) => {
@@ -946,6 +980,13 @@ impl<S: Stage> StageWorker<S> {
                 }
             }
         };
+        if attempt > 1 {
+            tracing::info!(
+                attempts = attempt,
+                "the registry answers again; consumption resumed"
+            );
+        }
+        paused.set(0.0);
         self.health.set_registry_ok(true);
         Ok(plan)
     }

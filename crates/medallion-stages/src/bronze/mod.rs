@@ -65,7 +65,7 @@ fn describe(reason: &str, config: &BronzeConfig) -> String {
             "timestamp is more than {} ms old or more than {} ms in the future",
             config.max_event_age_ms, config.max_future_skew_ms
         ),
-        reason::PAYLOAD_MISMATCH => "payload variant does not match event_type".into(),
+        reason::PAYLOAD_MISMATCH => "the payload must carry exactly one feed variant, the one event_type names (release.sync.created → release_sync, case.sync.v1 → case_sync, lead.created → lead_created)".into(),
         reason::INVALID_VALUE => "a field holds a value outside the seed's allowed set".into(),
         other => other.to_string(),
     }
@@ -112,8 +112,9 @@ SELECT
     CASE WHEN lower(trim("event_type")) = 'release.sync.created' AND NOT {only_release}
            OR lower(trim("event_type")) = 'case.sync.v1' AND NOT {only_case}
            OR lower(trim("event_type")) = 'lead.created' AND NOT {only_lead}
+           -- Exactly one variant is set, the one event_type names: an event type no variant
+           -- belongs to never matches, with or without a payload variant.
            OR COALESCE(lower(trim("event_type")) NOT IN ('release.sync.created', 'case.sync.v1', 'lead.created'), true)
-              AND NOT ({rs} IS NULL AND {cs} IS NULL AND {ls} IS NULL)
          THEN '{payload_mismatch}' ELSE NULL END,
     CASE WHEN {rs} IS NOT NULL AND (
            lower(trim({rs}['sbom_ref']['storage_type'])) NOT IN ('ipfs', 's3')

@@ -327,6 +327,15 @@ async fn each_invalid_event_is_rejected_with_its_reason() {
     let mut e = base();
     e["event_type"] = json!("something.else");
     cases.push((keyed(e), reason::PAYLOAD_MISMATCH));
+    // No variant at all, under an event type no variant belongs to, and under a known one.
+    let mut e = base();
+    e["event_type"] = json!("connector.data.raw");
+    for variant in ["release_sync", "case_sync", "lead_created"] {
+        e["payload"][variant] = Json::Null;
+    }
+    cases.push((keyed(e.clone()), reason::PAYLOAD_MISMATCH));
+    e["event_type"] = json!("case.sync.v1");
+    cases.push((keyed(e), reason::PAYLOAD_MISMATCH));
     // Two variants set at once.
     let mut e = base();
     if e["payload"]["case_sync"].is_null() {
