@@ -47,6 +47,26 @@ impl Stage for Faulty {
     }
 }
 
+/// An in-process bronze worker's configuration against the test pipeline.
+fn bronze_config(p: &Pipeline) -> WorkerConfig<BronzeConfig> {
+    let mut config: WorkerConfig<BronzeConfig> = WorkerConfig::default();
+    config.kafka.bootstrap = p.broker.address.clone();
+    config.registry.url = p.registry.address.clone();
+    config.contracts.home = Some(medallion_tests::workspace_root());
+    config.stage.pii = PiiConfig {
+        active_key: "k1".into(),
+        keys: [(
+            "k1".to_string(),
+            KeySource {
+                env: None,
+                value: Some(TEST_PII_KEY.to_string()),
+            },
+        )]
+        .into(),
+    };
+    config
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_batch_the_stage_fails_dead_letters_only_the_records_at_fault() {
     let p = Pipeline::start().await;
@@ -69,21 +89,7 @@ async fn a_batch_the_stage_fails_dead_letters_only_the_records_at_fault() {
         p.send(e["org_id"].to_string(), &p.frame(e)).await;
     }
 
-    let mut config: WorkerConfig<BronzeConfig> = WorkerConfig::default();
-    config.kafka.bootstrap = p.broker.address.clone();
-    config.registry.url = p.registry.address.clone();
-    config.contracts.home = Some(medallion_tests::workspace_root());
-    config.stage.pii = PiiConfig {
-        active_key: "k1".into(),
-        keys: [(
-            "k1".to_string(),
-            KeySource {
-                env: None,
-                value: Some(TEST_PII_KEY.to_string()),
-            },
-        )]
-        .into(),
-    };
+    let config = bronze_config(&p);
     let stage_config = config.stage.clone();
     let worker = prepare(
         &config,
@@ -166,5 +172,56 @@ async fn a_batch_the_stage_fails_dead_letters_only_the_records_at_fault() {
     }
     assert_eq!(dlq.len(), poison_ids.len(), "only the records at fault");
     assert_eq!(dead, poison_ids);
+    assert_eq!(totals.consumed, events.len() as u64);
+}
+
+/// The worker as a library on a single-threaded runtime (as an embedding application might run
+/// it): assigning partitions must not need a multi-threaded runtime.
+#[tokio::test(flavor = "current_thread")]
+async fn a_worker_runs_on_a_current_thread_runtime() {
+    let p = Pipeline::start().await;
+    let events = sample(84, 60);
+    for e in &events {
+        p.send(e["org_id"].to_string(), &p.frame(e)).await;
+    }
+    let config = bronze_config(&p);
+    let stage_config = config.stage.clone();
+    let worker = prepare(
+        &config,
+        GROUP,
+        medallion_runtime::http::Health::new(),
+        |setup| async move { Bronze::new(setup, stage_config).await },
+    )
+    .await
+    .expect("worker prepared");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(async move {
+        worker
+            .run(&config, async {
+                let _ = stopped.await;
+            })
+            .await
+    });
+    let out = read_topic(
+        &p.broker.address,
+        BRONZE,
+        events.len(),
+        Duration::from_secs(2),
+        Duration::from_secs(120),
+    )
+    .await
+    .expect("output");
+    let _ = stop.send(());
+    let totals = run.await.expect("worker task").expect("worker ran");
+    let ids: BTreeSet<String> = p
+        .bronze_json(&out)
+        .iter()
+        .map(|e| e["event_id"].as_str().expect("id").to_string())
+        .collect();
+    let want: BTreeSet<String> = events
+        .iter()
+        .map(|e| e["event_id"].as_str().expect("id").to_string())
+        .collect();
+    assert_eq!((out.len(), ids), (events.len(), want));
     assert_eq!(totals.consumed, events.len() as u64);
 }

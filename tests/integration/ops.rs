@@ -406,3 +406,104 @@ async fn batch_producer_acknowledges_a_batch_and_names_the_records_that_failed()
         "every other record delivered, once per round"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_redrive_goes_past_records_it_cannot_place_or_send() {
+    use rdkafka::message::Message;
+    let p = Pipeline::start().await;
+    let kafka = client(&p.broker.address);
+    let dlq = format!("{RAW}.dlq");
+    // A producer allowed bigger records than the redrive's own (1 MB) limit.
+    let big_producer: rdkafka::producer::FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &p.broker.address)
+        .set("message.max.bytes", "3000000")
+        .create()
+        .expect("producer");
+    let big = vec![b'x'; 1_500_000];
+    let cases: [(&str, &[u8]); 4] = [
+        ("abc", b"unparsable partition"),
+        ("99", b"no such partition"),
+        ("4", b"partition four"),
+        ("2", &big),
+    ];
+    for (partition, value) in cases {
+        let headers = OwnedHeaders::new()
+            .insert(Header {
+                key: medallion_runtime::dlq::header::ORIGINAL_TOPIC,
+                value: Some(RAW.as_bytes()),
+            })
+            .insert(Header {
+                key: medallion_runtime::dlq::header::ORIGINAL_PARTITION,
+                value: Some(partition.as_bytes()),
+            })
+            .insert(Header {
+                key: medallion_runtime::dlq::header::ERROR_REASON,
+                value: Some(b"decode_failed".as_slice()),
+            });
+        big_producer
+            .send(
+                FutureRecord::to(&dlq)
+                    .key("7")
+                    .payload(value)
+                    .headers(headers),
+                Duration::from_secs(10),
+            )
+            .await
+            .map_err(|(e, _)| e)
+            .expect("dead letter written");
+    }
+
+    let report = redrive(&kafka, &dlq, &RedriveOptions::default())
+        .await
+        .expect("a redrive that goes on past bad records");
+    assert_eq!(
+        report.redriven,
+        BTreeMap::from([(RAW.to_string(), 3)]),
+        "{report:?}"
+    );
+    assert_eq!(report.repartitioned, 2, "{report:?}");
+    assert_eq!(report.failed, 1, "{report:?}");
+    assert!(
+        report.failures[0].starts_with(&format!("{dlq}/")),
+        "the failure names its record: {:?}",
+        report.failures
+    );
+
+    let back = read_topic(
+        &p.broker.address,
+        RAW,
+        3,
+        Duration::from_secs(2),
+        Duration::from_secs(60),
+    )
+    .await
+    .expect("redriven records");
+    assert_eq!(back.len(), 3);
+    let by_key = medallion_tests::java_partition(b"7", 12);
+    let mut placed: Vec<(String, i32)> = back
+        .iter()
+        .map(|m| {
+            (
+                String::from_utf8_lossy(m.payload().unwrap_or_default()).into_owned(),
+                m.partition(),
+            )
+        })
+        .collect();
+    placed.sort();
+    assert_eq!(
+        placed,
+        vec![
+            ("no such partition".to_string(), by_key),
+            ("partition four".to_string(), 4),
+            ("unparsable partition".to_string(), by_key),
+        ]
+    );
+
+    // The refused record was left for the next run; the others are not sent twice.
+    let again = redrive(&kafka, &dlq, &RedriveOptions::default())
+        .await
+        .expect("second run");
+    assert!(again.redriven.is_empty(), "{again:?}");
+    // The first three are before the committed position, so only the refused one is read again.
+    assert_eq!((again.failed, again.already), (1, 0), "{again:?}");
+}

@@ -864,7 +864,7 @@ impl<S: Stage> StageWorker<S> {
         &mut self,
         batch: &[OwnedMessage],
         producer: &BatchProducer,
-        consumer: &StreamConsumer<WorkerContext>,
+        consumer: &Arc<StreamConsumer<WorkerContext>>,
     ) -> Result<(), WorkerError> {
         let started = Instant::now();
         let group = self.topo.group.clone();
@@ -1327,7 +1327,7 @@ impl<S: Stage> StageWorker<S> {
     async fn sync_partitions(
         &mut self,
         batch: &[OwnedMessage],
-        consumer: &StreamConsumer<WorkerContext>,
+        consumer: &Arc<StreamConsumer<WorkerContext>>,
     ) -> Result<(), WorkerError> {
         self.apply_revocations();
         let fresh: Vec<i32> = batch
@@ -1340,9 +1340,13 @@ impl<S: Stage> StageWorker<S> {
         for partition in fresh {
             let mut tpl = TopicPartitionList::new();
             tpl.add_partition(&self.topo.input_topic, partition);
-            let committed = tokio::task::block_in_place(|| {
-                consumer.committed_offsets(tpl, Duration::from_secs(10))
-            })?;
+            // A blocking broker call, off the runtime's threads (works on any runtime flavour).
+            let reader = Arc::clone(consumer);
+            let committed = tokio::task::spawn_blocking(move || {
+                reader.committed_offsets(tpl, Duration::from_secs(10))
+            })
+            .await
+            .map_err(|e| WorkerError::Setup(format!("reading committed offsets: {e}")))??;
             let metadata = committed
                 .find_partition(&self.topo.input_topic, partition)
                 .map(|e| e.metadata().to_string())

@@ -580,6 +580,22 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 "left in {dlq}: {} filtered out, {} redriven {max_redrives} times already, {} without an original topic; {} redriven before; {} postponed to the next run",
                 report.filtered, report.looping, report.unroutable, report.already, report.postponed
             );
+            if report.repartitioned > 0 {
+                println!(
+                    "{} sent by key: their original-partition header named no partition of the topic",
+                    report.repartitioned
+                );
+            }
+            if report.failed > 0 {
+                eprintln!(
+                    "{} refused by the broker and left in {dlq} for the next run:",
+                    report.failed
+                );
+                for f in &report.failures {
+                    eprintln!("  {f}");
+                }
+                return Ok(ExitCode::FAILURE);
+            }
             Ok(ExitCode::SUCCESS)
         }
     }

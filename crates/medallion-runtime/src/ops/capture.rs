@@ -136,8 +136,16 @@ fn read_bytes(r: &mut impl Read) -> std::io::Result<Option<Vec<u8>>> {
     if len < 0 {
         return Ok(None);
     }
-    let mut buf = vec![0u8; len as usize];
-    r.read_exact(&mut buf)?;
+    // Read what is there rather than allocating what the length claims: a corrupt length
+    // becomes a truncation error, not a multi-gigabyte allocation.
+    let mut buf = Vec::new();
+    r.by_ref().take(len as u64).read_to_end(&mut buf)?;
+    if buf.len() != len as usize {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            format!("a field claims {len} bytes but only {} remain", buf.len()),
+        ));
+    }
     Ok(Some(buf))
 }
 
@@ -194,7 +202,8 @@ pub fn read_capture(path: &Path) -> Result<Vec<Captured>, CaptureError> {
             let key = read_bytes(&mut r)?;
             let value = read_bytes(&mut r)?;
             let count = u32::from_be_bytes(read_exact::<4>(&mut r)?);
-            let mut headers = Vec::with_capacity(count as usize);
+            // Grows as headers are read: a corrupt count cannot reserve memory up front.
+            let mut headers = Vec::with_capacity((count as usize).min(64));
             for _ in 0..count {
                 let k = read_bytes(&mut r)?.unwrap_or_default();
                 headers.push((
@@ -436,6 +445,37 @@ mod tests {
         let e = read_capture(&path).expect_err("truncated").to_string();
         assert!(e.contains("truncated record after 1 records"), "{e}");
         std::fs::write(&path, b"nope").expect("garbage");
+        assert!(read_capture(&path).is_err());
+        let _ = std::fs::remove_file(&path);
+    }
+
+    #[test]
+    fn corrupt_lengths_are_errors_not_allocations() {
+        let path = std::env::temp_dir().join(format!("capture-{}.bin", uuid::Uuid::new_v4()));
+        let header = |tail: &[u8]| {
+            let mut b = MAGIC.to_vec();
+            b.extend_from_slice(&0i32.to_be_bytes()); // partition
+            b.extend_from_slice(&0i64.to_be_bytes()); // offset
+            b.extend_from_slice(&(-1i64).to_be_bytes()); // timestamp
+            b.extend_from_slice(tail);
+            b
+        };
+        // A key that claims 2 GiB with 3 bytes behind it.
+        let mut tail = i32::MAX.to_be_bytes().to_vec();
+        tail.extend_from_slice(b"abc");
+        std::fs::write(&path, header(&tail)).expect("write");
+        let e = read_capture(&path).expect_err("corrupt length").to_string();
+        assert!(
+            e.contains("claims 2147483647 bytes but only 3 remain"),
+            "{e}"
+        );
+        // A header count of four billion with no headers behind it.
+        let mut tail = (-1i32).to_be_bytes().to_vec(); // no key
+        tail.extend_from_slice(&(-1i32).to_be_bytes()); // no value
+        tail.extend_from_slice(&u32::MAX.to_be_bytes());
+        std::fs::write(&path, header(&tail)).expect("write");
+        let e = read_capture(&path).expect_err("corrupt count").to_string();
+        assert!(e.contains("truncated record after 0 records"), "{e}");
         assert!(read_capture(&path).is_err());
         let _ = std::fs::remove_file(&path);
     }

@@ -123,6 +123,37 @@ pub struct RedriveReport {
     pub already: u64,
     /// Not looked at in this run (too many scattered records to remember at once): run again.
     pub postponed: u64,
+    /// Redriven by key because their original-partition header was unparsable or named a
+    /// partition the topic does not have.
+    pub repartitioned: u64,
+    /// Left in the DLQ: the broker refused them (the first reasons are kept); run again.
+    pub failed: u64,
+    pub failures: Vec<String>,
+}
+
+/// Failure reasons a report keeps.
+const MAX_FAILURES: usize = 5;
+
+impl RedriveReport {
+    fn fail(&mut self, from: &str, error: impl std::fmt::Display) {
+        self.failed += 1;
+        if self.failures.len() < MAX_FAILURES {
+            self.failures.push(format!("{from}: {error}"));
+        }
+    }
+}
+
+/// The partition a redriven record goes to: its original one when the header names a partition
+/// the topic has; otherwise `None` (the partitioner places it by key, as the first producer's did).
+fn original_partition(header: Option<&str>, partitions: Option<usize>) -> Result<Option<i32>, ()> {
+    let Some(header) = header else {
+        return Ok(None);
+    };
+    match (header.trim().parse::<i32>(), partitions) {
+        (Ok(p), Some(n)) if p >= 0 && (p as usize) < n => Ok(Some(p)),
+        (Ok(p), None) if p >= 0 => Ok(Some(p)),
+        _ => Err(()),
+    }
 }
 
 /// Most offset ranges remembered per partition in the commit metadata (well under Kafka's
@@ -181,6 +212,8 @@ pub async fn redrive(
     let mut report = RedriveReport::default();
     let started = std::time::Instant::now();
     let mut sent = 0u64;
+    // Partition counts of the topics records go back to, looked up once each.
+    let mut original_partitions: BTreeMap<String, Option<usize>> = BTreeMap::new();
     for partition in partitions {
         let (start, done_before) = committed
             .find_partition(dlq_topic, partition)
@@ -280,8 +313,15 @@ pub async fn redrive(
                     key: REDRIVEN_FROM,
                     value: Some(from.as_bytes()),
                 });
+            let known = *original_partitions
+                .entry(original.clone())
+                .or_insert_with(|| partitions_of(&consumer, &original).ok().map(|p| p.len()));
             let original_partition =
-                text(&record, header::ORIGINAL_PARTITION).and_then(|p| p.parse::<i32>().ok());
+                original_partition(text(&record, header::ORIGINAL_PARTITION).as_deref(), known)
+                    .unwrap_or_else(|()| {
+                        report.repartitioned += 1;
+                        None
+                    });
             let mut out: FutureRecord<'_, [u8], [u8]> =
                 FutureRecord::to(&original).headers(headers);
             if let Some(key) = &record.key {
@@ -293,23 +333,53 @@ pub async fn redrive(
             if let Some(p) = original_partition {
                 out = out.partition(p);
             }
-            match producer.send_result(out) {
-                Ok(d) => deliveries.push(d),
-                Err((e, _)) => return Err(e.into()),
+            // One record the broker refuses stays in the DLQ; the others go on.
+            let mut out = out;
+            let delivery = loop {
+                match producer.send_result(out) {
+                    Ok(d) => break Some(d),
+                    Err((
+                        rdkafka::error::KafkaError::MessageProduction(
+                            rdkafka::types::RDKafkaErrorCode::QueueFull,
+                        ),
+                        back,
+                    )) => {
+                        out = back;
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                    Err((e, _)) => {
+                        report.fail(&from, e);
+                        break None;
+                    }
+                }
+            };
+            match delivery {
+                Some(d) => deliveries.push((offset, from, original, d)),
+                None => left_behind(
+                    &mut report,
+                    &mut handled,
+                    &mut first_left,
+                    offset,
+                    &original,
+                ),
             }
         }
-        // Commit the partition only once everything taken from it is on its topic.
-        for d in deliveries {
-            match d.await {
-                Ok(Ok(_)) => {}
-                Ok(Err((e, _))) => return Err(e.into()),
-                Err(_) => {
-                    return Err(CaptureError::File {
-                        path: dlq_topic.to_string(),
-                        message: "a delivery was cancelled".into(),
-                    })
-                }
-            }
+        // Commit the partition only once everything taken from it is on its topic; what did
+        // not get there is left for the next run.
+        for (offset, from, original, d) in deliveries {
+            let error = match d.await {
+                Ok(Ok(_)) => continue,
+                Ok(Err((e, _))) => e.to_string(),
+                Err(_) => "the delivery was cancelled".to_string(),
+            };
+            report.fail(&from, error);
+            left_behind(
+                &mut report,
+                &mut handled,
+                &mut first_left,
+                offset,
+                &original,
+            );
         }
         if let (Some(next), false) = (next, options.dry_run) {
             let commit = first_left.unwrap_or(next);
@@ -326,9 +396,39 @@ pub async fn redrive(
     Ok(report)
 }
 
+/// A record that did not get back to its topic: not redriven after all, and the committed
+/// position may not pass it.
+fn left_behind(
+    report: &mut RedriveReport,
+    handled: &mut std::collections::BTreeSet<i64>,
+    first_left: &mut Option<i64>,
+    offset: i64,
+    original: &str,
+) {
+    handled.remove(&offset);
+    *first_left = Some(first_left.map_or(offset, |f| f.min(offset)));
+    if let Some(n) = report.redriven.get_mut(original) {
+        *n -= 1;
+        if *n == 0 {
+            report.redriven.remove(original);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_partition_the_topic_has_is_kept() {
+        assert_eq!(original_partition(None, Some(12)), Ok(None));
+        assert_eq!(original_partition(Some("3"), Some(12)), Ok(Some(3)));
+        assert_eq!(original_partition(Some("3"), None), Ok(Some(3)));
+        assert_eq!(original_partition(Some("12"), Some(12)), Err(()));
+        assert_eq!(original_partition(Some("-1"), Some(12)), Err(()));
+        assert_eq!(original_partition(Some("three"), Some(12)), Err(()));
+        assert_eq!(original_partition(Some(""), None), Err(()));
+    }
 
     #[test]
     fn offset_ranges_round_trip() {
