@@ -3,6 +3,7 @@
 
 mod audit;
 mod bronze;
+mod chaos;
 mod contracts;
 mod isolation;
 mod notify;

@@ -1,12 +1,12 @@
 //! Kafka client construction with the settings every Medallion process shares.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::OwnedHeaders;
+use rdkafka::message::{Message, OwnedHeaders};
 use rdkafka::producer::{
     BaseRecord, DeliveryResult, FutureProducer, ProducerContext, ThreadedProducer,
 };
@@ -187,6 +187,12 @@ impl KafkaConnection {
                 default("topic.metadata.refresh.interval.ms", "10000");
             }
             Role::Producer { .. } => default("linger.ms", "5"),
+            // A reader to the end learns it is there when a fetch comes back empty: not after
+            // the 500 ms a broker may hold an empty fetch by default (a worker's partition
+            // rebuild makes several such reads).
+            Role::Reader {
+                until_end: true, ..
+            } => default("fetch.wait.max.ms", "20"),
             Role::Admin | Role::Reader { .. } => {}
         }
         match role {
@@ -274,6 +280,9 @@ impl ClientContext for ReaderContext {
             KafkaError::PartitionEOF(partition) => {
                 tracing::debug!(partition, "reached the end of a partition")
             }
+            KafkaError::Global(RDKafkaErrorCode::PartitionEOF) => {
+                tracing::debug!(reason, "reached the end of a partition")
+            }
             error => tracing::warn!(%error, reason, "Kafka client error"),
         }
     }
@@ -318,6 +327,8 @@ struct AckState {
     generation: u32,
     pending: usize,
     failures: BatchFailures,
+    /// The highest acknowledged offset, by topic and partition (this producer's lifetime).
+    acked: HashMap<String, BTreeMap<i32, i64>>,
 }
 
 struct AckContext {
@@ -337,9 +348,21 @@ impl ProducerContext for AckContext {
         if state.generation != generation || state.pending == 0 {
             return;
         }
-        if let Err((e, _)) = result {
-            state.failures.indexes.push(index);
-            state.failures.first_error.get_or_insert_with(|| e.clone());
+        match result {
+            Err((e, _)) => {
+                state.failures.indexes.push(index);
+                state.failures.first_error.get_or_insert_with(|| e.clone());
+            }
+            Ok(message) => {
+                let (topic, partition, offset) =
+                    (message.topic(), message.partition(), message.offset());
+                let high = match state.acked.get_mut(topic) {
+                    Some(high) => high,
+                    None => state.acked.entry(topic.to_string()).or_default(),
+                };
+                let at = high.entry(partition).or_insert(offset);
+                *at = (*at).max(offset);
+            }
         }
         state.pending -= 1;
         if state.pending == 0 {
@@ -451,6 +474,16 @@ impl BatchProducer {
             indexes: indexes.to_vec(),
             first_error: None,
         }
+    }
+
+    /// The highest offset acknowledged so far in each partition of `topic`.
+    pub fn acked(&self, topic: &str) -> BTreeMap<i32, i64> {
+        self.acks
+            .state
+            .lock()
+            .ok()
+            .and_then(|state| state.acked.get(topic).cloned())
+            .unwrap_or_default()
     }
 }
 

@@ -17,5 +17,6 @@ pub mod keys;
 pub mod metrics;
 pub mod ops;
 pub mod pii;
+pub mod recovery;
 pub mod retry;
 pub mod worker;

@@ -233,16 +233,22 @@ impl JsonEncoder {
         &self.topic
     }
 
-    /// A side record keyed by `key`.
+    /// A side record keyed by `key`, stamped with its event key (see [`crate::recovery`]).
     pub fn record(&self, key: &str, event: &serde_json::Value) -> Result<SideRecord, StageError> {
         let value = medallion_contracts::json::to_framed(event, &self.schema, self.id)
             .map_err(|e| StageError::Encode(format!("{}: {e}", self.topic)))?;
+        let headers = event["event_id"].as_str().map(|id| {
+            OwnedHeaders::new().insert(rdkafka::message::Header {
+                key: crate::recovery::EVENT_KEY,
+                value: Some(&event_key(id).to_be_bytes()),
+            })
+        });
         Ok(SideRecord {
             topic: self.topic.clone(),
             partition: None,
             key: Some(key.as_bytes().to_vec()),
             value,
-            headers: None,
+            headers,
         })
     }
 }
@@ -327,6 +333,8 @@ pub enum WorkerError {
     Http(#[from] std::io::Error),
     #[error("stage halted: {0}")]
     Halted(String),
+    #[error("{0}")]
+    Recovery(#[from] crate::recovery::RecoveryError),
 }
 
 /// Live counters of a running worker, for the local mode's progress line.
@@ -506,19 +514,45 @@ struct Outgoing {
     headers: Option<OwnedHeaders>,
     /// Index of the input message it came from, if one.
     source: Option<usize>,
+    /// The event key stamped on an output-topic record.
+    event_key: Option<u128>,
+    /// (input partition, offset) of the record a dead letter holds.
+    dead_origin: Option<(i32, i64)>,
 }
 
 impl From<SideRecord> for Outgoing {
     fn from(side: SideRecord) -> Self {
         Outgoing {
+            event_key: side
+                .headers
+                .as_ref()
+                .and_then(crate::recovery::event_key_of),
             topic: side.topic,
             partition: side.partition,
             key: side.key,
             value: side.value.into(),
             headers: side.headers,
             source: None,
+            dead_origin: None,
         }
     }
+}
+
+/// A newly assigned input partition, as its last owner committed it.
+struct Assigned {
+    partition: i32,
+    offset: Option<i64>,
+    snapshot: Option<crate::recovery::Snapshot>,
+    /// The stage's own commit metadata.
+    metadata: Option<String>,
+}
+
+/// Records of an input tail, read for the dedup window.
+#[derive(Default)]
+struct WindowChunk {
+    /// (partition, offset, event key) of records that carry their key.
+    keyed: Vec<(i32, i64, u128)>,
+    undecoded: Vec<OwnedMessage>,
 }
 
 /// The work derived from one batch.
@@ -563,6 +597,14 @@ pub struct StageWorker<S: Stage> {
     deferred: HashMap<i32, BTreeMap<i64, OwnedMessage>>,
     totals: RunTotals,
     progress: Arc<Progress>,
+    /// Where this worker's outputs stood after its last delivery (stored with every offset),
+    /// and where they stood when it started (for partitions it has not produced to).
+    outputs_at: crate::recovery::Snapshot,
+    outputs_at_start: crate::recovery::Snapshot,
+    /// Event keys of outputs a previous owner produced after its last commit, and the input
+    /// records it dead-lettered then: not produced again (see [`crate::recovery`]).
+    replayed: DedupWindow,
+    dead_before: HashSet<(i32, i64)>,
 }
 
 /// Where the worker reports its batches and governance actions (`telemetry:` in
@@ -719,6 +761,10 @@ where
         deferred: HashMap::new(),
         totals: RunTotals::default(),
         progress: Arc::new(Progress::default()),
+        outputs_at: crate::recovery::Snapshot::default(),
+        outputs_at_start: crate::recovery::Snapshot::default(),
+        replayed: DedupWindow::new(config.dedup.window_per_partition.saturating_mul(4)),
+        dead_before: HashSet::new(),
     })
 }
 
@@ -761,6 +807,8 @@ impl<S: Stage> StageWorker<S> {
         let producer = BatchProducer::new(&self.kafka.config(Role::Producer {
             message_timeout_ms: u64::from(config.kafka.produce_timeout_ms),
         }))?;
+        self.outputs_at_start = self.outputs_now().await?;
+        self.outputs_at = self.outputs_at_start.clone();
         consumer.subscribe(&[&self.topo.input_topic])?;
         let lag = tokio::spawn(lag_loop(
             consumer.clone(),
@@ -897,6 +945,7 @@ impl<S: Stage> StageWorker<S> {
             let (part, mut plan, part_started) = current;
             let telemetry = self.batch_telemetry(part, &plan, part_started.elapsed());
             plan.outgoing.extend(telemetry);
+            plan.duplicates += self.drop_replayed(&mut plan.outgoing);
             // Remembered before the next part is planned, so a duplicate across parts is
             // dropped. Delivery does not give up (it pauses consumption), so nothing
             // remembered here goes unsent while the process lives.
@@ -921,7 +970,9 @@ impl<S: Stage> StageWorker<S> {
                     None
                 }
             };
-            // Everything derived from the part is acknowledged: store its offsets.
+            // Everything derived from the part is acknowledged: store its offsets, with where
+            // the outputs stand now.
+            self.note_acked(producer);
             self.finish(part, plan, consumer);
             match next {
                 Some((next_part, planned, next_started)) => {
@@ -1077,7 +1128,11 @@ impl<S: Stage> StageWorker<S> {
             if !assigned.contains(&partition) {
                 continue;
             }
-            let (mut commit, metadata) = self.stage.position(partition, next);
+            let (mut commit, stage_metadata) = self.stage.position(partition, next);
+            let metadata = Some(crate::recovery::wrap(
+                &self.outputs_at,
+                stage_metadata.as_deref(),
+            ));
             if let Some(first) = self
                 .deferred
                 .get(&partition)
@@ -1152,7 +1207,9 @@ impl<S: Stage> StageWorker<S> {
                 dead.push(failure);
             }
         }
+        self.drop_replayed(&mut outgoing);
         deliver(&self.policy, &self.topo.group, &outgoing, producer).await;
+        self.note_acked(producer);
         self.count_dead_letters(dead.iter());
         let partitions: Vec<i32> = self.next_offsets.keys().copied().collect();
         self.store_positions(partitions.into_iter(), consumer);
@@ -1323,41 +1380,316 @@ impl<S: Stage> StageWorker<S> {
     }
 
     /// Tells the stage about partitions it lost and partitions it sees for the first time
-    /// (with the metadata committed with their offsets).
+    /// (with the metadata committed with their offsets), after rebuilding what the worker
+    /// knew of them: their dedup windows and what was produced after their last commit.
     async fn sync_partitions(
         &mut self,
         batch: &[OwnedMessage],
         consumer: &Arc<StreamConsumer<WorkerContext>>,
     ) -> Result<(), WorkerError> {
         self.apply_revocations();
+        // Every partition assigned and not yet set up, not only those in this batch: one
+        // rebuild for a whole assignment.
+        let assigned_now = self.assigned.lock().map(|a| a.clone()).unwrap_or_default();
         let fresh: Vec<i32> = batch
             .iter()
             .map(Message::partition)
+            .chain(assigned_now)
             .filter(|p| !self.initialized.contains(p))
             .collect::<std::collections::BTreeSet<_>>()
             .into_iter()
             .collect();
-        for partition in fresh {
-            let mut tpl = TopicPartitionList::new();
-            tpl.add_partition(&self.topo.input_topic, partition);
-            // A blocking broker call, off the runtime's threads (works on any runtime flavour).
-            let reader = Arc::clone(consumer);
-            let committed = tokio::task::spawn_blocking(move || {
-                reader.committed_offsets(tpl, Duration::from_secs(10))
+        if fresh.is_empty() {
+            return Ok(());
+        }
+        let mut tpl = TopicPartitionList::new();
+        for partition in &fresh {
+            tpl.add_partition(&self.topo.input_topic, *partition);
+        }
+        // A blocking broker call, off the runtime's threads (works on any runtime flavour).
+        let reader = Arc::clone(consumer);
+        let committed = tokio::task::spawn_blocking(move || {
+            reader.committed_offsets(tpl, Duration::from_secs(10))
+        })
+        .await
+        .map_err(|e| WorkerError::Setup(format!("reading committed offsets: {e}")))??;
+        let assigned: Vec<Assigned> = fresh
+            .into_iter()
+            .map(|partition| {
+                let elem = committed.find_partition(&self.topo.input_topic, partition);
+                let offset = elem.as_ref().and_then(|e| match e.offset() {
+                    Offset::Offset(o) => Some(o),
+                    _ => None,
+                });
+                let (snapshot, metadata) = elem
+                    .as_ref()
+                    .map(|e| crate::recovery::unwrap(e.metadata()))
+                    .unwrap_or((None, None));
+                Assigned {
+                    partition,
+                    offset,
+                    snapshot,
+                    metadata,
+                }
             })
-            .await
-            .map_err(|e| WorkerError::Setup(format!("reading committed offsets: {e}")))??;
-            let metadata = committed
-                .find_partition(&self.topo.input_topic, partition)
-                .map(|e| e.metadata().to_string())
-                .filter(|m| !m.is_empty());
+            .collect();
+        self.recover_with_retry(&assigned).await?;
+        for a in assigned {
             self.stage
-                .assign(partition, metadata)
+                .assign(a.partition, a.metadata)
                 .await
-                .map_err(|e| WorkerError::Setup(format!("restoring partition {partition}: {e}")))?;
-            self.initialized.insert(partition);
+                .map_err(|e| {
+                    WorkerError::Setup(format!("restoring partition {}: {e}", a.partition))
+                })?;
+            self.initialized.insert(a.partition);
         }
         Ok(())
+    }
+
+    /// [`Self::recover`], retried along the retry schedule while the broker or registry is
+    /// away; then the worker stops (its replacement starts over).
+    async fn recover_with_retry(&mut self, assigned: &[Assigned]) -> Result<(), WorkerError> {
+        let mut attempt = 1usize;
+        loop {
+            match self.recover(assigned).await {
+                Ok(()) => return Ok(()),
+                Err(e) if attempt < self.policy.max_attempts() => {
+                    let wait = self.policy.wait_forever(attempt);
+                    tracing::warn!(error = %e, attempt, ?wait, "rebuilding partition state failed; retrying");
+                    tokio::time::sleep(wait).await;
+                    attempt += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Rebuilds, for newly assigned partitions, the dedup window from the input's last
+    /// `window_per_partition` records before the committed offset (less those that were
+    /// dead-lettered: they were never taken), and reads the output and DLQ from the snapshot
+    /// committed with it to their end (see [`crate::recovery`]).
+    async fn recover(&mut self, assigned: &[Assigned]) -> Result<(), WorkerError> {
+        use crate::recovery::{read_stretches, Stretch};
+        let started = Instant::now();
+        let window = i64::try_from(self.window_capacity).unwrap_or(i64::MAX);
+        let fresh: HashSet<i32> = assigned.iter().map(|a| a.partition).collect();
+
+        // 1. The input's tail before each committed offset. Records stamped by an upstream
+        // stage need no decoding; the others are decoded in chunks as they are read.
+        let tail: Vec<Stretch> = assigned
+            .iter()
+            .filter_map(|a| {
+                a.offset.map(|c| Stretch {
+                    partition: a.partition,
+                    from: c.saturating_sub(window).max(0),
+                    until: Some(c),
+                })
+            })
+            .collect();
+        let (send, mut chunks) = tokio::sync::mpsc::channel::<WindowChunk>(4);
+        let kafka = self.kafka.clone();
+        let input_topic = self.topo.input_topic.clone();
+        let reading = tokio::task::spawn_blocking(move || {
+            let mut chunk = WindowChunk::default();
+            let mut earliest: Option<i64> = None;
+            let read = read_stretches(&kafka, &input_topic, &tail, |m| {
+                if let Some(t) = m.timestamp().to_millis() {
+                    earliest = Some(earliest.map_or(t, |e| e.min(t)));
+                }
+                match m.headers().and_then(crate::recovery::event_key_of) {
+                    Some(key) => chunk.keyed.push((m.partition(), m.offset(), key)),
+                    None => chunk.undecoded.push(m.detach()),
+                }
+                if chunk.keyed.len() + chunk.undecoded.len() >= 2_000 {
+                    let _ = send.blocking_send(std::mem::take(&mut chunk));
+                }
+            });
+            let _ = send.blocking_send(chunk);
+            read.map(|read| (read, earliest))
+        });
+        let mut seen: Vec<(i32, i64, u128)> = Vec::new();
+        let mut decode_error = None;
+        while let Some(chunk) = chunks.recv().await {
+            seen.extend(chunk.keyed);
+            if decode_error.is_none() {
+                match self.event_keys(&chunk.undecoded).await {
+                    Ok(decoded) => seen.extend(decoded),
+                    Err(e) => decode_error = Some(e),
+                }
+            }
+        }
+        let (read, earliest) = reading
+            .await
+            .map_err(|e| WorkerError::Setup(format!("recovery reader: {e}")))??;
+        if let Some(e) = decode_error {
+            return Err(WorkerError::Setup(format!(
+                "decoding the input tail for the dedup window: {e}"
+            )));
+        }
+
+        // 2. What was produced after the last commits, and the dead letters of the tail.
+        let kafka = self.kafka.clone();
+        let topics = crate::recovery::Topics {
+            input: self.topo.input_topic.clone(),
+            output: self.topo.output.as_ref().map(|o| o.topic.clone()),
+            dlq: self.topo.dlq_topic.clone(),
+        };
+        let snapshots: Vec<Option<crate::recovery::Snapshot>> =
+            assigned.iter().map(|a| a.snapshot.clone()).collect();
+        let scan_fresh = fresh.clone();
+        let after = tokio::task::spawn_blocking(move || {
+            crate::recovery::after_commit(
+                &kafka,
+                &topics,
+                &snapshots,
+                &scan_fresh,
+                window,
+                earliest,
+            )
+        })
+        .await
+        .map_err(|e| WorkerError::Setup(format!("recovery reader: {e}")))??;
+
+        let committed: HashMap<i32, i64> = assigned
+            .iter()
+            .filter_map(|a| a.offset.map(|c| (a.partition, c)))
+            .collect();
+        let dead: HashSet<(i32, i64)> = after.dead_letters.into_iter().collect();
+        let mut windows: HashMap<i32, DedupWindow> = fresh
+            .iter()
+            .map(|p| (*p, DedupWindow::new(self.window_capacity)))
+            .collect();
+        seen.sort_unstable_by_key(|(p, o, _)| (*p, *o));
+        for (partition, offset, key) in seen {
+            if dead.contains(&(partition, offset)) {
+                continue;
+            }
+            if let Some(w) = windows.get_mut(&partition) {
+                w.insert(key);
+            }
+        }
+        let remembered: usize = windows.values().map(DedupWindow::len).sum();
+        self.windows.extend(windows);
+        let after_commit = after.output_keys.len();
+        for key in after.output_keys {
+            self.replayed.insert(key);
+        }
+        // Dead letters of records at or after the committed offset are not written again.
+        let before = self.dead_before.len();
+        self.dead_before.extend(
+            dead.into_iter()
+                .filter(|(p, o)| committed.get(p).is_none_or(|c| o >= c)),
+        );
+        tracing::info!(
+            partitions = ?fresh,
+            input_records_read = read,
+            remembered,
+            outputs_after_last_commit = after_commit,
+            dead_letters_after_last_commit = self.dead_before.len() - before,
+            took_ms = started.elapsed().as_millis() as u64,
+            "partition state rebuilt"
+        );
+        Ok(())
+    }
+
+    /// (partition, offset, event key) of `messages`, decoded with the input contract.
+    async fn event_keys(
+        &mut self,
+        messages: &[OwnedMessage],
+    ) -> Result<Vec<(i32, i64, u128)>, StageError> {
+        if messages.is_empty() {
+            return Ok(Vec::new());
+        }
+        let payloads: Vec<&[u8]> = messages
+            .iter()
+            .map(|m| m.payload().unwrap_or_default())
+            .collect();
+        self.learn_writers(&payloads).await?;
+        let decoded = self
+            .decoder
+            .decode(payloads.iter().copied())
+            .map_err(|e| StageError::Transform(e.to_string()))?;
+        let Some(ids) = decoded
+            .batch
+            .column_by_name("event_id")
+            .and_then(|c| c.as_string_opt::<i32>())
+        else {
+            return Ok(Vec::new());
+        };
+        Ok(decoded
+            .rows
+            .iter()
+            .enumerate()
+            .filter(|(row, _)| !ids.is_null(*row))
+            .map(|(row, &index)| {
+                let m = &messages[index];
+                (m.partition(), m.offset(), event_key(ids.value(row)))
+            })
+            .collect())
+    }
+
+    /// Drops the output records a previous owner already produced and the dead letters it
+    /// already wrote; returns how many.
+    fn drop_replayed(&mut self, outgoing: &mut Vec<Outgoing>) -> u64 {
+        if self.replayed.is_empty() && self.dead_before.is_empty() {
+            return 0;
+        }
+        let before = outgoing.len();
+        let output = self.topo.output.as_ref().map(|o| o.topic.as_str());
+        let (replayed, dead_before) = (&self.replayed, &mut self.dead_before);
+        outgoing.retain(|o| {
+            let produced = Some(o.topic.as_str()) == output
+                && o.event_key.is_some_and(|k| replayed.contains(k));
+            !(produced
+                || o.dead_origin
+                    .is_some_and(|origin| dead_before.remove(&origin)))
+        });
+        (before - outgoing.len()) as u64
+    }
+
+    /// Where this worker's outputs stand, from the producer's acknowledgements.
+    fn note_acked(&mut self, producer: &BatchProducer) {
+        let merge = |start: &BTreeMap<i32, i64>, acked: BTreeMap<i32, i64>| {
+            let mut out = start.clone();
+            for (p, o) in acked {
+                let at = out.entry(p).or_insert(o);
+                *at = (*at).max(o);
+            }
+            out
+        };
+        if let Some(out) = &self.topo.output {
+            self.outputs_at.output =
+                merge(&self.outputs_at_start.output, producer.acked(&out.topic));
+        }
+        self.outputs_at.dlq = merge(
+            &self.outputs_at_start.dlq,
+            producer.acked(&self.topo.dlq_topic),
+        );
+    }
+
+    /// The output and DLQ as they are now: the last offset of each partition.
+    async fn outputs_now(&self) -> Result<crate::recovery::Snapshot, WorkerError> {
+        let kafka = self.kafka.clone();
+        let dlq = self.topo.dlq_topic.clone();
+        let output = self.topo.output.as_ref().map(|o| o.topic.clone());
+        let last = |marks: BTreeMap<i32, (i64, i64)>| {
+            marks
+                .into_iter()
+                .map(|(p, (_, high))| (p, high - 1))
+                .collect()
+        };
+        let snapshot = tokio::task::spawn_blocking(move || {
+            Ok::<_, crate::recovery::RecoveryError>(crate::recovery::Snapshot {
+                output: match output {
+                    Some(topic) => last(crate::recovery::watermarks(&kafka, &topic)?),
+                    None => BTreeMap::new(),
+                },
+                dlq: last(crate::recovery::watermarks(&kafka, &dlq)?),
+            })
+        })
+        .await
+        .map_err(|e| WorkerError::Setup(format!("recovery reader: {e}")))??;
+        Ok(snapshot)
     }
 
     fn prune_windows(&mut self) {
@@ -1394,6 +1726,8 @@ impl<S: Stage> StageWorker<S> {
                 attempts,
             )),
             source: None,
+            event_key: None,
+            dead_origin: Some((origin.partition, origin.offset)),
         }
     }
 
@@ -1417,16 +1751,13 @@ impl<S: Stage> StageWorker<S> {
         }
     }
 
-    /// Decode, dedup, transform, encode. Transient errors abort the whole plan (retried).
-    async fn plan(&mut self, batch: &[OwnedMessage]) -> Result<Plan, StageError> {
-        let payloads: Vec<&[u8]> = batch
-            .iter()
-            .map(|m| m.payload().unwrap_or_default())
-            .collect();
+    /// Fetches the writer schemas of `payloads` the decoder does not know yet. An id the
+    /// registry does not have is reported per message by decode(), as is a schema the reader
+    /// cannot resolve; an unreachable registry is an error (transient).
+    async fn learn_writers(&mut self, payloads: &[&[u8]]) -> Result<(), StageError> {
         for id in self.decoder.unknown_ids(payloads.iter().copied()) {
             match self.registry.schema_by_id(id).await {
                 Ok(schema) => {
-                    // A schema the reader cannot resolve is reported per message by decode().
                     let _ = self.decoder.add_writer_schema(id, &schema);
                     metrics::gauge!(m::SCHEMA_REGISTRY_SCHEMAS_TOTAL).increment(1.0);
                 }
@@ -1434,6 +1765,16 @@ impl<S: Stage> StageWorker<S> {
                 Err(e) => return Err(e.into()),
             }
         }
+        Ok(())
+    }
+
+    /// Decode, dedup, transform, encode. Transient errors abort the whole plan (retried).
+    async fn plan(&mut self, batch: &[OwnedMessage]) -> Result<Plan, StageError> {
+        let payloads: Vec<&[u8]> = batch
+            .iter()
+            .map(|m| m.payload().unwrap_or_default())
+            .collect();
+        self.learn_writers(&payloads).await?;
         let decoded = self
             .decoder
             .decode(payloads.iter().copied())
@@ -1652,6 +1993,10 @@ impl<S: Stage> StageWorker<S> {
             .batch
             .column_by_name("timestamp")
             .and_then(|c| c.as_primitive_opt::<TimestampMillisecondType>().cloned());
+        let output_ids = output
+            .batch
+            .column_by_name("event_id")
+            .and_then(|c| c.as_string_opt::<i32>().cloned());
         let mut outgoing = Vec::with_capacity(encoded.len() + output.side.len());
         let mut event_times = Vec::with_capacity(encoded.len());
         for (row, value) in encoded.into_iter().enumerate() {
@@ -1678,6 +2023,24 @@ impl<S: Stage> StageWorker<S> {
             if let Some(t) = times.as_ref().filter(|t| !t.is_null(row)) {
                 event_times.push(t.value(row));
             }
+            // The output's event key travels as a header, so a later owner of the input can
+            // tell what was already produced (crate::recovery). An inherited equal one is kept.
+            let key = output_ids
+                .as_ref()
+                .filter(|ids| !ids.is_null(row))
+                .map(|ids| event_key(ids.value(row)));
+            if let Some(key) = key {
+                if headers.as_ref().and_then(crate::recovery::event_key_of) != Some(key) {
+                    headers = Some(
+                        headers
+                            .unwrap_or_default()
+                            .insert(rdkafka::message::Header {
+                                key: crate::recovery::EVENT_KEY,
+                                value: Some(&key.to_be_bytes()),
+                            }),
+                    );
+                }
+            }
             outgoing.push(Outgoing {
                 topic: output_topic.clone(),
                 partition: None,
@@ -1685,6 +2048,8 @@ impl<S: Stage> StageWorker<S> {
                 value,
                 headers,
                 source,
+                event_key: key,
+                dead_origin: None,
             });
         }
         outgoing.extend(output.side.into_iter().map(Outgoing::from));

@@ -385,12 +385,37 @@ pub async fn redrive(
             let commit = first_left.unwrap_or(next);
             let above: std::collections::BTreeSet<i64> =
                 handled.into_iter().filter(|o| *o >= commit).collect();
+            let metadata = format_ranges(&above).0;
             let mut done = TopicPartitionList::new();
             done.add_partition_offset(dlq_topic, partition, Offset::Offset(commit))?;
             if let Some(mut elem) = done.find_partition(dlq_topic, partition) {
-                elem.set_metadata(format_ranges(&above).0);
+                elem.set_metadata(&metadata);
             }
-            consumer.commit(&done, CommitMode::Sync)?;
+            // The commit is what makes a redrive happen once: read it back, and commit again
+            // until the group holds it (a broker busy with other groups has been seen to answer
+            // a commit before the next fetch of the group's offsets returns it).
+            let mut confirmed = false;
+            for _ in 0..20 {
+                consumer.commit(&done, CommitMode::Sync)?;
+                let mut ask = TopicPartitionList::new();
+                ask.add_partition(dlq_topic, partition);
+                let held = consumer.committed_offsets(ask, Duration::from_secs(10))?;
+                if held.find_partition(dlq_topic, partition).is_some_and(|e| {
+                    e.offset() == Offset::Offset(commit) && e.metadata() == metadata
+                }) {
+                    confirmed = true;
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            if !confirmed {
+                return Err(CaptureError::File {
+                    path: dlq_topic.to_string(),
+                    message: format!(
+                        "partition {partition}: the group does not hold the commit of offset {commit}"
+                    ),
+                });
+            }
         }
     }
     Ok(report)

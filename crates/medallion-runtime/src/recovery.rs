@@ -1,0 +1,406 @@
+//! Idempotency across crashes and rebalances. A worker's memory of what it already did is
+//! rebuilt from Kafka when it is assigned a partition, so a SIGKILL or a move to another
+//! replica neither forgets the dedup window nor produces an output twice:
+//!
+//! - Every record a worker produces to its output topic carries its event key
+//!   ([`EVENT_KEY`], 16 bytes), and dead letters carry their origin (the `medallion.dlq.original.*`
+//!   headers).
+//! - Every stored offset carries, in its commit metadata, where the worker's own outputs stood
+//!   ([`Snapshot`]: the last acknowledged offset of each output and DLQ partition). Anything
+//!   produced after that commit lies above those offsets.
+//! - On assignment the new owner reads (1) the output and DLQ partitions from the snapshot to
+//!   their end: what a crashed owner produced after its last commit, which it is about to be
+//!   handed again; those outputs are not produced a second time; (2) the input partition's last
+//!   `window` records before the committed offset: the dedup window as it stood.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{BorrowedMessage, Headers, Message};
+use rdkafka::{Offset, TopicPartitionList};
+
+use crate::kafka::{KafkaConnection, ReaderContext, Role};
+
+/// Header holding an output record's event key (16 bytes, big-endian; see
+/// [`crate::dedup::event_key`]).
+pub const EVENT_KEY: &str = "medallion.eid";
+
+/// The event key in `headers`, if stamped (the last one wins: a stage that derives a new
+/// event appends its own).
+pub fn event_key_of<H: Headers>(headers: &H) -> Option<u128> {
+    headers
+        .iter()
+        .filter(|h| h.key == EVENT_KEY)
+        .last()
+        .and_then(|h| h.value)
+        .and_then(|v| <[u8; 16]>::try_from(v).ok())
+        .map(u128::from_be_bytes)
+}
+
+/// Where a worker's outputs stood when it stored an offset: the last acknowledged offset of
+/// each partition of its output topic and of its DLQ.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    pub output: BTreeMap<i32, i64>,
+    pub dlq: BTreeMap<i32, i64>,
+}
+
+/// Marks commit metadata written by this module: `medallion/1\n<snapshot>\n<stage metadata>`.
+const VERSION: &str = "medallion/1";
+
+fn format_offsets(offsets: &BTreeMap<i32, i64>) -> String {
+    offsets
+        .iter()
+        .map(|(p, o)| format!("{p}:{o}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn parse_offsets(text: &str) -> Option<BTreeMap<i32, i64>> {
+    text.split(',')
+        .filter(|s| !s.is_empty())
+        .map(|pair| {
+            let (p, o) = pair.split_once(':')?;
+            Some((p.parse().ok()?, o.parse().ok()?))
+        })
+        .collect()
+}
+
+/// Commit metadata holding `snapshot` and the stage's own metadata.
+pub fn wrap(snapshot: &Snapshot, stage: Option<&str>) -> String {
+    format!(
+        "{VERSION}\nout={};dlq={}\n{}",
+        format_offsets(&snapshot.output),
+        format_offsets(&snapshot.dlq),
+        stage.unwrap_or_default()
+    )
+}
+
+/// The snapshot and the stage's metadata in committed `metadata`. Metadata written before
+/// snapshots existed is the stage's alone.
+pub fn unwrap(metadata: &str) -> (Option<Snapshot>, Option<String>) {
+    let stage = |s: &str| (!s.is_empty()).then(|| s.to_string());
+    let Some(rest) = metadata
+        .strip_prefix(VERSION)
+        .and_then(|r| r.strip_prefix('\n'))
+    else {
+        return (None, stage(metadata));
+    };
+    let (line, stage_part) = rest.split_once('\n').unwrap_or((rest, ""));
+    let snapshot = line.split_once(';').and_then(|(out, dlq)| {
+        Some(Snapshot {
+            output: parse_offsets(out.strip_prefix("out=")?)?,
+            dlq: parse_offsets(dlq.strip_prefix("dlq=")?)?,
+        })
+    });
+    (snapshot, stage(stage_part))
+}
+
+/// Why what a crash left behind could not be read.
+#[derive(Debug, thiserror::Error)]
+#[error("recovering from {topic}: {message}")]
+pub struct RecoveryError {
+    pub topic: String,
+    pub message: String,
+}
+
+/// A stretch of one partition to read: from `from` up to `until` (exclusive), or to the end
+/// of the partition as it is now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stretch {
+    pub partition: i32,
+    pub from: i64,
+    pub until: Option<i64>,
+}
+
+/// A consumer that assigns partitions itself, in a group of its own that never commits.
+fn reader(
+    kafka: &KafkaConnection,
+) -> Result<BaseConsumer<ReaderContext>, crate::kafka::ClientError> {
+    let group = format!("medallion-recovery-{}", uuid::Uuid::new_v4());
+    kafka.create_with_context(
+        Role::Reader {
+            group: &group,
+            until_end: true,
+        },
+        "recovery reader",
+        ReaderContext,
+    )
+}
+
+/// The partitions of `topic` with their (low, high) watermarks.
+pub fn watermarks(
+    kafka: &KafkaConnection,
+    topic: &str,
+) -> Result<BTreeMap<i32, (i64, i64)>, RecoveryError> {
+    let error = |message: String| RecoveryError {
+        topic: topic.to_string(),
+        message,
+    };
+    let consumer = reader(kafka).map_err(|e| error(e.to_string()))?;
+    let metadata = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .map_err(|e| error(e.to_string()))?;
+    let mut out = BTreeMap::new();
+    for t in metadata.topics().iter().filter(|t| t.name() == topic) {
+        for p in t.partitions() {
+            let marks = consumer
+                .fetch_watermarks(topic, p.id(), Duration::from_secs(10))
+                .map_err(|e| error(e.to_string()))?;
+            out.insert(p.id(), marks);
+        }
+    }
+    Ok(out)
+}
+
+/// The first offset of each partition of `topic` (in `marks`) whose timestamp is at or after
+/// `since` (epoch ms); partitions with none are left out.
+pub fn offsets_at(
+    kafka: &KafkaConnection,
+    topic: &str,
+    marks: &BTreeMap<i32, (i64, i64)>,
+    since: i64,
+) -> Result<BTreeMap<i32, i64>, RecoveryError> {
+    let error = |message: String| RecoveryError {
+        topic: topic.to_string(),
+        message,
+    };
+    let consumer = reader(kafka).map_err(|e| error(e.to_string()))?;
+    let mut tpl = TopicPartitionList::new();
+    for p in marks.keys() {
+        tpl.add_partition_offset(topic, *p, Offset::Offset(since))
+            .map_err(|e| error(e.to_string()))?;
+    }
+    let found = consumer
+        .offsets_for_times(tpl, Duration::from_secs(10))
+        .map_err(|e| error(e.to_string()))?;
+    Ok(found
+        .elements_for_topic(topic)
+        .iter()
+        .filter_map(|e| match e.offset() {
+            Offset::Offset(o) => Some((e.partition(), o)),
+            _ => None,
+        })
+        .collect())
+}
+
+/// Reads `stretches` of `topic` (blocking), handing each record to `each`; returns how many
+/// were read. A stretch past the end of its partition reads nothing.
+pub fn read_stretches(
+    kafka: &KafkaConnection,
+    topic: &str,
+    stretches: &[Stretch],
+    mut each: impl FnMut(&BorrowedMessage<'_>),
+) -> Result<u64, RecoveryError> {
+    let error = |message: String| RecoveryError {
+        topic: topic.to_string(),
+        message,
+    };
+    let mut open: BTreeMap<i32, Option<i64>> = stretches
+        .iter()
+        .filter(|s| s.until.is_none_or(|u| u > s.from))
+        .map(|s| (s.partition, s.until))
+        .collect();
+    if open.is_empty() {
+        return Ok(0);
+    }
+    let consumer = reader(kafka).map_err(|e| error(e.to_string()))?;
+    let mut tpl = TopicPartitionList::new();
+    for s in stretches.iter().filter(|s| open.contains_key(&s.partition)) {
+        tpl.add_partition_offset(topic, s.partition, Offset::Offset(s.from.max(0)))
+            .map_err(|e| error(e.to_string()))?;
+    }
+    consumer.assign(&tpl).map_err(|e| error(e.to_string()))?;
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let mut read = 0u64;
+    while !open.is_empty() {
+        if Instant::now() > deadline {
+            return Err(error(format!(
+                "partitions {:?} not read to their end within 300 s",
+                open.keys().collect::<Vec<_>>()
+            )));
+        }
+        let Some(message) = consumer.poll(Duration::from_millis(500)) else {
+            continue;
+        };
+        let message = match message {
+            Err(rdkafka::error::KafkaError::PartitionEOF(partition)) => {
+                open.remove(&partition);
+                continue;
+            }
+            other => other.map_err(|e| error(e.to_string()))?,
+        };
+        let partition = message.partition();
+        let Some(until) = open.get(&partition).copied() else {
+            continue;
+        };
+        if until.is_some_and(|u| message.offset() >= u) {
+            open.remove(&partition);
+            continue;
+        }
+        each(&message);
+        read += 1;
+        if until.is_some_and(|u| message.offset() + 1 >= u) {
+            open.remove(&partition);
+        }
+    }
+    Ok(read)
+}
+
+/// Where to start reading each partition of a topic for what was produced after the last
+/// commits of `snapshots` (one per newly assigned input partition; `None` where a partition
+/// has no snapshot): after the oldest snapshot's offset, but never more than the last
+/// `fallback` records (the whole read for a partition without a snapshot offset). A snapshot
+/// that old belongs to an input partition idle since, which produced nothing after it.
+pub fn scan_from(
+    snapshots: &[Option<&BTreeMap<i32, i64>>],
+    marks: &BTreeMap<i32, (i64, i64)>,
+    fallback: i64,
+) -> Vec<Stretch> {
+    marks
+        .iter()
+        .map(|(&partition, &(low, high))| {
+            let last_resort = low.max(high - fallback);
+            let from = snapshots
+                .iter()
+                .map(|s| {
+                    s.and_then(|s| s.get(&partition))
+                        .map_or(last_resort, |acked| acked + 1)
+                })
+                .min()
+                .unwrap_or(last_resort);
+            Stretch {
+                partition,
+                from: from.max(last_resort),
+                until: None,
+            }
+        })
+        .collect()
+}
+
+/// The topics of a worker.
+#[derive(Debug, Clone)]
+pub struct Topics {
+    pub input: String,
+    /// `None` for a sink.
+    pub output: Option<String>,
+    pub dlq: String,
+}
+
+/// What earlier owners produced after their last commits of newly assigned partitions.
+#[derive(Debug, Default)]
+pub struct AfterCommit {
+    /// Event keys of output records.
+    pub output_keys: Vec<u128>,
+    /// (input partition, offset) of dead letters of the newly assigned partitions.
+    pub dead_letters: Vec<(i32, i64)>,
+}
+
+/// Reads the output and the DLQ from the oldest of `snapshots` (one per newly assigned input
+/// partition in `fresh`) to their end (blocking). The DLQ is read from `dead_since` (epoch ms)
+/// too, if earlier: the dead letters of the input tail the dedup window is rebuilt from.
+pub fn after_commit(
+    kafka: &KafkaConnection,
+    topics: &Topics,
+    snapshots: &[Option<Snapshot>],
+    fresh: &std::collections::HashSet<i32>,
+    fallback: i64,
+    dead_since: Option<i64>,
+) -> Result<AfterCommit, RecoveryError> {
+    use crate::dlq::{header, header_value};
+    let mut found = AfterCommit::default();
+    let mut scans = vec![(topics.dlq.as_str(), true)];
+    if let Some(output) = &topics.output {
+        scans.push((output.as_str(), false));
+    }
+    for (topic, is_dlq) in scans {
+        let marks = watermarks(kafka, topic)?;
+        let of: Vec<Option<&BTreeMap<i32, i64>>> = snapshots
+            .iter()
+            .map(|s| s.as_ref().map(|s| if is_dlq { &s.dlq } else { &s.output }))
+            .collect();
+        let mut stretches = scan_from(&of, &marks, fallback);
+        if let (true, Some(since)) = (is_dlq, dead_since) {
+            let at = offsets_at(kafka, topic, &marks, since)?;
+            for s in &mut stretches {
+                if let Some(&o) = at.get(&s.partition) {
+                    s.from = s.from.min(o);
+                }
+            }
+        }
+        read_stretches(kafka, topic, &stretches, |m| {
+            let Some(h) = m.headers() else {
+                return;
+            };
+            if !is_dlq {
+                found.output_keys.extend(event_key_of(h));
+                return;
+            }
+            if header_value(h, header::ORIGINAL_TOPIC).as_deref() != Some(topics.input.as_str()) {
+                return;
+            }
+            let number = |name| header_value(h, name).and_then(|v| v.parse::<i64>().ok());
+            let partition = number(header::ORIGINAL_PARTITION).and_then(|p| i32::try_from(p).ok());
+            if let (Some(p), Some(o)) = (partition, number(header::ORIGINAL_OFFSET)) {
+                if fresh.contains(&p) {
+                    found.dead_letters.push((p, o));
+                }
+            }
+        })?;
+    }
+    Ok(found)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metadata_round_trips_and_old_metadata_is_the_stages() {
+        let snapshot = Snapshot {
+            output: [(0, 12), (3, 40)].into(),
+            dlq: [(1, 7)].into(),
+        };
+        let text = wrap(&snapshot, Some("wm=5;pos=9"));
+        assert_eq!(text, "medallion/1\nout=0:12,3:40;dlq=1:7\nwm=5;pos=9");
+        assert_eq!(
+            unwrap(&text),
+            (Some(snapshot.clone()), Some("wm=5;pos=9".into()))
+        );
+        assert_eq!(unwrap(&wrap(&snapshot, None)), (Some(snapshot), None));
+        assert_eq!(unwrap("wm=5;pos=9"), (None, Some("wm=5;pos=9".into())));
+        assert_eq!(unwrap(""), (None, None));
+        let empty = Snapshot::default();
+        assert_eq!(unwrap(&wrap(&empty, None)), (Some(empty), None));
+        // A damaged snapshot line is no snapshot; the stage's part survives.
+        assert_eq!(
+            unwrap("medallion/1\nout=x;dlq=\nwm=1"),
+            (None, Some("wm=1".into()))
+        );
+    }
+
+    #[test]
+    fn the_scan_starts_after_the_oldest_snapshot_and_falls_back_to_the_tail() {
+        let marks: BTreeMap<i32, (i64, i64)> =
+            [(0, (0, 100)), (1, (50, 80)), (2, (0, 1_000))].into();
+        let a: BTreeMap<i32, i64> = [(0, 90), (1, 60), (2, 990)].into();
+        let b: BTreeMap<i32, i64> = [(0, 70), (1, 75)].into();
+        let from = |s: &[Option<&BTreeMap<i32, i64>>]| {
+            scan_from(s, &marks, 10)
+                .into_iter()
+                .map(|s| (s.partition, s.from))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(from(&[Some(&a)]), vec![(0, 91), (1, 70), (2, 991)]);
+        // The oldest snapshot decides, within the last 10 records; a partition one snapshot
+        // lacks is read over its last 10.
+        assert_eq!(
+            from(&[Some(&a), Some(&b)]),
+            vec![(0, 90), (1, 70), (2, 990)]
+        );
+        // No snapshot at all: the last 10 records, never below the log start.
+        assert_eq!(from(&[None]), vec![(0, 90), (1, 70), (2, 990)]);
+        assert_eq!(from(&[]), vec![(0, 90), (1, 70), (2, 990)]);
+    }
+}

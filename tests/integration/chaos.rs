@@ -1,0 +1,438 @@
+//! The whole data path under crashes: bronze, silver and gold run as processes while a stream
+//! flows, and each is SIGKILLed at random moments at least three times and restarted. What
+//! comes out must be what an undisturbed run gives: no event lost, none twice (by event id)
+//! in bronze or silver, every gold window once with the totals an independent computation of
+//! silver's output gives, and the DLQ exactly the bad records put in.
+//!
+//! `MEDALLION_CHAOS_EVENTS` sets the stream's size (default 20,000; the closing note of the
+//! change that added this test reports a 1M-event run).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use medallion_contracts::sample::{SampleEvents, SplitMix};
+use medallion_tests::{read_until, WorkerProcess};
+use rdkafka::message::{Message, OwnedMessage};
+use rdkafka::producer::FutureRecord;
+use serde_json::Value as Json;
+
+use crate::bronze::{now_ms, Pipeline};
+use crate::stages::{GOLD_BIN, SILVER_BIN};
+
+const RAW: &str = "connector.data.raw";
+const BRONZE: &str = "bronze.data.cleaned";
+const SILVER: &str = "silver.data.processed";
+const GOLD: &str = "gold.data.ready";
+/// Gold's default window and lateness.
+const WINDOW: i64 = 60_000;
+const ORGS: usize = 6;
+
+fn events_wanted() -> usize {
+    std::env::var("MEDALLION_CHAOS_EVENTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20_000)
+}
+
+/// One stage worker that can be killed and brought back.
+struct Chaotic {
+    name: &'static str,
+    start: Box<dyn Fn() -> WorkerProcess>,
+    process: WorkerProcess,
+    kills: usize,
+}
+
+impl Chaotic {
+    fn new(name: &'static str, start: Box<dyn Fn() -> WorkerProcess>) -> Self {
+        let process = start();
+        Self {
+            name,
+            start,
+            process,
+            kills: 0,
+        }
+    }
+
+    fn kill_and_restart(&mut self) {
+        self.process.kill();
+        self.kills += 1;
+        self.process = (self.start)();
+    }
+}
+
+fn id_of(e: &Json) -> String {
+    e["event_id"].as_str().unwrap_or_default().to_string()
+}
+
+/// The connector event a record stands for: its own id in bronze, the bronze event's in
+/// silver (whose event id is derived from it).
+fn source_id(topic: &str, e: &Json) -> String {
+    if topic == SILVER {
+        e["payload"]["bronze_event_id"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    } else {
+        id_of(e)
+    }
+}
+
+/// Source event ids of `records`, how many records there were and how many distinct event ids.
+fn ids(topic: &str, records: &[Json]) -> (BTreeSet<String>, usize, usize) {
+    let own: BTreeSet<String> = records.iter().map(id_of).collect();
+    (
+        records.iter().map(|e| source_id(topic, e)).collect(),
+        records.len(),
+        own.len(),
+    )
+}
+
+/// Gold's windows computed from silver's output, independently of gold: per (org, metric,
+/// window start), the count and sum of samples. Every non-STALE event is one sample of
+/// `events.<entity_type>` and one of each of its measurements.
+fn windows_of(silver: &[Json], before: i64) -> BTreeMap<(i64, String, i64), (i64, f64)> {
+    let mut out: BTreeMap<(i64, String, i64), (i64, f64)> = BTreeMap::new();
+    let mut seen = BTreeSet::new();
+    for e in silver {
+        if !seen.insert(id_of(e)) || e["payload"]["change"] == "STALE" {
+            continue;
+        }
+        let org = e["org_id"].as_i64().unwrap_or_default();
+        let t = e["timestamp"].as_i64().unwrap_or_default();
+        let start = t - t.rem_euclid(WINDOW);
+        if start >= before {
+            continue;
+        }
+        let entity_type = e["payload"]["entity"]["entity_type"]
+            .as_str()
+            .unwrap_or_default();
+        let mut add = |metric: String, value: f64| {
+            let w = out.entry((org, metric, start)).or_insert((0, 0.0));
+            w.0 += 1;
+            w.1 += value;
+        };
+        add(format!("events.{entity_type}"), 1.0);
+        for m in e["payload"]["measurements"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
+            add(
+                m["name"].as_str().unwrap_or_default().to_string(),
+                m["value"].as_f64().unwrap_or_default(),
+            );
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigkills_of_every_stage_lose_nothing_repeat_nothing_and_keep_gold_exact() {
+    let n = events_wanted();
+    let p = Pipeline::start().await;
+
+    // The stream: n valid events in event-time order, ~1% exact duplicates of a recent event
+    // (what a retrying connector sends) and ~1% undecodable records.
+    let mut generator = SampleEvents::new(97, ORGS, now_ms() - 3_600_000 - n as i64 * 101);
+    let mut rng = SplitMix::new(97);
+    let mut valid: Vec<Json> = Vec::with_capacity(n);
+    let mut records: Vec<(String, Vec<u8>)> = Vec::with_capacity(n + n / 40);
+    let mut poison: BTreeSet<Vec<u8>> = BTreeSet::new();
+    for i in 0..n {
+        let e = generator.next_event();
+        let key = e["org_id"].to_string();
+        let frame = p.frame(&e);
+        records.push((key.clone(), frame.clone()));
+        valid.push(e);
+        if i % 100 == 37 && i > 200 {
+            let earlier = &valid[i - 1 - rng.below(150) as usize];
+            records.push((earlier["org_id"].to_string(), p.frame(earlier)));
+        }
+        if i % 100 == 71 {
+            let mut bad = frame;
+            bad.truncate(bad.len() / 2);
+            bad.extend_from_slice(&(i as u64).to_be_bytes());
+            records.push((key, bad.clone()));
+            poison.insert(bad);
+        }
+    }
+    // One later event per org closes every window of the stream in gold.
+    let last_t = valid
+        .last()
+        .map_or(0, |e| e["timestamp"].as_i64().unwrap_or(0));
+    let flush_t = last_t + 2 * WINDOW;
+    let cutoff = flush_t - flush_t.rem_euclid(WINDOW);
+    let orgs: BTreeSet<i64> = valid.iter().filter_map(|e| e["org_id"].as_i64()).collect();
+    for org in &orgs {
+        let mut e = generator.next_event();
+        e["org_id"] = (*org).into();
+        e["timestamp"] = flush_t.into();
+        records.push((org.to_string(), p.frame(&e)));
+        valid.push(e);
+    }
+    let expected: BTreeSet<String> = valid.iter().map(id_of).collect();
+    assert_eq!(expected.len(), valid.len());
+
+    // The workers log how long rebuilding their partitions' state took after each restart.
+    let log = || {
+        (
+            "RUST_LOG",
+            "warn,medallion_runtime::worker=info".to_string(),
+        )
+    };
+    let env = move || vec![log()];
+    let mut stages = vec![
+        Chaotic::new("bronze", {
+            let (b, r) = (p.broker.address.clone(), p.registry.address.clone());
+            Box::new(move || {
+                WorkerProcess::start(
+                    env!("CARGO_BIN_EXE_bronze-processor"),
+                    &b,
+                    &r,
+                    &medallion_tests::bronze_env(&[log()]),
+                )
+                .expect("bronze starts")
+            })
+        }),
+        Chaotic::new("silver", {
+            let (b, r) = (p.broker.address.clone(), p.registry.address.clone());
+            Box::new(move || WorkerProcess::start(SILVER_BIN, &b, &r, &env()).expect("silver"))
+        }),
+        Chaotic::new("gold", {
+            let (b, r) = (p.broker.address.clone(), p.registry.address.clone());
+            Box::new(move || WorkerProcess::start(GOLD_BIN, &b, &r, &env()).expect("gold"))
+        }),
+    ];
+    for s in &stages {
+        s.process
+            .wait_ready(Duration::from_secs(60))
+            .await
+            .expect("ready");
+    }
+
+    // Produce at a pace that keeps the stream flowing while the kills happen.
+    let producing_for = Duration::from_secs(30).max(Duration::from_millis(n as u64 / 2));
+    let producer = p.producer.clone();
+    let total = records.len();
+    let started = Instant::now();
+    let production = tokio::spawn(async move {
+        for (i, chunk) in records.chunks(500).enumerate() {
+            let due = started + producing_for.mul_f64((i * 500) as f64 / total as f64);
+            tokio::time::sleep_until(due.into()).await;
+            let sends = chunk.iter().map(|(key, value)| {
+                producer.send(
+                    FutureRecord::to(RAW).key(key).payload(value),
+                    Duration::from_secs(30),
+                )
+            });
+            for sent in futures::future::join_all(sends).await {
+                sent.map_err(|(e, _)| e).expect("produced");
+            }
+        }
+    });
+
+    // Kill a random stage that has died fewer than three times, at random moments spread over
+    // the production (every 2.5 s on average in the default size), until each has died three
+    // times; then let the stream finish.
+    let mean_gap = producing_for.as_millis() as u64 / 12;
+    while stages.iter().any(|s| s.kills < 3) {
+        tokio::time::sleep(Duration::from_millis(
+            mean_gap / 2 + rng.below(mean_gap.max(1)),
+        ))
+        .await;
+        let pending: Vec<usize> = (0..stages.len()).filter(|i| stages[*i].kills < 3).collect();
+        let victim = pending[rng.below(pending.len() as u64) as usize];
+        stages[victim].kill_and_restart();
+        eprintln!(
+            "{:>6.1} s: killed {} (#{})",
+            started.elapsed().as_secs_f64(),
+            stages[victim].name,
+            stages[victim].kills
+        );
+    }
+    production.await.expect("production");
+    let produced_in = started.elapsed();
+
+    let drain = Duration::from_secs(120 + n as u64 / 200);
+    let read_ids = |topic: &'static str| {
+        let (p, expected) = (&p, &expected);
+        async move {
+            // Decoded as they arrive, so the check is not quadratic.
+            let mut seen = BTreeSet::new();
+            let out = read_until(
+                &p.broker.address,
+                topic,
+                |m| {
+                    if let Some(last) = m.last() {
+                        seen.extend(
+                            p.decode(topic, std::slice::from_ref(last))
+                                .iter()
+                                .map(|e| source_id(topic, e)),
+                        );
+                    }
+                    seen.len() >= expected.len() && seen == *expected
+                },
+                Duration::from_secs(5),
+                drain,
+            )
+            .await;
+            // Short of the condition, what is there (the assertions below say what differs).
+            let out = match out {
+                Ok(out) => out,
+                Err(e) => {
+                    eprintln!("{topic}: {e}");
+                    read_until(
+                        &p.broker.address,
+                        topic,
+                        |m| m.len() >= expected.len(),
+                        Duration::from_secs(3),
+                        Duration::from_secs(60),
+                    )
+                    .await
+                    .unwrap_or_default()
+                }
+            };
+            p.decode(topic, &out)
+        }
+    };
+    let bronze = read_ids(BRONZE).await;
+    let silver = read_ids(SILVER).await;
+    let (bronze_ids, bronze_n, bronze_own) = ids(BRONZE, &bronze);
+    let (silver_ids, silver_n, silver_own) = ids(SILVER, &silver);
+
+    let want = windows_of(&silver, cutoff);
+    let gold_out = read_until(
+        &p.broker.address,
+        GOLD,
+        {
+            let mut missing: BTreeSet<(i64, String, i64)> = want.keys().cloned().collect();
+            let p = &p;
+            move |m: &[OwnedMessage]| {
+                if let Some(last) = m.last() {
+                    for g in p.decode(GOLD, std::slice::from_ref(last)) {
+                        missing.remove(&window_key(&g));
+                    }
+                }
+                missing.is_empty()
+            }
+        },
+        Duration::from_secs(5),
+        drain,
+    )
+    .await
+    .expect("every window out of gold");
+    let gold = p.decode(GOLD, &gold_out);
+    let bronze_dlq = read_until(
+        &p.broker.address,
+        "connector.data.raw.dlq",
+        |m| m.len() >= poison.len(),
+        Duration::from_secs(3),
+        Duration::from_secs(60),
+    )
+    .await
+    .expect("bronze DLQ");
+    let quiet = |topic: &'static str| {
+        let p = &p;
+        async move {
+            read_until(
+                &p.broker.address,
+                topic,
+                |_| true,
+                // Longer than joining the group and a first fetch take on this broker.
+                Duration::from_secs(8),
+                Duration::from_secs(30),
+            )
+            .await
+            .expect(topic)
+        }
+    };
+    let silver_dlq = quiet("bronze.data.cleaned.dlq").await;
+    let gold_dlq = quiet("silver.data.processed.dlq").await;
+    let kills: Vec<String> = stages
+        .iter()
+        .map(|s| format!("{} {}×", s.name, s.kills))
+        .collect();
+    eprintln!(
+        "chaos: {n} events ({} records) produced in {:.1} s, drained in {:.1} s; kills: {}; \
+         bronze {bronze_n} records / {} ids, silver {silver_n} / {}, gold {} records / {} windows, \
+         DLQ {} for {} poison",
+        total,
+        produced_in.as_secs_f64(),
+        (started.elapsed() - produced_in).as_secs_f64(),
+        kills.join(", "),
+        bronze_ids.len(),
+        silver_ids.len(),
+        gold.len(),
+        want.len(),
+        bronze_dlq.len(),
+        poison.len(),
+    );
+
+    // Nothing lost, nothing twice.
+    for (topic, got, records, own) in [
+        (BRONZE, &bronze_ids, bronze_n, bronze_own),
+        (SILVER, &silver_ids, silver_n, silver_own),
+    ] {
+        let missing: Vec<_> = expected.difference(got).take(5).collect();
+        let foreign: Vec<_> = got.difference(&expected).take(5).collect();
+        assert!(
+            missing.is_empty() && foreign.is_empty(),
+            "{topic}: {} missing (e.g. {missing:?}), {} foreign (e.g. {foreign:?})",
+            expected.difference(got).count(),
+            got.difference(&expected).count()
+        );
+        assert_eq!(records, expected.len(), "{topic}: no event twice");
+        assert_eq!(own, records, "{topic}: no event id twice");
+    }
+    // The DLQ holds exactly the bad records, once each.
+    let dead: Vec<Vec<u8>> = bronze_dlq
+        .iter()
+        .filter_map(|m| m.payload().map(<[u8]>::to_vec))
+        .collect();
+    assert_eq!(dead.len(), poison.len(), "no dead letter twice");
+    assert_eq!(dead.into_iter().collect::<BTreeSet<_>>(), poison);
+    assert!(
+        silver_dlq.is_empty() && gold_dlq.is_empty(),
+        "no DLQ downstream"
+    );
+    // Every gold window once, with the independent totals.
+    let mut got: BTreeMap<(i64, String, i64), Vec<(i64, f64)>> = BTreeMap::new();
+    for g in gold.iter().filter(|g| window_key(g).2 < cutoff) {
+        let pl = &g["payload"];
+        got.entry(window_key(g)).or_default().push((
+            pl["count"].as_i64().unwrap_or(-1),
+            pl["sum"].as_f64().unwrap_or(f64::NAN),
+        ));
+    }
+    let twice: Vec<_> = got.iter().filter(|(_, v)| v.len() > 1).collect();
+    assert!(
+        twice.is_empty(),
+        "windows emitted more than once: {twice:?}"
+    );
+    let got: BTreeMap<_, _> = got.into_iter().map(|(k, v)| (k, v[0])).collect();
+    assert_eq!(got.len(), want.len(), "every window, no other");
+    for (key, (count, sum)) in &want {
+        let (c, s) = got[key];
+        assert_eq!(c, *count, "count of {key:?}");
+        assert!(
+            (s - sum).abs() < 1e-6 * sum.abs().max(1.0),
+            "sum of {key:?}: {s} != {sum}"
+        );
+    }
+    let gold_ids: BTreeSet<String> = gold.iter().map(id_of).collect();
+    assert_eq!(
+        gold_ids.len(),
+        gold.len(),
+        "no gold record twice by event id"
+    );
+}
+
+/// (org, metric, window start) of a gold record.
+fn window_key(g: &Json) -> (i64, String, i64) {
+    let pl = &g["payload"];
+    (
+        g["org_id"].as_i64().unwrap_or_default(),
+        pl["metric"].as_str().unwrap_or_default().to_string(),
+        pl["window_start"].as_i64().unwrap_or_default(),
+    )
+}
