@@ -46,7 +46,8 @@ pub struct Snapshot {
     pub dlq: BTreeMap<i32, i64>,
 }
 
-/// Marks commit metadata written by this module: `medallion/1\n<snapshot>\n<stage metadata>`.
+/// Marks commit metadata written by this module: `medallion/1|<snapshot>|<stage metadata>`
+/// (one line: a newline in commit metadata did not survive the round trip through the broker).
 const VERSION: &str = "medallion/1";
 
 fn format_offsets(offsets: &BTreeMap<i32, i64>) -> String {
@@ -70,7 +71,7 @@ fn parse_offsets(text: &str) -> Option<BTreeMap<i32, i64>> {
 /// Commit metadata holding `snapshot` and the stage's own metadata.
 pub fn wrap(snapshot: &Snapshot, stage: Option<&str>) -> String {
     format!(
-        "{VERSION}\nout={};dlq={}\n{}",
+        "{VERSION}|out={};dlq={}|{}",
         format_offsets(&snapshot.output),
         format_offsets(&snapshot.dlq),
         stage.unwrap_or_default()
@@ -83,11 +84,11 @@ pub fn unwrap(metadata: &str) -> (Option<Snapshot>, Option<String>) {
     let stage = |s: &str| (!s.is_empty()).then(|| s.to_string());
     let Some(rest) = metadata
         .strip_prefix(VERSION)
-        .and_then(|r| r.strip_prefix('\n'))
+        .and_then(|r| r.strip_prefix('|'))
     else {
         return (None, stage(metadata));
     };
-    let (line, stage_part) = rest.split_once('\n').unwrap_or((rest, ""));
+    let (line, stage_part) = rest.split_once('|').unwrap_or((rest, ""));
     let snapshot = line.split_once(';').and_then(|(out, dlq)| {
         Some(Snapshot {
             output: parse_offsets(out.strip_prefix("out=")?)?,
@@ -298,7 +299,7 @@ pub struct AfterCommit {
 }
 
 /// Reads the output and the DLQ from the oldest of `snapshots` (one per newly assigned input
-/// partition in `fresh`) to their end (blocking). The DLQ is read from `dead_since` (epoch ms)
+/// partition in `fresh` that has a commit or records) to their end (blocking). The DLQ is read from `dead_since` (epoch ms)
 /// too, if earlier: the dead letters of the input tail the dedup window is rebuilt from.
 pub fn after_commit(
     kafka: &KafkaConnection,
@@ -320,12 +321,22 @@ pub fn after_commit(
             .iter()
             .map(|s| s.as_ref().map(|s| if is_dlq { &s.dlq } else { &s.output }))
             .collect();
-        let mut stretches = scan_from(&of, &marks, fallback);
+        // No snapshot to go by (every newly assigned partition is empty and was never
+        // committed): nothing was produced from them.
+        let mut stretches = if of.is_empty() {
+            Vec::new()
+        } else {
+            scan_from(&of, &marks, fallback)
+        };
         if let (true, Some(since)) = (is_dlq, dead_since) {
-            let at = offsets_at(kafka, topic, &marks, since)?;
-            for s in &mut stretches {
-                if let Some(&o) = at.get(&s.partition) {
-                    s.from = s.from.min(o);
+            for (partition, o) in offsets_at(kafka, topic, &marks, since)? {
+                match stretches.iter_mut().find(|s| s.partition == partition) {
+                    Some(s) => s.from = s.from.min(o),
+                    None => stretches.push(Stretch {
+                        partition,
+                        from: o,
+                        until: None,
+                    }),
                 }
             }
         }
@@ -363,7 +374,7 @@ mod tests {
             dlq: [(1, 7)].into(),
         };
         let text = wrap(&snapshot, Some("wm=5;pos=9"));
-        assert_eq!(text, "medallion/1\nout=0:12,3:40;dlq=1:7\nwm=5;pos=9");
+        assert_eq!(text, "medallion/1|out=0:12,3:40;dlq=1:7|wm=5;pos=9");
         assert_eq!(
             unwrap(&text),
             (Some(snapshot.clone()), Some("wm=5;pos=9".into()))
@@ -375,7 +386,7 @@ mod tests {
         assert_eq!(unwrap(&wrap(&empty, None)), (Some(empty), None));
         // A damaged snapshot line is no snapshot; the stage's part survives.
         assert_eq!(
-            unwrap("medallion/1\nout=x;dlq=\nwm=1"),
+            unwrap("medallion/1|out=x;dlq=|wm=1"),
             (None, Some("wm=1".into()))
         );
     }

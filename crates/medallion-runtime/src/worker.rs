@@ -1534,10 +1534,25 @@ impl<S: Stage> StageWorker<S> {
             output: self.topo.output.as_ref().map(|o| o.topic.clone()),
             dlq: self.topo.dlq_topic.clone(),
         };
-        let snapshots: Vec<Option<crate::recovery::Snapshot>> =
-            assigned.iter().map(|a| a.snapshot.clone()).collect();
+        let pending: Vec<(i32, Option<i64>, Option<crate::recovery::Snapshot>)> = assigned
+            .iter()
+            .map(|a| (a.partition, a.offset, a.snapshot.clone()))
+            .collect();
         let scan_fresh = fresh.clone();
         let after = tokio::task::spawn_blocking(move || {
+            // A partition never committed and still empty has produced nothing: it does not
+            // widen the scan (an idle partition would otherwise send every rebuild to the
+            // fallback of the last `window` records).
+            let input = crate::recovery::watermarks(&kafka, &topics.input)?;
+            let snapshots: Vec<Option<crate::recovery::Snapshot>> = pending
+                .into_iter()
+                .filter(|(p, offset, snapshot)| {
+                    snapshot.is_some()
+                        || offset.is_some()
+                        || input.get(p).is_none_or(|(low, high)| high > low)
+                })
+                .map(|(_, _, snapshot)| snapshot)
+                .collect();
             crate::recovery::after_commit(
                 &kafka,
                 &topics,
@@ -1582,6 +1597,8 @@ impl<S: Stage> StageWorker<S> {
         );
         tracing::info!(
             partitions = ?fresh,
+            with_snapshot = assigned.iter().filter(|a| a.snapshot.is_some()).count(),
+            committed = committed.len(),
             input_records_read = read,
             remembered,
             outputs_after_last_commit = after_commit,
