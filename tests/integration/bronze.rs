@@ -138,9 +138,14 @@ impl Pipeline {
     }
 
     pub async fn send(&self, key: impl AsRef<[u8]>, value: &[u8]) {
+        self.send_to(RAW, key, value).await
+    }
+
+    /// Produces `value` keyed by `key` to `topic` (a prefixed deployment's raw topic, say).
+    pub async fn send_to(&self, topic: &str, key: impl AsRef<[u8]>, value: &[u8]) {
         self.producer
             .send(
-                FutureRecord::to(RAW).key(key.as_ref()).payload(value),
+                FutureRecord::to(topic).key(key.as_ref()).payload(value),
                 Duration::from_secs(10),
             )
             .await
@@ -335,7 +340,7 @@ async fn bronze_outputs_valid_unique_events_and_dead_letters_the_rest() {
     assert!(metrics.contains("medallion_dlq_records_total"), "{metrics}");
 }
 
-fn ids_of(p: &Pipeline, messages: &[OwnedMessage]) -> Vec<String> {
+pub(crate) fn ids_of(p: &Pipeline, messages: &[OwnedMessage]) -> Vec<String> {
     p.bronze_json(messages)
         .iter()
         .map(|e| e["event_id"].as_str().expect("id").to_string())
@@ -1044,16 +1049,7 @@ async fn two_deployments_share_one_cluster_under_their_prefixes() {
     }
     for e in &blue_events {
         let value = to_framed(e, &p.raw.schema, blue_ids[blue_raw]).expect("frames");
-        p.producer
-            .send(
-                FutureRecord::to(blue_raw)
-                    .key(&e["org_id"].to_string())
-                    .payload(&value),
-                Duration::from_secs(10),
-            )
-            .await
-            .map_err(|(e, _)| e)
-            .expect("delivered");
+        p.send_to(blue_raw, e["org_id"].to_string(), &value).await;
     }
     let ids = |events: &[Json]| -> BTreeSet<String> {
         events
@@ -1153,16 +1149,7 @@ async fn a_worker_started_before_its_topics_exist_carries_on_and_starts_when_the
     let raw = "late.connector.data.raw";
     for e in &events {
         let value = to_framed(e, &p.raw.schema, ids[raw]).expect("frames");
-        p.producer
-            .send(
-                FutureRecord::to(raw)
-                    .key(&e["org_id"].to_string())
-                    .payload(&value),
-                Duration::from_secs(10),
-            )
-            .await
-            .map_err(|(e, _)| e)
-            .expect("delivered");
+        p.send_to(raw, e["org_id"].to_string(), &value).await;
     }
     let out = read_topic(
         &p.broker.address,

@@ -9,12 +9,14 @@ use arrow::array::{AsArray, RecordBatch};
 use medallion_runtime::config::WorkerConfig;
 use medallion_runtime::error::StageError;
 use medallion_runtime::pii::{KeySource, PiiConfig};
-use medallion_runtime::worker::{prepare, Settled, Stage, StageOutput};
+use medallion_runtime::worker::{
+    prepare, RunTotals, Settled, Stage, StageOutput, StageWorker, WorkerError,
+};
 use medallion_stages::bronze::{Bronze, BronzeConfig, GROUP};
 use medallion_tests::{read_topic, TEST_PII_KEY};
 use rdkafka::message::Message;
 
-use crate::bronze::{sample, Pipeline};
+use crate::bronze::{ids_of, sample, Pipeline};
 
 const BRONZE: &str = "bronze.data.cleaned";
 const RAW_DLQ: &str = "connector.data.raw.dlq";
@@ -44,6 +46,32 @@ impl Stage for Faulty {
 
     fn pipelined(&self) -> bool {
         self.inner.pipelined()
+    }
+}
+
+/// A worker running in this process until [`Running::stop`].
+struct Running {
+    stop: tokio::sync::oneshot::Sender<()>,
+    run: tokio::task::JoinHandle<Result<RunTotals, WorkerError>>,
+}
+
+impl Running {
+    fn start<S: Stage + Sync>(worker: StageWorker<S>, config: WorkerConfig<BronzeConfig>) -> Self {
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let run = tokio::spawn(async move {
+            worker
+                .run(&config, async {
+                    let _ = stopped.await;
+                })
+                .await
+        });
+        Self { stop, run }
+    }
+
+    /// Stops the worker (it finishes its batch and commits) and returns its totals.
+    async fn stop(self) -> RunTotals {
+        let _ = self.stop.send(());
+        self.run.await.expect("worker task").expect("worker ran")
     }
 }
 
@@ -103,14 +131,7 @@ async fn a_batch_the_stage_fails_dead_letters_only_the_records_at_fault() {
     )
     .await
     .expect("worker prepared");
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let run = tokio::spawn(async move {
-        worker
-            .run(&config, async {
-                let _ = stopped.await;
-            })
-            .await
-    });
+    let running = Running::start(worker, config);
 
     let good = events.len() - poison_ids.len();
     let out = read_topic(
@@ -131,14 +152,9 @@ async fn a_batch_the_stage_fails_dead_letters_only_the_records_at_fault() {
     )
     .await
     .expect("DLQ");
-    let _ = stop.send(());
-    let totals = run.await.expect("worker task").expect("worker ran");
+    let totals = running.stop().await;
 
-    let produced: Vec<String> = p
-        .bronze_json(&out)
-        .iter()
-        .map(|e| e["event_id"].as_str().expect("id").to_string())
-        .collect();
+    let produced = ids_of(&p, &out);
     let produced_set: BTreeSet<String> = produced.iter().cloned().collect();
     assert_eq!(produced.len(), produced_set.len(), "every good record once");
     let want: BTreeSet<String> = events
@@ -194,14 +210,7 @@ async fn a_worker_runs_on_a_current_thread_runtime() {
     )
     .await
     .expect("worker prepared");
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let run = tokio::spawn(async move {
-        worker
-            .run(&config, async {
-                let _ = stopped.await;
-            })
-            .await
-    });
+    let running = Running::start(worker, config);
     let out = read_topic(
         &p.broker.address,
         BRONZE,
@@ -211,13 +220,8 @@ async fn a_worker_runs_on_a_current_thread_runtime() {
     )
     .await
     .expect("output");
-    let _ = stop.send(());
-    let totals = run.await.expect("worker task").expect("worker ran");
-    let ids: BTreeSet<String> = p
-        .bronze_json(&out)
-        .iter()
-        .map(|e| e["event_id"].as_str().expect("id").to_string())
-        .collect();
+    let totals = running.stop().await;
+    let ids: BTreeSet<String> = ids_of(&p, &out).into_iter().collect();
     let want: BTreeSet<String> = events
         .iter()
         .map(|e| e["event_id"].as_str().expect("id").to_string())

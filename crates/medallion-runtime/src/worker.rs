@@ -1617,15 +1617,7 @@ impl<S: Stage> StageWorker<S> {
         if messages.is_empty() {
             return Ok(Vec::new());
         }
-        let payloads: Vec<&[u8]> = messages
-            .iter()
-            .map(|m| m.payload().unwrap_or_default())
-            .collect();
-        self.learn_writers(&payloads).await?;
-        let decoded = self
-            .decoder
-            .decode(payloads.iter().copied())
-            .map_err(|e| StageError::Transform(e.to_string()))?;
+        let decoded = self.decode(messages).await?;
         let Some(ids) = decoded
             .batch
             .column_by_name("event_id")
@@ -1768,10 +1760,18 @@ impl<S: Stage> StageWorker<S> {
         }
     }
 
-    /// Fetches the writer schemas of `payloads` the decoder does not know yet. An id the
-    /// registry does not have is reported per message by decode(), as is a schema the reader
-    /// cannot resolve; an unreachable registry is an error (transient).
-    async fn learn_writers(&mut self, payloads: &[&[u8]]) -> Result<(), StageError> {
+    /// Decodes `messages` with the input contract, first fetching the writer schemas the
+    /// decoder does not know yet. An id the registry does not have is reported per message in
+    /// `rejected`, as is a schema the reader cannot resolve; an unreachable registry is an
+    /// error (transient).
+    async fn decode(
+        &mut self,
+        messages: &[OwnedMessage],
+    ) -> Result<medallion_contracts::columnar::DecodedBatch, StageError> {
+        let payloads: Vec<&[u8]> = messages
+            .iter()
+            .map(|m| m.payload().unwrap_or_default())
+            .collect();
         for id in self.decoder.unknown_ids(payloads.iter().copied()) {
             match self.registry.schema_by_id(id).await {
                 Ok(schema) => {
@@ -1782,20 +1782,14 @@ impl<S: Stage> StageWorker<S> {
                 Err(e) => return Err(e.into()),
             }
         }
-        Ok(())
+        self.decoder
+            .decode(payloads.iter().copied())
+            .map_err(|e| StageError::Transform(e.to_string()))
     }
 
     /// Decode, dedup, transform, encode. Transient errors abort the whole plan (retried).
     async fn plan(&mut self, batch: &[OwnedMessage]) -> Result<Plan, StageError> {
-        let payloads: Vec<&[u8]> = batch
-            .iter()
-            .map(|m| m.payload().unwrap_or_default())
-            .collect();
-        self.learn_writers(&payloads).await?;
-        let decoded = self
-            .decoder
-            .decode(payloads.iter().copied())
-            .map_err(|e| StageError::Transform(e.to_string()))?;
+        let decoded = self.decode(batch).await?;
         let mut dead: Vec<(usize, RecordFailure)> = decoded
             .rejected
             .iter()
