@@ -1,0 +1,285 @@
+//! The contract between the runtime and a stage: what it is given, what it hands back.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use arrow::array::{ArrayRef, Int32Array, Int64Array, RecordBatch, StringArray};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use medallion_contracts::registry::RegistryClient;
+use medallion_contracts::{ContractSet, TopicConfig};
+use rdkafka::message::OwnedHeaders;
+
+use crate::dedup::event_key;
+use crate::error::{RecordFailure, StageError};
+use crate::kafka::KafkaConnection;
+use crate::retry::RetryPolicy;
+
+/// Columns the runtime appends to every decoded batch before the stage sees it.
+pub mod meta {
+    /// The record key as text (nullable).
+    pub const KEY: &str = "_kafka_key";
+    pub const PARTITION: &str = "_kafka_partition";
+    pub const OFFSET: &str = "_kafka_offset";
+    /// Processing time of the batch, epoch ms (a column, so a reused plan sees the present).
+    pub const NOW_MS: &str = "_now_ms";
+}
+
+/// The schema a stage sees: the decoded columns followed by the [`meta`] columns.
+pub fn stage_input_schema(decoded: &SchemaRef) -> SchemaRef {
+    let mut fields: Vec<Field> = decoded
+        .fields()
+        .iter()
+        .map(|f| f.as_ref().clone())
+        .collect();
+    fields.push(Field::new(meta::KEY, DataType::Utf8, true));
+    fields.push(Field::new(meta::PARTITION, DataType::Int32, false));
+    fields.push(Field::new(meta::OFFSET, DataType::Int64, false));
+    fields.push(Field::new(meta::NOW_MS, DataType::Int64, false));
+    Arc::new(Schema::new(fields))
+}
+
+/// Appends the [`meta`] columns to a decoded batch.
+pub fn with_meta(
+    decoded: &RecordBatch,
+    keys: Vec<Option<String>>,
+    partitions: Vec<i32>,
+    offsets: Vec<i64>,
+    now_ms: i64,
+) -> Result<RecordBatch, arrow::error::ArrowError> {
+    let rows = decoded.num_rows();
+    let mut columns: Vec<ArrayRef> = decoded.columns().to_vec();
+    columns.push(Arc::new(StringArray::from(keys)));
+    columns.push(Arc::new(Int32Array::from(partitions)));
+    columns.push(Arc::new(Int64Array::from(offsets)));
+    columns.push(Arc::new(Int64Array::from(vec![now_ms; rows])));
+    RecordBatch::try_new(stage_input_schema(&decoded.schema()), columns)
+}
+
+/// What a stage made of one batch.
+#[derive(Debug)]
+pub struct StageOutput {
+    /// Output rows, in the output topic's Arrow schema.
+    pub batch: RecordBatch,
+    /// For each output row, the input row it came from (its headers travel with it), or
+    /// `None` for a row the stage derived from state (e.g. a closed window).
+    pub source_rows: Vec<Option<u32>>,
+    /// Input rows that did not make it, and why.
+    pub rejected: Vec<(u32, RecordFailure)>,
+    /// Records for other topics (audit events, changelog updates), already encoded. They are
+    /// delivered with the batch, before its offsets are stored.
+    pub side: Vec<SideRecord>,
+    /// Input rows whose outcome the stage reports later through [`Stage::settle`] (a webhook
+    /// still retrying, say). Their offsets are not committed before that.
+    pub deferred: Vec<u32>,
+    /// Headers added to single output rows: (output row, key, value).
+    pub row_headers: Vec<(u32, String, Vec<u8>)>,
+}
+
+impl StageOutput {
+    /// An output where input row `i` became output row `i`.
+    pub fn one_to_one(batch: RecordBatch, rejected: Vec<(u32, RecordFailure)>) -> Self {
+        Self {
+            source_rows: (0..batch.num_rows() as u32).map(Some).collect(),
+            batch,
+            rejected,
+            side: Vec::new(),
+            deferred: Vec::new(),
+            row_headers: Vec::new(),
+        }
+    }
+
+    /// No output rows (a sink, or a batch that only fed state).
+    pub fn empty(schema: SchemaRef) -> Self {
+        Self::one_to_one(RecordBatch::new_empty(schema), Vec::new())
+    }
+}
+
+/// The outcome of an input record the stage deferred (see [`StageOutput::deferred`]).
+#[derive(Debug, Clone)]
+pub struct Resolved {
+    pub partition: i32,
+    pub offset: i64,
+    /// `None`: done. `Some`: the runtime dead-letters the original record with this reason.
+    pub failure: Option<RecordFailure>,
+    pub attempts: usize,
+}
+
+/// What [`Stage::settle`] hands back: finished deferred records and records to deliver.
+#[derive(Debug, Default)]
+pub struct Settled {
+    pub resolved: Vec<Resolved>,
+    pub side: Vec<SideRecord>,
+}
+
+/// One record for a topic other than the stage's output.
+#[derive(Debug, Clone)]
+pub struct SideRecord {
+    pub topic: String,
+    /// An explicit partition (changelogs follow their input partition); `None` hashes the key.
+    pub partition: Option<i32>,
+    pub key: Option<Vec<u8>>,
+    pub value: Vec<u8>,
+    pub headers: Option<OwnedHeaders>,
+}
+
+/// What a stage gets to build its transform once.
+#[derive(Debug, Clone)]
+pub struct StageSetup {
+    pub group: String,
+    /// Where `schemas/`, `topic-config.yaml` and other shipped files live.
+    pub home: std::path::PathBuf,
+    pub contracts: ContractSet,
+    pub topics: TopicConfig,
+    pub registry: Arc<RegistryClient>,
+    /// How the worker reaches Kafka, for stage-owned clients such as changelog restore or a
+    /// broadcast reader.
+    pub kafka: KafkaConnection,
+    /// Input rows: the input contract's columns followed by the [`meta`] columns.
+    pub input_schema: SchemaRef,
+    /// The output contract's Arrow schema (no fields for a sink group).
+    pub output_schema: SchemaRef,
+    pub input_topic: String,
+    /// `None` for a sink group (`produces: []`), whose effects leave Kafka.
+    pub output_topic: Option<String>,
+    /// The worker's backoff for transient failures (0.5 s, 2 s, 8 s, 32 s), for stage-owned retries.
+    pub retry: RetryPolicy,
+}
+
+impl StageSetup {
+    /// The output topic, or an error naming the group if it is a sink.
+    pub fn output(&self) -> Result<&str, String> {
+        self.output_topic
+            .as_deref()
+            .ok_or_else(|| format!("consumer group {} produces no topic", self.group))
+    }
+
+    /// Registers the `telemetry.audit` topic's schema and returns an encoder for it.
+    pub async fn audit_encoder(&self) -> Result<crate::audit::AuditEncoder, String> {
+        let topic = self
+            .topics
+            .telemetry
+            .as_ref()
+            .map(|t| t.audit.clone())
+            .ok_or("topic-config.yaml names no telemetry.audit topic")?;
+        let (text, id) = self.register(&topic).await?;
+        crate::audit::AuditEncoder::new(&topic, &text, id)
+    }
+
+    /// Registers `topic`'s value schema and returns an encoder of JSON events for it.
+    pub async fn json_encoder(&self, topic: &str) -> Result<JsonEncoder, String> {
+        let (text, id) = self.register(topic).await?;
+        JsonEncoder::new(topic, &text, id)
+    }
+
+    /// Registers `topic`'s value schema: its text and id.
+    pub(super) async fn register(&self, topic: &str) -> Result<(String, u32), String> {
+        let spec = self
+            .topics
+            .topic(topic)
+            .ok_or_else(|| format!("topic {topic} is not in topic-config.yaml"))?;
+        let contract = self
+            .contracts
+            .get(&spec.schema)
+            .ok_or_else(|| format!("schema {} is not in schemas/", spec.schema))?;
+        let id = self
+            .registry
+            .register(&self.topics.subject(topic), &contract.text)
+            .await
+            .map_err(|e| format!("registering {topic}: {e}"))?;
+        Ok((contract.text.clone(), id))
+    }
+}
+
+/// Encodes low-volume JSON events (audit records, alerts) to a topic's registered schema.
+#[derive(Debug, Clone)]
+pub struct JsonEncoder {
+    pub(super) topic: String,
+    pub(super) schema: apache_avro::Schema,
+    pub(super) id: u32,
+}
+
+impl JsonEncoder {
+    /// An encoder for schema `id` already registered (or a test's fixed id).
+    pub fn new(topic: &str, schema_text: &str, id: u32) -> Result<Self, String> {
+        let schema = apache_avro::Schema::parse_str(schema_text)
+            .map_err(|e| format!("schema of {topic}: {e}"))?;
+        Ok(Self {
+            topic: topic.to_string(),
+            schema,
+            id,
+        })
+    }
+
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+
+    /// A side record keyed by `key`, stamped with its event key (see [`crate::recovery`]).
+    pub fn record(&self, key: &str, event: &serde_json::Value) -> Result<SideRecord, StageError> {
+        let value = medallion_contracts::json::to_framed(event, &self.schema, self.id)
+            .map_err(|e| StageError::Encode(format!("{}: {e}", self.topic)))?;
+        let headers = event["event_id"].as_str().map(|id| {
+            OwnedHeaders::new().insert(rdkafka::message::Header {
+                key: crate::recovery::EVENT_KEY,
+                value: Some(&event_key(id).to_be_bytes()),
+            })
+        });
+        Ok(SideRecord {
+            topic: self.topic.clone(),
+            partition: None,
+            key: Some(key.as_bytes().to_vec()),
+            value,
+            headers,
+        })
+    }
+}
+
+/// A stage: how a batch becomes its output. Everything else is the runtime's.
+pub trait Stage: Send + 'static {
+    /// Transforms one batch. An error fails the batch as a whole: the runtime then runs the
+    /// stage again on halves of it to find the records at fault, so a stage must leave its
+    /// state as it was when it returns an error (compute first, then apply). A record the
+    /// stage knows to be bad is better reported in [`StageOutput::rejected`] at once.
+    fn process(
+        &mut self,
+        input: RecordBatch,
+    ) -> impl Future<Output = Result<StageOutput, StageError>> + Send;
+
+    /// Called before the first batch of a newly assigned partition, with the metadata that
+    /// was committed with its offset. Stateful stages restore their state here.
+    fn assign(
+        &mut self,
+        _partition: i32,
+        _committed_metadata: Option<String>,
+    ) -> impl Future<Output = Result<(), StageError>> + Send {
+        async { Ok(()) }
+    }
+
+    /// The partition went to another replica: drop its state.
+    fn revoke(&mut self, _partition: i32) {}
+
+    /// The offset to commit for `partition` after a batch, and metadata to commit with it.
+    /// By default everything consumed (`next_offset`); a stage holding open state may commit
+    /// less, so the records that built the state are read again after a restart.
+    fn position(&self, _partition: i32, next_offset: i64) -> (i64, Option<String>) {
+        (next_offset, None)
+    }
+
+    /// Called after every batch, when no record arrived for a while, and once at shutdown
+    /// (`closing`): a stage with work in flight hands over what finished, and a buffering stage
+    /// flushes what is due, so offsets can advance without new input.
+    fn settle(
+        &mut self,
+        _closing: bool,
+    ) -> impl Future<Output = Result<Settled, StageError>> + Send {
+        async { Ok(Settled::default()) }
+    }
+
+    /// Whether the runtime may plan the next part of a batch while the previous part's
+    /// records are being acknowledged. Only for a stage whose output depends on nothing but
+    /// its input: it keeps no state across batches, defers nothing and keeps the default
+    /// `position`.
+    fn pipelined(&self) -> bool {
+        false
+    }
+}
