@@ -43,10 +43,6 @@ impl Stage for Faulty {
     async fn settle(&mut self, closing: bool) -> Result<Settled, StageError> {
         self.inner.settle(closing).await
     }
-
-    fn pipelined(&self) -> bool {
-        self.inner.pipelined()
-    }
 }
 
 /// A worker running in this process until [`Running::stop`].

@@ -72,6 +72,21 @@ pub struct BatchConfig {
     pub max_records: usize,
     /// How long to wait for a batch to fill once its first record arrived.
     pub linger_ms: u64,
+    /// Most records produced and not yet acknowledged: beyond it the worker waits for
+    /// acknowledgements before it takes more input.
+    #[serde(default = "default_in_flight_records")]
+    pub max_in_flight_records: usize,
+    /// Most bytes (record values) produced and not yet acknowledged.
+    #[serde(default = "default_in_flight_bytes")]
+    pub max_in_flight_bytes: usize,
+}
+
+fn default_in_flight_records() -> usize {
+    50_000
+}
+
+fn default_in_flight_bytes() -> usize {
+    64 << 20
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -152,6 +167,8 @@ impl<S: Default> Default for WorkerConfig<S> {
             batch: BatchConfig {
                 max_records: 2_000,
                 linger_ms: 20,
+                max_in_flight_records: default_in_flight_records(),
+                max_in_flight_bytes: default_in_flight_bytes(),
             },
             dedup: DedupConfig {
                 window_per_partition: 100_000,
@@ -229,6 +246,12 @@ impl<S: Default + Serialize + DeserializeOwned> WorkerConfig<S> {
         if self.batch.max_records == 0 {
             return Err(ConfigError::Invalid(
                 "batch.max_records must be at least 1".into(),
+            ));
+        }
+        if self.batch.max_in_flight_records == 0 || self.batch.max_in_flight_bytes == 0 {
+            return Err(ConfigError::Invalid(
+                "batch.max_in_flight_records and batch.max_in_flight_bytes must be at least 1"
+                    .into(),
             ));
         }
         if self.dedup.window_per_partition == 0 {

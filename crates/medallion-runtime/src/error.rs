@@ -84,6 +84,13 @@ pub enum StageError {
     /// committing the batch, so it is read again once the cause is fixed.
     #[error("halted: {0}")]
     Halt(String),
+    /// An Arrow kernel failed on the batch.
+    #[error("transform failed: {0}")]
+    Arrow(#[from] arrow::error::ArrowError),
+    /// A bug in the runtime or the stage (a broken invariant): the worker stops without
+    /// committing the batch rather than guess.
+    #[error("internal error: {0}")]
+    Internal(String),
 }
 
 impl StageError {
@@ -94,13 +101,24 @@ impl StageError {
             StageError::Transform(_) => "transform_failed",
             StageError::Encode(_) => "encode_failed",
             StageError::Halt(_) => "halted",
+            StageError::Arrow(_) => "transform_failed",
+            StageError::Internal(_) => "internal_error",
         }
+    }
+
+    /// Whether the error stops the worker: not a record's fault, and not transient.
+    pub fn stops_the_worker(&self) -> bool {
+        matches!(self, StageError::Halt(_) | StageError::Internal(_))
     }
 
     pub fn is_transient(&self) -> bool {
         match self {
             StageError::Registry(e) => e.is_transient(),
-            StageError::Transform(_) | StageError::Encode(_) | StageError::Halt(_) => false,
+            StageError::Transform(_)
+            | StageError::Encode(_)
+            | StageError::Halt(_)
+            | StageError::Arrow(_)
+            | StageError::Internal(_) => false,
         }
     }
 }

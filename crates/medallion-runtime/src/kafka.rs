@@ -301,12 +301,16 @@ pub fn producer(kafka: &KafkaConnection) -> Result<FutureProducer, ClientError> 
     )
 }
 
-/// A producer that acknowledges whole batches: the delivery callback updates one counter per
-/// batch instead of completing one future (a boxed channel) per record. One batch is in flight
-/// at a time; a late callback from an abandoned batch is recognised by its generation.
+/// A batch of records produced together and acknowledged as one.
+pub type FlightId = u32;
+
+/// A producer of *flights*: each call to [`BatchProducer::launch`] hands a batch of records to
+/// librdkafka and returns at once with the flight's id; the delivery callback counts the
+/// flight's acknowledgements (one counter per flight, not one future per record), and a flight
+/// whose every record is acknowledged or failed has *landed*. Any number of flights may be out.
 pub struct BatchProducer {
     producer: ThreadedProducer<AckContext>,
-    acks: Arc<Acks>,
+    flights: Arc<Flights>,
 }
 
 /// The records of one batch that failed, by index, with the first error.
@@ -316,42 +320,123 @@ pub struct BatchFailures {
     pub first_error: Option<KafkaError>,
 }
 
+/// A landed flight.
+#[derive(Debug)]
+pub struct Landed {
+    pub flight: FlightId,
+    pub failures: BatchFailures,
+}
+
+/// The flights of one producer, shared with its delivery callback.
 #[derive(Default)]
-struct Acks {
-    state: Mutex<AckState>,
-    done: Notify,
+pub struct Flights {
+    state: Mutex<FlightState>,
+    /// Wakes tasks waiting for a landing.
+    landing: Notify,
+    /// Wakes threads waiting for a landing (a rebalance callback).
+    landing_sync: std::sync::Condvar,
 }
 
 #[derive(Default)]
-struct AckState {
-    generation: u32,
-    pending: usize,
-    failures: BatchFailures,
+struct FlightState {
+    next: FlightId,
+    /// Records not yet acknowledged, and failures so far, by flight.
+    out: HashMap<FlightId, (usize, BatchFailures)>,
+    /// Flights landed and not yet taken.
+    landed: Vec<Landed>,
     /// The highest acknowledged offset, by topic and partition (this producer's lifetime).
     acked: HashMap<String, BTreeMap<i32, i64>>,
 }
 
+impl FlightState {
+    fn land_if_done(&mut self, flight: FlightId) -> bool {
+        if self
+            .out
+            .get(&flight)
+            .is_some_and(|(pending, _)| *pending == 0)
+        {
+            if let Some((_, failures)) = self.out.remove(&flight) {
+                self.landed.push(Landed { flight, failures });
+                return true;
+            }
+        }
+        false
+    }
+}
+
+impl Flights {
+    fn notify(&self) {
+        self.landing.notify_waiters();
+        self.landing.notify_one();
+        self.landing_sync.notify_all();
+    }
+
+    /// Whether every flight of `flights` has landed (taken or not).
+    pub fn all_landed(&self, flights: &[FlightId]) -> bool {
+        self.state
+            .lock()
+            .map(|s| flights.iter().all(|f| !s.out.contains_key(f)))
+            .unwrap_or(true)
+    }
+
+    /// Blocks the calling thread until every flight of `flights` has landed or `timeout`
+    /// passed; returns whether they all landed. For callbacks that run outside the runtime.
+    pub fn wait_blocking(&self, flights: &[FlightId], timeout: Duration) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        let Ok(mut state) = self.state.lock() else {
+            return false;
+        };
+        loop {
+            if flights.iter().all(|f| !state.out.contains_key(f)) {
+                return true;
+            }
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            match self.landing_sync.wait_timeout(state, left) {
+                Ok((s, _)) => state = s,
+                Err(_) => return false,
+            }
+        }
+    }
+
+    /// Whether `flight` landed with records refused (looked up among flights not yet taken).
+    pub fn failed(&self, flight: FlightId) -> bool {
+        self.state
+            .lock()
+            .map(|s| {
+                s.landed
+                    .iter()
+                    .any(|l| l.flight == flight && !l.failures.indexes.is_empty())
+            })
+            .unwrap_or(true)
+    }
+}
+
 struct AckContext {
-    acks: Arc<Acks>,
+    flights: Arc<Flights>,
 }
 
 impl ClientContext for AckContext {}
 
 impl ProducerContext for AckContext {
+    /// The flight and the record's index in it, packed (see [`pack`]).
     type DeliveryOpaque = usize;
 
     fn delivery(&self, result: &DeliveryResult<'_>, opaque: usize) {
-        let (generation, index) = unpack(opaque);
-        let Ok(mut state) = self.acks.state.lock() else {
+        let (flight, index) = unpack(opaque);
+        let Ok(mut state) = self.flights.state.lock() else {
             return;
         };
-        if state.generation != generation || state.pending == 0 {
+        let state = &mut *state;
+        let Some((pending, failures)) = state.out.get_mut(&flight) else {
             return;
-        }
+        };
         match result {
             Err((e, _)) => {
-                state.failures.indexes.push(index);
-                state.failures.first_error.get_or_insert_with(|| e.clone());
+                failures.indexes.push(index);
+                failures.first_error.get_or_insert_with(|| e.clone());
             }
             Ok(message) => {
                 let (topic, partition, offset) =
@@ -364,25 +449,25 @@ impl ProducerContext for AckContext {
                 *at = (*at).max(offset);
             }
         }
-        state.pending -= 1;
-        if state.pending == 0 {
-            self.acks.done.notify_one();
+        *pending = pending.saturating_sub(1);
+        if state.land_if_done(flight) {
+            self.flights.notify();
         }
     }
 }
 
-// The opaque carries the batch generation in the high 32 bits and the record index in the low.
+// The opaque carries the flight in the high 32 bits and the record index in the low.
 const _: () = assert!(
     usize::BITS >= 64,
     "BatchProducer packs two u32 into a usize"
 );
 
-fn pack(generation: u32, index: usize) -> usize {
-    ((generation as usize) << 32) | (index & 0xffff_ffff)
+fn pack(flight: FlightId, index: usize) -> usize {
+    ((flight as usize) << 32) | (index & 0xffff_ffff)
 }
 
-fn unpack(opaque: usize) -> (u32, usize) {
-    ((opaque >> 32) as u32, opaque & 0xffff_ffff)
+fn unpack(opaque: usize) -> (FlightId, usize) {
+    ((opaque >> 32) as FlightId, opaque & 0xffff_ffff)
 }
 
 /// One record of a batch.
@@ -397,36 +482,46 @@ pub struct BatchRecord<'a> {
 impl BatchProducer {
     /// Builds the producer from `config` (bootstrap, credentials and producer settings).
     pub fn new(config: &ClientConfig) -> Result<Self, KafkaError> {
-        let acks = Arc::new(Acks::default());
-        let producer = config.create_with_context(AckContext { acks: acks.clone() })?;
-        Ok(Self { producer, acks })
+        let flights = Arc::new(Flights::default());
+        let producer = config.create_with_context(AckContext {
+            flights: flights.clone(),
+        })?;
+        Ok(Self { producer, flights })
     }
 
-    /// Produces `records` (the indexes into the caller's list are `indexes`) and waits for
-    /// every acknowledgement. Returns the indexes that failed, refused or not delivered.
-    pub async fn send_all<'a>(
+    /// The flights, for a callback that must wait for some to land.
+    pub fn flights(&self) -> Arc<Flights> {
+        self.flights.clone()
+    }
+
+    /// Hands `indexes` (into the caller's list; `record` builds each) to librdkafka as one
+    /// flight and returns its id without waiting for acknowledgements. Waits only while
+    /// librdkafka's own queue is full. A record librdkafka refuses at once counts as failed.
+    /// An empty flight lands at once.
+    pub async fn launch<'a>(
         &self,
         indexes: &[usize],
         record: impl Fn(usize) -> BatchRecord<'a>,
-    ) -> BatchFailures {
-        let generation = {
-            let Ok(mut state) = self.acks.state.lock() else {
-                return BatchFailures {
-                    indexes: indexes.to_vec(),
-                    first_error: None,
-                };
+    ) -> FlightId {
+        let flight = {
+            let Ok(mut state) = self.flights.state.lock() else {
+                return FlightId::MAX;
             };
-            state.generation = state.generation.wrapping_add(1);
-            state.pending = indexes.len();
-            state.failures = BatchFailures::default();
-            state.generation
+            state.next = state.next.wrapping_add(1);
+            let flight = state.next;
+            // One more than the records: the launch itself, released when every record is out,
+            // so the flight cannot land half-launched.
+            state
+                .out
+                .insert(flight, (indexes.len() + 1, BatchFailures::default()));
+            flight
         };
         let mut refused = BatchFailures::default();
         for &i in indexes {
             let r = record(i);
             loop {
                 let mut base =
-                    BaseRecord::with_opaque_to(r.topic, pack(generation, i)).payload(r.value);
+                    BaseRecord::with_opaque_to(r.topic, pack(flight, i)).payload(r.value);
                 if let Some(key) = r.key {
                     base = base.key(key);
                 }
@@ -439,34 +534,92 @@ impl BatchProducer {
                 match self.producer.send(base) {
                     Ok(()) => break,
                     Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
-                        tokio::time::sleep(Duration::from_millis(5)).await;
+                        tokio::time::sleep(Duration::from_millis(2)).await;
                     }
                     Err((e, _)) => {
                         refused.indexes.push(i);
                         refused.first_error.get_or_insert(e);
-                        if let Ok(mut state) = self.acks.state.lock() {
-                            state.pending = state.pending.saturating_sub(1);
-                        }
                         break;
                     }
                 }
             }
         }
+        if let Ok(mut state) = self.flights.state.lock() {
+            if let Some((pending, failures)) = state.out.get_mut(&flight) {
+                *pending = pending.saturating_sub(1 + refused.indexes.len());
+                failures.indexes.append(&mut refused.indexes);
+                if failures.first_error.is_none() {
+                    failures.first_error = refused.first_error.take();
+                }
+            }
+            if state.land_if_done(flight) {
+                self.flights.notify();
+            }
+        }
+        flight
+    }
+
+    /// Flights that landed since the last call, failed indexes sorted.
+    pub fn take_landed(&self) -> Vec<Landed> {
+        let mut landed = self
+            .flights
+            .state
+            .lock()
+            .map(|mut s| std::mem::take(&mut s.landed))
+            .unwrap_or_default();
+        for l in &mut landed {
+            l.failures.indexes.sort_unstable();
+        }
+        landed
+    }
+
+    /// Waits until a landed flight is there to take.
+    pub async fn landing(&self) {
         loop {
-            let notified = self.acks.done.notified();
-            {
-                let Ok(mut state) = self.acks.state.lock() else {
-                    break;
-                };
-                if state.pending == 0 {
-                    let mut failures = std::mem::take(&mut state.failures);
-                    failures.indexes.append(&mut refused.indexes);
+            let notified = self.flights.landing.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let ready = self
+                .flights
+                .state
+                .lock()
+                .map(|s| !s.landed.is_empty())
+                .unwrap_or(true);
+            if ready {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// Flights launched and not landed.
+    pub fn in_flight(&self) -> usize {
+        self.flights.state.lock().map(|s| s.out.len()).unwrap_or(0)
+    }
+
+    /// Produces `records` as one flight and waits for it to land. Returns the indexes that
+    /// failed, refused or not delivered. For callers with one batch at a time.
+    pub async fn send_all<'a>(
+        &self,
+        indexes: &[usize],
+        record: impl Fn(usize) -> BatchRecord<'a>,
+    ) -> BatchFailures {
+        let flight = self.launch(indexes, record).await;
+        loop {
+            let notified = self.flights.landing.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Ok(mut state) = self.flights.state.lock() {
+                if let Some(at) = state.landed.iter().position(|l| l.flight == flight) {
+                    let mut failures = state.landed.swap_remove(at).failures;
                     failures.indexes.sort_unstable();
-                    if failures.first_error.is_none() {
-                        failures.first_error = refused.first_error.take();
-                    }
                     return failures;
                 }
+                if !state.out.contains_key(&flight) {
+                    break;
+                }
+            } else {
+                break;
             }
             notified.await;
         }
@@ -478,7 +631,7 @@ impl BatchProducer {
 
     /// The highest offset acknowledged so far in each partition of `topic`.
     pub fn acked(&self, topic: &str) -> BTreeMap<i32, i64> {
-        self.acks
+        self.flights
             .state
             .lock()
             .ok()

@@ -1,9 +1,20 @@
 //! The stage worker: poll a batch, decode (Avro → Arrow), drop redelivered events, run the
-//! stage's transform, encode (Arrow → Avro), produce keyed by `org_id`, wait for every delivery,
-//! and only then store the offsets for commit. Records that fail go to `<input>.dlq` with
-//! their original bytes and headers; nothing is dropped silently.
+//! stage's transform, encode (Arrow → Avro), and launch the records derived from the batch as
+//! one *flight* to the producer, without waiting: the next batch is polled and planned while
+//! earlier flights are acknowledged. Records that fail go to `<input>.dlq` with their original
+//! bytes and headers; nothing is dropped silently.
+//!
+//! Commit points. An input offset is stored for commit only when it is on its partition's
+//! *ack frontier* ([`ledger`]): every flight carrying records derived from it or from an
+//! earlier offset of its partition has landed (each record acknowledged by the broker), and no
+//! earlier record of the partition is still deferred by the stage. The stage's position
+//! ([`Stage::position`]) is taken when a batch is planned and becomes committable with that
+//! batch's flight. Stored offsets are committed (1) every second by librdkafka, (2) in the
+//! revocation callback, after the revoked partitions' flights landed, and (3) at shutdown,
+//! after every flight landed. Nothing is committed past an unacknowledged record. In-flight
+//! work is bounded by `batch.max_in_flight_records` and `batch.max_in_flight_bytes`.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -13,16 +24,16 @@ use medallion_contracts::registry::{RegistryClient, RegistryError};
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Message, OwnedMessage};
-use rdkafka::{Offset, TopicPartitionList};
 
 use crate::config::WorkerConfig;
 use crate::dedup::DedupWindow;
 use crate::error::{RecordFailure, StageError};
 use crate::http::Health;
-use crate::kafka::{BatchProducer, BatchRecord, KafkaConnection, Role};
+use crate::kafka::{BatchProducer, FlightId, KafkaConnection, Role};
 use crate::metrics as m;
 use crate::retry::RetryPolicy;
 
+mod ledger;
 mod plan;
 mod rebalance;
 mod recover;
@@ -31,17 +42,13 @@ mod stage;
 mod telemetry;
 mod topology;
 
+use ledger::{Commit, Ledger};
 use plan::*;
 use rebalance::*;
 pub use setup::prepare;
 pub use stage::*;
 use telemetry::*;
 use topology::*;
-
-/// A pipelined stage's batch goes in this many parts (fewer when that leaves a part smaller
-/// than [`MIN_PIPELINE_PART`] records).
-const PIPELINE_PARTS: usize = 4;
-const MIN_PIPELINE_PART: usize = 256;
 
 /// Why a worker could not start or had to stop.
 #[derive(Debug, thiserror::Error)]
@@ -107,31 +114,57 @@ pub struct StageWorker<S: Stage> {
     decoder: BatchDecoder,
     /// `None` for a sink group.
     encoder: Option<BatchEncoder>,
-    /// The output contract's Arrow schema (what the encoder takes).
     telemetry: Option<Telemetry>,
-    windows: HashMap<i32, DedupWindow>,
     window_capacity: usize,
     policy: RetryPolicy,
     health: Arc<Health>,
+    /// The consumer's assignment (updated by the rebalance hooks).
     assigned: Arc<Mutex<HashSet<i32>>>,
     positions: Positions,
     revoked: Arc<Mutex<Vec<i32>>>,
-    /// Partitions the stage has been told about (and has restored state for).
-    initialized: HashSet<i32>,
-    /// The next offset to consume, by partition.
-    next_offsets: BTreeMap<i32, i64>,
-    /// Records whose outcome the stage has not reported yet, by partition and offset.
-    deferred: HashMap<i32, BTreeMap<i64, OwnedMessage>>,
+    /// Every assigned partition the stage has been told about (see [`ledger`]).
+    ledger: Arc<Mutex<Ledger>>,
+    /// Flights launched and not landed, with what to book when they land.
+    in_flight: BTreeMap<FlightId, Flight>,
+    limits: InFlightLimits,
     totals: RunTotals,
     progress: Arc<Progress>,
-    /// Where this worker's outputs stood after its last delivery (stored with every offset),
-    /// and where they stood when it started (for partitions it has not produced to).
-    outputs_at: crate::recovery::Snapshot,
+    /// Where this worker's outputs stood when it started (for partitions it has not produced
+    /// to since).
     outputs_at_start: crate::recovery::Snapshot,
     /// Event keys of outputs a previous owner produced after its last commit, and the input
     /// records it dead-lettered then: not produced again (see [`crate::recovery`]).
     replayed: DedupWindow,
     dead_before: HashSet<(i32, i64)>,
+}
+
+/// Bounds on work in flight: beyond either, the worker waits for a landing before it polls.
+#[derive(Debug, Clone, Copy)]
+struct InFlightLimits {
+    records: usize,
+    bytes: usize,
+}
+
+/// A launched flight: its records (kept to send again what the broker refused) and what to
+/// count once it lands.
+struct Flight {
+    outgoing: Vec<Outgoing>,
+    /// The indexes of `outgoing` this flight carries (all, or those sent again).
+    indexes: Vec<usize>,
+    bytes: usize,
+    booking: Booking,
+    /// How many times its records were sent again.
+    retries: usize,
+}
+
+/// What a landed flight adds to the totals and metrics.
+#[derive(Default)]
+struct Booking {
+    consumed: u64,
+    duplicates: u64,
+    dead: Vec<RecordFailure>,
+    /// Event timestamps (ms) of produced outputs, for the latency histogram.
+    event_times: Vec<i64>,
 }
 
 impl<S: Stage> StageWorker<S> {
@@ -144,17 +177,22 @@ impl<S: Stage> StageWorker<S> {
         self.topo.output.as_ref().map(|o| o.topic.as_str())
     }
 
-    /// Live counters, updated after every batch.
+    /// Live counters, updated as flights land.
     pub fn progress(&self) -> Arc<Progress> {
         self.progress.clone()
     }
 
-    /// Runs until `shutdown` resolves: then finishes the batch in hand, commits, leaves the group.
+    /// Runs until `shutdown` resolves: then finishes the batch in hand, waits for every flight
+    /// to land, commits and leaves the group.
     pub async fn run<C>(
         mut self,
         config: &WorkerConfig<C>,
         shutdown: impl Future<Output = ()>,
     ) -> Result<RunTotals, WorkerError> {
+        let producer = BatchProducer::new(&self.kafka.config(Role::Producer {
+            message_timeout_ms: u64::from(config.kafka.produce_timeout_ms),
+        }))?;
+        let drain_timeout = Duration::from_millis(u64::from(config.kafka.produce_timeout_ms));
         let consumer: Arc<StreamConsumer<WorkerContext>> =
             Arc::new(self.kafka.create_with_context(
                 Role::StageConsumer {
@@ -167,14 +205,13 @@ impl<S: Stage> StageWorker<S> {
                     assigned: self.assigned.clone(),
                     topic: self.topo.input_topic.clone(),
                     positions: self.positions.clone(),
+                    ledger: self.ledger.clone(),
+                    flights: producer.flights(),
+                    drain_timeout,
                     revoked: self.revoked.clone(),
                 },
             )?);
-        let producer = BatchProducer::new(&self.kafka.config(Role::Producer {
-            message_timeout_ms: u64::from(config.kafka.produce_timeout_ms),
-        }))?;
         self.outputs_at_start = self.outputs_now().await?;
-        self.outputs_at = self.outputs_at_start.clone();
         consumer.subscribe(&[&self.topo.input_topic])?;
         let lag = tokio::spawn(lag_loop(
             consumer.clone(),
@@ -182,7 +219,8 @@ impl<S: Stage> StageWorker<S> {
             self.topo.input_topic.clone(),
         ));
 
-        metrics::gauge!(m::CONSUMPTION_PAUSED, "stage" => self.topo.group.clone()).set(0.0);
+        let paused = metrics::gauge!(m::CONSUMPTION_PAUSED, "stage" => self.topo.group.clone());
+        paused.set(0.0);
         // Consumer errors in a row, for the backoff between them.
         let mut consumer_errors = 0usize;
         let max_records = config.batch.max_records;
@@ -190,12 +228,26 @@ impl<S: Stage> StageWorker<S> {
         tokio::pin!(shutdown);
         loop {
             self.health.beat();
+            self.land(&producer, &consumer).await;
+            // Backpressure: too much in flight, or the broker refusing records, and the worker
+            // waits for flights to land before it takes more input.
+            if self.over_limits() || self.resending() {
+                paused.set(if self.resending() { 1.0 } else { 0.0 });
+                tokio::select! {
+                    _ = &mut shutdown => break,
+                    _ = producer.landing() => {},
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {},
+                }
+                continue;
+            }
+            paused.set(0.0);
             let first = tokio::select! {
                 _ = &mut shutdown => break,
+                _ = producer.landing(), if !self.in_flight.is_empty() => continue,
                 polled = tokio::time::timeout(Duration::from_millis(500), consumer.recv()) => polled,
             };
             let Ok(first) = first else {
-                self.settle(false, &producer, &consumer).await?;
+                self.settle(false, &producer).await?;
                 continue;
             };
             let first = match first {
@@ -231,11 +283,22 @@ impl<S: Stage> StageWorker<S> {
                     Err(_) => break,
                 }
             }
-            self.process_batch(&batch, &producer, &consumer).await?;
+            if let Err(e) = self.process_batch(batch, &producer, &consumer).await {
+                // What earlier batches launched is still committed once it lands.
+                self.drain(&producer, &consumer, drain_timeout).await;
+                let _ = commit_positions(
+                    consumer.as_ref(),
+                    &self.topo.input_topic,
+                    &self.positions,
+                    None,
+                );
+                return Err(e);
+            }
         }
         lag.abort();
         tracing::info!("shutting down: settling work in flight, committing and leaving the group");
-        self.settle(true, &producer, &consumer).await?;
+        self.settle(true, &producer).await?;
+        self.drain(&producer, &consumer, drain_timeout).await;
         if let Err(e) = commit_positions(
             consumer.as_ref(),
             &self.topo.input_topic,
@@ -251,6 +314,353 @@ impl<S: Stage> StageWorker<S> {
         consumer.unsubscribe();
         self.health.set_assigned(false);
         Ok(self.totals)
+    }
+
+    /// One batch, top to bottom: set up newly assigned partitions → decode → dedup → stage →
+    /// launch its flight (not waiting for it) → let the stage settle what is due.
+    async fn process_batch(
+        &mut self,
+        mut batch: Vec<OwnedMessage>,
+        producer: &BatchProducer,
+        consumer: &Arc<StreamConsumer<WorkerContext>>,
+    ) -> Result<(), WorkerError> {
+        let started = Instant::now();
+        let group = self.topo.group.clone();
+        let topic = self.topo.input_topic.clone();
+        let bytes: usize = batch
+            .iter()
+            .map(|m| m.payload().map_or(0, <[u8]>::len))
+            .sum();
+        metrics::counter!(m::KAFKA_MESSAGES_IN_TOTAL, "group" => group.clone(), "topic" => topic.clone()).increment(batch.len() as u64);
+        metrics::counter!(m::KAFKA_BYTES_IN_TOTAL, "group" => group.clone(), "topic" => topic)
+            .increment(bytes as u64);
+        self.sync_partitions(consumer).await?;
+        // Records of a partition revoked while the batch was polled belong to its next owner.
+        if let Ok(ledger) = self.ledger.lock() {
+            batch.retain(|m| ledger.contains(m.partition()));
+        }
+        if batch.is_empty() {
+            return Ok(());
+        }
+
+        let mut plan = self.plan_with_retry(&batch).await?;
+        let telemetry = self.batch_telemetry(&batch, &plan, started.elapsed());
+        plan.outgoing.extend(telemetry);
+        let replayed = self.drop_replayed(&mut plan.outgoing);
+
+        // The ledger learns what the batch consumed, remembers its event ids (before the next
+        // batch is planned, so a duplicate across batches is dropped) and holds what the stage
+        // deferred; the stage's position now is what its flight makes committable.
+        let mut touched = Vec::new();
+        if let Ok(mut ledger) = self.ledger.lock() {
+            for message in &batch {
+                ledger.consumed(message.partition(), message.offset());
+                touched.push(message.partition());
+            }
+            for (partition, key) in &plan.remember {
+                if let Some(p) = ledger.get_mut(*partition) {
+                    p.window.insert(*key);
+                }
+            }
+            for &index in &plan.deferred {
+                let message = &batch[index];
+                ledger.defer(message.partition(), message.offset(), message.clone());
+            }
+        }
+        touched.sort_unstable();
+        touched.dedup();
+        let booking = Booking {
+            consumed: batch.len() as u64,
+            duplicates: plan.duplicates + replayed,
+            dead: plan.dead.into_iter().map(|(_, failure)| failure).collect(),
+            event_times: plan.event_times,
+        };
+        let commits = self.positions_of(&touched);
+        self.launch(plan.outgoing, commits, booking, producer).await;
+        metrics::histogram!(m::BATCH_DURATION_SECONDS, "stage" => group.clone())
+            .record(started.elapsed().as_secs_f64());
+        if let Ok(ledger) = self.ledger.lock() {
+            let (events, bytes) = ledger
+                .partitions()
+                .filter_map(|p| ledger.get(p))
+                .fold((0, 0), |(e, b), p| {
+                    (e + p.window.len(), b + p.window.approx_bytes())
+                });
+            metrics::gauge!(m::DEDUP_WINDOW_EVENTS, "stage" => group.clone()).set(events as f64);
+            metrics::gauge!(m::DEDUP_WINDOW_BYTES, "stage" => group).set(bytes as f64);
+        }
+        self.settle(false, producer).await
+    }
+
+    /// The stage's commit for each of `partitions` as things stand now.
+    fn positions_of(&self, partitions: &[i32]) -> Vec<(i32, Commit)> {
+        let Ok(ledger) = self.ledger.lock() else {
+            return Vec::new();
+        };
+        partitions
+            .iter()
+            .filter_map(|&p| {
+                let next = ledger.next_offset(p)?;
+                let (offset, metadata) = self.stage.position(p, next);
+                Some((p, Commit { offset, metadata }))
+            })
+            .collect()
+    }
+
+    /// Launches `outgoing` as one flight; once it lands, each of `commits` may be committed.
+    async fn launch(
+        &mut self,
+        outgoing: Vec<Outgoing>,
+        commits: Vec<(i32, Commit)>,
+        booking: Booking,
+        producer: &BatchProducer,
+    ) -> FlightId {
+        let outputs_before = Arc::new(self.outputs_acked(producer));
+        let indexes: Vec<usize> = (0..outgoing.len()).collect();
+        let flight = producer.launch(&indexes, |i| outgoing[i].record()).await;
+        if let Ok(mut ledger) = self.ledger.lock() {
+            for (partition, commit) in commits {
+                ledger.launched(flight, partition, commit, outputs_before.clone());
+            }
+        }
+        let bytes = outgoing.iter().map(|o| o.value.len()).sum();
+        self.in_flight.insert(
+            flight,
+            Flight {
+                outgoing,
+                indexes,
+                bytes,
+                booking,
+                retries: 0,
+            },
+        );
+        flight
+    }
+
+    /// Books every flight that landed: advances the ledger, stores the frontiers that moved,
+    /// counts what was delivered. A flight with records the broker refused is not booked: its
+    /// refused records go again, with backoff (the broker is unavailable; no new input is taken
+    /// meanwhile), and the ledger waits on the new flight instead.
+    async fn land(&mut self, producer: &BatchProducer, consumer: &StreamConsumer<WorkerContext>) {
+        let landed = producer.take_landed();
+        if landed.is_empty() {
+            return;
+        }
+        let mut moved = Vec::new();
+        for l in landed {
+            let Some(mut flight) = self.in_flight.remove(&l.flight) else {
+                continue;
+            };
+            if !l.failures.indexes.is_empty() {
+                flight.retries += 1;
+                metrics::counter!(m::RETRIES_TOTAL, "stage" => self.topo.group.clone(), "reason" => "broker_unavailable").increment(1);
+                let wait = self.policy.wait_forever(flight.retries);
+                tracing::warn!(
+                    error = ?l.failures.first_error,
+                    records = l.failures.indexes.len(),
+                    ?wait,
+                    "delivery failed; the broker is unavailable: pausing consumption and sending them again"
+                );
+                tokio::time::sleep(wait).await;
+                flight.indexes = l.failures.indexes;
+                let retry = producer
+                    .launch(&flight.indexes, |i| flight.outgoing[i].record())
+                    .await;
+                if let Ok(mut ledger) = self.ledger.lock() {
+                    ledger.relaunched(l.flight, retry);
+                }
+                self.in_flight.insert(retry, flight);
+                continue;
+            }
+            if let Ok(mut ledger) = self.ledger.lock() {
+                moved.extend(ledger.landed(l.flight));
+            }
+            self.book(flight);
+        }
+        moved.sort_unstable();
+        moved.dedup();
+        if let Ok(ledger) = self.ledger.lock() {
+            store_frontiers(
+                consumer,
+                &self.topo.input_topic,
+                &ledger,
+                &self.positions,
+                moved.into_iter(),
+            );
+        }
+    }
+
+    /// Totals, progress and metrics of a landed flight.
+    fn book(&mut self, flight: Flight) {
+        let group = self.topo.group.clone();
+        let output_topic = self.output_topic().unwrap_or_default().to_string();
+        let produced = flight
+            .outgoing
+            .iter()
+            .filter(|o| o.topic == output_topic)
+            .count() as u64;
+        let b = flight.booking;
+        self.totals.consumed += b.consumed;
+        self.totals.produced += produced;
+        self.totals.duplicates += b.duplicates;
+        {
+            use std::sync::atomic::Ordering::Relaxed;
+            self.progress.consumed.fetch_add(b.consumed, Relaxed);
+            self.progress.produced.fetch_add(produced, Relaxed);
+            self.progress.duplicates.fetch_add(b.duplicates, Relaxed);
+        }
+        if self.topo.output.is_some() && produced > 0 {
+            metrics::counter!(m::RECORDS_OUT_TOTAL, "stage" => group.clone(), "topic" => output_topic).increment(produced);
+        }
+        metrics::counter!(m::DUPLICATES_TOTAL, "stage" => group.clone(), "topic" => self.topo.input_topic.clone())
+            .increment(b.duplicates);
+        self.count_dead_letters(b.dead.iter());
+        let now = now_ms();
+        let latency = metrics::histogram!(m::EVENT_LATENCY_SECONDS, "stage" => group);
+        for t in &b.event_times {
+            latency.record((now - t).max(0) as f64 / 1_000.0);
+        }
+    }
+
+    /// Whether work in flight is at a limit.
+    fn over_limits(&self) -> bool {
+        let records: usize = self.in_flight.values().map(|f| f.indexes.len()).sum();
+        let bytes: usize = self.in_flight.values().map(|f| f.bytes).sum();
+        records >= self.limits.records || bytes >= self.limits.bytes
+    }
+
+    /// Whether refused records are being sent again.
+    fn resending(&self) -> bool {
+        self.in_flight.values().any(|f| f.retries > 0)
+    }
+
+    /// Waits (up to `timeout`) for every flight to land, booking them as they do.
+    async fn drain(
+        &mut self,
+        producer: &BatchProducer,
+        consumer: &StreamConsumer<WorkerContext>,
+        timeout: Duration,
+    ) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            self.land(producer, consumer).await;
+            if self.in_flight.is_empty() {
+                return;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                tracing::warn!(
+                    flights = self.in_flight.len(),
+                    "records still unacknowledged at shutdown; committing before them"
+                );
+                return;
+            }
+            let _ = tokio::time::timeout(left, producer.landing()).await;
+        }
+    }
+
+    /// Where the outputs stand by this producer's acknowledgements (from where they stood at
+    /// start for partitions it has not produced to).
+    fn outputs_acked(&self, producer: &BatchProducer) -> crate::recovery::Snapshot {
+        let merge = |start: &BTreeMap<i32, i64>, acked: BTreeMap<i32, i64>| {
+            let mut out = start.clone();
+            for (p, o) in acked {
+                let at = out.entry(p).or_insert(o);
+                *at = (*at).max(o);
+            }
+            out
+        };
+        crate::recovery::Snapshot {
+            output: match &self.topo.output {
+                Some(out) => merge(&self.outputs_at_start.output, producer.acked(&out.topic)),
+                None => BTreeMap::new(),
+            },
+            dlq: merge(
+                &self.outputs_at_start.dlq,
+                producer.acked(&self.topo.dlq_topic),
+            ),
+        }
+    }
+
+    /// Asks the stage for finished deferred work and due flushes, and launches what it hands
+    /// over (the dead letters of deferred records that failed among it) as one flight, with the
+    /// stage's positions now. Nothing to send and no position moved: no flight.
+    async fn settle(&mut self, closing: bool, producer: &BatchProducer) -> Result<(), WorkerError> {
+        self.apply_revocations();
+        let settled = match self.stage.settle(closing).await {
+            Ok(settled) => settled,
+            Err(StageError::Halt(message)) => {
+                self.health.set_assigned(false);
+                return Err(WorkerError::Halted(message));
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "settling deferred work failed; it stays uncommitted");
+                return Ok(());
+            }
+        };
+        let mut outgoing: Vec<Outgoing> = settled.side.into_iter().map(Outgoing::from).collect();
+        let mut dead = Vec::new();
+        let mut resolved = Vec::new();
+        for r in settled.resolved {
+            let message = match self.ledger.lock() {
+                Ok(ledger) => ledger.deferred(r.partition, r.offset).cloned(),
+                Err(_) => None,
+            };
+            let Some(message) = message else {
+                continue;
+            };
+            if let Some(failure) = &r.failure {
+                outgoing.push(self.dead_letter(&message, failure, r.attempts));
+                outgoing.extend(self.dead_letter_audit(&message, failure, r.attempts));
+                dead.push(failure.clone());
+            }
+            resolved.push((r.partition, r.offset));
+        }
+        let replayed = self.drop_replayed(&mut outgoing);
+        let partitions: Vec<i32> = match self.ledger.lock() {
+            Ok(ledger) => ledger.partitions().collect(),
+            Err(_) => Vec::new(),
+        };
+        let commits: Vec<(i32, Commit)> = match self.ledger.lock() {
+            Ok(ledger) => partitions
+                .iter()
+                .filter_map(|&p| {
+                    let next = ledger.next_offset(p)?;
+                    let (offset, metadata) = self.stage.position(p, next);
+                    let commit = Commit { offset, metadata };
+                    (ledger.last_commit(p) != Some(&commit)).then_some((p, commit))
+                })
+                .collect(),
+            Err(_) => Vec::new(),
+        };
+        if outgoing.is_empty() && resolved.is_empty() && commits.is_empty() {
+            return Ok(());
+        }
+        let booking = Booking {
+            duplicates: replayed,
+            dead,
+            ..Booking::default()
+        };
+        let flight = self.launch(outgoing, commits, booking, producer).await;
+        if let Ok(mut ledger) = self.ledger.lock() {
+            for (partition, offset) in resolved {
+                ledger.release(partition, offset, flight);
+            }
+        }
+        Ok(())
+    }
+
+    /// Lets the stage drop the state of partitions revoked since the last call (the ledger
+    /// dropped theirs in the revocation callback); their records go to the next owner.
+    fn apply_revocations(&mut self) {
+        let revoked: Vec<i32> = self
+            .revoked
+            .lock()
+            .map(|mut r| std::mem::take(&mut *r))
+            .unwrap_or_default();
+        for partition in revoked {
+            self.stage.revoke(partition);
+        }
     }
 
     /// A consumer error (a failed fetch, a topic not there yet, a broker away): logged,
@@ -273,91 +683,6 @@ impl<S: Stage> StageWorker<S> {
         tokio::time::sleep(wait).await;
         in_a_row
     }
-
-    async fn process_batch(
-        &mut self,
-        batch: &[OwnedMessage],
-        producer: &BatchProducer,
-        consumer: &Arc<StreamConsumer<WorkerContext>>,
-    ) -> Result<(), WorkerError> {
-        let started = Instant::now();
-        let group = self.topo.group.clone();
-        let topic = self.topo.input_topic.clone();
-        let bytes: usize = batch
-            .iter()
-            .map(|m| m.payload().map_or(0, <[u8]>::len))
-            .sum();
-        metrics::counter!(m::KAFKA_MESSAGES_IN_TOTAL, "group" => group.clone(), "topic" => topic.clone()).increment(batch.len() as u64);
-        metrics::counter!(m::KAFKA_BYTES_IN_TOTAL, "group" => group.clone(), "topic" => topic)
-            .increment(bytes as u64);
-        self.prune_windows();
-        self.sync_partitions(batch, consumer).await?;
-
-        // A pipelined stage takes the batch in parts: part k+1 is planned while part k's
-        // records are acknowledged. The consumer is not polled meanwhile, so no rebalance
-        // can come between a part's acknowledgement and its stored offset.
-        let part_len = if self.stage.pipelined() {
-            batch.len().div_ceil(PIPELINE_PARTS).max(MIN_PIPELINE_PART)
-        } else {
-            batch.len()
-        };
-        let mut parts = batch.chunks(part_len.max(1));
-        let Some(first) = parts.next() else {
-            return Ok(());
-        };
-        // (part, its plan, when its planning began): etl.execution reports each part's time.
-        let mut current = (first, self.plan_with_retry(first).await?, started);
-        loop {
-            let (part, mut plan, part_started) = current;
-            let telemetry = self.batch_telemetry(part, &plan, part_started.elapsed());
-            plan.outgoing.extend(telemetry);
-            plan.duplicates += self.drop_replayed(&mut plan.outgoing);
-            // Remembered before the next part is planned, so a duplicate across parts is
-            // dropped. Delivery does not give up (it pauses consumption), so nothing
-            // remembered here goes unsent while the process lives.
-            for (partition, key) in &plan.remember {
-                self.windows
-                    .entry(*partition)
-                    .or_insert_with(|| DedupWindow::new(self.window_capacity))
-                    .insert(*key);
-            }
-            let next = match parts.next() {
-                Some(next_part) => {
-                    let policy = self.policy.clone();
-                    let next_started = Instant::now();
-                    let (_, planned) = tokio::join!(
-                        deliver(&policy, &group, &plan.outgoing, producer),
-                        self.plan_with_retry(next_part)
-                    );
-                    Some((next_part, planned, next_started))
-                }
-                None => {
-                    deliver(&self.policy, &group, &plan.outgoing, producer).await;
-                    None
-                }
-            };
-            // Everything derived from the part is acknowledged: store its offsets, with where
-            // the outputs stand now.
-            self.note_acked(producer);
-            self.finish(part, plan, consumer);
-            match next {
-                Some((next_part, planned, next_started)) => {
-                    current = (next_part, planned?, next_started)
-                }
-                None => break,
-            }
-        }
-        metrics::histogram!(m::BATCH_DURATION_SECONDS, "stage" => group.clone())
-            .record(started.elapsed().as_secs_f64());
-        let (events, bytes) = self
-            .windows
-            .values()
-            .fold((0, 0), |(e, b), w| (e + w.len(), b + w.approx_bytes()));
-        metrics::gauge!(m::DEDUP_WINDOW_EVENTS, "stage" => group.clone()).set(events as f64);
-        metrics::gauge!(m::DEDUP_WINDOW_BYTES, "stage" => group).set(bytes as f64);
-        self.settle(false, producer, consumer).await
-    }
-
     /// Plans `part`. A transient failure is of infrastructure every record needs (the
     /// registry): consumption pauses and the part is planned again, with the retry schedule's
     /// waits and then its last wait repeated, never dead-lettered; readiness is false and
@@ -381,11 +706,11 @@ impl<S: Stage> StageWorker<S> {
                     tokio::time::sleep(wait).await;
                     attempt += 1;
                 }
-                Err(StageError::Halt(message)) => {
-                    tracing::error!(%message, "stage halted the pipeline; nothing of this batch is committed");
+                Err(e) if e.stops_the_worker() => {
+                    tracing::error!(error = %e, "the worker stops; nothing of this batch is committed");
                     self.health.set_assigned(false);
                     paused.set(0.0);
-                    return Err(WorkerError::Halted(message));
+                    return Err(WorkerError::Halted(e.to_string()));
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "batch failed before the stage; dead-lettering it");
@@ -407,59 +732,6 @@ impl<S: Stage> StageWorker<S> {
         self.health.set_registry_ok(true);
         Ok(plan)
     }
-
-    /// Books a delivered part: offsets, deferred records, totals and metrics.
-    fn finish(
-        &mut self,
-        part: &[OwnedMessage],
-        plan: Plan,
-        consumer: &StreamConsumer<WorkerContext>,
-    ) {
-        let group = self.topo.group.clone();
-        let topic = self.topo.input_topic.clone();
-        let mut touched = BTreeMap::new();
-        for message in part {
-            let next = self.next_offsets.entry(message.partition()).or_insert(0);
-            *next = (*next).max(message.offset() + 1);
-            touched.insert(message.partition(), ());
-        }
-        for &index in &plan.deferred {
-            let message = &part[index];
-            self.deferred
-                .entry(message.partition())
-                .or_default()
-                .insert(message.offset(), message.clone());
-        }
-        self.store_positions(touched.keys().copied(), consumer);
-
-        let output_topic = self.output_topic().unwrap_or_default().to_string();
-        let produced = plan
-            .outgoing
-            .iter()
-            .filter(|o| o.topic == output_topic)
-            .count() as u64;
-        self.totals.consumed += part.len() as u64;
-        self.totals.produced += produced;
-        self.totals.duplicates += plan.duplicates;
-        {
-            use std::sync::atomic::Ordering::Relaxed;
-            self.progress.consumed.fetch_add(part.len() as u64, Relaxed);
-            self.progress.produced.fetch_add(produced, Relaxed);
-            self.progress.duplicates.fetch_add(plan.duplicates, Relaxed);
-        }
-        if self.topo.output.is_some() {
-            metrics::counter!(m::RECORDS_OUT_TOTAL, "stage" => group.clone(), "topic" => output_topic).increment(produced);
-        }
-        metrics::counter!(m::DUPLICATES_TOTAL, "stage" => group.clone(), "topic" => topic.clone())
-            .increment(plan.duplicates);
-        self.count_dead_letters(plan.dead.iter().map(|(_, failure)| failure));
-        let now = now_ms();
-        let latency = metrics::histogram!(m::EVENT_LATENCY_SECONDS, "stage" => group);
-        for t in &plan.event_times {
-            latency.record((now - t).max(0) as f64 / 1_000.0);
-        }
-    }
-
     /// Counts dead letters that were delivered: run totals, progress and the DLQ metric.
     fn count_dead_letters<'f>(&mut self, failures: impl Iterator<Item = &'f RecordFailure>) {
         let mut count = 0u64;
@@ -475,177 +747,5 @@ impl<S: Stage> StageWorker<S> {
         self.progress
             .dead_lettered
             .fetch_add(count, std::sync::atomic::Ordering::Relaxed);
-    }
-
-    /// Stores, for each of `partitions`, the offset to commit: the stage's position, held
-    /// back to the first record whose outcome the stage has not reported yet.
-    fn store_positions(
-        &mut self,
-        partitions: impl Iterator<Item = i32>,
-        consumer: &StreamConsumer<WorkerContext>,
-    ) {
-        let topic = self.topo.input_topic.clone();
-        let assigned = self.assigned.lock().map(|a| a.clone()).unwrap_or_default();
-        for partition in partitions {
-            let Some(&next) = self.next_offsets.get(&partition) else {
-                continue;
-            };
-            // A partition that moved to another replica is not ours to commit.
-            if !assigned.contains(&partition) {
-                continue;
-            }
-            let (mut commit, stage_metadata) = self.stage.position(partition, next);
-            let metadata = Some(crate::recovery::wrap(
-                &self.outputs_at,
-                stage_metadata.as_deref(),
-            ));
-            if let Some(first) = self
-                .deferred
-                .get(&partition)
-                .and_then(|d| d.keys().next().copied())
-            {
-                commit = commit.min(first);
-            }
-            let unchanged = self
-                .positions
-                .lock()
-                .map(|p| p.get(&partition) == Some(&(commit, metadata.clone())))
-                .unwrap_or(false);
-            if unchanged {
-                continue;
-            }
-            let mut tpl = TopicPartitionList::new();
-            let stored = tpl
-                .add_partition_offset(&topic, partition, Offset::Offset(commit))
-                .and_then(|()| {
-                    if let (Some(metadata), Some(mut elem)) =
-                        (metadata.as_ref(), tpl.find_partition(&topic, partition))
-                    {
-                        elem.set_metadata(metadata);
-                    }
-                    consumer.store_offsets(&tpl)
-                });
-            match stored {
-                Ok(()) => {
-                    if let Ok(mut positions) = self.positions.lock() {
-                        positions.insert(partition, (commit, metadata));
-                    }
-                }
-                // The partition moved to another replica meanwhile: it will redeliver.
-                Err(e) => tracing::warn!(partition, commit, error = %e, "offset not stored"),
-            }
-        }
-    }
-
-    /// Asks the stage for finished deferred work and due flushes, dead-letters what failed,
-    /// delivers what it hands over and stores the offsets that can now advance.
-    async fn settle(
-        &mut self,
-        closing: bool,
-        producer: &BatchProducer,
-        consumer: &StreamConsumer<WorkerContext>,
-    ) -> Result<(), WorkerError> {
-        self.apply_revocations();
-        let settled = match self.stage.settle(closing).await {
-            Ok(settled) => settled,
-            Err(StageError::Halt(message)) => {
-                self.health.set_assigned(false);
-                return Err(WorkerError::Halted(message));
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "settling deferred work failed; it stays uncommitted");
-                return Ok(());
-            }
-        };
-        let mut outgoing: Vec<Outgoing> = settled.side.into_iter().map(Outgoing::from).collect();
-        let mut dead = Vec::new();
-        for resolved in settled.resolved {
-            let Some(message) = self
-                .deferred
-                .get_mut(&resolved.partition)
-                .and_then(|d| d.remove(&resolved.offset))
-            else {
-                continue;
-            };
-            if let Some(failure) = resolved.failure {
-                outgoing.push(self.dead_letter(&message, &failure, resolved.attempts));
-                outgoing.extend(self.dead_letter_audit(&message, &failure, resolved.attempts));
-                dead.push(failure);
-            }
-        }
-        self.drop_replayed(&mut outgoing);
-        deliver(&self.policy, &self.topo.group, &outgoing, producer).await;
-        self.note_acked(producer);
-        self.count_dead_letters(dead.iter());
-        let partitions: Vec<i32> = self.next_offsets.keys().copied().collect();
-        self.store_positions(partitions.into_iter(), consumer);
-        Ok(())
-    }
-
-    /// Forgets the state of partitions revoked since the last call; their records go to the
-    /// next owner.
-    fn apply_revocations(&mut self) {
-        let revoked: Vec<i32> = self
-            .revoked
-            .lock()
-            .map(|mut r| std::mem::take(&mut *r))
-            .unwrap_or_default();
-        for partition in revoked {
-            self.next_offsets.remove(&partition);
-            self.deferred.remove(&partition);
-            if self.initialized.remove(&partition) {
-                self.stage.revoke(partition);
-            }
-        }
-    }
-
-    fn prune_windows(&mut self) {
-        if let Ok(assigned) = self.assigned.lock() {
-            self.windows.retain(|p, _| assigned.contains(p));
-        }
-    }
-}
-
-/// Produces every record and waits for every acknowledgement. A failed delivery means the
-/// broker is unavailable: consumption pauses (this call does not return) and the failed
-/// records are sent again with backoff until the broker takes them.
-async fn deliver(
-    policy: &RetryPolicy,
-    group: &str,
-    outgoing: &[Outgoing],
-    producer: &BatchProducer,
-) {
-    let mut pending: Vec<usize> = (0..outgoing.len()).collect();
-    let mut retry = 0usize;
-    while !pending.is_empty() {
-        let failures = producer
-            .send_all(&pending, |i| {
-                let o = &outgoing[i];
-                BatchRecord {
-                    topic: &o.topic,
-                    partition: o.partition,
-                    key: o.key.as_deref(),
-                    value: o.value.as_ref(),
-                    headers: o.headers.as_ref(),
-                }
-            })
-            .await;
-        let failed = failures.indexes;
-        if let Some(e) = &failures.first_error {
-            tracing::warn!(error = %e, records = failed.len(), "delivery failed");
-        }
-        if failed.is_empty() {
-            break;
-        }
-        retry += 1;
-        metrics::counter!(m::RETRIES_TOTAL, "stage" => group.to_string(), "reason" => "broker_unavailable").increment(1);
-        let wait = policy.wait_forever(retry);
-        tracing::warn!(
-            records = failed.len(),
-            ?wait,
-            "broker unavailable; pausing consumption"
-        );
-        tokio::time::sleep(wait).await;
-        pending = failed;
     }
 }

@@ -12,6 +12,8 @@ use crate::dlq::{dead_letter_headers, Origin};
 use crate::error::{RecordFailure, StageError};
 use crate::metrics as m;
 
+use crate::kafka::BatchRecord;
+
 use super::*;
 
 /// One record to produce, with the input message it came from.
@@ -28,6 +30,19 @@ pub(super) struct Outgoing {
     pub(super) event_key: Option<u128>,
     /// (input partition, offset) of the record a dead letter holds.
     pub(super) dead_origin: Option<(i32, i64)>,
+}
+
+impl Outgoing {
+    /// The record as the producer takes it.
+    pub(super) fn record(&self) -> BatchRecord<'_> {
+        BatchRecord {
+            topic: &self.topic,
+            partition: self.partition,
+            key: self.key.as_deref(),
+            value: self.value.as_ref(),
+            headers: self.headers.as_ref(),
+        }
+    }
 }
 
 impl From<SideRecord> for Outgoing {
@@ -160,26 +175,33 @@ impl<S: Stage> StageWorker<S> {
             .column_by_name("event_id")
             .and_then(|c| c.as_any().downcast_ref::<StringArray>())
             .cloned();
-        let mut keep = Vec::with_capacity(decoded.rows.len());
-        let mut keys = Vec::with_capacity(decoded.rows.len());
-        let mut in_batch: foldhash::HashSet<(i32, u128)> = foldhash::HashSet::default();
-        let mut duplicates = 0u64;
-        for (row, &index) in decoded.rows.iter().enumerate() {
-            let partition = batch[index].partition();
-            let key = event_ids
-                .as_ref()
-                .filter(|ids| !ids.is_null(row))
-                .map(|ids| event_key(ids.value(row)));
-            let duplicate = key.is_some_and(|k| {
-                self.windows.get(&partition).is_some_and(|w| w.contains(k))
-                    || !in_batch.insert((partition, k))
-            });
-            if duplicate {
-                duplicates += 1;
+        let shared = self.ledger.clone();
+        let (keep, keys, duplicates) = {
+            let ledger = shared.lock().map_err(|_| {
+                StageError::Internal("the partition ledger's lock is poisoned".into())
+            })?;
+            let mut keep = Vec::with_capacity(decoded.rows.len());
+            let mut keys = Vec::with_capacity(decoded.rows.len());
+            let mut in_batch: foldhash::HashSet<(i32, u128)> = foldhash::HashSet::default();
+            let mut duplicates = 0u64;
+            for (row, &index) in decoded.rows.iter().enumerate() {
+                let partition = batch[index].partition();
+                let key = event_ids
+                    .as_ref()
+                    .filter(|ids| !ids.is_null(row))
+                    .map(|ids| event_key(ids.value(row)));
+                let duplicate = key.is_some_and(|k| {
+                    ledger.get(partition).is_some_and(|p| p.window.contains(k))
+                        || !in_batch.insert((partition, k))
+                });
+                if duplicate {
+                    duplicates += 1;
+                }
+                keep.push(!duplicate);
+                keys.push(key);
             }
-            keep.push(!duplicate);
-            keys.push(key);
-        }
+            (keep, keys, duplicates)
+        };
         let mask = BooleanArray::from(keep.clone());
         let kept_rows: Vec<usize> = decoded
             .rows
@@ -260,7 +282,7 @@ impl<S: Stage> StageWorker<S> {
             let part = input.slice(piece.start, piece.len());
             match self.transform(batch, part, &rows[piece.clone()]).await {
                 Ok(done) => out.append(done),
-                Err(e) if e.is_transient() || matches!(e, StageError::Halt(_)) => return Err(e),
+                Err(e) if e.is_transient() || e.stops_the_worker() => return Err(e),
                 Err(e) => {
                     if !isolating {
                         isolating = true;

@@ -11,7 +11,6 @@ use rdkafka::{Offset, TopicPartitionList};
 
 use crate::dedup::{event_key, DedupWindow};
 use crate::error::StageError;
-use crate::kafka::BatchProducer;
 
 use super::*;
 
@@ -38,21 +37,22 @@ impl<S: Stage> StageWorker<S> {
     /// knew of them: their dedup windows and what was produced after their last commit.
     pub(super) async fn sync_partitions(
         &mut self,
-        batch: &[OwnedMessage],
         consumer: &Arc<StreamConsumer<WorkerContext>>,
     ) -> Result<(), WorkerError> {
         self.apply_revocations();
         // Every partition assigned and not yet set up, not only those in this batch: one
-        // rebuild for a whole assignment.
+        // rebuild for a whole assignment. A batch's record of a partition no longer assigned
+        // is not set up (it is dropped before planning).
         let assigned_now = self.assigned.lock().map(|a| a.clone()).unwrap_or_default();
-        let fresh: Vec<i32> = batch
-            .iter()
-            .map(Message::partition)
-            .chain(assigned_now)
-            .filter(|p| !self.initialized.contains(p))
-            .collect::<std::collections::BTreeSet<_>>()
-            .into_iter()
-            .collect();
+        let fresh: Vec<i32> = match self.ledger.lock() {
+            Ok(ledger) => assigned_now
+                .into_iter()
+                .filter(|p| !ledger.contains(*p))
+                .collect::<std::collections::BTreeSet<_>>()
+                .into_iter()
+                .collect(),
+            Err(_) => Vec::new(),
+        };
         if fresh.is_empty() {
             return Ok(());
         }
@@ -95,7 +95,6 @@ impl<S: Stage> StageWorker<S> {
                 .map_err(|e| {
                     WorkerError::Setup(format!("restoring partition {}: {e}", a.partition))
                 })?;
-            self.initialized.insert(a.partition);
         }
         Ok(())
     }
@@ -241,7 +240,11 @@ impl<S: Stage> StageWorker<S> {
             }
         }
         let remembered: usize = windows.values().map(DedupWindow::len).sum();
-        self.windows.extend(windows);
+        if let Ok(mut ledger) = self.ledger.lock() {
+            for (partition, window) in windows {
+                ledger.assign(partition, window);
+            }
+        }
         let after_commit = after.output_keys.len();
         for key in after.output_keys {
             self.replayed.insert(key);
@@ -311,26 +314,6 @@ impl<S: Stage> StageWorker<S> {
                     .is_some_and(|origin| dead_before.remove(&origin)))
         });
         (before - outgoing.len()) as u64
-    }
-
-    /// Where this worker's outputs stand, from the producer's acknowledgements.
-    pub(super) fn note_acked(&mut self, producer: &BatchProducer) {
-        let merge = |start: &BTreeMap<i32, i64>, acked: BTreeMap<i32, i64>| {
-            let mut out = start.clone();
-            for (p, o) in acked {
-                let at = out.entry(p).or_insert(o);
-                *at = (*at).max(o);
-            }
-            out
-        };
-        if let Some(out) = &self.topo.output {
-            self.outputs_at.output =
-                merge(&self.outputs_at_start.output, producer.acked(&out.topic));
-        }
-        self.outputs_at.dlq = merge(
-            &self.outputs_at_start.dlq,
-            producer.acked(&self.topo.dlq_topic),
-        );
     }
 
     /// The output and DLQ as they are now: the last offset of each partition.

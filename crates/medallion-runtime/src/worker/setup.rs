@@ -1,6 +1,6 @@
 //! Building a worker: registering schemas, decoders and encoders, the stage itself.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -153,19 +153,20 @@ where
         decoder,
         encoder,
         telemetry,
-        windows: HashMap::new(),
         window_capacity: config.dedup.window_per_partition,
         policy,
         health,
         assigned: Arc::new(Mutex::new(HashSet::new())),
         positions: Arc::new(Mutex::new(BTreeMap::new())),
         revoked: Arc::new(Mutex::new(Vec::new())),
-        initialized: HashSet::new(),
-        next_offsets: BTreeMap::new(),
-        deferred: HashMap::new(),
+        ledger: Arc::new(Mutex::new(super::ledger::Ledger::default())),
+        in_flight: BTreeMap::new(),
+        limits: super::InFlightLimits {
+            records: config.batch.max_in_flight_records,
+            bytes: config.batch.max_in_flight_bytes,
+        },
         totals: RunTotals::default(),
         progress: Arc::new(Progress::default()),
-        outputs_at: crate::recovery::Snapshot::default(),
         outputs_at_start: crate::recovery::Snapshot::default(),
         replayed: DedupWindow::new(config.dedup.window_per_partition.saturating_mul(4)),
         dead_before: HashSet::new(),

@@ -274,12 +274,4 @@ pub trait Stage: Send + 'static {
     ) -> impl Future<Output = Result<Settled, StageError>> + Send {
         async { Ok(Settled::default()) }
     }
-
-    /// Whether the runtime may plan the next part of a batch while the previous part's
-    /// records are being acknowledged. Only for a stage whose output depends on nothing but
-    /// its input: it keeps no state across batches, defers nothing and keeps the default
-    /// `position`.
-    fn pipelined(&self) -> bool {
-        false
-    }
 }

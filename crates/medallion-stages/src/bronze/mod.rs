@@ -489,11 +489,6 @@ impl Stage for Bronze {
             row_headers,
         })
     }
-
-    /// Bronze keeps no state across batches: each event's output depends on it alone.
-    fn pipelined(&self) -> bool {
-        true
-    }
 }
 
 #[cfg(test)]
