@@ -13,85 +13,22 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use medallion_contracts::json::to_framed;
 use medallion_contracts::registry::RegistryClient;
-use medallion_contracts::sample::SampleEvents;
 use medallion_runtime::ops::capture::{
     read_capture, replay, CaptureWriter, Captured, ReplayOptions,
 };
 use medallion_tests::{broker, contracts, metric_sum, registry, WorkerProcess};
+
+mod support;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::Message;
+use support::{now_ms, usage, Usage};
 
 const RAW: &str = "connector.data.raw";
 const PASSTHROUGH_TOPIC: &str = "replay.passthrough";
 const BIN: &str = env!("CARGO_BIN_EXE_bronze-processor");
 const SILVER_BIN: &str = env!("CARGO_BIN_EXE_silver-processor");
 const GOLD_BIN: &str = env!("CARGO_BIN_EXE_gold-processor");
-const CLOCK_TICKS: f64 = 100.0;
-
-#[derive(Debug, Clone, Copy)]
-struct Usage {
-    cpu_seconds: f64,
-    peak_rss_kib: u64,
-}
-
-fn usage(pid: u32) -> Option<Usage> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let after = stat.rsplit_once(')')?.1;
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    // After the command name: state is field 3, utime 14, stime 15 (1-based in proc(5)).
-    let utime: f64 = fields.get(11)?.parse().ok()?;
-    let stime: f64 = fields.get(12)?.parse().ok()?;
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let peak = status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())?;
-    Some(Usage {
-        cpu_seconds: (utime + stime) / CLOCK_TICKS,
-        peak_rss_kib: peak,
-    })
-}
-
-/// Reads an Avro zigzag varint at `pos`; returns it and the position after it.
-fn varint(buf: &[u8], mut pos: usize) -> (i64, usize) {
-    let mut value: u64 = 0;
-    let mut shift = 0;
-    while let Some(byte) = buf.get(pos) {
-        value |= u64::from(byte & 0x7f) << shift;
-        pos += 1;
-        shift += 7;
-        if byte & 0x80 == 0 {
-            break;
-        }
-    }
-    (((value >> 1) as i64) ^ -((value & 1) as i64), pos)
-}
-
-/// Where the envelope's `timestamp` starts and ends in a framed connector event (after
-/// event_id, event_type and event_version).
-fn timestamp_span(value: &[u8]) -> (usize, usize) {
-    let mut pos = 5;
-    for _ in 0..3 {
-        let (len, after) = varint(value, pos);
-        pos = after + len as usize;
-    }
-    let (_, end) = varint(value, pos);
-    (pos, end)
-}
-
-/// Writes `t` as a zigzag varint of exactly `len` bytes (same magnitude as the template's).
-fn write_varint_fixed(out: &mut [u8], t: i64) {
-    let mut z = ((t << 1) ^ (t >> 63)) as u64;
-    let len = out.len();
-    for (i, byte) in out.iter_mut().enumerate() {
-        *byte = (z & 0x7f) as u8 | if i + 1 < len { 0x80 } else { 0 };
-        z >>= 7;
-    }
-}
-
 /// Runs `bin` until it has consumed `expected` records; returns wall seconds from its first
 /// record, its CPU and peak RSS, and its last `/metrics` scrape.
 async fn measure(
@@ -169,13 +106,6 @@ async fn measure(
             return (seconds, usage, settled);
         }
     }
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or_default()
 }
 
 /// Counts the passthrough's acknowledgements.
@@ -298,16 +228,7 @@ async fn run() {
 
     // n unique events: 10k realistic templates, each copy with its own event_id.
     let base_ms = now_ms() - 3_600_000;
-    let mut sample = SampleEvents::new(77, 16, base_ms);
-    let templates: Vec<(String, Vec<u8>)> = (0..10_000)
-        .map(|_| {
-            let e = sample.next_event();
-            (
-                e["org_id"].to_string(),
-                to_framed(&e, &raw.schema, ids[RAW]).expect("frame"),
-            )
-        })
-        .collect();
+    let templates = support::templates(&raw.schema, ids[RAW], base_ms);
     // The stream goes through a capture file and `medallion replay`'s own code path.
     let capture_path =
         std::env::temp_dir().join(format!("medallion-replay-{}.cap", std::process::id()));
@@ -315,19 +236,13 @@ async fn run() {
         let file = std::fs::File::create(&capture_path).expect("capture file");
         let mut writer = CaptureWriter::new(std::io::BufWriter::new(file)).expect("writer");
         for i in 0..n {
-            let (key, template) = &templates[i % templates.len()];
-            let mut value = template.clone();
-            // event_id is the first field: a length byte, then 36 characters; rewrite the last 12.
-            let suffix = format!("{:012x}", i);
-            value[6 + 24..6 + 36].copy_from_slice(suffix.as_bytes());
-            let (from, to) = timestamp_span(&value);
-            write_varint_fixed(&mut value[from..to], base_ms + 2 * i as i64);
+            let (key, value) = support::event(&templates, i, base_ms + 2 * i as i64);
             writer
                 .write(&Captured {
                     partition: 0,
                     offset: i as i64,
                     timestamp: None,
-                    key: Some(key.clone().into_bytes()),
+                    key: Some(key.as_bytes().to_vec()),
                     value: Some(value),
                     headers: Vec::new(),
                 })

@@ -181,3 +181,189 @@ async fn the_audit_store_can_be_an_s3_compatible_bucket() {
         .expect("body");
     assert!(listing.contains(".parquet"), "{listing}");
 }
+
+/// The `subjects` text of the store: event id → sealed fields.
+fn subjects_of(text: &str) -> Vec<(String, String)> {
+    text.split(';')
+        .filter(|s| !s.is_empty())
+        .filter_map(|s| s.split_once('='))
+        .map(|(id, fields)| (id.to_string(), fields.to_string()))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sealed_fields_are_one_audit_record_per_part_and_org_and_the_store_names_every_event() {
+    let p = Pipeline::start().await;
+    let dir = std::env::temp_dir().join(medallion_tests::unique("audit-store"));
+    // A file written before `payload.subjects` existed: still read, its column null.
+    {
+        let mut old: Vec<arrow::datatypes::FieldRef> =
+            medallion_stages::audit_writer::parquet_schema()
+                .fields()
+                .iter()
+                .filter(|f| f.name() != "subjects")
+                .cloned()
+                .collect();
+        old.shrink_to_fit();
+        let schema = std::sync::Arc::new(arrow::datatypes::Schema::new(old));
+        let columns: Vec<arrow::array::ArrayRef> = schema
+            .fields()
+            .iter()
+            .map(|f| match f.data_type() {
+                arrow::datatypes::DataType::Int32 => {
+                    std::sync::Arc::new(arrow::array::Int32Array::from(vec![0])) as _
+                }
+                arrow::datatypes::DataType::Int64 => {
+                    std::sync::Arc::new(Int64Array::from(vec![0])) as _
+                }
+                arrow::datatypes::DataType::Timestamp(..) => std::sync::Arc::new(
+                    arrow::array::TimestampMillisecondArray::from(vec![T]).with_timezone("+00:00"),
+                ) as _,
+                _ => std::sync::Arc::new(arrow::array::StringArray::from(vec!["old"])) as _,
+            })
+            .collect();
+        let batch = arrow::array::RecordBatch::try_new(schema.clone(), columns).expect("batch");
+        let path = dir.join("org_id=1/day=2026-11-20");
+        std::fs::create_dir_all(&path).expect("dir");
+        let file = std::fs::File::create(path.join("audit.events-old.parquet")).expect("file");
+        let mut writer =
+            datafusion::parquet::arrow::ArrowWriter::try_new(file, schema, None).expect("writer");
+        writer.write(&batch).expect("written");
+        writer.close().expect("closed");
+    }
+    // A backlog, so bronze takes it in parts of 100.
+    let events = crate::bronze::sample(31, 600);
+    for event in &events {
+        p.publish("connector.data.raw", event).await;
+    }
+    let bronze = p.worker(&[("MEDALLION__BATCH__MAX_RECORDS", "100".to_string())]);
+    let writer = p.worker_of(
+        BIN,
+        &[
+            ("MEDALLION__STAGE__STORE", dir.display().to_string()),
+            ("MEDALLION__STAGE__FLUSH_INTERVAL_MS", "300".to_string()),
+        ],
+    );
+    bronze
+        .wait_ready(Duration::from_secs(60))
+        .await
+        .expect("bronze ready");
+    writer
+        .wait_ready(Duration::from_secs(60))
+        .await
+        .expect("audit-writer ready");
+    // What bronze sealed, from its own output: every record with the key id header.
+    let out = medallion_tests::read_topic(
+        &p.broker.address,
+        "bronze.data.cleaned",
+        events.len() * 9 / 10,
+        Duration::from_secs(3),
+        Duration::from_secs(90),
+    )
+    .await
+    .expect("bronze output");
+    let sealed: std::collections::BTreeSet<String> = p
+        .bronze_json(&out)
+        .into_iter()
+        .zip(&out)
+        .filter(|(_, m)| {
+            use rdkafka::message::{Headers, Message};
+            m.headers().is_some_and(|h| {
+                h.iter()
+                    .any(|h| h.key == medallion_runtime::pii::KEY_ID_HEADER)
+            })
+        })
+        .filter_map(|(e, _)| e["event_id"].as_str().map(str::to_string))
+        .collect();
+    assert!(
+        sealed.len() > 100,
+        "the sample carries personal data ({})",
+        sealed.len()
+    );
+
+    let store = AuditStore::open(&dir.display().to_string()).expect("store");
+    let query = "SELECT org_id, subjects, details FROM audit_events \
+                 WHERE action = 'pii.encrypted' ORDER BY event_id";
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let (records, listed) = loop {
+        let mut records = 0usize;
+        let mut listed: BTreeMap<String, (i64, String)> = BTreeMap::new();
+        for b in store.query(query).await.unwrap_or_default() {
+            let text = |name: &str| {
+                arrow::compute::cast(
+                    b.column_by_name(name).expect("column"),
+                    &arrow::datatypes::DataType::Utf8,
+                )
+                .expect("text")
+            };
+            let (orgs, subjects, details) = (
+                arrow::compute::cast(
+                    b.column_by_name("org_id").expect("org"),
+                    &arrow::datatypes::DataType::Int64,
+                )
+                .expect("org"),
+                text("subjects"),
+                text("details"),
+            );
+            let orgs = orgs.as_any().downcast_ref::<Int64Array>().expect("i64");
+            let (subjects, details) = (
+                subjects
+                    .as_any()
+                    .downcast_ref::<arrow::array::StringArray>()
+                    .expect("text"),
+                details
+                    .as_any()
+                    .downcast_ref::<arrow::array::StringArray>()
+                    .expect("text"),
+            );
+            for row in 0..b.num_rows() {
+                records += 1;
+                assert!(
+                    details.value(row).contains("key_id=k1"),
+                    "the key is named: {}",
+                    details.value(row)
+                );
+                for (id, fields) in subjects_of(subjects.value(row)) {
+                    assert!(fields.starts_with("payload."), "{id}: {fields}");
+                    listed.insert(id, (orgs.value(row), fields));
+                }
+            }
+        }
+        if listed.len() >= sealed.len() || Instant::now() > deadline {
+            break (records, listed);
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    let listed_ids: std::collections::BTreeSet<String> = listed.keys().cloned().collect();
+    assert_eq!(
+        listed_ids, sealed,
+        "the audit trail names exactly the sealed events"
+    );
+    assert!(
+        records * 4 <= sealed.len(),
+        "{records} audit records for {} sealed events",
+        sealed.len()
+    );
+    // Each event is listed under its own org.
+    let org_of: BTreeMap<String, i64> = events
+        .iter()
+        .filter_map(|e| Some((e["event_id"].as_str()?.to_string(), e["org_id"].as_i64()?)))
+        .collect();
+    assert!(listed
+        .iter()
+        .all(|(id, (org, _))| org_of.get(id) == Some(org)));
+    // The old file's row reads with no subjects.
+    let old = store
+        .query("SELECT count(*) AS n FROM audit_events WHERE subjects IS NULL")
+        .await
+        .expect("query");
+    let n = arrow::compute::cast(old[0].column(0), &arrow::datatypes::DataType::Int64).expect("n");
+    assert_eq!(
+        n.as_any()
+            .downcast_ref::<Int64Array>()
+            .expect("i64")
+            .value(0),
+        1
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

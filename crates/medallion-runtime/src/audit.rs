@@ -22,6 +22,8 @@ pub struct AuditAction {
     pub outcome: String,
     pub reason: Option<String>,
     pub details: BTreeMap<String, String>,
+    /// The events the action covers, each with the fields acted on (`payload.subjects`).
+    pub subjects: Vec<(String, Vec<String>)>,
 }
 
 /// An [`AuditAction`] over borrowed text, for hot paths that build one per event (bronze's
@@ -40,6 +42,8 @@ pub struct AuditFields<'a> {
     pub reason: Option<&'a str>,
     /// Written in this order; keys must be distinct (an Avro map).
     pub details: &'a [(&'a str, &'a str)],
+    /// The events covered, each with the fields acted on.
+    pub subjects: &'a [(&'a str, &'a [String])],
 }
 
 impl AuditAction {
@@ -63,6 +67,11 @@ impl AuditAction {
                 "outcome": self.outcome,
                 "reason": self.reason,
                 "details": self.details,
+                "subjects": self
+                    .subjects
+                    .iter()
+                    .map(|(id, fields)| json!({"event_id": id, "fields": fields}))
+                    .collect::<Vec<_>>(),
             },
         })
     }
@@ -140,6 +149,10 @@ impl AuditEncoder {
                 ("x".to_string(), String::new()),
             ]
             .into(),
+            subjects: vec![
+                ("e1".into(), vec!["payload.a".into(), "payload.b".into()]),
+                ("e2".into(), Vec::new()),
+            ],
         };
         let bytes = encoder.encode(&sample, 1_700_000_000_123);
         let decoded = medallion_contracts::json::from_avro_binary(&bytes[5..], &schema, &schema)
@@ -164,6 +177,11 @@ impl AuditEncoder {
             .iter()
             .map(|(k, v)| (k.as_str(), v.as_str()))
             .collect();
+        let subjects: Vec<(&str, &[String])> = action
+            .subjects
+            .iter()
+            .map(|(id, fields)| (id.as_str(), fields.as_slice()))
+            .collect();
         self.encode_fields(
             &AuditFields {
                 event_id: &action.event_id,
@@ -177,6 +195,7 @@ impl AuditEncoder {
                 outcome: &action.outcome,
                 reason: action.reason.as_deref(),
                 details: &details,
+                subjects: &subjects,
             },
             now_ms,
         )
@@ -211,6 +230,20 @@ impl AuditEncoder {
             for (k, v) in action.details {
                 put_str(&mut out, k);
                 put_str(&mut out, v);
+            }
+        }
+        put_long(&mut out, 0);
+        if !action.subjects.is_empty() {
+            put_long(&mut out, action.subjects.len() as i64);
+            for (event_id, fields) in action.subjects {
+                put_str(&mut out, event_id);
+                if !fields.is_empty() {
+                    put_long(&mut out, fields.len() as i64);
+                    for f in *fields {
+                        put_str(&mut out, f);
+                    }
+                }
+                put_long(&mut out, 0);
             }
         }
         put_long(&mut out, 0);
@@ -264,6 +297,7 @@ mod tests {
             resource_id: "x".repeat(300),
             outcome: "encrypted".into(),
             reason: Some("why".into()),
+            subjects: Vec::new(),
             details: BTreeMap::new(),
         };
         let bytes = encoder.encode(&action, -5);
@@ -289,6 +323,7 @@ mod tests {
             resource_id: &detailed.resource_id,
             outcome: &detailed.outcome,
             reason: Some("why"),
+            subjects: &[],
             details: &[("fields", "a,b"), ("key_id", "k1")],
         };
         assert_eq!(

@@ -157,6 +157,7 @@ impl<S: Stage> StageWorker<S> {
             resource_id: resource,
             outcome: "dead_lettered".into(),
             reason: Some(failure.reason.clone()),
+            subjects: Vec::new(),
             details: [
                 ("class".to_string(), failure.class.as_str().to_string()),
                 ("message".to_string(), detail),

@@ -78,6 +78,9 @@ pub fn parquet_schema() -> SchemaRef {
         text("reason", true),
         // Flattened `key=value` pairs, sorted, `;`-separated: readable in any SQL engine.
         text("details", false),
+        // The events a record covers (`payload.subjects`): `event_id=field,field;…`, in the
+        // record's order; null in files written before the field existed.
+        text("subjects", true),
         Field::new("kafka_partition", DataType::Int32, false),
         Field::new("kafka_offset", DataType::Int64, false),
     ]))
@@ -354,6 +357,38 @@ fn as_text(array: &ArrayRef) -> Result<ArrayRef, StageError> {
     arrow::compute::cast(array, &DataType::Utf8).map_err(|e| StageError::Transform(e.to_string()))
 }
 
+/// `subjects` list → `event_id=field,field;event_id=field` (in order).
+fn subjects_text(array: &ArrayRef) -> Result<ArrayRef, StageError> {
+    let fail = || StageError::Transform("payload.subjects is not a list of subjects".into());
+    let list = array.as_list_opt::<i32>().ok_or_else(fail)?;
+    let subjects = list.values().as_struct_opt().ok_or_else(fail)?;
+    let ids = as_text(subjects.column_by_name("event_id").ok_or_else(fail)?)?;
+    let ids = ids.as_string::<i32>();
+    let fields = subjects
+        .column_by_name("fields")
+        .and_then(|c| c.as_list_opt::<i32>())
+        .ok_or_else(fail)?;
+    let names = as_text(fields.values())?;
+    let names = names.as_string::<i32>();
+    let offsets = list.value_offsets();
+    let mut out = Vec::with_capacity(list.len());
+    for row in 0..list.len() {
+        let (start, end) = (offsets[row] as usize, offsets[row + 1] as usize);
+        let text: Vec<String> = (start..end)
+            .map(|i| {
+                let (from, to) = (
+                    fields.value_offsets()[i] as usize,
+                    fields.value_offsets()[i + 1] as usize,
+                );
+                let listed: Vec<&str> = (from..to).map(|j| names.value(j)).collect();
+                format!("{}={}", ids.value(i), listed.join(","))
+            })
+            .collect();
+        out.push(text.join(";"));
+    }
+    Ok(Arc::new(StringArray::from(out)))
+}
+
 /// `details` map → `k=v;k=v` (keys sorted).
 fn details_text(array: &ArrayRef) -> Result<ArrayRef, StageError> {
     let map = array
@@ -414,6 +449,7 @@ fn flatten(input: &RecordBatch) -> Result<(RecordBatch, Vec<i64>), StageError> {
         as_text(&child(input, "payload", "outcome")?)?,
         as_text(&child(input, "payload", "reason")?)?,
         details_text(&child(input, "payload", "details")?)?,
+        subjects_text(&child(input, "payload", "subjects")?)?,
         arrow::compute::cast(&column(input, meta::PARTITION)?, &DataType::Int32)
             .map_err(|e| StageError::Transform(e.to_string()))?,
         arrow::compute::cast(&column(input, meta::OFFSET)?, &DataType::Int64)

@@ -183,10 +183,11 @@ impl AuditStore {
             let table = arrow::array::RecordBatch::new_empty(super::parquet_schema());
             ctx.register_batch(TABLE, table)?;
         } else {
+            // The table has today's columns; files written before a column existed read it as
+            // null.
             let config = ListingTableConfig::new(url)
                 .with_listing_options(options)
-                .infer_schema(&ctx.state())
-                .await?;
+                .with_schema(super::parquet_schema());
             ctx.register_table(TABLE, Arc::new(ListingTable::try_new(config)?))?;
         }
         Ok(ctx.sql(sql).await?.collect().await?)

@@ -306,12 +306,7 @@ impl Bronze {
                 .and_then(|c| c.as_string_opt::<i32>().cloned())
                 .ok_or_else(|| StageError::Transform(format!("no text column {name}")))
         };
-        let (event_ids, event_types, correlations, traces) = (
-            text("event_id")?,
-            text("event_type")?,
-            text("correlation_id")?,
-            text("trace_id")?,
-        );
+        let (event_ids, correlations) = (text("event_id")?, text("correlation_id")?);
         let orgs = batch
             .column_by_name("org_id")
             .and_then(|c| c.as_primitive_opt::<arrow::datatypes::Int64Type>().cloned())
@@ -319,8 +314,9 @@ impl Bronze {
         let key_id = self.keyring.active_id().to_string();
         let now = medallion_runtime::worker::now_ms();
         let mut headers = Vec::new();
-        let mut side = Vec::new();
         let mut fields = 0u64;
+        // One audit record per org of the batch part, listing its sealed events and fields.
+        let mut by_org: std::collections::BTreeMap<i64, Vec<usize>> = Default::default();
         for (row, paths) in touched.iter().enumerate() {
             if paths.is_empty() {
                 continue;
@@ -331,30 +327,44 @@ impl Bronze {
                 KEY_ID_HEADER.to_string(),
                 key_id.clone().into_bytes(),
             ));
-            let event_id = event_ids.value(row);
+            by_org.entry(orgs.value(row)).or_default().push(row);
+        }
+        let mut side = Vec::with_capacity(by_org.len());
+        for (org, rows) in by_org {
+            let (first, last) = (rows[0], rows[rows.len() - 1]);
+            let subjects: Vec<(&str, &[String])> = rows
+                .iter()
+                .map(|&row| (event_ids.value(row), touched[row].as_slice()))
+                .collect();
+            // The same events give the same id, so a replayed part is recognised downstream.
+            let count = rows.len().to_string();
             let mut id = uuid::Uuid::encode_buffer();
-            let audit_id = medallion_runtime::ids::stable_uuid(&["pii.encrypted", event_id])
-                .hyphenated()
-                .encode_lower(&mut id);
-            let listed = paths.join(",");
-            // Borrowed from the batch: one allocation per event (the field list), not twenty.
+            let audit_id = medallion_runtime::ids::stable_uuid(&[
+                "pii.encrypted",
+                event_ids.value(first),
+                event_ids.value(last),
+                &count,
+            ])
+            .hyphenated()
+            .encode_lower(&mut id);
             let action = AuditFields {
                 event_id: audit_id,
                 action: "pii.encrypted",
                 actor: GROUP,
-                org_id: orgs.value(row),
-                correlation_id: correlations.value(row),
-                trace_id: (!traces.is_null(row)).then(|| traces.value(row)),
-                resource_type: event_types.value(row),
-                resource_id: event_id,
+                org_id: org,
+                correlation_id: correlations.value(first),
+                trace_id: None,
+                resource_type: "events",
+                resource_id: event_ids.value(first),
                 outcome: "encrypted",
                 reason: None,
                 // In key order, as the map of the owned AuditAction writes them.
                 details: &[
                     ("algorithm", "AES-256-GCM"),
-                    ("fields", &listed),
+                    ("events", &count),
                     ("key_id", &key_id),
                 ],
+                subjects: &subjects,
             };
             side.push(self.audit.record_fields(&action, now));
         }

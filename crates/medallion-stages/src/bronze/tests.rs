@@ -204,36 +204,56 @@ async fn personal_data_leaves_bronze_encrypted_with_its_key_named_and_audited() 
         protected > 30,
         "the sample carries leads and cases ({protected})"
     );
-    // One audit record per protected event.
-    assert_eq!(output.side.len(), protected);
+    // One audit record per org of the batch, listing every protected event with its fields.
+    let orgs: std::collections::BTreeSet<String> =
+        audited.iter().map(|(_, org, _)| org.to_string()).collect();
+    assert_eq!(output.side.len(), orgs.len(), "one record per org");
+    assert!(output.side.len() < protected, "fewer records than events");
     assert!(output.side.iter().all(|r| r.topic == "audit.events"));
     let audit = contracts().get("audit/events.avsc").expect("audit").clone();
-    for (record, (event_id, org_id, paths)) in output.side.iter().zip(&audited) {
+    let mut listed: Vec<(Json, Json, String)> = Vec::new();
+    for record in &output.side {
         let a = from_avro_binary(&record.value[5..], &audit.schema, &audit.schema)
             .expect("an audit.events record");
-        assert_eq!(record.key.as_deref(), Some(org_id.to_string().as_bytes()));
+        assert_eq!(
+            record.key.as_deref(),
+            Some(a["org_id"].to_string().as_bytes())
+        );
         assert_eq!(a["event_type"], "audit.pii.encrypted");
-        assert_eq!(a["org_id"], *org_id);
         let p = &a["payload"];
         assert_eq!(
-            (&p["action"], &p["actor"], &p["resource_id"], &p["outcome"]),
+            (&p["action"], &p["actor"], &p["outcome"]),
             (
                 &json!("pii.encrypted"),
                 &json!(super::GROUP),
-                event_id,
                 &json!("encrypted")
             )
         );
-        let mut listed: Vec<&str> = p["details"]["fields"]
-            .as_str()
-            .expect("fields")
-            .split(',')
-            .collect();
-        listed.sort_unstable();
-        assert_eq!(listed.join(","), *paths);
         assert_eq!(p["details"]["key_id"], "k1");
         assert_eq!(p["details"]["algorithm"], "AES-256-GCM");
+        let subjects = p["subjects"].as_array().expect("subjects");
+        assert_eq!(p["details"]["events"], subjects.len().to_string());
+        assert_eq!(p["resource_id"], subjects[0]["event_id"]);
+        for subject in subjects {
+            let mut fields: Vec<&str> = subject["fields"]
+                .as_array()
+                .expect("fields")
+                .iter()
+                .filter_map(Json::as_str)
+                .collect();
+            fields.sort_unstable();
+            listed.push((
+                subject["event_id"].clone(),
+                a["org_id"].clone(),
+                fields.join(","),
+            ));
+        }
     }
+    // Exactly the protected events, each under its own org, with exactly its fields.
+    let key = |e: &(Json, Json, String)| e.0.to_string();
+    listed.sort_by_key(key);
+    audited.sort_by_key(key);
+    assert_eq!(listed, audited);
 }
 
 fn keyed(event: Json) -> (Option<String>, Json) {

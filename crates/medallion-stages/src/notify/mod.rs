@@ -374,6 +374,7 @@ impl Notify {
                 "classification restricted: only identifiers and severity leave the pipeline"
                     .into(),
             ),
+            subjects: Vec::new(),
             details: [
                 ("channels".to_string(), channels.join(",")),
                 (

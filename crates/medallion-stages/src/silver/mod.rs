@@ -286,6 +286,7 @@ impl Silver {
                 "incoming updated_at {} from {} is older than the current {} from {}",
                 row.updated_at, row.source_system, current.updated_at, current.source_system
             )),
+            subjects: Vec::new(),
             details: [
                 ("event_id", row.event_id.to_string()),
                 ("incoming_updated_at", row.updated_at.to_string()),

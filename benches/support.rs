@@ -1,0 +1,100 @@
+//! What the replay and pipeline benchmarks share: process usage from /proc and rewriting
+//! framed connector events in place.
+
+pub const CLOCK_TICKS: f64 = 100.0;
+
+#[derive(Debug, Clone, Copy)]
+pub struct Usage {
+    pub cpu_seconds: f64,
+    pub peak_rss_kib: u64,
+}
+
+pub fn usage(pid: u32) -> Option<Usage> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    // After the command name: state is field 3, utime 14, stime 15 (1-based in proc(5)).
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let peak = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())?;
+    Some(Usage {
+        cpu_seconds: (utime + stime) / CLOCK_TICKS,
+        peak_rss_kib: peak,
+    })
+}
+
+/// Reads an Avro zigzag varint at `pos`; returns it and the position after it.
+pub fn varint(buf: &[u8], mut pos: usize) -> (i64, usize) {
+    let mut value: u64 = 0;
+    let mut shift = 0;
+    while let Some(byte) = buf.get(pos) {
+        value |= u64::from(byte & 0x7f) << shift;
+        pos += 1;
+        shift += 7;
+        if byte & 0x80 == 0 {
+            break;
+        }
+    }
+    (((value >> 1) as i64) ^ -((value & 1) as i64), pos)
+}
+
+/// Where the envelope's `timestamp` starts and ends in a framed connector event (after
+/// event_id, event_type and event_version).
+pub fn timestamp_span(value: &[u8]) -> (usize, usize) {
+    let mut pos = 5;
+    for _ in 0..3 {
+        let (len, after) = varint(value, pos);
+        pos = after + len as usize;
+    }
+    let (_, end) = varint(value, pos);
+    (pos, end)
+}
+
+/// Writes `t` as a zigzag varint of exactly `len` bytes (same magnitude as the template's).
+pub fn write_varint_fixed(out: &mut [u8], t: i64) {
+    let mut z = ((t << 1) ^ (t >> 63)) as u64;
+    let len = out.len();
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = (z & 0x7f) as u8 | if i + 1 < len { 0x80 } else { 0 };
+        z >>= 7;
+    }
+}
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or_default()
+}
+
+/// 10k realistic framed connector events (org key, value) to copy from.
+pub fn templates(raw: &apache_avro::Schema, id: u32, base_ms: i64) -> Vec<(String, Vec<u8>)> {
+    let mut sample = medallion_contracts::sample::SampleEvents::new(77, 16, base_ms);
+    (0..10_000)
+        .map(|_| {
+            let e = sample.next_event();
+            (
+                e["org_id"].to_string(),
+                medallion_contracts::json::to_framed(&e, raw, id).expect("frame"),
+            )
+        })
+        .collect()
+}
+
+/// Event `i` of a stream: a copy of template `i % len` with its own event id and event time
+/// `t` (ms).
+pub fn event(templates: &[(String, Vec<u8>)], i: usize, t: i64) -> (&str, Vec<u8>) {
+    let (key, template) = &templates[i % templates.len()];
+    let mut value = template.clone();
+    // event_id is the first field: a length byte, then 36 characters; rewrite the last 12.
+    let suffix = format!("{:012x}", i);
+    value[6 + 24..6 + 36].copy_from_slice(suffix.as_bytes());
+    let (from, to) = timestamp_span(&value);
+    write_varint_fixed(&mut value[from..to], t);
+    (key, value)
+}
