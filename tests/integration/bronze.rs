@@ -961,22 +961,41 @@ async fn personal_data_is_ciphertext_on_the_topic_and_keys_rotate() {
     assert!(by_key.get("k1").is_some_and(|n| *n > 10), "{by_key:?}");
     assert!(by_key.get("k2").is_some_and(|n| *n > 10), "{by_key:?}");
 
-    // Each encryption is audited; each batch is reported on etl.execution, keyed by pipeline.
+    // Each encryption is audited (one record per batch and org, listing its events under the
+    // key that sealed them); each batch is reported on etl.execution, keyed by pipeline.
+    let sealed_by_key = |messages: &[rdkafka::message::OwnedMessage]| {
+        let mut out: BTreeMap<String, usize> = BTreeMap::new();
+        for a in p.decode("audit.events", messages) {
+            if a["payload"]["action"] != "pii.encrypted" {
+                continue;
+            }
+            let key = a["payload"]["details"]["key_id"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            *out.entry(key).or_default() += a["payload"]["subjects"].as_array().map_or(0, Vec::len);
+        }
+        out
+    };
     let audit = read_until(
         &p.broker.address,
         "audit.events",
-        |m| m.len() >= by_key.values().sum::<usize>(),
+        |m| sealed_by_key(m).values().sum::<usize>() >= by_key.values().sum::<usize>(),
         Duration::from_secs(1),
         Duration::from_secs(60),
     )
     .await
     .expect("audit");
-    let encrypted: Vec<Json> = p
+    assert_eq!(sealed_by_key(&audit), by_key);
+    let records = p
         .decode("audit.events", &audit)
-        .into_iter()
+        .iter()
         .filter(|a| a["payload"]["action"] == "pii.encrypted")
-        .collect();
-    assert_eq!(encrypted.len(), by_key.values().sum::<usize>());
+        .count();
+    assert!(
+        records < by_key.values().sum::<usize>(),
+        "fewer audit records ({records}) than sealed events"
+    );
     let executions = read_until(
         &p.broker.address,
         "etl.execution",
