@@ -48,38 +48,38 @@ pub struct AuditFields<'a> {
 
 impl AuditAction {
     /// The `audit/events.avsc` event, as JSON for [`crate::worker::JsonEncoder`].
-    pub fn to_event(&self, instance: &str, now_ms: i64) -> Value {
-        json!({
-            "event_id": self.event_id,
-            "event_type": format!("audit.{}", self.action),
-            "event_version": "1.0.0",
-            "timestamp": now_ms,
-            "source": {"service": self.actor, "instance": instance},
-            "correlation_id": self.correlation_id,
-            "org_id": self.org_id,
-            "trace_id": self.trace_id,
-            "classification": "internal",
-            "payload": {
-                "action": self.action,
-                "actor": self.actor,
-                "resource_type": self.resource_type,
-                "resource_id": self.resource_id,
-                "outcome": self.outcome,
-                "reason": self.reason,
-                "details": self.details,
-                "subjects": self
-                    .subjects
-                    .iter()
-                    .map(|(id, fields)| json!({"event_id": id, "fields": fields}))
-                    .collect::<Vec<_>>(),
-            },
-        })
+    pub fn to_event(&self, now_ms: i64) -> Value {
+        let event_type = format!("audit.{}", self.action);
+        crate::envelope::Envelope {
+            event_id: &self.event_id,
+            event_type: &event_type,
+            timestamp: now_ms,
+            service: &self.actor,
+            correlation_id: &self.correlation_id,
+            org_id: self.org_id,
+            trace_id: self.trace_id.as_deref(),
+            classification: "internal",
+        }
+        .event(json!({
+            "action": self.action,
+            "actor": self.actor,
+            "resource_type": self.resource_type,
+            "resource_id": self.resource_id,
+            "outcome": self.outcome,
+            "reason": self.reason,
+            "details": self.details,
+            "subjects": self
+                .subjects
+                .iter()
+                .map(|(id, fields)| json!({"event_id": id, "fields": fields}))
+                .collect::<Vec<_>>(),
+        }))
     }
 }
 
-/// This replica's name in `source.instance`: the pod name in Kubernetes.
+/// This replica's name in `source.instance` (see [`crate::envelope::instance`]).
 pub fn instance() -> String {
-    std::env::var("HOSTNAME").unwrap_or_else(|_| "local".into())
+    crate::envelope::instance().to_string()
 }
 
 /// Encodes audit events straight to Avro binary (Confluent framing). They are on hot paths (one
@@ -157,7 +157,7 @@ impl AuditEncoder {
         let bytes = encoder.encode(&sample, 1_700_000_000_123);
         let decoded = medallion_contracts::json::from_avro_binary(&bytes[5..], &schema, &schema)
             .map_err(|e| format!("the audit encoding no longer matches {topic}'s contract: {e}"))?;
-        let expected = sample.to_event(&encoder.instance, 1_700_000_000_123);
+        let expected = sample.to_event(1_700_000_000_123);
         if decoded != expected {
             return Err(format!(
                 "the audit encoding no longer matches {topic}'s contract: {decoded} != {expected}"
@@ -305,7 +305,7 @@ mod tests {
         let decoded =
             medallion_contracts::json::from_avro_binary(&bytes[5..], &audit.schema, &audit.schema)
                 .expect("decodes");
-        assert_eq!(decoded, action.to_event(&instance(), -5));
+        assert_eq!(decoded, action.to_event(-5));
         // The borrowed view writes the same bytes as the owned action.
         let mut detailed = action.clone();
         detailed.trace_id = Some("t-1".into());

@@ -8,6 +8,7 @@ pub mod changelog;
 pub mod config;
 pub mod dedup;
 pub mod dlq;
+pub mod envelope;
 pub mod error;
 pub mod http;
 pub mod ids;

@@ -120,7 +120,6 @@ where
                 audit: crate::audit::AuditEncoder::new(&audit.0, &audit.1, audit.2)
                     .map_err(WorkerError::Setup)?,
                 pipeline_id: config.pipeline.id.clone(),
-                instance: crate::audit::instance(),
             })
         }
         None => None,

@@ -19,7 +19,6 @@ pub(super) struct Telemetry {
     pub(super) execution: JsonEncoder,
     pub(super) audit: crate::audit::AuditEncoder,
     pub(super) pipeline_id: String,
-    pub(super) instance: String,
 }
 
 impl<S: Stage> StageWorker<S> {
@@ -88,31 +87,31 @@ impl<S: Stage> StageWorker<S> {
                 "SUCCEEDED"
             };
             let range = format!("{topic}/{partition}/{}-{}", c.first, c.last);
-            let event = serde_json::json!({
-                "event_id": crate::ids::stable_id(&["etl", group, &range]),
-                "event_type": "etl.execution",
-                "event_version": "1.0.0",
-                "timestamp": now,
-                "source": {"service": group, "instance": telemetry.instance},
-                "correlation_id": range,
-                "org_id": 0,
-                "trace_id": null,
-                "classification": "internal",
-                "payload": {
-                    "pipeline_id": telemetry.pipeline_id,
-                    "stage": group,
-                    "input_topic": topic,
-                    "partition": partition,
-                    "first_offset": c.first,
-                    "last_offset": c.last,
-                    "records_in": c.records_in,
-                    "records_out": c.records_out,
-                    "records_dlq": c.records_dlq,
-                    "duration_ms": duration.as_millis() as i64,
-                    "status": status,
-                    "error": plan.failed,
-                },
-            });
+            let event_id = crate::ids::stable_id(&["etl", group, &range]);
+            let event = crate::envelope::Envelope {
+                event_id: &event_id,
+                event_type: "etl.execution",
+                timestamp: now,
+                service: group,
+                correlation_id: &range,
+                org_id: 0,
+                trace_id: None,
+                classification: "internal",
+            }
+            .event(serde_json::json!({
+                "pipeline_id": telemetry.pipeline_id,
+                "stage": group,
+                "input_topic": topic,
+                "partition": partition,
+                "first_offset": c.first,
+                "last_offset": c.last,
+                "records_in": c.records_in,
+                "records_out": c.records_out,
+                "records_dlq": c.records_dlq,
+                "duration_ms": duration.as_millis() as i64,
+                "status": status,
+                "error": plan.failed,
+            }));
             match telemetry.execution.record(&telemetry.pipeline_id, &event) {
                 Ok(record) => out.push(record.into()),
                 Err(e) => tracing::error!(error = %e, "etl.execution record not encoded"),

@@ -20,6 +20,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use arrow::array::{Array, AsArray, BooleanArray, RecordBatch};
 use arrow::datatypes::{DataType, Float64Type, Int32Type, Int64Type, SchemaRef};
+use medallion_runtime::envelope::Envelope;
 use medallion_runtime::error::{RecordFailure, StageError};
 use medallion_runtime::metrics as m;
 use medallion_runtime::worker::{meta, JsonEncoder, Stage, StageOutput, StageSetup};
@@ -330,29 +331,28 @@ impl Gold {
         for (_, (org, metric, start), window) in closed {
             let end = start + self.config.window_ms;
             let id = window_event_id(org, &metric, start);
-            let event = json!({
-                "event_id": id,
-                "event_type": "gold.metric.windowed",
-                "event_version": "1.0.0",
-                "timestamp": end,
-                "source": {"service": GROUP, "instance": GROUP},
-                "correlation_id": id,
-                "org_id": org,
-                "trace_id": window.first_trace,
-                "classification": "internal",
-                "payload": {
-                    "metric": metric,
-                    "window_start": start,
-                    "window_end": end,
-                    "count": window.count,
-                    "sum": window.sum,
-                    "min": window.min,
-                    "max": window.max,
-                    "avg": window.sum / window.count.max(1) as f64,
-                    "distinct_entities": window.entities.len() as i64,
-                    "dimensions": {"window_ms": self.config.window_ms.to_string()},
-                },
-            });
+            let event = Envelope {
+                event_id: &id,
+                event_type: "gold.metric.windowed",
+                timestamp: end,
+                service: GROUP,
+                correlation_id: &id,
+                org_id: org,
+                trace_id: window.first_trace.as_deref(),
+                classification: "internal",
+            }
+            .event(json!({
+                "metric": metric,
+                "window_start": start,
+                "window_end": end,
+                "count": window.count,
+                "sum": window.sum,
+                "min": window.min,
+                "max": window.max,
+                "avg": window.sum / window.count.max(1) as f64,
+                "distinct_entities": window.entities.len() as i64,
+                "dimensions": {"window_ms": self.config.window_ms.to_string()},
+            }));
             out.push(self.output.record(&org.to_string(), &event)?);
         }
         metrics::counter!(m::WINDOWS_EMITTED_TOTAL, "stage" => GROUP).increment(out.len() as u64);

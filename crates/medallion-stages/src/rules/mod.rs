@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex};
 use arrow::array::{Array, AsArray, RecordBatch};
 use arrow::datatypes::{DataType, Float64Type, Int64Type, SchemaRef};
 use medallion_contracts::registry::RegistryClient;
+use medallion_runtime::envelope::Envelope;
 use medallion_runtime::error::StageError;
 use medallion_runtime::metrics as m;
 use medallion_runtime::worker::{JsonEncoder, Stage, StageOutput, StageSetup};
@@ -390,31 +391,30 @@ impl Rules {
                         window_start,
                         end.value(i)
                     );
-                    let event = json!({
-                        "event_id": id,
-                        "event_type": "rules.alert.triggered",
-                        "event_version": "1.0.0",
-                        "timestamp": end.value(i),
-                        "source": {"service": GROUP, "instance": GROUP},
-                        "correlation_id": correlation_id.value(source),
-                        "org_id": org_id,
-                        "trace_id": (!trace_id.is_null(source)).then(|| trace_id.value(source)),
-                        "classification": classification.value(source),
-                        "payload": {
-                            "rule_id": rule.id,
-                            "rule_version": self.current.version,
-                            "description": rule.description,
-                            "severity": rule.severity.as_str(),
-                            "metric": metric.value(i),
-                            "window_start": window_start,
-                            "window_end": end.value(i),
-                            "observed_value": observed,
-                            "threshold": rule.threshold,
-                            "message": message,
-                            "triggered_by_event_id": gold_id,
-                            "suppression_window_ms": rule.suppression_ms,
-                        },
-                    });
+                    let event = Envelope {
+                        event_id: &id,
+                        event_type: "rules.alert.triggered",
+                        timestamp: end.value(i),
+                        service: GROUP,
+                        correlation_id: correlation_id.value(source),
+                        org_id,
+                        trace_id: (!trace_id.is_null(source)).then(|| trace_id.value(source)),
+                        classification: classification.value(source),
+                    }
+                    .event(json!({
+                        "rule_id": rule.id,
+                        "rule_version": self.current.version,
+                        "description": rule.description,
+                        "severity": rule.severity.as_str(),
+                        "metric": metric.value(i),
+                        "window_start": window_start,
+                        "window_end": end.value(i),
+                        "observed_value": observed,
+                        "threshold": rule.threshold,
+                        "message": message,
+                        "triggered_by_event_id": gold_id,
+                        "suppression_window_ms": rule.suppression_ms,
+                    }));
                     out.push(self.output.record(&org_id.to_string(), &event)?);
                 }
             }
