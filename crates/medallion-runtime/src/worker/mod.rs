@@ -114,6 +114,8 @@ pub struct StageWorker<S: Stage> {
     decoder: BatchDecoder,
     /// `None` for a sink group.
     encoder: Option<BatchEncoder>,
+    /// Encodes the stage's [`OutputEvent`]s to the output contract (`None` for a sink group).
+    event_encoder: Option<JsonEncoder>,
     telemetry: Option<Telemetry>,
     window_capacity: usize,
     policy: RetryPolicy,

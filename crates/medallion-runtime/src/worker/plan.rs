@@ -443,6 +443,26 @@ impl<S: Stage> StageWorker<S> {
                 dead_origin: None,
             });
         }
+        if !output.events.is_empty() {
+            let Some(events) = &self.event_encoder else {
+                return Err(StageError::Transform(format!(
+                    "group {} produces no topic but its stage returned {} events",
+                    self.topo.group,
+                    output.events.len()
+                )));
+            };
+            for e in &output.events {
+                // Derived from state, no record is at fault: an event the output contract
+                // refuses is a bug in the stage.
+                let record = events.record(&e.key, &e.event).map_err(|err| {
+                    StageError::Halt(format!("an output event does not encode: {err}"))
+                })?;
+                if let Some(t) = e.event["timestamp"].as_i64() {
+                    event_times.push(t);
+                }
+                outgoing.push(Outgoing::from(record));
+            }
+        }
         outgoing.extend(output.side.into_iter().map(Outgoing::from));
         let deferred: Vec<usize> = output
             .deferred

@@ -80,7 +80,7 @@ where
     )?);
     let policy = RetryPolicy::from_millis(&config.retry.backoff_ms);
     // Output schemas must be registered before anything is produced: wait for the registry.
-    let (encoder, output_schema) = match &topo.output {
+    let (encoder, event_encoder, output_schema) = match &topo.output {
         Some(output) => {
             let id = register_with_retry(
                 &registry,
@@ -96,9 +96,11 @@ where
                 .schema();
             let encoder = BatchEncoder::new(&schema, &output.contract.text, id)
                 .map_err(|e| WorkerError::Setup(e.to_string()))?;
-            (Some(encoder), schema)
+            let events = JsonEncoder::new(&output.topic, &output.contract.text, id)
+                .map_err(WorkerError::Setup)?;
+            (Some(encoder), Some(events), schema)
         }
-        None => (None, Arc::new(Schema::empty())),
+        None => (None, None, Arc::new(Schema::empty())),
     };
     let telemetry = match &topics.telemetry {
         Some(names) => {
@@ -151,6 +153,7 @@ where
         registry,
         decoder,
         encoder,
+        event_encoder,
         telemetry,
         window_capacity: config.dedup.window_per_partition,
         policy,

@@ -73,6 +73,18 @@ pub struct StageOutput {
     pub deferred: Vec<u32>,
     /// Headers added to single output rows: (output row, key, value).
     pub row_headers: Vec<(u32, String, Vec<u8>)>,
+    /// Output-topic events the stage derived from state (gold's closed windows, rule alerts),
+    /// as JSON in the output contract. The runtime encodes, keys and stamps them and times
+    /// them like output rows; one with no source record that does not encode halts the worker.
+    pub events: Vec<OutputEvent>,
+}
+
+/// One output-topic event as JSON (see [`StageOutput::events`]).
+#[derive(Debug, Clone)]
+pub struct OutputEvent {
+    /// The record key (the output topic's key field, e.g. the org id as text).
+    pub key: String,
+    pub event: serde_json::Value,
 }
 
 impl StageOutput {
@@ -85,6 +97,7 @@ impl StageOutput {
             side: Vec::new(),
             deferred: Vec::new(),
             row_headers: Vec::new(),
+            events: Vec::new(),
         }
     }
 

@@ -497,6 +497,7 @@ impl Stage for Bronze {
             side,
             deferred: Vec::new(),
             row_headers,
+            events: Vec::new(),
         })
     }
 }

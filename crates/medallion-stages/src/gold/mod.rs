@@ -23,7 +23,7 @@ use arrow::datatypes::{DataType, Float64Type, Int32Type, Int64Type, SchemaRef};
 use medallion_runtime::envelope::Envelope;
 use medallion_runtime::error::{RecordFailure, StageError};
 use medallion_runtime::metrics as m;
-use medallion_runtime::worker::{meta, JsonEncoder, Stage, StageOutput, StageSetup};
+use medallion_runtime::worker::{meta, OutputEvent, Stage, StageOutput, StageSetup};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
@@ -131,7 +131,6 @@ pub struct Gold {
     config: GoldConfig,
     plan: BatchPlan,
     output_schema: SchemaRef,
-    output: JsonEncoder,
     partitions: HashMap<i32, PartitionState>,
 }
 
@@ -147,18 +146,8 @@ enum Fate {
 }
 
 impl Gold {
-    /// Registers the output schema and plans the transform.
+    /// Plans the transform.
     pub async fn new(setup: StageSetup, config: GoldConfig) -> Result<Self, String> {
-        let output = setup.json_encoder(setup.output()?).await?;
-        Self::with_encoder(setup, config, output).await
-    }
-
-    /// Plans the transform with an output encoder already at hand.
-    pub async fn with_encoder(
-        setup: StageSetup,
-        config: GoldConfig,
-        output: JsonEncoder,
-    ) -> Result<Self, String> {
         if config.window_ms <= 0 || config.allowed_lateness_ms < 0 {
             return Err(format!(
                 "stage.window_ms must be > 0 and stage.allowed_lateness_ms >= 0 (have {} and {})",
@@ -172,7 +161,6 @@ impl Gold {
             config,
             plan,
             output_schema: setup.output_schema,
-            output,
             partitions: HashMap::new(),
         })
     }
@@ -309,7 +297,7 @@ impl Gold {
     }
 
     /// Emits (and forgets) every window whose end the watermark has passed.
-    fn close(&mut self) -> Result<Vec<medallion_runtime::worker::SideRecord>, StageError> {
+    fn close(&mut self) -> Vec<OutputEvent> {
         let mut closed: Vec<(i32, WindowKey, Window)> = Vec::new();
         for (p, state) in &mut self.partitions {
             let Some(wm) = state.watermark else { continue };
@@ -353,12 +341,15 @@ impl Gold {
                 "distinct_entities": window.entities.len() as i64,
                 "dimensions": {"window_ms": self.config.window_ms.to_string()},
             }));
-            out.push(self.output.record(&org.to_string(), &event)?);
+            out.push(OutputEvent {
+                key: org.to_string(),
+                event,
+            });
         }
         metrics::counter!(m::WINDOWS_EMITTED_TOTAL, "stage" => GROUP).increment(out.len() as u64);
         let open: usize = self.partitions.values().map(|s| s.windows.len()).sum();
         metrics::gauge!(m::OPEN_WINDOWS, "stage" => GROUP).set(open as f64);
-        Ok(out)
+        out
     }
 }
 
@@ -440,14 +431,15 @@ impl Stage for Gold {
                 .map_err(|e| StageError::Transform(e.to_string()))?;
             self.merge(&partials)?;
         }
-        let side = self.close()?;
+        let events = self.close();
         Ok(StageOutput {
             batch: RecordBatch::new_empty(self.output_schema.clone()),
             source_rows: Vec::new(),
             rejected,
-            side,
+            side: Vec::new(),
             deferred: Vec::new(),
             row_headers: Vec::new(),
+            events,
         })
     }
 }

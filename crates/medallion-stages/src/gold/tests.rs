@@ -1,6 +1,6 @@
 //! Windowing, lateness and restart semantics in process (broker tests are in `tests/`).
 
-use medallion_runtime::worker::{JsonEncoder, SideRecord, Stage};
+use medallion_runtime::worker::{OutputEvent, Stage};
 use serde_json::{json, Value as Json};
 
 use super::{Gold, GoldConfig, GROUP, LATE};
@@ -35,25 +35,27 @@ async fn gold() -> Gold {
         0,
     );
     let setup = offline_setup(GROUP, input_schema, arrow_schema(&gold_contract));
-    let encoder = JsonEncoder::new("gold.data.ready", &gold_contract.text, 9).expect("encoder");
-    Gold::with_encoder(
+    Gold::new(
         setup,
         GoldConfig {
             window_ms: MINUTE,
             allowed_lateness_ms: 10_000,
         },
-        encoder,
     )
     .await
     .expect("plans")
 }
 
-fn decode(records: &[SideRecord]) -> Vec<Json> {
+/// The emitted windows, through the output contract and back (as the runtime encodes them).
+fn decode(events: &[OutputEvent]) -> Vec<Json> {
     let c = contract("gold/data-ready.avsc");
-    records
+    events
         .iter()
-        .map(|r| {
-            medallion_contracts::json::from_avro_binary(&r.value[5..], &c.schema, &c.schema)
+        .map(|e| {
+            assert_eq!(e.key, e.event["org_id"].to_string(), "keyed by org");
+            let binary = medallion_contracts::json::to_avro_binary(&e.event, &c.schema)
+                .expect("a gold record");
+            medallion_contracts::json::from_avro_binary(&binary, &c.schema, &c.schema)
                 .expect("gold record")
         })
         .collect()
@@ -98,7 +100,7 @@ async fn feed(
         .iter()
         .map(|(r, f)| (*r, f.reason.clone()))
         .collect();
-    (decode(&out.side), rejected)
+    (decode(&out.events), rejected)
 }
 
 fn stream() -> Vec<Json> {

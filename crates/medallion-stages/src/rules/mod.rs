@@ -19,7 +19,7 @@ use medallion_contracts::registry::RegistryClient;
 use medallion_runtime::envelope::Envelope;
 use medallion_runtime::error::StageError;
 use medallion_runtime::metrics as m;
-use medallion_runtime::worker::{JsonEncoder, Stage, StageOutput, StageSetup};
+use medallion_runtime::worker::{OutputEvent, Stage, StageOutput, StageSetup};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
@@ -214,7 +214,6 @@ pub struct Rules {
     pending: Arc<Mutex<Option<Compiled>>>,
     plan_input: SchemaRef,
     output_schema: SchemaRef,
-    output: JsonEncoder,
     /// (rule id, org) → window start of the last alert.
     last_alert: HashMap<(String, i64), i64>,
     reader: Option<tokio::task::JoinHandle<()>>,
@@ -232,8 +231,7 @@ impl Rules {
     /// Loads and validates the start-up rules, registers the output schema, and starts reading
     /// `config.changes`.
     pub async fn new(setup: StageSetup, config: RulesConfig) -> Result<Self, String> {
-        let output = setup.json_encoder(setup.output()?).await?;
-        let mut stage = Self::with_encoder(&setup, config, output).await?;
+        let mut stage = Self::offline(&setup, config).await?;
         let topic = setup
             .topics
             .consumer_groups
@@ -261,11 +259,7 @@ impl Rules {
     }
 
     /// Everything but the `config.changes` reader (for tests that feed updates directly).
-    pub async fn with_encoder(
-        setup: &StageSetup,
-        config: RulesConfig,
-        output: JsonEncoder,
-    ) -> Result<Self, String> {
+    pub async fn offline(setup: &StageSetup, config: RulesConfig) -> Result<Self, String> {
         let set = match &config.rules_file {
             Some(path) => {
                 let path = if path.is_absolute() {
@@ -289,7 +283,6 @@ impl Rules {
             pending: Arc::new(Mutex::new(None)),
             plan_input,
             output_schema: setup.output_schema.clone(),
-            output,
             last_alert: HashMap::new(),
             reader: None,
         })
@@ -316,7 +309,7 @@ impl Rules {
         &mut self,
         results: &[RecordBatch],
         input: &RecordBatch,
-    ) -> Result<Vec<medallion_runtime::worker::SideRecord>, StageError> {
+    ) -> Result<Vec<OutputEvent>, StageError> {
         let text = |name: &str| -> Result<arrow::array::StringArray, StageError> {
             let c = input
                 .column_by_name(name)
@@ -415,7 +408,10 @@ impl Rules {
                         "triggered_by_event_id": gold_id,
                         "suppression_window_ms": rule.suppression_ms,
                     }));
-                    out.push(self.output.record(&org_id.to_string(), &event)?);
+                    out.push(OutputEvent {
+                        key: org_id.to_string(),
+                        event,
+                    });
                 }
             }
         }
@@ -446,14 +442,15 @@ impl Stage for Rules {
                 .await
                 .map_err(|e| StageError::Transform(e.to_string()))?
         };
-        let side = self.alerts(&results, &input)?;
+        let events = self.alerts(&results, &input)?;
         Ok(StageOutput {
             batch: RecordBatch::new_empty(self.output_schema.clone()),
             source_rows: Vec::new(),
             rejected: Vec::new(),
-            side,
+            side: Vec::new(),
             deferred: Vec::new(),
             row_headers: Vec::new(),
+            events,
         })
     }
 }

@@ -1,6 +1,6 @@
 //! Rule evaluation, suppression and updates in process (broker tests are in `tests/`).
 
-use medallion_runtime::worker::{JsonEncoder, SideRecord, Stage};
+use medallion_runtime::worker::{OutputEvent, Stage};
 use serde_json::{json, Value as Json};
 
 use super::{Rule, Rules, RulesConfig, Severity, GROUP};
@@ -38,20 +38,23 @@ async fn rules(set: Vec<Rule>) -> Result<Rules, String> {
     let alerts = contract("rules/alerts.avsc");
     let (_, input_schema) = input_batch(&gold_contract, &[gold("x", 1, "m", 0, 1, 1.0)], 0, 0, 0);
     let setup = offline_setup(GROUP, input_schema, arrow_schema(&alerts));
-    let encoder = JsonEncoder::new("rules.alerts.triggered", &alerts.text, 3).expect("encoder");
     let config = RulesConfig {
         rules_file: None,
         rules: set,
     };
-    Rules::with_encoder(&setup, config, encoder).await
+    Rules::offline(&setup, config).await
 }
 
-fn decode(records: &[SideRecord]) -> Vec<Json> {
+/// The alerts, through the output contract and back (as the runtime encodes them).
+fn decode(events: &[OutputEvent]) -> Vec<Json> {
     let c = contract("rules/alerts.avsc");
-    records
+    events
         .iter()
-        .map(|r| {
-            medallion_contracts::json::from_avro_binary(&r.value[5..], &c.schema, &c.schema)
+        .map(|e| {
+            assert_eq!(e.key, e.event["org_id"].to_string(), "keyed by org");
+            let binary =
+                medallion_contracts::json::to_avro_binary(&e.event, &c.schema).expect("an alert");
+            medallion_contracts::json::from_avro_binary(&binary, &c.schema, &c.schema)
                 .expect("alert")
         })
         .collect()
@@ -59,7 +62,7 @@ fn decode(records: &[SideRecord]) -> Vec<Json> {
 
 async fn feed(stage: &mut Rules, events: &[Json]) -> Vec<Json> {
     let (batch, _) = input_batch(&contract("gold/data-ready.avsc"), events, 0, 0, 0);
-    decode(&stage.process(batch).await.expect("processes").side)
+    decode(&stage.process(batch).await.expect("processes").events)
 }
 
 #[tokio::test]
@@ -158,8 +161,7 @@ async fn the_shipped_rule_file_is_valid() {
     let alerts = contract("rules/alerts.avsc");
     let (_, input_schema) = input_batch(&gold_contract, &[gold("x", 1, "m", 0, 1, 1.0)], 0, 0, 0);
     let setup = offline_setup(GROUP, input_schema, arrow_schema(&alerts));
-    let encoder = JsonEncoder::new("rules.alerts.triggered", &alerts.text, 3).expect("encoder");
-    let stage = Rules::with_encoder(&setup, RulesConfig::default(), encoder)
+    let stage = Rules::offline(&setup, RulesConfig::default())
         .await
         .expect("rules/default.yaml is valid");
     assert!(!stage.current.rules.is_empty());

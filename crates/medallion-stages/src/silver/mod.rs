@@ -731,6 +731,7 @@ impl Silver {
             side,
             deferred: Vec::new(),
             row_headers: Vec::new(),
+            events: Vec::new(),
         })
     }
 }
