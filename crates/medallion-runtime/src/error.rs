@@ -87,6 +87,9 @@ pub enum StageError {
     /// An Arrow kernel failed on the batch.
     #[error("transform failed: {0}")]
     Arrow(#[from] arrow::error::ArrowError),
+    /// A DataFusion plan failed on the batch.
+    #[error("transform failed: {0}")]
+    DataFusion(#[from] datafusion::error::DataFusionError),
     /// A bug in the runtime or the stage (a broken invariant): the worker stops without
     /// committing the batch rather than guess.
     #[error("internal error: {0}")]
@@ -101,7 +104,7 @@ impl StageError {
             StageError::Transform(_) => "transform_failed",
             StageError::Encode(_) => "encode_failed",
             StageError::Halt(_) => "halted",
-            StageError::Arrow(_) => "transform_failed",
+            StageError::Arrow(_) | StageError::DataFusion(_) => "transform_failed",
             StageError::Internal(_) => "internal_error",
         }
     }
@@ -118,6 +121,7 @@ impl StageError {
             | StageError::Encode(_)
             | StageError::Halt(_)
             | StageError::Arrow(_)
+            | StageError::DataFusion(_)
             | StageError::Internal(_) => false,
         }
     }

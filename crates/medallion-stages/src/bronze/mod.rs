@@ -446,11 +446,7 @@ impl Stage for Bronze {
     async fn process(&mut self, input: RecordBatch) -> Result<StageOutput, StageError> {
         let input = number_rows(&self.plan_input, &input)
             .map_err(|e| StageError::Transform(e.to_string()))?;
-        let results = self
-            .plan
-            .run(input.clone())
-            .await
-            .map_err(|e| StageError::Transform(e.to_string()))?;
+        let results = self.plan.run(input.clone()).await?;
         let mut accepted = Vec::new();
         let mut source_rows = Vec::new();
         let mut rejected = Vec::new();

@@ -424,11 +424,7 @@ impl Stage for Gold {
         let input = arrow::compute::filter_record_batch(&input, &counted)
             .map_err(|e| StageError::Transform(e.to_string()))?;
         if input.num_rows() > 0 {
-            let partials = self
-                .plan
-                .run(input)
-                .await
-                .map_err(|e| StageError::Transform(e.to_string()))?;
+            let partials = self.plan.run(input).await?;
             self.merge(&partials)?;
         }
         let events = self.close();

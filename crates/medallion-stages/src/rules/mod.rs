@@ -436,11 +436,7 @@ impl Stage for Rules {
         let results = if self.current.rules.is_empty() {
             Vec::new()
         } else {
-            self.current
-                .plan
-                .run(with_rows)
-                .await
-                .map_err(|e| StageError::Transform(e.to_string()))?
+            self.current.plan.run(with_rows).await?
         };
         let events = self.alerts(&results, &input)?;
         Ok(StageOutput {

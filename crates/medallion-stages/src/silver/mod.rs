@@ -446,11 +446,7 @@ impl Stage for Silver {
     async fn process(&mut self, input: RecordBatch) -> Result<StageOutput, StageError> {
         let input = number_rows(&self.plan_input, &input)
             .map_err(|e| StageError::Transform(e.to_string()))?;
-        let results = self
-            .plan
-            .run(input)
-            .await
-            .map_err(|e| StageError::Transform(e.to_string()))?;
+        let results = self.plan.run(input).await?;
         let batch = match results.len() {
             0 => {
                 return Ok(StageOutput::one_to_one(
