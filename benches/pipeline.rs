@@ -21,7 +21,6 @@
 
 use std::time::{Duration, Instant};
 
-use medallion_contracts::registry::RegistryClient;
 use medallion_runtime::ops::capture::{replay, Captured, ReplayOptions};
 use medallion_tests::{broker, contracts, metric_sum, read_until, registry, WorkerProcess};
 use rdkafka::message::Message;
@@ -101,16 +100,9 @@ async fn run() {
     let broker = broker().expect("broker");
     let registry = registry().expect("registry");
     let (contracts, topics) = contracts().expect("contracts");
+    let ids = support::provision(&broker.address, &registry.address, &contracts, &topics).await;
     let kafka =
         medallion_runtime::kafka::KafkaConnection::plain(&broker.address).expect("connection");
-    medallion_runtime::admin::apply_topics(&kafka, &topics, 1)
-        .await
-        .expect("topics");
-    let client = RegistryClient::new(&registry.address, Duration::from_secs(10)).expect("client");
-    let ids = client
-        .register_all(&contracts, &topics)
-        .await
-        .expect("registered");
     let raw = contracts.get("connector/data-raw.avsc").expect("raw");
     let gold_contract = contracts.get("gold/data-ready.avsc").expect("gold");
 

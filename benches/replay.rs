@@ -13,7 +13,6 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use medallion_contracts::registry::RegistryClient;
 use medallion_runtime::ops::capture::{
     read_capture, replay, CaptureWriter, Captured, ReplayOptions,
 };
@@ -212,18 +211,7 @@ async fn run() {
     let mut scratch = topics.topics[RAW].clone();
     scratch.dlq = None;
     topics.topics.insert(PASSTHROUGH_TOPIC.into(), scratch);
-    medallion_runtime::admin::apply_topics(
-        &medallion_runtime::kafka::KafkaConnection::plain(&broker.address).expect("connection"),
-        &topics,
-        1,
-    )
-    .await
-    .expect("topics");
-    let client = RegistryClient::new(&registry.address, Duration::from_secs(10)).expect("client");
-    let ids = client
-        .register_all(&contracts, &topics)
-        .await
-        .expect("registered");
+    let ids = support::provision(&broker.address, &registry.address, &contracts, &topics).await;
     let raw = contracts.get("connector/data-raw.avsc").expect("raw");
 
     // n unique events: 10k realistic templates, each copy with its own event_id.

@@ -98,3 +98,22 @@ pub fn event(templates: &[(String, Vec<u8>)], i: usize, t: i64) -> (&str, Vec<u8
     write_varint_fixed(&mut value[from..to], t);
     (key, value)
 }
+
+/// Creates every topic of `topics` on `bootstrap` and registers every contract on `registry`:
+/// the schema ids by topic.
+pub async fn provision(
+    bootstrap: &str,
+    registry: &str,
+    contracts: &medallion_contracts::ContractSet,
+    topics: &medallion_contracts::TopicConfig,
+) -> std::collections::BTreeMap<String, u32> {
+    let kafka = medallion_runtime::kafka::KafkaConnection::plain(bootstrap).expect("connection");
+    medallion_runtime::admin::apply_topics(&kafka, topics, 1)
+        .await
+        .expect("topics");
+    medallion_contracts::registry::RegistryClient::new(registry, std::time::Duration::from_secs(10))
+        .expect("client")
+        .register_all(contracts, topics)
+        .await
+        .expect("registered")
+}

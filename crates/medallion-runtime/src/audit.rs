@@ -77,11 +77,6 @@ impl AuditAction {
     }
 }
 
-/// This replica's name in `source.instance` (see [`crate::envelope::instance`]).
-pub fn instance() -> String {
-    crate::envelope::instance().to_string()
-}
-
 /// Encodes audit events straight to Avro binary (Confluent framing). They are on hot paths (one
 /// per encrypted event in bronze, one per drift in silver) where JSON → Avro costs more than the
 /// stage itself. The encoding follows `audit/events.avsc` field by field; [`AuditEncoder::new`]
@@ -90,7 +85,6 @@ pub fn instance() -> String {
 pub struct AuditEncoder {
     topic: String,
     id: u32,
-    instance: String,
 }
 
 fn put_long(out: &mut Vec<u8>, value: i64) {
@@ -129,7 +123,6 @@ impl AuditEncoder {
         let encoder = Self {
             topic: topic.to_string(),
             id,
-            instance: instance(),
         };
         let schema = apache_avro::Schema::parse_str(schema_text)
             .map_err(|e| format!("schema of {topic}: {e}"))?;
@@ -214,7 +207,7 @@ impl AuditEncoder {
         put_str(&mut out, "1.0.0");
         put_long(&mut out, now_ms);
         put_str(&mut out, action.actor);
-        put_str(&mut out, &self.instance);
+        put_str(&mut out, crate::envelope::instance());
         put_str(&mut out, action.correlation_id);
         put_long(&mut out, action.org_id);
         put_optional(&mut out, action.trace_id);

@@ -377,7 +377,10 @@ impl<S: Stage> StageWorker<S> {
             dead: plan.dead.into_iter().map(|(_, failure)| failure).collect(),
             event_times: plan.event_times,
         };
-        let commits = self.positions_of(&touched);
+        let commits = match self.ledger.lock() {
+            Ok(ledger) => self.positions_of(&ledger, touched.into_iter()),
+            Err(_) => Vec::new(),
+        };
         self.launch(plan.outgoing, commits, booking, producer).await;
         metrics::histogram!(m::BATCH_DURATION_SECONDS, "stage" => group.clone())
             .record(started.elapsed().as_secs_f64());
@@ -394,14 +397,14 @@ impl<S: Stage> StageWorker<S> {
         self.settle(false, producer).await
     }
 
-    /// The stage's commit for each of `partitions` as things stand now.
-    fn positions_of(&self, partitions: &[i32]) -> Vec<(i32, Commit)> {
-        let Ok(ledger) = self.ledger.lock() else {
-            return Vec::new();
-        };
+    /// The stage's commit for each of `partitions` (consumed from) as things stand now.
+    fn positions_of(
+        &self,
+        ledger: &Ledger,
+        partitions: impl Iterator<Item = i32>,
+    ) -> Vec<(i32, Commit)> {
         partitions
-            .iter()
-            .filter_map(|&p| {
+            .filter_map(|p| {
                 let next = ledger.next_offset(p)?;
                 let (offset, metadata) = self.stage.position(p, next);
                 Some((p, Commit { offset, metadata }))
@@ -619,19 +622,12 @@ impl<S: Stage> StageWorker<S> {
             resolved.push((r.partition, r.offset));
         }
         let replayed = self.drop_replayed(&mut outgoing);
-        let partitions: Vec<i32> = match self.ledger.lock() {
-            Ok(ledger) => ledger.partitions().collect(),
-            Err(_) => Vec::new(),
-        };
+        // Only positions that moved since the partition's last launched step.
         let commits: Vec<(i32, Commit)> = match self.ledger.lock() {
-            Ok(ledger) => partitions
-                .iter()
-                .filter_map(|&p| {
-                    let next = ledger.next_offset(p)?;
-                    let (offset, metadata) = self.stage.position(p, next);
-                    let commit = Commit { offset, metadata };
-                    (ledger.last_commit(p) != Some(&commit)).then_some((p, commit))
-                })
+            Ok(ledger) => self
+                .positions_of(&ledger, ledger.partitions())
+                .into_iter()
+                .filter(|(p, commit)| ledger.last_commit(*p) != Some(commit))
                 .collect(),
             Err(_) => Vec::new(),
         };

@@ -175,9 +175,8 @@ impl<S: Stage> StageWorker<S> {
             .column_by_name("event_id")
             .and_then(|c| c.as_any().downcast_ref::<StringArray>())
             .cloned();
-        let shared = self.ledger.clone();
         let (keep, keys, duplicates) = {
-            let ledger = shared.lock().map_err(|_| {
+            let ledger = self.ledger.lock().map_err(|_| {
                 StageError::Internal("the partition ledger's lock is poisoned".into())
             })?;
             let mut keep = Vec::with_capacity(decoded.rows.len());
