@@ -112,7 +112,7 @@ impl BatchDecoder {
         let result = (|| {
             let parsed =
                 apache_avro::Schema::parse_str(writer_schema).map_err(|e| e.to_string())?;
-            let shape = Shape::compile(&parsed)?;
+            let shape = Shape::compile(&parsed).map_err(|e| e.to_string())?;
             let identical = parsed.canonical_form() == self.reader_canonical;
             let avro = AvroSchema::new(writer_schema.to_string());
             let mut store = SchemaStore::new_with_type(FingerprintAlgorithm::Id);
@@ -224,9 +224,65 @@ impl BatchDecoder {
             Ok(decoded) => Ok(decoded),
             Err(_) => {
                 self.decoder = None;
-                self.decode_pass(&messages, true)
+                match self.decode_pass(&messages, true) {
+                    Ok(decoded) => Ok(decoded),
+                    Err(_) => {
+                        // Refused though every message passed the full check (a decoder bug
+                        // one message triggers): one at a time, so only that one is rejected.
+                        self.decoder = None;
+                        self.decode_each(&messages)
+                    }
+                }
             }
         }
+    }
+
+    /// Decodes each message alone; a message the decoder refuses is rejected with the error.
+    pub(crate) fn decode_each(&mut self, messages: &[&[u8]]) -> Result<DecodedBatch, CodecError> {
+        let mut rows = Vec::with_capacity(messages.len());
+        let mut rejected = Vec::new();
+        let mut batches = Vec::with_capacity(messages.len());
+        for (index, message) in messages.iter().enumerate() {
+            match self.decode_pass(std::slice::from_ref(message), true) {
+                Ok(one) => {
+                    if let Some((_, e)) = one.rejected.into_iter().next() {
+                        rejected.push((index, e));
+                    } else if one.batch.num_rows() == 1 {
+                        rows.push(index);
+                        batches.push(one.batch);
+                    }
+                }
+                Err(e) => {
+                    self.decoder = None;
+                    rejected.push((index, e));
+                }
+            }
+        }
+        let batch = self.concat(batches)?;
+        Ok(DecodedBatch {
+            batch,
+            rows,
+            rejected,
+        })
+    }
+
+    /// One batch of the reader's schema from batches of it (of different writers).
+    fn concat(&self, batches: Vec<RecordBatch>) -> Result<RecordBatch, CodecError> {
+        if batches.len() < 2 {
+            return Ok(batches
+                .into_iter()
+                .next()
+                .unwrap_or_else(|| RecordBatch::new_empty(self.arrow_schema.clone())));
+        }
+        // Sub-batches of different writers: concatenation merges their enum dictionaries,
+        // so put enum columns back on the reader's symbol list.
+        arrow::compute::concat_batches(&self.arrow_schema, &batches)
+            .and_then(|batch| crate::enums::conform(batch, &self.arrow_schema))
+            .map_err(|e| CodecError::SchemaMismatch {
+                id: 0,
+                reader: self.reader_name.clone(),
+                reason: e.to_string(),
+            })
     }
 
     fn decode_pass(
@@ -299,25 +355,11 @@ impl BatchDecoder {
                 })
             }
         };
-        let batch = match batches.len() {
-            0 => RecordBatch::new_empty(arrow_schema.clone()),
-            1 => conform(batches.remove(0))?,
-            _ => {
-                let conformed = batches
-                    .into_iter()
-                    .map(conform)
-                    .collect::<Result<Vec<_>, _>>()?;
-                // Sub-batches of different writers: concatenation merges their enum
-                // dictionaries, so put enum columns back on the reader's symbol list.
-                arrow::compute::concat_batches(&arrow_schema, &conformed)
-                    .and_then(|batch| crate::enums::conform(batch, &arrow_schema))
-                    .map_err(|e| CodecError::SchemaMismatch {
-                        id: 0,
-                        reader: self.reader_name.clone(),
-                        reason: e.to_string(),
-                    })?
-            }
-        };
+        let conformed = batches
+            .into_iter()
+            .map(conform)
+            .collect::<Result<Vec<_>, _>>()?;
+        let batch = self.concat(conformed)?;
         Ok(DecodedBatch {
             batch,
             rows,

@@ -336,6 +336,38 @@ fn each_decode_failure_has_its_own_typed_error() {
 }
 
 #[test]
+fn a_batch_the_decoder_refuses_is_decoded_one_message_at_a_time() {
+    let raw = raw();
+    let mut decoder = BatchDecoder::new(&raw.full_name, &raw.text).expect("decoder");
+    decoder.add_writer_schema(1, &raw.text).expect("writer");
+    let event = |id: &str| {
+        let mut e = golden_raw();
+        e["event_id"] = json!(id);
+        to_framed(&e, &raw.schema, 1).expect("frame")
+    };
+    let (first, second) = (event("first"), event("second"));
+    let truncated = first[..first.len() - 3].to_vec();
+    let messages = [first, truncated, vec![0, 0], second];
+    let slices: Vec<&[u8]> = messages.iter().map(Vec::as_slice).collect();
+    // The fallback path gives exactly what the batch path gives: only the bad ones set apart.
+    let one_by_one = decoder.decode_each(&slices).expect("decodes");
+    let batched = decoder.decode(slices.iter().copied()).expect("decodes");
+    for decoded in [&one_by_one, &batched] {
+        assert_eq!(decoded.rows, vec![0, 3]);
+        let ids = decoded.batch.column_by_name("event_id").expect("ids");
+        let ids: Vec<&str> = ids.as_string::<i32>().iter().flatten().collect();
+        assert_eq!(ids, ["first", "second"]);
+        let reasons: Vec<(usize, &str)> = decoded
+            .rejected
+            .iter()
+            .map(|(i, e)| (*i, e.reason()))
+            .collect();
+        assert_eq!(reasons, [(1, "truncated_body"), (2, "missing_header")]);
+    }
+    assert_eq!(one_by_one.batch, batched.batch);
+}
+
+#[test]
 fn an_older_writer_is_resolved_against_the_reader_schema() {
     let writer =
         r#"{"type":"record","name":"E","namespace":"t","fields":[{"name":"id","type":"string"}]}"#;

@@ -36,12 +36,17 @@ pub enum Shape {
     Record(Vec<Shape>),
 }
 
+/// A schema whose shape cannot be compiled (a recursive or unresolvable schema), and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct ShapeError(String);
+
 impl Shape {
     /// Compiles `schema`; fails on recursive schemas, which the pipeline does not use.
-    pub fn compile(schema: &Schema) -> Result<Shape, String> {
-        let resolved = ResolvedSchema::try_from(schema).map_err(|e| e.to_string())?;
+    pub fn compile(schema: &Schema) -> Result<Shape, ShapeError> {
+        let resolved = ResolvedSchema::try_from(schema).map_err(|e| ShapeError(e.to_string()))?;
         let mut stack = Vec::new();
-        compile(schema, resolved.get_names(), &mut stack)
+        compile(schema, resolved.get_names(), &mut stack).map_err(ShapeError)
     }
 
     /// Checks that `buf` holds exactly one datum of this shape.

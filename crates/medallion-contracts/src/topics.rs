@@ -47,16 +47,25 @@ impl fmt::Display for Retention {
     }
 }
 
+/// A value in the topic configuration (a duration, a deployment prefix) that is not valid,
+/// and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct InvalidValue(pub String);
+
 /// Parses `7d`, `12h`, `30m`, `45s`, `500ms`.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
+pub fn parse_duration(text: &str) -> Result<Duration, InvalidValue> {
+    let invalid = |message: String| InvalidValue(message);
     let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .ok_or_else(|| format!("duration `{text}` has no unit (use ms, s, m, h or d)"))?;
+    let split = text.find(|c: char| !c.is_ascii_digit()).ok_or_else(|| {
+        invalid(format!(
+            "duration `{text}` has no unit (use ms, s, m, h or d)"
+        ))
+    })?;
     let (digits, unit) = text.split_at(split);
     let n: u64 = digits
         .parse()
-        .map_err(|_| format!("duration `{text}` does not start with a number"))?;
+        .map_err(|_| invalid(format!("duration `{text}` does not start with a number")))?;
     let ms = match unit {
         "ms" => n,
         "s" => n * 1_000,
@@ -64,13 +73,13 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         "h" => n * 3_600_000,
         "d" => n * 86_400_000,
         other => {
-            return Err(format!(
+            return Err(invalid(format!(
                 "duration `{text}` has unknown unit `{other}` (use ms, s, m, h or d)"
-            ))
+            )))
         }
     };
     if ms == 0 {
-        return Err(format!("duration `{text}` must be positive"));
+        return Err(invalid(format!("duration `{text}` must be positive")));
     }
     Ok(Duration::from_millis(ms))
 }
@@ -104,15 +113,17 @@ pub struct TopicConfig {
 }
 
 /// Checks a deployment prefix: Kafka's topic characters only (`a-z A-Z 0-9 . _ -`).
-pub fn check_prefix(prefix: &str) -> Result<(), String> {
+pub fn check_prefix(prefix: &str) -> Result<(), InvalidValue> {
     match prefix
         .chars()
         .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
     {
-        Some(c) => Err(format!(
+        Some(c) => Err(InvalidValue(format!(
             "`{prefix}` has `{c}`; topic names allow only a-z, A-Z, 0-9, `.`, `_` and `-`"
-        )),
-        None if prefix.len() > 100 => Err(format!("`{prefix}` is longer than 100 characters")),
+        ))),
+        None if prefix.len() > 100 => Err(InvalidValue(format!(
+            "`{prefix}` is longer than 100 characters"
+        ))),
         None => Ok(()),
     }
 }
@@ -367,7 +378,7 @@ impl TopicConfig {
     /// The same configuration for a deployment whose every topic, DLQ, changelog and consumer
     /// group name starts with `prefix`, so two pipelines can share one cluster. Applied once,
     /// right after loading: everything read from the result is a name on the broker.
-    pub fn with_prefix(mut self, prefix: &str) -> Result<Self, String> {
+    pub fn with_prefix(mut self, prefix: &str) -> Result<Self, InvalidValue> {
         check_prefix(prefix)?;
         if prefix.is_empty() {
             return Ok(self);
@@ -611,6 +622,7 @@ consumer_groups:
     fn bad_durations_are_explained() {
         assert!(parse_duration("7x")
             .expect_err("bad")
+            .0
             .contains("unknown unit"));
         assert!(parse_duration("d").is_err());
         assert_eq!(parse_duration("90d"), Ok(Duration::from_secs(90 * 86_400)));

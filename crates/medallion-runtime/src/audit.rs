@@ -5,6 +5,8 @@ use std::collections::BTreeMap;
 
 use serde_json::{json, Value};
 
+use crate::error::SetupError;
+
 /// One governance action, before it is framed for `audit.events`.
 #[derive(Debug, Clone, Default)]
 pub struct AuditAction {
@@ -119,13 +121,17 @@ const INTERNAL: i64 = 1;
 
 impl AuditEncoder {
     /// An encoder for schema `id` of `topic`, checked against the contract `schema_text`.
-    pub fn new(topic: &str, schema_text: &str, id: u32) -> Result<Self, String> {
+    pub fn new(topic: &str, schema_text: &str, id: u32) -> Result<Self, SetupError> {
         let encoder = Self {
             topic: topic.to_string(),
             id,
         };
-        let schema = apache_avro::Schema::parse_str(schema_text)
-            .map_err(|e| format!("schema of {topic}: {e}"))?;
+        let mismatch = |message: String| SetupError::Schema {
+            topic: topic.to_string(),
+            message,
+        };
+        let schema =
+            apache_avro::Schema::parse_str(schema_text).map_err(|e| mismatch(e.to_string()))?;
         let sample = AuditAction {
             event_id: "e".into(),
             action: "check".into(),
@@ -149,12 +155,12 @@ impl AuditEncoder {
         };
         let bytes = encoder.encode(&sample, 1_700_000_000_123);
         let decoded = medallion_contracts::json::from_avro_binary(&bytes[5..], &schema, &schema)
-            .map_err(|e| format!("the audit encoding no longer matches {topic}'s contract: {e}"))?;
+            .map_err(|e| mismatch(format!("the audit encoding no longer matches it: {e}")))?;
         let expected = sample.to_event(1_700_000_000_123);
         if decoded != expected {
-            return Err(format!(
-                "the audit encoding no longer matches {topic}'s contract: {decoded} != {expected}"
-            ));
+            return Err(mismatch(format!(
+                "the audit encoding no longer matches it: {decoded} != {expected}"
+            )));
         }
         Ok(encoder)
     }

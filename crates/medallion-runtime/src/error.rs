@@ -70,7 +70,7 @@ impl From<&CodecError> for RecordFailure {
 /// A failure of a whole batch step.
 #[derive(Debug, thiserror::Error)]
 pub enum StageError {
-    /// The registry could not be reached: retry the batch.
+    /// The registry did not answer a batch's request: wait and retry the batch.
     #[error(transparent)]
     Registry(#[from] RegistryError),
     /// The stage's transform failed on a whole batch (a bug or a resource limit, not a
@@ -116,7 +116,10 @@ impl StageError {
 
     pub fn is_transient(&self) -> bool {
         match self {
-            StageError::Registry(e) => e.is_transient(),
+            // Fetching a writer schema is needed by every record: a registry that refuses
+            // (401, 403, 5xx) is waited out like one that is down. An unknown id never gets
+            // here: it is the record's fault and rejected with it.
+            StageError::Registry(_) => true,
             StageError::Transform(_)
             | StageError::Encode(_)
             | StageError::Halt(_)
@@ -124,5 +127,102 @@ impl StageError {
             | StageError::DataFusion(_)
             | StageError::Internal(_) => false,
         }
+    }
+}
+
+/// Why a worker or its stage could not be built at start-up. Each variant names what is at
+/// fault (the setting, the topic, the schema or the plan), so an operator knows what to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    /// A setting is wrong; `key` is its path in the config file (`stage.pii.keys`).
+    #[error("{key}: {message}")]
+    Config { key: String, message: String },
+    /// `topic-config.yaml` or `schemas/` lack something the stage needs.
+    #[error("contracts: {0}")]
+    Contracts(String),
+    /// A schema could not be registered.
+    #[error("registering the schema of {topic}: {source}")]
+    Registry {
+        topic: String,
+        #[source]
+        source: RegistryError,
+    },
+    /// A contract does not parse, or an encoder no longer matches it.
+    #[error("schema of {topic}: {message}")]
+    Schema { topic: String, message: String },
+    /// A stage's DataFusion plan does not build (an expression or a rule that does not plan).
+    #[error("planning {what}: {source}")]
+    Plan {
+        what: String,
+        #[source]
+        source: Box<datafusion::error::DataFusionError>,
+    },
+    /// The Arrow side of a contract (columnar decoder or encoder) could not be built.
+    #[error(transparent)]
+    Columnar(#[from] medallion_contracts::columnar::ColumnarSetupError),
+    /// The personal-data keys are missing or wrong (the error names the setting).
+    #[error(transparent)]
+    Pii(#[from] crate::pii::PiiError),
+}
+
+impl SetupError {
+    /// A wrong setting at `key`.
+    pub fn config(key: impl Into<String>, message: impl std::fmt::Display) -> Self {
+        SetupError::Config {
+            key: key.into(),
+            message: message.to_string(),
+        }
+    }
+
+    /// Something `topic-config.yaml` or `schemas/` should declare and do not.
+    pub fn contracts(message: impl Into<String>) -> Self {
+        SetupError::Contracts(message.into())
+    }
+
+    /// A plan of `what` that does not build.
+    pub fn plan(what: impl Into<String>, source: datafusion::error::DataFusionError) -> Self {
+        SetupError::Plan {
+            what: what.into(),
+            source: Box::new(source),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_registry_that_refuses_a_batch_is_waited_out_not_blamed_on_its_records() {
+        for e in [
+            RegistryError::Unreachable {
+                url: "http://r".into(),
+                message: "connection refused".into(),
+            },
+            RegistryError::Rejected {
+                what: "schema 7".into(),
+                message: "401 Unauthorized".into(),
+            },
+        ] {
+            let e = StageError::Registry(e);
+            assert!(e.is_transient(), "{e}");
+            assert!(!e.stops_the_worker(), "{e}");
+        }
+    }
+
+    #[test]
+    fn setup_errors_name_what_to_fix() {
+        let e = SetupError::config("stage.window_ms", "must be > 0 (has 0)");
+        assert_eq!(e.to_string(), "stage.window_ms: must be > 0 (has 0)");
+        let e = SetupError::Registry {
+            topic: "bronze.data.cleaned".into(),
+            source: RegistryError::Incompatible {
+                subject: "bronze.data.cleaned-value".into(),
+                message: "field removed".into(),
+            },
+        };
+        assert!(e
+            .to_string()
+            .starts_with("registering the schema of bronze.data.cleaned: "));
     }
 }

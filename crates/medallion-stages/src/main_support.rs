@@ -63,7 +63,7 @@ where
     S: Stage,
     C: Default + Serialize + DeserializeOwned + Clone + Send + 'static,
     F: FnOnce(StageSetup, C) -> Fut,
-    Fut: Future<Output = Result<S, String>>,
+    Fut: Future<Output = Result<S, medallion_runtime::error::SetupError>>,
 {
     init_logging(args.json_logs);
     let config = match WorkerConfig::<C>::load(args.config.as_deref()) {

@@ -566,7 +566,7 @@ impl Base {
         S: Stage + Sync,
         C: Default + Serialize + DeserializeOwned + Clone + Send + Sync + 'static,
         F: FnOnce(StageSetup, C) -> Fut,
-        Fut: std::future::Future<Output = Result<S, String>>,
+        Fut: std::future::Future<Output = Result<S, medallion_runtime::error::SetupError>>,
     {
         let mut config: WorkerConfig<C> = WorkerConfig::default();
         config.kafka.bootstrap = self.bootstrap.clone();

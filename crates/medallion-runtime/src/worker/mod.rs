@@ -27,7 +27,7 @@ use rdkafka::message::{Message, OwnedMessage};
 
 use crate::config::WorkerConfig;
 use crate::dedup::DedupWindow;
-use crate::error::{RecordFailure, StageError};
+use crate::error::{RecordFailure, SetupError, StageError};
 use crate::http::Health;
 use crate::kafka::{BatchProducer, FlightId, KafkaConnection, Role};
 use crate::metrics as m;
@@ -70,7 +70,17 @@ pub enum WorkerError {
     #[error("registry: {0}")]
     Registry(#[from] RegistryError),
     #[error("stage setup: {0}")]
-    Setup(String),
+    Setup(#[from] SetupError),
+    /// A stage could not restore the state of a newly assigned partition.
+    #[error("restoring partition {partition}: {source}")]
+    Restore {
+        partition: i32,
+        #[source]
+        source: StageError,
+    },
+    /// The state of newly assigned partitions could not be rebuilt from Kafka.
+    #[error("rebuilding partition state: {0}")]
+    Rebuild(String),
     #[error("HTTP listener: {0}")]
     Http(#[from] std::io::Error),
     #[error("stage halted: {0}")]
@@ -684,9 +694,9 @@ impl<S: Stage> StageWorker<S> {
     /// Plans `part`. A transient failure is of infrastructure every record needs (the
     /// registry): consumption pauses and the part is planned again, with the retry schedule's
     /// waits and then its last wait repeated, never dead-lettered; readiness is false and
-    /// `medallion_consumption_paused` is 1 meanwhile. A halt stops the worker. Any other
-    /// failure here happened before the stage (decoding the batch as a whole): the part is
-    /// dead-lettered with it.
+    /// `medallion_consumption_paused` is 1 meanwhile. Records at fault were already set apart
+    /// (by the decoder, or by bisecting the stage's batch), so any other failure is no record's
+    /// fault: the worker stops without committing the part rather than dead-letter good records.
     async fn plan_with_retry(&mut self, part: &[OwnedMessage]) -> Result<Plan, WorkerError> {
         let mut attempt = 1usize;
         let paused = metrics::gauge!(m::CONSUMPTION_PAUSED, "stage" => self.topo.group.clone());
@@ -704,19 +714,11 @@ impl<S: Stage> StageWorker<S> {
                     tokio::time::sleep(wait).await;
                     attempt += 1;
                 }
-                Err(e) if e.stops_the_worker() => {
+                Err(e) => {
                     tracing::error!(error = %e, "the worker stops; nothing of this batch is committed");
                     self.health.set_assigned(false);
                     paused.set(0.0);
                     return Err(WorkerError::Halted(e.to_string()));
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "batch failed before the stage; dead-lettering it");
-                    break self.dead_letter_all(
-                        part,
-                        RecordFailure::poison(e.reason(), e.to_string()),
-                        attempt,
-                    );
                 }
             }
         };

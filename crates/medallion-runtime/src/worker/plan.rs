@@ -68,8 +68,6 @@ pub(super) struct Plan {
     pub(super) outgoing: Vec<Outgoing>,
     /// Message indexes whose outcome the stage reports later.
     pub(super) deferred: Vec<usize>,
-    /// Set when the whole batch failed and was dead-lettered.
-    pub(super) failed: Option<String>,
     /// (message index, reason) of dead letters, for metrics.
     pub(super) dead: Vec<(usize, RecordFailure)>,
     /// Event keys to remember once delivered, by partition.
@@ -113,30 +111,11 @@ impl<S: Stage> StageWorker<S> {
         }
     }
 
-    pub(super) fn dead_letter_all(
-        &self,
-        batch: &[OwnedMessage],
-        failure: RecordFailure,
-        attempts: usize,
-    ) -> Plan {
-        Plan {
-            outgoing: batch
-                .iter()
-                .map(|m| self.dead_letter(m, &failure, attempts))
-                .collect(),
-            failed: Some(failure.message.clone()),
-            dead: (0..batch.len()).map(|i| (i, failure.clone())).collect(),
-            deferred: Vec::new(),
-            remember: Vec::new(),
-            duplicates: 0,
-            event_times: Vec::new(),
-        }
-    }
-
     /// Decodes `messages` with the input contract, first fetching the writer schemas the
     /// decoder does not know yet. An id the registry does not have is reported per message in
-    /// `rejected`, as is a schema the reader cannot resolve; an unreachable registry is an
-    /// error (transient).
+    /// `rejected`, as is a schema the reader cannot resolve; a registry that does not answer
+    /// (or refuses to) is an error of the batch, not of its records (transient: the worker
+    /// pauses).
     pub(super) async fn decode(
         &mut self,
         messages: &[OwnedMessage],
@@ -157,7 +136,7 @@ impl<S: Stage> StageWorker<S> {
         }
         self.decoder
             .decode(payloads.iter().copied())
-            .map_err(|e| StageError::Transform(e.to_string()))
+            .map_err(|e| StageError::Internal(format!("decoding checked messages: {e}")))
     }
 
     /// Decode, dedup, transform, encode. Transient errors abort the whole plan (retried).
@@ -215,8 +194,7 @@ impl<S: Stage> StageWorker<S> {
             .filter(|(_, k)| **k)
             .map(|(key, _)| *key)
             .collect();
-        let filtered = arrow::compute::filter_record_batch(&decoded.batch, &mask)
-            .map_err(|e| StageError::Transform(e.to_string()))?;
+        let filtered = arrow::compute::filter_record_batch(&decoded.batch, &mask)?;
 
         // The stage sees the decoded columns plus where each row came from.
         let input = with_meta(
@@ -235,8 +213,7 @@ impl<S: Stage> StageWorker<S> {
             kept_rows.iter().map(|i| batch[*i].partition()).collect(),
             kept_rows.iter().map(|i| batch[*i].offset()).collect(),
             now_ms(),
-        )
-        .map_err(|e| StageError::Transform(e.to_string()))?;
+        )?;
 
         let transformed = self.transform_isolating(batch, input, &kept_rows).await?;
         dead.extend(transformed.dead);
@@ -256,7 +233,6 @@ impl<S: Stage> StageWorker<S> {
         Ok(Plan {
             outgoing,
             deferred: transformed.deferred,
-            failed: None,
             dead,
             remember,
             duplicates,

@@ -66,7 +66,7 @@ impl<S: Stage> StageWorker<S> {
             reader.committed_offsets(tpl, Duration::from_secs(10))
         })
         .await
-        .map_err(|e| WorkerError::Setup(format!("reading committed offsets: {e}")))??;
+        .map_err(|e| WorkerError::Rebuild(format!("reading committed offsets: {e}")))??;
         let assigned: Vec<Assigned> = fresh
             .into_iter()
             .map(|partition| {
@@ -92,8 +92,9 @@ impl<S: Stage> StageWorker<S> {
             self.stage
                 .assign(a.partition, a.metadata)
                 .await
-                .map_err(|e| {
-                    WorkerError::Setup(format!("restoring partition {}: {e}", a.partition))
+                .map_err(|source| WorkerError::Restore {
+                    partition: a.partition,
+                    source,
                 })?;
         }
         Ok(())
@@ -176,9 +177,9 @@ impl<S: Stage> StageWorker<S> {
         }
         let (read, earliest) = reading
             .await
-            .map_err(|e| WorkerError::Setup(format!("recovery reader: {e}")))??;
+            .map_err(|e| WorkerError::Rebuild(format!("recovery reader: {e}")))??;
         if let Some(e) = decode_error {
-            return Err(WorkerError::Setup(format!(
+            return Err(WorkerError::Rebuild(format!(
                 "decoding the input tail for the dedup window: {e}"
             )));
         }
@@ -219,7 +220,7 @@ impl<S: Stage> StageWorker<S> {
             )
         })
         .await
-        .map_err(|e| WorkerError::Setup(format!("recovery reader: {e}")))??;
+        .map_err(|e| WorkerError::Rebuild(format!("recovery reader: {e}")))??;
 
         let committed: HashMap<i32, i64> = assigned
             .iter()
@@ -337,7 +338,7 @@ impl<S: Stage> StageWorker<S> {
             })
         })
         .await
-        .map_err(|e| WorkerError::Setup(format!("recovery reader: {e}")))??;
+        .map_err(|e| WorkerError::Rebuild(format!("recovery reader: {e}")))??;
         Ok(snapshot)
     }
 }

@@ -57,7 +57,7 @@ where
     S: Stage,
     C: Default + Serialize + DeserializeOwned,
     F: FnOnce(StageSetup) -> Fut,
-    Fut: Future<Output = Result<S, String>>,
+    Fut: Future<Output = Result<S, SetupError>>,
 {
     let home = config.home();
     let contracts = ContractSet::load(&home.join("schemas"))
@@ -65,7 +65,7 @@ where
     let topics = TopicConfig::load(&home.join("topic-config.yaml"))
         .map_err(|e| WorkerError::Contracts(e.to_string()))?
         .with_prefix(&config.naming.prefix)
-        .map_err(|e| WorkerError::Contracts(format!("naming.prefix: {e}")))?;
+        .map_err(|e| SetupError::config("naming.prefix", e))?;
     let group = &topics.group_name(group);
     let kafka = config.kafka.connection()?;
     let topo = topology(&contracts, &topics, group)?;
@@ -92,12 +92,15 @@ where
             )
             .await?;
             let schema = BatchDecoder::new(&output.contract.full_name, &output.contract.text)
-                .map_err(|e| WorkerError::Setup(e.to_string()))?
+                .map_err(SetupError::from)?
                 .schema();
-            let encoder = BatchEncoder::new(&schema, &output.contract.text, id)
-                .map_err(|e| WorkerError::Setup(e.to_string()))?;
-            let events = JsonEncoder::new(&output.topic, &output.contract.text, id)
-                .map_err(WorkerError::Setup)?;
+            let encoder = BatchEncoder::new(&schema, &output.contract.text, id).map_err(|e| {
+                SetupError::Schema {
+                    topic: output.topic.clone(),
+                    message: e.to_string(),
+                }
+            })?;
+            let events = JsonEncoder::new(&output.topic, &output.contract.text, id)?;
             (Some(encoder), Some(events), schema)
         }
         None => (None, None, Arc::new(Schema::empty())),
@@ -117,10 +120,8 @@ where
             }
             let (execution, audit) = (&registered[0], &registered[1]);
             Some(Telemetry {
-                execution: JsonEncoder::new(&execution.0, &execution.1, execution.2)
-                    .map_err(WorkerError::Setup)?,
-                audit: crate::audit::AuditEncoder::new(&audit.0, &audit.1, audit.2)
-                    .map_err(WorkerError::Setup)?,
+                execution: JsonEncoder::new(&execution.0, &execution.1, execution.2)?,
+                audit: crate::audit::AuditEncoder::new(&audit.0, &audit.1, audit.2)?,
                 pipeline_id: config.pipeline.id.clone(),
             })
         }
@@ -128,8 +129,8 @@ where
     };
     health.set_registry_ok(true);
     metrics::gauge!(m::SCHEMA_REGISTRY_SCHEMAS_TOTAL).set(1.0);
-    let decoder = BatchDecoder::new(&topo.input.full_name, &topo.input.text)
-        .map_err(|e| WorkerError::Setup(e.to_string()))?;
+    let decoder =
+        BatchDecoder::new(&topo.input.full_name, &topo.input.text).map_err(SetupError::from)?;
     let input_schema = stage_input_schema(&decoder.schema());
     let stage = make_stage(StageSetup {
         group: group.to_string(),
@@ -144,8 +145,7 @@ where
         output_topic: topo.output.as_ref().map(|o| o.topic.clone()),
         retry: policy.clone(),
     })
-    .await
-    .map_err(WorkerError::Setup)?;
+    .await?;
     Ok(StageWorker {
         stage,
         kafka,

@@ -10,7 +10,7 @@ use medallion_contracts::{ContractSet, TopicConfig};
 use rdkafka::message::OwnedHeaders;
 
 use crate::dedup::event_key;
-use crate::error::{RecordFailure, StageError};
+use crate::error::{RecordFailure, SetupError, StageError};
 use crate::kafka::KafkaConnection;
 use crate::retry::RetryPolicy;
 
@@ -160,45 +160,48 @@ pub struct StageSetup {
 
 impl StageSetup {
     /// The output topic, or an error naming the group if it is a sink.
-    pub fn output(&self) -> Result<&str, String> {
-        self.output_topic
-            .as_deref()
-            .ok_or_else(|| format!("consumer group {} produces no topic", self.group))
+    pub fn output(&self) -> Result<&str, SetupError> {
+        self.output_topic.as_deref().ok_or_else(|| {
+            SetupError::contracts(format!("consumer group {} produces no topic", self.group))
+        })
     }
 
     /// Registers the `telemetry.audit` topic's schema and returns an encoder for it.
-    pub async fn audit_encoder(&self) -> Result<crate::audit::AuditEncoder, String> {
+    pub async fn audit_encoder(&self) -> Result<crate::audit::AuditEncoder, SetupError> {
         let topic = self
             .topics
             .telemetry
             .as_ref()
             .map(|t| t.audit.clone())
-            .ok_or("topic-config.yaml names no telemetry.audit topic")?;
+            .ok_or_else(|| {
+                SetupError::contracts("topic-config.yaml names no telemetry.audit topic")
+            })?;
         let (text, id) = self.register(&topic).await?;
         crate::audit::AuditEncoder::new(&topic, &text, id)
     }
 
     /// Registers `topic`'s value schema and returns an encoder of JSON events for it.
-    pub async fn json_encoder(&self, topic: &str) -> Result<JsonEncoder, String> {
+    pub async fn json_encoder(&self, topic: &str) -> Result<JsonEncoder, SetupError> {
         let (text, id) = self.register(topic).await?;
         JsonEncoder::new(topic, &text, id)
     }
 
     /// Registers `topic`'s value schema: its text and id.
-    pub(super) async fn register(&self, topic: &str) -> Result<(String, u32), String> {
-        let spec = self
-            .topics
-            .topic(topic)
-            .ok_or_else(|| format!("topic {topic} is not in topic-config.yaml"))?;
-        let contract = self
-            .contracts
-            .get(&spec.schema)
-            .ok_or_else(|| format!("schema {} is not in schemas/", spec.schema))?;
+    pub(super) async fn register(&self, topic: &str) -> Result<(String, u32), SetupError> {
+        let spec = self.topics.topic(topic).ok_or_else(|| {
+            SetupError::contracts(format!("topic {topic} is not in topic-config.yaml"))
+        })?;
+        let contract = self.contracts.get(&spec.schema).ok_or_else(|| {
+            SetupError::contracts(format!("schema {} is not in schemas/", spec.schema))
+        })?;
         let id = self
             .registry
             .register(&self.topics.subject(topic), &contract.text)
             .await
-            .map_err(|e| format!("registering {topic}: {e}"))?;
+            .map_err(|source| SetupError::Registry {
+                topic: topic.to_string(),
+                source,
+            })?;
         Ok((contract.text.clone(), id))
     }
 }
@@ -213,9 +216,12 @@ pub struct JsonEncoder {
 
 impl JsonEncoder {
     /// An encoder for schema `id` already registered (or a test's fixed id).
-    pub fn new(topic: &str, schema_text: &str, id: u32) -> Result<Self, String> {
-        let schema = apache_avro::Schema::parse_str(schema_text)
-            .map_err(|e| format!("schema of {topic}: {e}"))?;
+    pub fn new(topic: &str, schema_text: &str, id: u32) -> Result<Self, SetupError> {
+        let schema =
+            apache_avro::Schema::parse_str(schema_text).map_err(|e| SetupError::Schema {
+                topic: topic.to_string(),
+                message: e.to_string(),
+            })?;
         Ok(Self {
             topic: topic.to_string(),
             schema,

@@ -79,9 +79,7 @@ impl<S: Stage> StageWorker<S> {
         let topic = &self.topo.input_topic;
         let mut out = Vec::with_capacity(by_partition.len() + plan.dead.len());
         for (partition, c) in &by_partition {
-            let status = if plan.failed.is_some() {
-                "FAILED"
-            } else if c.records_dlq > 0 {
+            let status = if c.records_dlq > 0 {
                 "PARTIAL"
             } else {
                 "SUCCEEDED"
@@ -110,7 +108,7 @@ impl<S: Stage> StageWorker<S> {
                 "records_dlq": c.records_dlq,
                 "duration_ms": duration.as_millis() as i64,
                 "status": status,
-                "error": plan.failed,
+                "error": serde_json::Value::Null,
             }));
             match telemetry.execution.record(&telemetry.pipeline_id, &event) {
                 Ok(record) => out.push(record.into()),

@@ -18,7 +18,7 @@ use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use datafusion::parquet::arrow::ArrowWriter;
 use datafusion::parquet::basic::{Compression, ZstdLevel};
 use datafusion::parquet::file::properties::WriterProperties;
-use medallion_runtime::error::StageError;
+use medallion_runtime::error::{SetupError, StageError};
 use medallion_runtime::metrics as m;
 use medallion_runtime::worker::{meta, Settled, Stage, StageOutput, StageSetup};
 use serde::{Deserialize, Serialize};
@@ -156,11 +156,18 @@ pub struct AuditWriter {
 }
 
 impl AuditWriter {
-    pub async fn new(setup: StageSetup, config: AuditWriterConfig) -> Result<Self, String> {
-        if config.flush_rows == 0 || config.flush_interval_ms == 0 {
-            return Err("stage.flush_rows and stage.flush_interval_ms must be at least 1".into());
+    pub async fn new(setup: StageSetup, config: AuditWriterConfig) -> Result<Self, SetupError> {
+        if config.flush_rows == 0 {
+            return Err(SetupError::config("stage.flush_rows", "must be at least 1"));
         }
-        let store = AuditStore::open(&config.store).map_err(|e| e.to_string())?;
+        if config.flush_interval_ms == 0 {
+            return Err(SetupError::config(
+                "stage.flush_interval_ms",
+                "must be at least 1",
+            ));
+        }
+        let store =
+            AuditStore::open(&config.store).map_err(|e| SetupError::config("stage.store", e))?;
         tracing::info!(store = store.url(), "audit store opened");
         Ok(Self {
             config,
@@ -237,8 +244,7 @@ impl AuditWriter {
             return Ok(());
         };
         let (Range { first, last }, rewrite) = self.target(partition, buffer);
-        let all = arrow::compute::concat_batches(&parquet_schema(), &buffer.batches)
-            .map_err(|e| StageError::Transform(e.to_string()))?;
+        let all = arrow::compute::concat_batches(&parquet_schema(), &buffer.batches)?;
         let offsets = all
             .column_by_name("kafka_offset")
             .and_then(|c| c.as_primitive_opt::<arrow::datatypes::Int64Type>().cloned())
@@ -277,8 +283,7 @@ impl AuditWriter {
         let mut rows = 0usize;
         for ((org, day), indices) in &groups {
             let take = arrow::array::UInt32Array::from(indices.clone());
-            let part = arrow::compute::take_record_batch(&all, &take)
-                .map_err(|e| StageError::Transform(e.to_string()))?;
+            let part = arrow::compute::take_record_batch(&all, &take)?;
             let bytes = parquet_bytes(&part)?;
             let path = format!(
                 "org_id={org}/day={day}/{}-{partition}-{first:020}-{last:020}.parquet",
@@ -306,8 +311,7 @@ impl AuditWriter {
             self.buffers.remove(&partition);
         } else if let Some(buffer) = self.buffers.get_mut(&partition) {
             let take = arrow::array::UInt32Array::from(rest.clone());
-            let kept = arrow::compute::take_record_batch(&all, &take)
-                .map_err(|e| StageError::Transform(e.to_string()))?;
+            let kept = arrow::compute::take_record_batch(&all, &take)?;
             let kept_offsets = kept
                 .column_by_name("kafka_offset")
                 .and_then(|c| c.as_primitive_opt::<arrow::datatypes::Int64Type>().cloned())
@@ -354,7 +358,7 @@ fn column(batch: &RecordBatch, name: &str) -> Result<ArrayRef, StageError> {
 }
 
 fn as_text(array: &ArrayRef) -> Result<ArrayRef, StageError> {
-    arrow::compute::cast(array, &DataType::Utf8).map_err(|e| StageError::Transform(e.to_string()))
+    Ok(arrow::compute::cast(array, &DataType::Utf8)?)
 }
 
 /// `subjects` list → `event_id=field,field;event_id=field` (in order).
@@ -430,8 +434,7 @@ fn flatten(input: &RecordBatch) -> Result<(RecordBatch, Vec<i64>), StageError> {
     let timestamp = arrow::compute::cast(
         &column(input, "timestamp")?,
         &DataType::Timestamp(TimeUnit::Millisecond, Some("+00:00".into())),
-    )
-    .map_err(|e| StageError::Transform(e.to_string()))?;
+    )?;
     let columns: Vec<ArrayRef> = vec![
         as_text(&column(input, "event_id")?)?,
         as_text(&column(input, "event_type")?)?,
@@ -450,13 +453,10 @@ fn flatten(input: &RecordBatch) -> Result<(RecordBatch, Vec<i64>), StageError> {
         as_text(&child(input, "payload", "reason")?)?,
         details_text(&child(input, "payload", "details")?)?,
         subjects_text(&child(input, "payload", "subjects")?)?,
-        arrow::compute::cast(&column(input, meta::PARTITION)?, &DataType::Int32)
-            .map_err(|e| StageError::Transform(e.to_string()))?,
-        arrow::compute::cast(&column(input, meta::OFFSET)?, &DataType::Int64)
-            .map_err(|e| StageError::Transform(e.to_string()))?,
+        arrow::compute::cast(&column(input, meta::PARTITION)?, &DataType::Int32)?,
+        arrow::compute::cast(&column(input, meta::OFFSET)?, &DataType::Int64)?,
     ];
-    let batch = RecordBatch::try_new(parquet_schema(), columns)
-        .map_err(|e| StageError::Transform(e.to_string()))?;
+    let batch = RecordBatch::try_new(parquet_schema(), columns)?;
     let orgs = column(input, "org_id")?;
     let orgs = orgs
         .as_any()
@@ -485,8 +485,7 @@ impl Stage for AuditWriter {
         }
         for (partition, indices) in by_partition {
             let take = arrow::array::UInt32Array::from(indices.clone());
-            let part = arrow::compute::take_record_batch(&rows, &take)
-                .map_err(|e| StageError::Transform(e.to_string()))?;
+            let part = arrow::compute::take_record_batch(&rows, &take)?;
             let first = offsets.value(indices[0] as usize);
             let last = offsets.value(indices[indices.len() - 1] as usize);
             let buffer = self.buffers.entry(partition).or_insert_with(|| Buffer {

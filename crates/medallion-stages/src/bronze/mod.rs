@@ -9,7 +9,7 @@
 use arrow::array::{Array, ArrayRef, AsArray, RecordBatch};
 use arrow::datatypes::SchemaRef;
 use medallion_runtime::audit::{AuditEncoder, AuditFields};
-use medallion_runtime::error::{RecordFailure, StageError};
+use medallion_runtime::error::{RecordFailure, SetupError, StageError};
 use medallion_runtime::metrics as m;
 use medallion_runtime::pii::{Keyring, PiiConfig, KEY_ID_HEADER};
 use medallion_runtime::worker::{meta, SideRecord, Stage, StageOutput, StageSetup};
@@ -236,7 +236,7 @@ pub struct Bronze {
 
 impl Bronze {
     /// Registers the audit schema, loads the keys and plans the transform once.
-    pub async fn new(setup: StageSetup, config: BronzeConfig) -> Result<Self, String> {
+    pub async fn new(setup: StageSetup, config: BronzeConfig) -> Result<Self, SetupError> {
         let audit = setup.audit_encoder().await?;
         Self::with_audit(setup, config, audit).await
     }
@@ -246,8 +246,8 @@ impl Bronze {
         setup: StageSetup,
         config: BronzeConfig,
         audit: AuditEncoder,
-    ) -> Result<Self, String> {
-        let keyring = Keyring::from_config(&config.pii, "stage.pii").map_err(|e| e.to_string())?;
+    ) -> Result<Self, SetupError> {
+        let keyring = Keyring::from_config(&config.pii, "stage.pii")?;
         let pii_fields = setup
             .topics
             .topic(&setup.input_topic)
@@ -257,22 +257,22 @@ impl Bronze {
         let plan_input = with_row_column(&setup.input_schema);
         let plan = BatchPlan::new(&sql(&config, &setup.input_topic), plan_input.clone())
             .await
-            .map_err(|e| format!("planning the bronze transform: {e}"))?;
+            .map_err(|e| SetupError::plan("the bronze transform", e))?;
         for field in setup.output_schema.fields() {
             let produced = plan.output_schema();
             let Ok(have) = produced.field_with_name(field.name()) else {
-                return Err(format!(
+                return Err(SetupError::contracts(format!(
                     "bronze transform does not produce `{}`",
                     field.name()
-                ));
+                )));
             };
             if !arrow::compute::can_cast_types(have.data_type(), field.data_type()) {
-                return Err(format!(
+                return Err(SetupError::contracts(format!(
                     "bronze transform produces `{}` as {}, the schema wants {}",
                     field.name(),
                     have.data_type(),
                     field.data_type()
-                ));
+                )));
             }
         }
         Ok(Self {
@@ -437,15 +437,13 @@ impl Bronze {
                     .map_err(|e| StageError::Transform(format!("{}: {e}", field.name())))
             })
             .collect::<Result<Vec<ArrayRef>, _>>()?;
-        RecordBatch::try_new(self.output_schema.clone(), columns)
-            .map_err(|e| StageError::Transform(e.to_string()))
+        Ok(RecordBatch::try_new(self.output_schema.clone(), columns)?)
     }
 }
 
 impl Stage for Bronze {
     async fn process(&mut self, input: RecordBatch) -> Result<StageOutput, StageError> {
-        let input = number_rows(&self.plan_input, &input)
-            .map_err(|e| StageError::Transform(e.to_string()))?;
+        let input = number_rows(&self.plan_input, &input)?;
         let results = self.plan.run(input.clone()).await?;
         let mut accepted = Vec::new();
         let mut source_rows = Vec::new();
@@ -473,17 +471,14 @@ impl Stage for Bronze {
                     ));
                 }
             }
-            let keep = arrow::compute::is_null(&reject)
-                .map_err(|e| StageError::Transform(e.to_string()))?;
-            let kept = arrow::compute::filter_record_batch(&batch, &keep)
-                .map_err(|e| StageError::Transform(e.to_string()))?;
+            let keep = arrow::compute::is_null(&reject)?;
+            let kept = arrow::compute::filter_record_batch(&batch, &keep)?;
             accepted.push(self.conform(&kept)?);
         }
         let batch = match accepted.len() {
             0 => RecordBatch::new_empty(self.output_schema.clone()),
             1 => accepted.remove(0),
-            _ => arrow::compute::concat_batches(&self.output_schema, &accepted)
-                .map_err(|e| StageError::Transform(e.to_string()))?,
+            _ => arrow::compute::concat_batches(&self.output_schema, &accepted)?,
         };
         let (batch, row_headers, side) = self.protect(batch)?;
         Ok(StageOutput {

@@ -21,7 +21,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use arrow::array::{Array, AsArray, BooleanArray, RecordBatch};
 use arrow::datatypes::{DataType, Float64Type, Int32Type, Int64Type, SchemaRef};
 use medallion_runtime::envelope::Envelope;
-use medallion_runtime::error::{RecordFailure, StageError};
+use medallion_runtime::error::{RecordFailure, SetupError, StageError};
 use medallion_runtime::metrics as m;
 use medallion_runtime::worker::{meta, OutputEvent, Stage, StageOutput, StageSetup};
 use serde::{Deserialize, Serialize};
@@ -147,16 +147,22 @@ enum Fate {
 
 impl Gold {
     /// Plans the transform.
-    pub async fn new(setup: StageSetup, config: GoldConfig) -> Result<Self, String> {
-        if config.window_ms <= 0 || config.allowed_lateness_ms < 0 {
-            return Err(format!(
-                "stage.window_ms must be > 0 and stage.allowed_lateness_ms >= 0 (have {} and {})",
-                config.window_ms, config.allowed_lateness_ms
+    pub async fn new(setup: StageSetup, config: GoldConfig) -> Result<Self, SetupError> {
+        if config.window_ms <= 0 {
+            return Err(SetupError::config(
+                "stage.window_ms",
+                format!("must be > 0 (has {})", config.window_ms),
+            ));
+        }
+        if config.allowed_lateness_ms < 0 {
+            return Err(SetupError::config(
+                "stage.allowed_lateness_ms",
+                format!("must be >= 0 (has {})", config.allowed_lateness_ms),
             ));
         }
         let plan = BatchPlan::new(&sql(&config), setup.input_schema.clone())
             .await
-            .map_err(|e| format!("planning the gold transform: {e}"))?;
+            .map_err(|e| SetupError::plan("the gold transform", e))?;
         Ok(Self {
             config,
             plan,
@@ -178,8 +184,7 @@ impl Gold {
                 .cloned()
                 .ok_or_else(|| StageError::Transform(format!("no column {name}")))
         };
-        let times = arrow::compute::cast(&col("timestamp")?, &DataType::Int64)
-            .map_err(|e| StageError::Transform(e.to_string()))?;
+        let times = arrow::compute::cast(&col("timestamp")?, &DataType::Int64)?;
         let times = times.as_primitive::<Int64Type>();
         let partitions = col(meta::PARTITION)?;
         let partitions = partitions.as_primitive::<Int32Type>();
@@ -190,8 +195,7 @@ impl Gold {
             .as_struct()
             .column_by_name("change")
             .ok_or_else(|| StageError::Transform("no payload.change".into()))?;
-        let change = arrow::compute::cast(change, &DataType::Utf8)
-            .map_err(|e| StageError::Transform(e.to_string()))?;
+        let change = arrow::compute::cast(change, &DataType::Utf8)?;
         let change = change.as_string::<i32>();
         let lateness = self.config.allowed_lateness_ms;
         let mut fates = Vec::with_capacity(input.num_rows());
@@ -237,12 +241,9 @@ impl Gold {
             );
             let (n, total, lo, hi) = (col("n")?, col("total")?, col("lo")?, col("hi")?);
             let (first_offset, first_trace) = (col("first_offset")?, col("first_trace")?);
-            let metric = arrow::compute::cast(&metric, &DataType::Utf8)
-                .map_err(|e| StageError::Transform(e.to_string()))?;
-            let entity = arrow::compute::cast(&entity, &DataType::Utf8)
-                .map_err(|e| StageError::Transform(e.to_string()))?;
-            let first_trace = arrow::compute::cast(&first_trace, &DataType::Utf8)
-                .map_err(|e| StageError::Transform(e.to_string()))?;
+            let metric = arrow::compute::cast(&metric, &DataType::Utf8)?;
+            let entity = arrow::compute::cast(&entity, &DataType::Utf8)?;
+            let first_trace = arrow::compute::cast(&first_trace, &DataType::Utf8)?;
             let (metric, entity, first_trace) = (
                 metric.as_string::<i32>(),
                 entity.as_string::<i32>(),
@@ -421,8 +422,7 @@ impl Stage for Gold {
         }
         let counted =
             BooleanArray::from(fates.iter().map(|f| *f == Fate::Count).collect::<Vec<_>>());
-        let input = arrow::compute::filter_record_batch(&input, &counted)
-            .map_err(|e| StageError::Transform(e.to_string()))?;
+        let input = arrow::compute::filter_record_batch(&input, &counted)?;
         if input.num_rows() > 0 {
             let partials = self.plan.run(input).await?;
             self.merge(&partials)?;

@@ -15,7 +15,7 @@ use std::time::Duration;
 use arrow::array::RecordBatch;
 use medallion_contracts::columnar::BatchEncoder;
 use medallion_runtime::audit::AuditAction;
-use medallion_runtime::error::{RecordFailure, StageError};
+use medallion_runtime::error::{RecordFailure, SetupError, StageError};
 use medallion_runtime::kafka::KafkaConnection;
 use medallion_runtime::metrics as m;
 use medallion_runtime::retry::RetryPolicy;
@@ -123,10 +123,10 @@ impl NotifyConfig {
     }
 
     /// Checks names, URLs and secrets; an error names the channel or route at fault.
-    fn build_channels(&self) -> Result<HashMap<String, Arc<Channel>>, String> {
+    fn build_channels(&self) -> Result<HashMap<String, Arc<Channel>>, SetupError> {
         let client = reqwest::Client::builder()
             .build()
-            .map_err(|e| format!("HTTP client: {e}"))?;
+            .map_err(|e| SetupError::config("stage.channels", format!("HTTP client: {e}")))?;
         let mut out = HashMap::new();
         for (name, config) in &self.channels {
             let channel = match config {
@@ -139,8 +139,9 @@ impl NotifyConfig {
                     max_in_flight,
                 } => {
                     if !(url.starts_with("http://") || url.starts_with("https://")) {
-                        return Err(format!(
-                            "stage.channels.{name}.url `{url}` must start with http:// or https://"
+                        return Err(SetupError::config(
+                            format!("stage.channels.{name}.url"),
+                            format!("`{url}` must start with http:// or https://"),
                         ));
                     }
                     let secret = match (secret, secret_env) {
@@ -149,17 +150,22 @@ impl NotifyConfig {
                             .ok()
                             .filter(|s| !s.is_empty())
                             .ok_or_else(|| {
-                                format!("stage.channels.{name}.secret_env: environment variable {var} is not set")
+                                SetupError::config(
+                                    format!("stage.channels.{name}.secret_env"),
+                                    format!("environment variable {var} is not set"),
+                                )
                             })?,
                         _ => {
-                            return Err(format!(
-                                "stage.channels.{name}: a webhook needs exactly one of `secret` or `secret_env`"
+                            return Err(SetupError::config(
+                                format!("stage.channels.{name}"),
+                                "a webhook needs exactly one of `secret` or `secret_env`",
                             ))
                         }
                     };
                     if *max_in_flight == 0 || *timeout_ms == 0 {
-                        return Err(format!(
-                            "stage.channels.{name}: timeout_ms and max_in_flight must be at least 1"
+                        return Err(SetupError::config(
+                            format!("stage.channels.{name}"),
+                            "timeout_ms and max_in_flight must be at least 1",
                         ));
                     }
                     Channel::Webhook(Webhook {
@@ -175,12 +181,14 @@ impl NotifyConfig {
             out.insert(name.clone(), Arc::new(channel));
         }
         for (i, route) in self.routes.iter().enumerate() {
+            let key = format!("stage.routes[{i}]");
             if route.channels.is_empty() {
-                return Err(format!("stage.routes[{i}] names no channel"));
+                return Err(SetupError::config(key, "names no channel"));
             }
             if let Some(unknown) = route.channels.iter().find(|c| !out.contains_key(*c)) {
-                return Err(format!(
-                    "stage.routes[{i}]: channel `{unknown}` is not declared under stage.channels"
+                return Err(SetupError::config(
+                    key,
+                    format!("channel `{unknown}` is not declared under stage.channels"),
                 ));
             }
         }
@@ -279,7 +287,7 @@ pub struct Notify {
 
 impl Notify {
     /// Checks the channels and routes and registers the audit schema.
-    pub async fn new(setup: StageSetup, config: NotifyConfig) -> Result<Self, String> {
+    pub async fn new(setup: StageSetup, config: NotifyConfig) -> Result<Self, SetupError> {
         let audit = setup.audit_encoder().await?;
         Self::with_audit(setup, config, audit)
     }
@@ -289,32 +297,40 @@ impl Notify {
         setup: StageSetup,
         config: NotifyConfig,
         audit: medallion_runtime::audit::AuditEncoder,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, SetupError> {
         let channels = config.build_channels()?;
         let contract = setup
             .topics
             .topic(&setup.input_topic)
             .and_then(|t| setup.contracts.get(&t.schema))
-            .ok_or_else(|| format!("no contract for {}", setup.input_topic))?
+            .ok_or_else(|| SetupError::contracts(format!("no contract for {}", setup.input_topic)))?
             .clone();
+        let schema_error = |message: String| SetupError::Schema {
+            topic: setup.input_topic.clone(),
+            message,
+        };
         let alert_columns = setup
             .input_schema
             .fields()
             .iter()
             .position(|f| f.name() == meta::KEY)
-            .ok_or("input schema without meta columns")?;
+            .ok_or_else(|| schema_error("input schema without meta columns".into()))?;
         let decoded_schema = Arc::new(
             setup
                 .input_schema
                 .project(&(0..alert_columns).collect::<Vec<_>>())
-                .map_err(|e| e.to_string())?,
+                .map_err(|e| schema_error(e.to_string()))?,
         );
-        let alert_encoder =
-            BatchEncoder::new(&decoded_schema, &contract.text, 0).map_err(|e| e.to_string())?;
+        let alert_encoder = BatchEncoder::new(&decoded_schema, &contract.text, 0)
+            .map_err(|e| schema_error(e.to_string()))?;
         let ledger_topic = setup
             .topics
             .changelog_of(GROUP)
-            .ok_or("topic-config.yaml declares no changelog for notification-sender")?
+            .ok_or_else(|| {
+                SetupError::contracts(
+                    "topic-config.yaml declares no changelog for notification-sender",
+                )
+            })?
             .to_string();
         let (done_tx, done_rx) = mpsc::unbounded_channel();
         Ok(Self {
@@ -337,9 +353,7 @@ impl Notify {
     /// The alerts of `input` as JSON events of their contract.
     fn alerts(&mut self, input: &RecordBatch) -> Result<Vec<Json>, StageError> {
         let columns = (0..self.alert_columns).collect::<Vec<_>>();
-        let decoded = input
-            .project(&columns)
-            .map_err(|e| StageError::Transform(e.to_string()))?;
+        let decoded = input.project(&columns)?;
         let framed = self
             .alert_encoder
             .encode(&decoded)

@@ -26,7 +26,12 @@ routes:
 
 #[test]
 fn bad_channels_and_routes_are_named() {
-    let err = |yaml: &str| config(yaml).build_channels().expect_err("invalid");
+    let err = |yaml: &str| {
+        config(yaml)
+            .build_channels()
+            .expect_err("invalid")
+            .to_string()
+    };
     let e = err("channels: { a: { type: webhook, url: ftp://x, secret: s } }\nroutes: []");
     assert!(e.contains("stage.channels.a.url"), "{e}");
     let e = err("channels: { a: { type: webhook, url: http://x } }\nroutes: []");

@@ -13,7 +13,7 @@ use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 
-use super::{compile, parse, Compiled, Registry, GROUP, TARGET};
+use super::{compile, parse, Compiled, Registry, RuleSetError, GROUP, TARGET};
 
 /// Validates `document` as rule set `version` and queues it for the stage.
 pub async fn offer(
@@ -22,11 +22,9 @@ pub async fn offer(
     document: &str,
     version: i64,
     current: i64,
-) -> Result<(), String> {
+) -> Result<(), RuleSetError> {
     if version <= current {
-        return Err(format!(
-            "rule set version {version} is not newer than {current}"
-        ));
+        return Err(RuleSetError::NotNewer { version, current });
     }
     let set = parse(document)?;
     let compiled = compile(set, version, plan_input.clone()).await?;

@@ -17,7 +17,7 @@ use arrow::array::{Array, AsArray, RecordBatch};
 use arrow::datatypes::{DataType, Float64Type, Int64Type, SchemaRef};
 use medallion_contracts::registry::RegistryClient;
 use medallion_runtime::envelope::Envelope;
-use medallion_runtime::error::StageError;
+use medallion_runtime::error::{SetupError, StageError};
 use medallion_runtime::metrics as m;
 use medallion_runtime::worker::{OutputEvent, Stage, StageOutput, StageSetup};
 use serde::{Deserialize, Serialize};
@@ -163,38 +163,56 @@ pub struct Compiled {
     plan: BatchPlan,
 }
 
+/// Why a rule set was refused (at start-up, or as an update that leaves the current set in
+/// force). Names the rule at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum RuleSetError {
+    #[error("rule set: {0}")]
+    Parse(#[from] serde_yaml_ng::Error),
+    #[error("rule {rule}: {message}")]
+    Rule { rule: String, message: String },
+    #[error("rule set: {0}")]
+    Plan(Box<datafusion::error::DataFusionError>),
+    #[error("rule set version {version} is not newer than {current}")]
+    NotNewer { version: i64, current: i64 },
+}
+
 /// Validates `set` over `plan_input`; the error names the first failing rule.
 pub async fn compile(
     set: RuleSet,
     version: i64,
     plan_input: SchemaRef,
-) -> Result<Compiled, String> {
+) -> Result<Compiled, RuleSetError> {
     for (i, rule) in set.rules.iter().enumerate() {
         let name = if rule.id.trim().is_empty() {
             format!("#{}", i + 1)
         } else {
             format!("`{}`", rule.id)
         };
+        let refused = |message: String| RuleSetError::Rule {
+            rule: name.clone(),
+            message,
+        };
         if rule.id.trim().is_empty() || set.rules[..i].iter().any(|r| r.id == rule.id) {
-            return Err(format!("rule {name}: needs a unique, non-empty id"));
+            return Err(refused("needs a unique, non-empty id".into()));
         }
         if rule.suppression_ms < 0 {
-            return Err(format!("rule {name}: suppression_ms must be >= 0"));
+            return Err(refused("suppression_ms must be >= 0".into()));
         }
         let plan = BatchPlan::new(&rules_sql(std::slice::from_ref(rule)), plan_input.clone())
             .await
-            .map_err(|e| format!("rule {name}: {e}"))?;
+            .map_err(|e| refused(e.to_string()))?;
         let schema = plan.output_schema();
         let predicate = schema
             .field_with_name("_match_0")
-            .map_err(|e| format!("rule {name}: {e}"))?;
+            .map_err(|e| refused(e.to_string()))?;
         if predicate.data_type() != &DataType::Boolean {
-            return Err(format!("rule {name}: the predicate must be boolean"));
+            return Err(refused("the predicate must be boolean".into()));
         }
     }
     let plan = BatchPlan::new(&rules_sql(&set.rules), plan_input)
         .await
-        .map_err(|e| format!("rule set: {e}"))?;
+        .map_err(|e| RuleSetError::Plan(Box::new(e)))?;
     Ok(Compiled {
         version,
         rules: set.rules,
@@ -203,8 +221,8 @@ pub async fn compile(
 }
 
 /// Parses a rule-set document (YAML is a superset of JSON).
-pub fn parse(document: &str) -> Result<RuleSet, String> {
-    serde_yaml_ng::from_str(document).map_err(|e| format!("rule set: {e}"))
+pub fn parse(document: &str) -> Result<RuleSet, RuleSetError> {
+    Ok(serde_yaml_ng::from_str(document)?)
 }
 
 /// The rule-evaluator stage.
@@ -230,7 +248,7 @@ impl Drop for Rules {
 impl Rules {
     /// Loads and validates the start-up rules, registers the output schema, and starts reading
     /// `config.changes`.
-    pub async fn new(setup: StageSetup, config: RulesConfig) -> Result<Self, String> {
+    pub async fn new(setup: StageSetup, config: RulesConfig) -> Result<Self, SetupError> {
         let mut stage = Self::offline(&setup, config).await?;
         let topic = setup
             .topics
@@ -238,13 +256,18 @@ impl Rules {
             .get(&setup.group)
             .and_then(|g| g.broadcast.first())
             .cloned()
-            .ok_or_else(|| format!("{} has no broadcast topic for rule updates", setup.group))?;
+            .ok_or_else(|| {
+                SetupError::contracts(format!(
+                    "{} has no broadcast topic for rule updates",
+                    setup.group
+                ))
+            })?;
         let reader_schema = setup
             .topics
             .topic(&topic)
             .and_then(|t| setup.contracts.get(&t.schema))
             .map(|c| c.schema.clone())
-            .ok_or_else(|| format!("no schema for {topic}"))?;
+            .ok_or_else(|| SetupError::contracts(format!("no schema for {topic}")))?;
         let reader = changes::Reader {
             kafka: setup.kafka.clone(),
             topic,
@@ -259,7 +282,7 @@ impl Rules {
     }
 
     /// Everything but the `config.changes` reader (for tests that feed updates directly).
-    pub async fn offline(setup: &StageSetup, config: RulesConfig) -> Result<Self, String> {
+    pub async fn offline(setup: &StageSetup, config: RulesConfig) -> Result<Self, SetupError> {
         let set = match &config.rules_file {
             Some(path) => {
                 let path = if path.is_absolute() {
@@ -267,16 +290,19 @@ impl Rules {
                 } else {
                     setup.home.join(path)
                 };
-                let text = std::fs::read_to_string(&path)
-                    .map_err(|e| format!("stage.rules_file {}: {e}", path.display()))?;
-                parse(&text).map_err(|e| format!("{}: {e}", path.display()))?
+                let key = format!("stage.rules_file {}", path.display());
+                let text =
+                    std::fs::read_to_string(&path).map_err(|e| SetupError::config(&key, e))?;
+                parse(&text).map_err(|e| SetupError::config(&key, e))?
             }
             None => RuleSet {
                 rules: config.rules.clone(),
             },
         };
         let plan_input = with_row_column(&setup.input_schema);
-        let current = compile(set, 0, plan_input.clone()).await?;
+        let current = compile(set, 0, plan_input.clone())
+            .await
+            .map_err(|e| SetupError::config("stage.rules", e))?;
         metrics::gauge!(m::RULES_VERSION, "stage" => GROUP).set(0.0);
         Ok(Self {
             current,
@@ -290,7 +316,7 @@ impl Rules {
 
     /// Offers a rule-set update as `config.changes` would (validated; rejected sets are named
     /// in the error and leave the current set in force).
-    pub async fn offer(&self, document: &str, version: i64) -> Result<(), String> {
+    pub async fn offer(&self, document: &str, version: i64) -> Result<(), RuleSetError> {
         changes::offer(
             &self.pending,
             &self.plan_input,
@@ -314,9 +340,9 @@ impl Rules {
             let c = input
                 .column_by_name(name)
                 .ok_or_else(|| StageError::Transform(format!("no column {name}")))?;
-            arrow::compute::cast(c, &DataType::Utf8)
-                .map(|a| a.as_string::<i32>().clone())
-                .map_err(|e| StageError::Transform(e.to_string()))
+            Ok(arrow::compute::cast(c, &DataType::Utf8)?
+                .as_string::<i32>()
+                .clone())
         };
         let (event_id, correlation_id, trace_id, classification) = (
             text("event_id")?,
@@ -336,8 +362,7 @@ impl Rules {
             let rows = rows.as_primitive::<arrow::datatypes::UInt32Type>();
             let org = col("org_id")?;
             let org = org.as_primitive::<Int64Type>();
-            let metric = arrow::compute::cast(&col("metric")?, &DataType::Utf8)
-                .map_err(|e| StageError::Transform(e.to_string()))?;
+            let metric = arrow::compute::cast(&col("metric")?, &DataType::Utf8)?;
             let metric = metric.as_string::<i32>();
             let start = col("window_start")?;
             let start = start.as_primitive::<Int64Type>();
@@ -431,8 +456,7 @@ impl Stage for Rules {
             );
             self.current = next;
         }
-        let with_rows = number_rows(&self.plan_input, &input)
-            .map_err(|e| StageError::Transform(e.to_string()))?;
+        let with_rows = number_rows(&self.plan_input, &input)?;
         let results = if self.current.rules.is_empty() {
             Vec::new()
         } else {

@@ -1,5 +1,6 @@
 //! Rule evaluation, suppression and updates in process (broker tests are in `tests/`).
 
+use medallion_runtime::error::SetupError;
 use medallion_runtime::worker::{OutputEvent, Stage};
 use serde_json::{json, Value as Json};
 
@@ -33,7 +34,7 @@ fn rule(id: &str, predicate: &str, org: Option<i64>, suppression_ms: i64) -> Rul
     }
 }
 
-async fn rules(set: Vec<Rule>) -> Result<Rules, String> {
+async fn rules(set: Vec<Rule>) -> Result<Rules, SetupError> {
     let gold_contract = contract("gold/data-ready.avsc");
     let alerts = contract("rules/alerts.avsc");
     let (_, input_schema) = input_batch(&gold_contract, &[gold("x", 1, "m", 0, 1, 1.0)], 0, 0, 0);
@@ -128,7 +129,7 @@ async fn an_invalid_update_is_rejected_by_rule_and_a_valid_one_applies() {
         .await
         .expect("valid");
     let bad = "rules:\n  - {id: fine, description: d, predicate: 'count > 1', severity: LOW}\n  - {id: broken, description: d, predicate: 'no_such_column > 1', severity: LOW}\n";
-    let err = stage.offer(bad, 1).await.expect_err("rejected");
+    let err = stage.offer(bad, 1).await.expect_err("rejected").to_string();
     assert!(err.contains("`broken`"), "{err}");
     let not_bool =
         "rules:\n  - {id: numeric, description: d, predicate: 'count + 1', severity: LOW}\n";
@@ -136,6 +137,7 @@ async fn an_invalid_update_is_rejected_by_rule_and_a_valid_one_applies() {
         .offer(not_bool, 2)
         .await
         .expect_err("rejected")
+        .to_string()
         .contains("`numeric`"));
     // Still the old rules.
     assert!(feed(&mut stage, &[gold("a", 1, "m", 0, 5, 5.0)])

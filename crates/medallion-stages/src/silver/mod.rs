@@ -14,7 +14,7 @@ use arrow::array::{
 };
 use arrow::buffer::OffsetBuffer;
 use arrow::datatypes::{DataType, Field, Fields, Int32Type, Int64Type, SchemaRef};
-use medallion_runtime::error::{RecordFailure, StageError};
+use medallion_runtime::error::{RecordFailure, SetupError, StageError};
 use medallion_runtime::metrics as m;
 use medallion_runtime::worker::{meta, SideRecord, Stage, StageOutput, StageSetup};
 use serde::{Deserialize, Serialize};
@@ -202,7 +202,7 @@ pub struct Silver {
 impl Silver {
     /// Registers the audit schema and plans the transform once; an expectation that does not
     /// plan is named in the error.
-    pub async fn new(setup: StageSetup, config: SilverConfig) -> Result<Self, String> {
+    pub async fn new(setup: StageSetup, config: SilverConfig) -> Result<Self, SetupError> {
         let audit = setup.audit_encoder().await?;
         Self::with_audit(setup, config, audit).await
     }
@@ -212,46 +212,54 @@ impl Silver {
         setup: StageSetup,
         config: SilverConfig,
         audit: medallion_runtime::audit::AuditEncoder,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, SetupError> {
         let plan_input = with_row_column(&setup.input_schema);
         for (i, expectation) in config.expectations.iter().enumerate() {
+            let key = format!("stage.expectations[{i}]");
             let mut names = config.expectations[..i].iter().map(|e| &e.name);
             if expectation.name.trim().is_empty() || names.any(|n| *n == expectation.name) {
-                return Err(format!(
-                    "expectation #{} needs a unique, non-empty name (has `{}`)",
-                    i + 1,
-                    expectation.name
+                return Err(SetupError::config(
+                    key,
+                    format!(
+                        "needs a unique, non-empty name (has `{}`)",
+                        expectation.name
+                    ),
                 ));
             }
             let alone = BatchPlan::new(&check_sql(expectation), plan_input.clone())
                 .await
-                .map_err(|e| format!("expectation `{}`: {e}", expectation.name))?;
+                .map_err(|e| {
+                    SetupError::config(&key, format!("expectation `{}`: {e}", expectation.name))
+                })?;
             let column = alone.output_schema();
             let Ok(field) = column.field_with_name("_check") else {
-                return Err(format!(
-                    "expectation `{}` yields no column",
-                    expectation.name
+                return Err(SetupError::config(
+                    key,
+                    format!("expectation `{}` yields no column", expectation.name),
                 ));
             };
             if field.data_type() != &DataType::Boolean {
-                return Err(format!(
-                    "expectation `{}` must be a boolean expression, is {}",
-                    expectation.name,
-                    field.data_type()
+                return Err(SetupError::config(
+                    key,
+                    format!(
+                        "expectation `{}` must be a boolean expression, is {}",
+                        expectation.name,
+                        field.data_type()
+                    ),
                 ));
             }
         }
         let plan = BatchPlan::new(&sql(&config.expectations), plan_input.clone())
             .await
-            .map_err(|e| format!("planning the silver transform: {e}"))?;
+            .map_err(|e| SetupError::plan("the silver transform", e))?;
         let changelog = setup
             .topics
             .changelog_of(&setup.group)
             .ok_or_else(|| {
-                format!(
+                SetupError::contracts(format!(
                     "topic-config.yaml declares no changelog for {}",
                     setup.group
-                )
+                ))
             })?
             .to_string();
         Ok(Self {
@@ -336,9 +344,11 @@ fn build_struct(
         .iter()
         .map(|f| cast_to(&child(f.name())?, f))
         .collect::<Result<Vec<_>, _>>()?;
-    StructArray::try_new(fields.clone(), columns, None)
-        .map(|s| Arc::new(s) as ArrayRef)
-        .map_err(|e| StageError::Transform(e.to_string()))
+    Ok(Arc::new(StructArray::try_new(
+        fields.clone(),
+        columns,
+        None,
+    )?))
 }
 
 fn struct_fields(field: &Field) -> Result<&Fields, StageError> {
@@ -366,12 +376,12 @@ fn enum_column(symbols: &[&str], values: &[&str]) -> Result<ArrayRef, StageError
                 .ok_or_else(|| StageError::Transform(format!("`{v}` is not one of {symbols:?}")))
         })
         .collect::<Result<Vec<i32>, _>>()?;
-    arrow::array::DictionaryArray::<Int32Type>::try_new(
-        arrow::array::Int32Array::from(keys),
-        Arc::new(StringArray::from(symbols.to_vec())),
-    )
-    .map(|a| Arc::new(a) as ArrayRef)
-    .map_err(|e| StageError::Transform(e.to_string()))
+    Ok(Arc::new(
+        arrow::array::DictionaryArray::<Int32Type>::try_new(
+            arrow::array::Int32Array::from(keys),
+            Arc::new(StringArray::from(symbols.to_vec())),
+        )?,
+    ))
 }
 
 /// A map column (`field`'s type) from per-row (key, value) pairs.
@@ -394,12 +404,15 @@ fn build_map(field: &Field, rows: &[Vec<(&'static str, String)>]) -> Result<Arra
             cast_to(&value_array, &entry_fields[1])?,
         ],
         None,
-    )
-    .map_err(|e| StageError::Transform(e.to_string()))?;
+    )?;
     let offsets = OffsetBuffer::from_lengths(rows.iter().map(Vec::len));
-    MapArray::try_new(entries.clone(), offsets, struct_array, None, *ordered)
-        .map(|a| Arc::new(a) as ArrayRef)
-        .map_err(|e| StageError::Transform(e.to_string()))
+    Ok(Arc::new(MapArray::try_new(
+        entries.clone(),
+        offsets,
+        struct_array,
+        None,
+        *ordered,
+    )?))
 }
 
 /// A list-of-strings column (`field`'s type) from per-row lists.
@@ -413,9 +426,12 @@ fn build_string_list(field: &Field, rows: &[Vec<String>]) -> Result<ArrayRef, St
     let flat: Vec<&str> = rows.iter().flatten().map(String::as_str).collect();
     let values: ArrayRef = Arc::new(StringArray::from(flat));
     let offsets = OffsetBuffer::from_lengths(rows.iter().map(Vec::len));
-    ListArray::try_new(item.clone(), offsets, cast_to(&values, item)?, None)
-        .map(|a| Arc::new(a) as ArrayRef)
-        .map_err(|e| StageError::Transform(e.to_string()))
+    Ok(Arc::new(ListArray::try_new(
+        item.clone(),
+        offsets,
+        cast_to(&values, item)?,
+        None,
+    )?))
 }
 
 impl Stage for Silver {
@@ -444,8 +460,7 @@ impl Stage for Silver {
     }
 
     async fn process(&mut self, input: RecordBatch) -> Result<StageOutput, StageError> {
-        let input = number_rows(&self.plan_input, &input)
-            .map_err(|e| StageError::Transform(e.to_string()))?;
+        let input = number_rows(&self.plan_input, &input)?;
         let results = self.plan.run(input).await?;
         let batch = match results.len() {
             0 => {
@@ -455,8 +470,7 @@ impl Stage for Silver {
                 ))
             }
             1 => results.into_iter().next().unwrap_or_else(|| unreachable!()),
-            _ => arrow::compute::concat_batches(&results[0].schema(), &results)
-                .map_err(|e| StageError::Transform(e.to_string()))?,
+            _ => arrow::compute::concat_batches(&results[0].schema(), &results)?,
         };
         self.merge_batch(&batch)
     }
@@ -467,8 +481,7 @@ impl Silver {
         let n = batch.num_rows();
         let strings = |name: &str| -> Result<StringArray, StageError> {
             let c = column(batch, name)?;
-            Ok(arrow::compute::cast(c, &DataType::Utf8)
-                .map_err(|e| StageError::Transform(e.to_string()))?
+            Ok(arrow::compute::cast(c, &DataType::Utf8)?
                 .as_string::<i32>()
                 .clone())
         };
@@ -651,12 +664,8 @@ impl Silver {
         }
 
         let kept =
-            arrow::compute::filter_record_batch(batch, &arrow::array::BooleanArray::from(keep))
-                .map_err(|e| StageError::Transform(e.to_string()))?;
-        let payload_field = self
-            .output_schema
-            .field_with_name("payload")
-            .map_err(|e| StageError::Transform(e.to_string()))?;
+            arrow::compute::filter_record_batch(batch, &arrow::array::BooleanArray::from(keep))?;
+        let payload_field = self.output_schema.field_with_name("payload")?;
         let payload_fields = struct_fields(payload_field)?;
         let in_payload = column(&kept, "payload")?.as_struct().clone();
         let silver_ids: Vec<String> = column(&kept, "event_id")?
@@ -718,8 +727,7 @@ impl Silver {
                 name => cast_to(column(&kept, name)?, f),
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let out = RecordBatch::try_new(self.output_schema.clone(), out_columns)
-            .map_err(|e| StageError::Transform(e.to_string()))?;
+        let out = RecordBatch::try_new(self.output_schema.clone(), out_columns)?;
         Ok(StageOutput {
             batch: out,
             source_rows,

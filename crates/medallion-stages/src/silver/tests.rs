@@ -104,7 +104,7 @@ mod stage {
         })
     }
 
-    async fn silver(config: SilverConfig) -> Result<Silver, String> {
+    async fn silver(config: SilverConfig) -> Result<Silver, medallion_runtime::error::SetupError> {
         let bronze = contract("bronze/data-cleaned.avsc");
         let (_, input_schema) =
             input_batch(&bronze, &[case("e0", 1, "C", 2, "v4", "o")], 0, 0, NOW);
@@ -208,7 +208,7 @@ mod stage {
                 }],
                 ..SilverConfig::default()
             };
-            let err = silver(bad).await.err().expect("rejected");
+            let err = silver(bad).await.err().expect("rejected").to_string();
             assert!(err.contains("broken_rule") && err.contains(needle), "{err}");
         }
     }
