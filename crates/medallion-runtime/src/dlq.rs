@@ -1,9 +1,10 @@
 //! Dead letters: the original key, value and headers, plus headers that say where the record
 //! came from and why it failed, so a redrive can put it back.
 
-use rdkafka::message::{Header, Headers, OwnedHeaders};
+use rdkafka::message::Headers;
 
 use crate::error::RecordFailure;
+use crate::record::HeaderList;
 
 /// Header names added to every dead letter.
 pub mod header {
@@ -33,21 +34,13 @@ const MAX_MESSAGE: usize = 1_024;
 
 /// The original headers followed by the dead-letter headers.
 pub fn dead_letter_headers(
-    original: Option<&OwnedHeaders>,
+    original: Option<&HeaderList>,
     stage: &str,
     failure: &RecordFailure,
     origin: &Origin,
     attempts: usize,
-) -> OwnedHeaders {
-    let mut headers = OwnedHeaders::new();
-    if let Some(original) = original {
-        for h in original.iter() {
-            headers = headers.insert(Header {
-                key: h.key,
-                value: h.value,
-            });
-        }
-    }
+) -> HeaderList {
+    let mut headers = original.cloned().unwrap_or_default();
     let mut message = failure.message.clone();
     if message.len() > MAX_MESSAGE {
         let mut cut = MAX_MESSAGE;
@@ -72,16 +65,10 @@ pub fn dead_letter_headers(
         (header::ATTEMPTS, &attempts),
     ];
     for (key, value) in added {
-        headers = headers.insert(Header {
-            key,
-            value: Some(value.as_bytes()),
-        });
+        headers.push(key, value);
     }
     for (key, value) in &failure.headers {
-        headers = headers.insert(Header {
-            key,
-            value: Some(value.as_bytes()),
-        });
+        headers.push(key.as_str(), value.as_str());
     }
     headers
 }
@@ -102,10 +89,7 @@ mod tests {
 
     #[test]
     fn keeps_original_headers_and_adds_the_reason() {
-        let original = OwnedHeaders::new().insert(Header {
-            key: "traceparent",
-            value: Some("00-abc".as_bytes()),
-        });
+        let original = HeaderList::new().with("traceparent", "00-abc");
         let failure = RecordFailure::poison("truncated_body", "x".repeat(5_000));
         let origin = Origin {
             topic: "connector.data.raw".into(),

@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Message, OwnedHeaders};
+use rdkafka::message::Message;
+
+use crate::record::HeaderList;
 use rdkafka::producer::{
     BaseRecord, DeliveryResult, FutureProducer, ProducerContext, ThreadedProducer,
 };
@@ -476,7 +478,7 @@ pub struct BatchRecord<'a> {
     pub partition: Option<i32>,
     pub key: Option<&'a [u8]>,
     pub value: &'a [u8],
-    pub headers: Option<&'a OwnedHeaders>,
+    pub headers: Option<&'a HeaderList>,
 }
 
 impl BatchProducer {
@@ -529,7 +531,8 @@ impl BatchProducer {
                     base = base.partition(partition);
                 }
                 if let Some(headers) = r.headers {
-                    base = base.headers(headers.clone());
+                    // librdkafka takes its own list: built once per send.
+                    base = base.headers(headers.to_rdkafka());
                 }
                 match self.producer.send(base) {
                     Ok(()) => break,

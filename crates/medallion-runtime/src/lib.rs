@@ -18,6 +18,7 @@ pub mod keys;
 pub mod metrics;
 pub mod ops;
 pub mod pii;
+pub mod record;
 pub mod recovery;
 pub mod retry;
 pub mod worker;

@@ -13,7 +13,7 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 
-use rdkafka::message::OwnedMessage;
+use crate::record::Inbound;
 
 use crate::dedup::DedupWindow;
 use crate::kafka::FlightId;
@@ -46,7 +46,7 @@ struct Step {
 
 #[derive(Debug)]
 struct Deferred {
-    message: OwnedMessage,
+    message: Inbound,
     /// The flight carrying its outcome (a dead letter, say); the hold ends when it lands.
     released_by: Option<FlightId>,
 }
@@ -172,7 +172,7 @@ impl Ledger {
     }
 
     /// Holds `offset` open until the stage reports its outcome.
-    pub(super) fn defer(&mut self, partition: i32, offset: i64, message: OwnedMessage) {
+    pub(super) fn defer(&mut self, partition: i32, offset: i64, message: Inbound) {
         if let Some(p) = self.partitions.get_mut(&partition) {
             p.deferred.insert(
                 offset,
@@ -191,7 +191,7 @@ impl Ledger {
         partition: i32,
         offset: i64,
         flight: FlightId,
-    ) -> Option<OwnedMessage> {
+    ) -> Option<Inbound> {
         let d = self
             .partitions
             .get_mut(&partition)?
@@ -206,7 +206,7 @@ impl Ledger {
     }
 
     /// The deferred record at `offset`, if the stage has not reported it yet.
-    pub(super) fn deferred(&self, partition: i32, offset: i64) -> Option<&OwnedMessage> {
+    pub(super) fn deferred(&self, partition: i32, offset: i64) -> Option<&Inbound> {
         self.partitions
             .get(&partition)?
             .deferred
@@ -290,14 +290,14 @@ mod tests {
     use super::*;
     use rdkafka::message::Timestamp;
 
-    fn message(partition: i32, offset: i64) -> OwnedMessage {
-        OwnedMessage::new(
-            Some(vec![1]),
-            None,
-            "in".into(),
-            Timestamp::NotAvailable,
+    fn message(partition: i32, offset: i64) -> Inbound {
+        Inbound::new(
+            "in",
             partition,
             offset,
+            Timestamp::NotAvailable,
+            None,
+            Some(vec![1]),
             None,
         )
     }

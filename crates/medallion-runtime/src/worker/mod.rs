@@ -23,7 +23,9 @@ use medallion_contracts::columnar::{BatchDecoder, BatchEncoder};
 use medallion_contracts::registry::{RegistryClient, RegistryError};
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Message, OwnedMessage};
+use rdkafka::message::Message;
+
+use crate::record::Inbound;
 
 use crate::config::WorkerConfig;
 use crate::dedup::DedupWindow;
@@ -263,7 +265,7 @@ impl<S: Stage> StageWorker<S> {
                 continue;
             };
             let first = match first {
-                Ok(message) => message.detach(),
+                Ok(message) => Inbound::copy_of(&message),
                 Err(e) => {
                     consumer_errors = self.consumer_error(&e, consumer_errors).await;
                     continue;
@@ -286,7 +288,7 @@ impl<S: Stage> StageWorker<S> {
                     }
                 };
                 match next {
-                    Ok(Ok(message)) => batch.push(message.detach()),
+                    Ok(Ok(message)) => batch.push(Inbound::copy_of(&message)),
                     Ok(Err(e)) => {
                         // The batch so far is good; the error is dealt with after it.
                         consumer_errors = self.consumer_error(&e, consumer_errors).await;
@@ -332,7 +334,7 @@ impl<S: Stage> StageWorker<S> {
     /// launch its flight (not waiting for it) → let the stage settle what is due.
     async fn process_batch(
         &mut self,
-        mut batch: Vec<OwnedMessage>,
+        mut batch: Vec<Inbound>,
         producer: &BatchProducer,
         consumer: &Arc<StreamConsumer<WorkerContext>>,
     ) -> Result<(), WorkerError> {
@@ -697,7 +699,7 @@ impl<S: Stage> StageWorker<S> {
     /// `medallion_consumption_paused` is 1 meanwhile. Records at fault were already set apart
     /// (by the decoder, or by bisecting the stage's batch), so any other failure is no record's
     /// fault: the worker stops without committing the part rather than dead-letter good records.
-    async fn plan_with_retry(&mut self, part: &[OwnedMessage]) -> Result<Plan, WorkerError> {
+    async fn plan_with_retry(&mut self, part: &[Inbound]) -> Result<Plan, WorkerError> {
         let mut attempt = 1usize;
         let paused = metrics::gauge!(m::CONSUMPTION_PAUSED, "stage" => self.topo.group.clone());
         let plan = loop {

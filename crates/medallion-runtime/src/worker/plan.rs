@@ -5,7 +5,7 @@ use std::collections::{HashMap, HashSet};
 use arrow::array::{Array, AsArray, BooleanArray, Int64Array, RecordBatch, StringArray};
 use arrow::datatypes::TimestampMillisecondType;
 use medallion_contracts::registry::RegistryError;
-use rdkafka::message::{Message, OwnedHeaders, OwnedMessage};
+use rdkafka::message::Message;
 
 use crate::dedup::event_key;
 use crate::dlq::{dead_letter_headers, Origin};
@@ -13,6 +13,7 @@ use crate::error::{RecordFailure, StageError};
 use crate::metrics as m;
 
 use crate::kafka::BatchRecord;
+use crate::record::{HeaderList, Inbound};
 
 use super::*;
 
@@ -23,7 +24,7 @@ pub(super) struct Outgoing {
     pub(super) key: Option<Vec<u8>>,
     /// Encoded rows share their batch's buffer: no copy per record.
     pub(super) value: bytes::Bytes,
-    pub(super) headers: Option<OwnedHeaders>,
+    pub(super) headers: Option<HeaderList>,
     /// Index of the input message it came from, if one.
     pub(super) source: Option<usize>,
     /// The event key stamped on an output-topic record.
@@ -80,7 +81,7 @@ pub(super) struct Plan {
 impl<S: Stage> StageWorker<S> {
     pub(super) fn dead_letter(
         &self,
-        message: &OwnedMessage,
+        message: &Inbound,
         failure: &RecordFailure,
         attempts: usize,
     ) -> Outgoing {
@@ -118,7 +119,7 @@ impl<S: Stage> StageWorker<S> {
     /// pauses).
     pub(super) async fn decode(
         &mut self,
-        messages: &[OwnedMessage],
+        messages: &[Inbound],
     ) -> Result<medallion_contracts::columnar::DecodedBatch, StageError> {
         let payloads: Vec<&[u8]> = messages
             .iter()
@@ -140,7 +141,7 @@ impl<S: Stage> StageWorker<S> {
     }
 
     /// Decode, dedup, transform, encode. Transient errors abort the whole plan (retried).
-    pub(super) async fn plan(&mut self, batch: &[OwnedMessage]) -> Result<Plan, StageError> {
+    pub(super) async fn plan(&mut self, batch: &[Inbound]) -> Result<Plan, StageError> {
         let decoded = self.decode(batch).await?;
         let mut dead: Vec<(usize, RecordFailure)> = decoded
             .rejected
@@ -246,7 +247,7 @@ impl<S: Stage> StageWorker<S> {
     /// on, in order. A transient error or a halt is the batch's, not a record's: returned.
     pub(super) async fn transform_isolating(
         &mut self,
-        batch: &[OwnedMessage],
+        batch: &[Inbound],
         input: RecordBatch,
         rows: &[usize],
     ) -> Result<Transformed, StageError> {
@@ -281,7 +282,7 @@ impl<S: Stage> StageWorker<S> {
     /// fault and dropping it would lose data.
     pub(super) async fn transform(
         &mut self,
-        batch: &[OwnedMessage],
+        batch: &[Inbound],
         input: RecordBatch,
         rows: &[usize],
     ) -> Result<Transformed, StageError> {
@@ -377,14 +378,10 @@ impl<S: Stage> StageWorker<S> {
             let source = source_of(source_row)?;
             let mut headers = source.and_then(|index| batch[index].headers().cloned());
             if let Some(added) = row_headers.remove(&(row as u32)) {
-                let mut h = headers.unwrap_or_default();
-                for (key, value) in &added {
-                    h = h.insert(rdkafka::message::Header {
-                        key,
-                        value: Some(value),
-                    });
+                let h = headers.get_or_insert_with(HeaderList::new);
+                for (key, value) in added {
+                    h.push(key, value);
                 }
-                headers = Some(h);
             }
             if let Some(t) = times.as_ref().filter(|t| !t.is_null(row)) {
                 event_times.push(t.value(row));
@@ -397,14 +394,9 @@ impl<S: Stage> StageWorker<S> {
                 .map(|ids| event_key(ids.value(row)));
             if let Some(key) = key {
                 if headers.as_ref().and_then(crate::recovery::event_key_of) != Some(key) {
-                    headers = Some(
-                        headers
-                            .unwrap_or_default()
-                            .insert(rdkafka::message::Header {
-                                key: crate::recovery::EVENT_KEY,
-                                value: Some(&key.to_be_bytes()),
-                            }),
-                    );
+                    headers
+                        .get_or_insert_with(HeaderList::new)
+                        .push(crate::recovery::EVENT_KEY, key.to_be_bytes());
                 }
             }
             outgoing.push(Outgoing {

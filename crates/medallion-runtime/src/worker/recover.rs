@@ -6,7 +6,9 @@ use std::time::{Duration, Instant};
 
 use arrow::array::{Array, AsArray};
 use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::message::{Message, OwnedMessage};
+use rdkafka::message::Message;
+
+use crate::record::Inbound;
 use rdkafka::{Offset, TopicPartitionList};
 
 use crate::dedup::{event_key, DedupWindow};
@@ -28,7 +30,7 @@ pub(super) struct Assigned {
 pub(super) struct WindowChunk {
     /// (partition, offset, event key) of records that carry their key.
     pub(super) keyed: Vec<(i32, i64, u128)>,
-    pub(super) undecoded: Vec<OwnedMessage>,
+    pub(super) undecoded: Vec<Inbound>,
 }
 
 impl<S: Stage> StageWorker<S> {
@@ -155,7 +157,7 @@ impl<S: Stage> StageWorker<S> {
                 }
                 match m.headers().and_then(crate::recovery::event_key_of) {
                     Some(key) => chunk.keyed.push((m.partition(), m.offset(), key)),
-                    None => chunk.undecoded.push(m.detach()),
+                    None => chunk.undecoded.push(Inbound::copy_of(m)),
                 }
                 if chunk.keyed.len() + chunk.undecoded.len() >= 2_000 {
                     let _ = send.blocking_send(std::mem::take(&mut chunk));
@@ -273,7 +275,7 @@ impl<S: Stage> StageWorker<S> {
     /// (partition, offset, event key) of `messages`, decoded with the input contract.
     pub(super) async fn event_keys(
         &mut self,
-        messages: &[OwnedMessage],
+        messages: &[Inbound],
     ) -> Result<Vec<(i32, i64, u128)>, StageError> {
         if messages.is_empty() {
             return Ok(Vec::new());

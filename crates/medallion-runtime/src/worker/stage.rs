@@ -7,11 +7,11 @@ use arrow::array::{ArrayRef, Int32Array, Int64Array, RecordBatch, StringArray};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use medallion_contracts::registry::RegistryClient;
 use medallion_contracts::{ContractSet, TopicConfig};
-use rdkafka::message::OwnedHeaders;
 
 use crate::dedup::event_key;
 use crate::error::{RecordFailure, SetupError, StageError};
 use crate::kafka::KafkaConnection;
+use crate::record::HeaderList;
 use crate::retry::RetryPolicy;
 
 /// Columns the runtime appends to every decoded batch before the stage sees it.
@@ -132,7 +132,7 @@ pub struct SideRecord {
     pub partition: Option<i32>,
     pub key: Option<Vec<u8>>,
     pub value: Vec<u8>,
-    pub headers: Option<OwnedHeaders>,
+    pub headers: Option<HeaderList>,
 }
 
 /// What a stage gets to build its transform once.
@@ -238,10 +238,7 @@ impl JsonEncoder {
         let value = medallion_contracts::json::to_framed(event, &self.schema, self.id)
             .map_err(|e| StageError::Encode(format!("{}: {e}", self.topic)))?;
         let headers = event["event_id"].as_str().map(|id| {
-            OwnedHeaders::new().insert(rdkafka::message::Header {
-                key: crate::recovery::EVENT_KEY,
-                value: Some(&event_key(id).to_be_bytes()),
-            })
+            HeaderList::new().with(crate::recovery::EVENT_KEY, event_key(id).to_be_bytes())
         });
         Ok(SideRecord {
             topic: self.topic.clone(),

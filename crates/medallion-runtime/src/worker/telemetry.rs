@@ -5,7 +5,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::message::{Message, OwnedMessage};
+use rdkafka::message::Message;
+
+use crate::record::Inbound;
 use rdkafka::Offset;
 
 use crate::error::RecordFailure;
@@ -26,7 +28,7 @@ impl<S: Stage> StageWorker<S> {
     /// dead letter.
     pub(super) fn batch_telemetry(
         &self,
-        batch: &[OwnedMessage],
+        batch: &[Inbound],
         plan: &Plan,
         duration: Duration,
     ) -> Vec<Outgoing> {
@@ -126,7 +128,7 @@ impl<S: Stage> StageWorker<S> {
     /// The `audit.events` record of one dead letter (`dlq.routed`).
     pub(super) fn dead_letter_audit(
         &self,
-        message: &OwnedMessage,
+        message: &Inbound,
         failure: &RecordFailure,
         attempts: usize,
     ) -> Option<Outgoing> {
