@@ -98,18 +98,18 @@ pub struct Inbound {
 impl Inbound {
     /// Copies `message` out of librdkafka (key, payload, headers), so its buffer can go.
     pub fn copy_of<M: Message>(message: &M) -> Self {
-        Self {
-            topic: message.topic().to_string(),
-            partition: message.partition(),
-            offset: message.offset(),
-            timestamp: message.timestamp(),
-            key: message.key().map(<[u8]>::to_vec),
-            payload: message.payload().map(<[u8]>::to_vec),
-            headers: message
+        Self::new(
+            message.topic(),
+            message.partition(),
+            message.offset(),
+            message.timestamp(),
+            message.key().map(<[u8]>::to_vec),
+            message.payload().map(<[u8]>::to_vec),
+            message
                 .headers()
                 .filter(|h| h.count() > 0)
                 .map(HeaderList::copy_of),
-        }
+        )
     }
 
     /// A record from its parts (tests, replays).
