@@ -9,7 +9,7 @@ use medallion_stages::silver::{Silver, SilverConfig, GROUP};
 
 /// silver allocates and frees small buffers per event (entity keys and states, changelog and
 /// drift-audit records): under glibc malloc a third of its samples were in `malloc`, `free` and
-/// `malloc_consolidate`, and mimalloc took it from ~49k to ~75k events per CPU-second in the
+/// `malloc_consolidate`, and mimalloc took it from ~49k to 66k-92k events per CPU-second in the
 /// replay benchmark. bronze and gold measured no better with it (and ~40 MiB more resident),
 /// so they keep the system allocator.
 #[global_allocator]
