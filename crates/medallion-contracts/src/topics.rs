@@ -55,17 +55,16 @@ pub struct InvalidValue(pub String);
 
 /// Parses `7d`, `12h`, `30m`, `45s`, `500ms`.
 pub fn parse_duration(text: &str) -> Result<Duration, InvalidValue> {
-    let invalid = |message: String| InvalidValue(message);
     let text = text.trim();
     let split = text.find(|c: char| !c.is_ascii_digit()).ok_or_else(|| {
-        invalid(format!(
+        InvalidValue(format!(
             "duration `{text}` has no unit (use ms, s, m, h or d)"
         ))
     })?;
     let (digits, unit) = text.split_at(split);
     let n: u64 = digits
         .parse()
-        .map_err(|_| invalid(format!("duration `{text}` does not start with a number")))?;
+        .map_err(|_| InvalidValue(format!("duration `{text}` does not start with a number")))?;
     let ms = match unit {
         "ms" => n,
         "s" => n * 1_000,
@@ -73,13 +72,13 @@ pub fn parse_duration(text: &str) -> Result<Duration, InvalidValue> {
         "h" => n * 3_600_000,
         "d" => n * 86_400_000,
         other => {
-            return Err(invalid(format!(
+            return Err(InvalidValue(format!(
                 "duration `{text}` has unknown unit `{other}` (use ms, s, m, h or d)"
             )))
         }
     };
     if ms == 0 {
-        return Err(invalid(format!("duration `{text}` must be positive")));
+        return Err(InvalidValue(format!("duration `{text}` must be positive")));
     }
     Ok(Duration::from_millis(ms))
 }

@@ -126,12 +126,8 @@ impl AuditEncoder {
             topic: topic.to_string(),
             id,
         };
-        let mismatch = |message: String| SetupError::Schema {
-            topic: topic.to_string(),
-            message,
-        };
-        let schema =
-            apache_avro::Schema::parse_str(schema_text).map_err(|e| mismatch(e.to_string()))?;
+        let schema = apache_avro::Schema::parse_str(schema_text)
+            .map_err(|e| SetupError::schema(topic, e))?;
         let sample = AuditAction {
             event_id: "e".into(),
             action: "check".into(),
@@ -155,12 +151,18 @@ impl AuditEncoder {
         };
         let bytes = encoder.encode(&sample, 1_700_000_000_123);
         let decoded = medallion_contracts::json::from_avro_binary(&bytes[5..], &schema, &schema)
-            .map_err(|e| mismatch(format!("the audit encoding no longer matches it: {e}")))?;
+            .map_err(|e| {
+                SetupError::schema(
+                    topic,
+                    format!("the audit encoding no longer matches it: {e}"),
+                )
+            })?;
         let expected = sample.to_event(1_700_000_000_123);
         if decoded != expected {
-            return Err(mismatch(format!(
-                "the audit encoding no longer matches it: {decoded} != {expected}"
-            )));
+            return Err(SetupError::schema(
+                topic,
+                format!("the audit encoding no longer matches it: {decoded} != {expected}"),
+            ));
         }
         Ok(encoder)
     }

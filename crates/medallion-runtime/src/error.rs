@@ -179,6 +179,14 @@ impl SetupError {
         SetupError::Contracts(message.into())
     }
 
+    /// A contract of `topic` that does not parse, or an encoder that does not match it.
+    pub fn schema(topic: impl Into<String>, message: impl std::fmt::Display) -> Self {
+        SetupError::Schema {
+            topic: topic.into(),
+            message: message.to_string(),
+        }
+    }
+
     /// A plan of `what` that does not build.
     pub fn plan(what: impl Into<String>, source: datafusion::error::DataFusionError) -> Self {
         SetupError::Plan {

@@ -7,13 +7,13 @@ use std::time::Duration;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message;
-
-use crate::record::HeaderList;
 use rdkafka::producer::{
     BaseRecord, DeliveryResult, FutureProducer, ProducerContext, ThreadedProducer,
 };
 use rdkafka::ClientContext;
 use tokio::sync::Notify;
+
+use crate::record::HeaderList;
 
 /// Why a Kafka client could not be built.
 #[derive(Debug, thiserror::Error)]

@@ -43,19 +43,6 @@ impl HeaderList {
         self
     }
 
-    /// Drops every header named `key`.
-    pub fn remove_all(&mut self, key: &str) {
-        self.0.retain(|(k, _)| k != key);
-    }
-
-    pub fn len(&self) -> usize {
-        self.0.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-
     /// librdkafka's list of the same headers, for a record handed to the producer.
     pub fn to_rdkafka(&self) -> OwnedHeaders {
         self.0.iter().fold(
@@ -192,16 +179,6 @@ mod tests {
                 ("a", Some(&b"2"[..]))
             ]
         );
-    }
-
-    #[test]
-    fn remove_all_drops_every_header_of_a_name() {
-        let mut list = HeaderList::new()
-            .with("eid", b"x".to_vec())
-            .with("keep", b"y".to_vec())
-            .with("eid", b"z".to_vec());
-        list.remove_all("eid");
-        assert_eq!(list, HeaderList::new().with("keep", b"y".to_vec()));
     }
 
     #[test]

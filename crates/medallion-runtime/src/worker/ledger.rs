@@ -13,10 +13,9 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 
-use crate::record::Inbound;
-
 use crate::dedup::DedupWindow;
 use crate::kafka::FlightId;
+use crate::record::Inbound;
 use crate::recovery::Snapshot;
 
 /// What may be committed for a partition once a step has landed.

@@ -25,14 +25,13 @@ use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message;
 
-use crate::record::Inbound;
-
 use crate::config::WorkerConfig;
 use crate::dedup::DedupWindow;
 use crate::error::{RecordFailure, SetupError, StageError};
 use crate::http::Health;
 use crate::kafka::{BatchProducer, FlightId, KafkaConnection, Role};
 use crate::metrics as m;
+use crate::record::Inbound;
 use crate::retry::RetryPolicy;
 
 mod ledger;

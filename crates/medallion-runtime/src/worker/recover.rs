@@ -7,12 +7,11 @@ use std::time::{Duration, Instant};
 use arrow::array::{Array, AsArray};
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::Message;
-
-use crate::record::Inbound;
 use rdkafka::{Offset, TopicPartitionList};
 
 use crate::dedup::{event_key, DedupWindow};
 use crate::error::StageError;
+use crate::record::Inbound;
 
 use super::*;
 

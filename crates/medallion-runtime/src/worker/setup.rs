@@ -94,12 +94,8 @@ where
             let schema = BatchDecoder::new(&output.contract.full_name, &output.contract.text)
                 .map_err(SetupError::from)?
                 .schema();
-            let encoder = BatchEncoder::new(&schema, &output.contract.text, id).map_err(|e| {
-                SetupError::Schema {
-                    topic: output.topic.clone(),
-                    message: e.to_string(),
-                }
-            })?;
+            let encoder = BatchEncoder::new(&schema, &output.contract.text, id)
+                .map_err(|e| SetupError::schema(&output.topic, e))?;
             let events = JsonEncoder::new(&output.topic, &output.contract.text, id)?;
             (Some(encoder), Some(events), schema)
         }

@@ -217,11 +217,8 @@ pub struct JsonEncoder {
 impl JsonEncoder {
     /// An encoder for schema `id` already registered (or a test's fixed id).
     pub fn new(topic: &str, schema_text: &str, id: u32) -> Result<Self, SetupError> {
-        let schema =
-            apache_avro::Schema::parse_str(schema_text).map_err(|e| SetupError::Schema {
-                topic: topic.to_string(),
-                message: e.to_string(),
-            })?;
+        let schema = apache_avro::Schema::parse_str(schema_text)
+            .map_err(|e| SetupError::schema(topic, e))?;
         Ok(Self {
             topic: topic.to_string(),
             schema,

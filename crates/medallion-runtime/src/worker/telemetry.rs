@@ -6,12 +6,11 @@ use std::time::Duration;
 
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::Message;
-
-use crate::record::Inbound;
 use rdkafka::Offset;
 
 use crate::error::RecordFailure;
 use crate::metrics as m;
+use crate::record::Inbound;
 
 use super::*;
 

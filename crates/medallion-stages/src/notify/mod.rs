@@ -305,24 +305,22 @@ impl Notify {
             .and_then(|t| setup.contracts.get(&t.schema))
             .ok_or_else(|| SetupError::contracts(format!("no contract for {}", setup.input_topic)))?
             .clone();
-        let schema_error = |message: String| SetupError::Schema {
-            topic: setup.input_topic.clone(),
-            message,
-        };
         let alert_columns = setup
             .input_schema
             .fields()
             .iter()
             .position(|f| f.name() == meta::KEY)
-            .ok_or_else(|| schema_error("input schema without meta columns".into()))?;
+            .ok_or_else(|| {
+                SetupError::schema(&setup.input_topic, "input schema without meta columns")
+            })?;
         let decoded_schema = Arc::new(
             setup
                 .input_schema
                 .project(&(0..alert_columns).collect::<Vec<_>>())
-                .map_err(|e| schema_error(e.to_string()))?,
+                .map_err(|e| SetupError::schema(&setup.input_topic, e))?,
         );
         let alert_encoder = BatchEncoder::new(&decoded_schema, &contract.text, 0)
-            .map_err(|e| schema_error(e.to_string()))?;
+            .map_err(|e| SetupError::schema(&setup.input_topic, e))?;
         let ledger_topic = setup
             .topics
             .changelog_of(GROUP)
