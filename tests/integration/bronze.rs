@@ -288,7 +288,11 @@ async fn bronze_outputs_valid_unique_events_and_dead_letters_the_rest() {
         if let Some(release) = sent["payload"]["release_sync"].as_object() {
             assert_eq!(
                 record["payload"]["release_sync"]["release"]["version"],
-                release["release"]["version"].as_str().expect("v").trim()
+                release["release"]["version"]
+                    .as_str()
+                    .expect("v")
+                    .trim()
+                    .trim_start_matches('v')
             );
         }
     }

@@ -12,7 +12,7 @@ use crate::bronze::Pipeline;
 
 pub(crate) const SILVER_BIN: &str = env!("CARGO_BIN_EXE_silver-processor");
 pub(crate) const GOLD_BIN: &str = env!("CARGO_BIN_EXE_gold-processor");
-const RULES_BIN: &str = env!("CARGO_BIN_EXE_rule-evaluator");
+pub(crate) const RULES_BIN: &str = env!("CARGO_BIN_EXE_rule-evaluator");
 const BRONZE: &str = "bronze.data.cleaned";
 const SILVER: &str = "silver.data.processed";
 const GOLD: &str = "gold.data.ready";

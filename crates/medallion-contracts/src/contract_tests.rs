@@ -407,6 +407,8 @@ pub(crate) fn arb_event() -> impl Strategy<Value = Json> {
                     "payload": {
                         "connector_id": connector, "source_system": "prop",
                         "release_sync": null, "case_sync": null, "lead_created": null,
+                        "alert_sync": null, "invoice_generated": null, "payment_processed": null,
+                        "task_completed": null, "threat_detected": null,
                         "measurements": measurements.iter().map(|(n, v)| json!({"name": n, "value": v, "unit": null})).collect::<Vec<_>>(),
                         "attributes": attributes,
                     }

@@ -2,6 +2,7 @@
 //!
 //! - [`schemas`]: the Avro schemas in `schemas/`, resolved into self-contained contracts.
 //! - [`topics`]: the typed loader of `topic-config.yaml`.
+//! - [`feeds`]: the feed catalog (`feeds.yaml`), checked against the raw contract.
 //! - [`compat`]: the BACKWARD compatibility gate against the released schemas.
 //! - [`json`]: the JSON form of events used by golden payloads and tools.
 //! - [`wire`]: the Confluent wire format and its typed errors.
@@ -11,6 +12,7 @@
 pub mod columnar;
 pub mod compat;
 pub mod enums;
+pub mod feeds;
 pub mod json;
 pub mod registry;
 pub mod sample;
@@ -19,6 +21,7 @@ pub mod shape;
 pub mod topics;
 pub mod wire;
 
+pub use feeds::FeedCatalog;
 pub use schemas::{Contract, ContractSet};
 pub use topics::TopicConfig;
 pub use wire::CodecError;

@@ -1,5 +1,6 @@
-//! A deterministic generator of realistic `connector.data.raw` events (the release, lead and
-//! case feeds across several orgs), for the local mode, tests and benchmarks.
+//! A deterministic generator of realistic `connector.data.raw` events across several orgs, for
+//! the local mode, tests and benchmarks: the release, case and lead feeds, or every feed of
+//! the catalog ([`SampleEvents::every_feed`]).
 
 use serde_json::{json, Value as Json};
 
@@ -45,7 +46,33 @@ pub struct SampleEvents {
     rng: SplitMix,
     orgs: Vec<i64>,
     clock_ms: i64,
+    /// How many of [`FEEDS`] are drawn from (the first three, or all).
+    kinds: u64,
 }
+
+/// The event types, in the order the generator draws them.
+pub const FEEDS: [&str; 8] = [
+    "release.sync.created",
+    "case.sync.v1",
+    "lead.created",
+    "alert.sync.v1",
+    "invoice.generated",
+    "payment.processed",
+    "task.completed",
+    "threat.detected",
+];
+
+/// The payload branch of each of [`FEEDS`].
+pub const BRANCHES: [&str; 8] = [
+    "release_sync",
+    "case_sync",
+    "lead_created",
+    "alert_sync",
+    "invoice_generated",
+    "payment_processed",
+    "task_completed",
+    "threat_detected",
+];
 
 const STATUSES: [&str; 3] = ["Open", "Resolved", "Deleted"];
 const ENDPOINTS: [&str; 6] = ["eks", "lambda", "gke", "fargate", "iot", "mission_asset"];
@@ -57,6 +84,16 @@ impl SampleEvents {
             rng: SplitMix::new(seed),
             orgs: (0..orgs.max(1) as i64).map(|i| 100 + i * 111).collect(),
             clock_ms: start_ms,
+            kinds: 3,
+        }
+    }
+
+    /// Like [`SampleEvents::new`], drawing from every feed (the benchmarks keep the first three,
+    /// so their figures stay comparable).
+    pub fn every_feed(seed: u64, orgs: usize, start_ms: i64) -> Self {
+        Self {
+            kinds: FEEDS.len() as u64,
+            ..Self::new(seed, orgs, start_ms)
         }
     }
 
@@ -66,8 +103,8 @@ impl SampleEvents {
         let org = self.orgs[self.rng.below(self.orgs.len() as u64) as usize];
         let id = self.rng.uuid();
         let t = self.clock_ms;
-        let kind = self.rng.below(3);
-        let (event_type, release, case, lead, classification, measurements) = match kind {
+        let kind = self.rng.below(self.kinds) as usize;
+        let (branch, classification, source_system, measurements) = match kind {
             0 => {
                 let n = self.rng.below(40);
                 let release = json!({
@@ -81,11 +118,9 @@ impl SampleEvents {
                                  "environment": if n.is_multiple_of(4) { "Staging" } else { "production" }, "is_public": true}
                 });
                 (
-                    "release.sync.created",
                     release,
-                    Json::Null,
-                    Json::Null,
                     "internal",
+                    "pdvd",
                     json!([{"name": "release.deployments", "value": 1.0, "unit": "count"}]),
                 )
             }
@@ -100,44 +135,97 @@ impl SampleEvents {
                     "custom_fields": {"region": "eu-west-1"}
                 });
                 (
-                    "case.sync.v1",
-                    Json::Null,
                     case,
-                    Json::Null,
                     "confidential",
+                    "v4",
                     json!([{"name": "case.severity", "value": severity as f64, "unit": null}]),
                 )
             }
-            _ => {
+            2 => {
                 let n = self.rng.next_u64();
                 let lead = json!({
                     "lead_id": self.rng.uuid(), "name": format!("Lead {}", n % 10_000),
                     "email": format!("lead{}@example.com", n % 10_000), "source": "marketing",
                     "assigned_to": null, "created_at": t
                 });
-                (
-                    "lead.created",
-                    Json::Null,
-                    Json::Null,
-                    lead,
-                    "restricted",
-                    json!([]),
-                )
+                (lead, "restricted", "crm", json!([]))
+            }
+            3 => {
+                let n = self.rng.below(300);
+                let alert = json!({
+                    "alert_id": format!("alert-{n}"), "title": format!(" Suspicious activity {} ", n % 17),
+                    "type": (["Phishing", "malware", "Login"][(n % 3) as usize]), "source": "SIEM",
+                    "sourceRef": format!("siem-{}", n * 7), "status": ALERT_STATUSES[self.rng.below(4) as usize],
+                    "created_at": t - 600_000, "updated_at": t - self.rng.below(60_000) as i64
+                });
+                (alert, "confidential", "v4", json!([]))
+            }
+            4 => {
+                let n = self.rng.below(10_000);
+                let invoice = json!({
+                    "invoice_id": format!("inv-2026-{n:05}"), "amount": (50 + n % 5_000) as f64 + 0.5,
+                    "currency": (["usd", "EUR", " gbp "][(n % 3) as usize]), "status": (["Pending", "PAID", "overdue"][(n % 3) as usize]),
+                    "issued_by": format!("user-{}", n % 40), "issued_at": t
+                });
+                (invoice, "confidential", "erp", json!([]))
+            }
+            5 => {
+                let n = self.rng.below(10_000);
+                let payment = json!({
+                    "payment_id": format!("pay-{n:05}"), "invoice_id": format!("INV-2026-{n:05}"),
+                    "amount": (50 + n % 5_000) as f64 + 0.5, "currency": "USD",
+                    "status": if n.is_multiple_of(10) { "failed" } else { "succeeded" },
+                    "method": if n.is_multiple_of(2) { "Card" } else { "transfer" }, "processed_at": t
+                });
+                (payment, "confidential", "erp", json!([]))
+            }
+            6 => {
+                let task = json!({
+                    "workflow_id": format!("wfl-{}", self.rng.below(50)), "task_id": self.rng.uuid(),
+                    "user_id": self.rng.uuid(), "status": "completed", "completed_at": t
+                });
+                (task, "internal", "workflow", json!([]))
+            }
+            _ => {
+                let threat = json!({
+                    "alert_id": self.rng.uuid(), "severity": THREAT_SEVERITIES[self.rng.below(4) as usize],
+                    "source_system": " Endpoint-Agent ", "description": "Unusual data exfiltration pattern",
+                    "detected_at": t
+                });
+                (threat, "restricted", "inosec", json!([]))
             }
         };
+        let event_type = FEEDS[kind];
+        let mut payload = serde_json::Map::new();
+        payload.insert(
+            "connector_id".into(),
+            json!(format!(
+                "{}-connector",
+                event_type.split('.').next().unwrap_or("generic")
+            )),
+        );
+        payload.insert("source_system".into(), json!(source_system));
+        for (i, name) in BRANCHES.iter().enumerate() {
+            let value = if i == kind {
+                branch.clone()
+            } else {
+                Json::Null
+            };
+            payload.insert((*name).into(), value);
+        }
+        payload.insert("measurements".into(), measurements);
+        payload.insert("attributes".into(), json!({}));
         json!({
             "event_id": id, "event_type": event_type, "event_version": "1.0.0", "timestamp": t,
             "source": {"service": "connector-service", "instance": format!("connector-{}", org % 3)},
             "correlation_id": id, "org_id": org, "trace_id": null, "classification": classification,
-            "payload": {
-                "connector_id": format!("{}-connector", event_type.split('.').next().unwrap_or("generic")),
-                "source_system": match kind { 0 => "pdvd", 1 => "v4", _ => "crm" },
-                "release_sync": release, "case_sync": case, "lead_created": lead,
-                "measurements": measurements, "attributes": {}
-            }
+            "payload": payload
         })
     }
 }
+
+const ALERT_STATUSES: [&str; 4] = ["New", "updated", "IGNORED", "Imported"];
+const THREAT_SEVERITIES: [&str; 4] = ["low", "Medium", "HIGH", "critical"];
 
 #[cfg(test)]
 mod tests {
@@ -153,6 +241,14 @@ mod tests {
             let event = events.next_event();
             crate::json::to_avro_binary(&event, &raw.schema).expect("valid event");
         }
+        let mut every = SampleEvents::every_feed(2, 5, 1_735_200_000_000);
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..300 {
+            let event = every.next_event();
+            crate::json::to_avro_binary(&event, &raw.schema).expect("valid event");
+            seen.insert(event["event_type"].as_str().map(str::to_string));
+        }
+        assert_eq!(seen.len(), FEEDS.len(), "every feed drawn: {seen:?}");
         let mut again = SampleEvents::new(1, 5, 1_735_200_000_000);
         let mut first = SampleEvents::new(1, 5, 1_735_200_000_000);
         assert_eq!(again.next_event(), first.next_event(), "deterministic");

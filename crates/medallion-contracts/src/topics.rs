@@ -191,6 +191,45 @@ pub struct TopicSpec {
     /// The dead-letter topic `<name><suffix>`; required for every consumed topic.
     #[serde(default)]
     pub dlq: Option<DlqSpec>,
+    /// How a keyed record picks its partition (default `murmur2`).
+    #[serde(default)]
+    pub partitioner: Partitioner,
+}
+
+/// How a producer maps a record key to a partition of the topic.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Partitioner {
+    /// Kafka's default: `(murmur2(key bytes) & 0x7fffffff) % partitions`, what the Java
+    /// client, librdkafka's `murmur2_random` and every Confluent client do for a keyed record.
+    #[default]
+    Murmur2,
+    /// Seed 002's `abs(orgId.hashCode()) % numPartitions`, with Java's `Long.hashCode`, for
+    /// keys that are a decimal `long` (an org id). Where Java's formula is negative (a hash of
+    /// `Integer.MIN_VALUE`, which `Math.abs` leaves negative) the magnitude 2^31 is used.
+    JavaLongHash,
+}
+
+impl Partitioner {
+    /// The partition this partitioner picks for `key`, or `None` where the producer client
+    /// decides (murmur2, which librdkafka computes itself, or a key that is not a long).
+    pub fn partition(self, key: &[u8], partitions: u32) -> Option<i32> {
+        match self {
+            Partitioner::Murmur2 => None,
+            Partitioner::JavaLongHash => {
+                let org: i64 = std::str::from_utf8(key).ok()?.trim().parse().ok()?;
+                if partitions == 0 {
+                    return None;
+                }
+                Some((java_long_hash_code(org).unsigned_abs() % partitions) as i32)
+            }
+        }
+    }
+}
+
+/// Java's `Long.hashCode(value)`: `(int) (value ^ (value >>> 32))`.
+pub fn java_long_hash_code(value: i64) -> i32 {
+    (value ^ ((value as u64) >> 32) as i64) as i32
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -625,5 +664,70 @@ consumer_groups:
             .contains("unknown unit"));
         assert!(parse_duration("d").is_err());
         assert_eq!(parse_duration("90d"), Ok(Duration::from_secs(90 * 86_400)));
+    }
+
+    /// Computed by Java 17 (`Long.valueOf(v).hashCode()`, `Math.abs(h) % n` for n = 3, 6, 12):
+    /// `v hash p3 p6 p12`. The negative partitions are where Java's formula breaks.
+    const JAVA: &str = "1 1 1 1 1
+101 101 2 5 5
+-1 0 0 0 0
+2147483648 -2147483648 -2 -2 -8
+4294967296 1 1 1 1
+-2147483649 -2147483648 -2 -2 -8
+9223372036854775807 -2147483648 -2 -2 -8
+-9223372036854775808 -2147483648 -2 -2 -8
+123456789012 -1097262584 2 2 8
+4242 4242 0 0 6
+211 211 1 1 7
+987654321987 -188155994 2 2 2";
+
+    #[test]
+    fn the_java_long_hash_partitioner_agrees_with_java() {
+        for line in JAVA.lines() {
+            let v: Vec<i64> = line
+                .split_whitespace()
+                .map(|x| x.parse().expect("number"))
+                .collect();
+            assert_eq!(java_long_hash_code(v[0]) as i64, v[1], "hash of {}", v[0]);
+            for (n, java) in [(3u32, v[2]), (6, v[3]), (12, v[4])] {
+                let ours = Partitioner::JavaLongHash
+                    .partition(v[0].to_string().as_bytes(), n)
+                    .expect("a long key");
+                if java >= 0 {
+                    assert_eq!(ours as i64, java, "{} over {n}", v[0]);
+                } else {
+                    // Math.abs(Integer.MIN_VALUE) stays negative; 2^31 % n instead.
+                    assert_eq!(ours as i64, (1i64 << 31) % n as i64, "{} over {n}", v[0]);
+                }
+            }
+        }
+        assert_eq!(Partitioner::JavaLongHash.partition(b"not-a-long", 12), None);
+        assert_eq!(Partitioner::Murmur2.partition(b"101", 12), None);
+    }
+
+    #[test]
+    fn a_topic_chooses_its_partitioner_and_an_unknown_one_is_refused() {
+        let text = std::fs::read_to_string(crate::project_root().join("topic-config.yaml"))
+            .expect("topic-config.yaml");
+        let config = TopicConfig::parse(&text, "t").expect("valid");
+        assert!(config
+            .topics
+            .values()
+            .all(|t| t.partitioner == Partitioner::Murmur2));
+        let java = text.replacen(
+            "    schema: connector/data-raw.avsc\n",
+            "    schema: connector/data-raw.avsc\n    partitioner: java_long_hash\n",
+            1,
+        );
+        let config = TopicConfig::parse(&java, "t").expect("valid");
+        assert_eq!(
+            config.topic("connector.data.raw").map(|t| t.partitioner),
+            Some(Partitioner::JavaLongHash)
+        );
+        let bad = java.replace("java_long_hash", "crc32");
+        let message = TopicConfig::parse(&bad, "t")
+            .expect_err("refused")
+            .to_string();
+        assert!(message.contains("crc32"), "{message}");
     }
 }

@@ -163,6 +163,9 @@ pub enum SetupError {
     /// The personal-data keys are missing or wrong (the error names the setting).
     #[error(transparent)]
     Pii(#[from] crate::pii::PiiError),
+    /// The feed catalog (`feeds.yaml`) is wrong: the error names the feed and its key.
+    #[error(transparent)]
+    Feeds(#[from] medallion_contracts::feeds::FeedError),
 }
 
 impl SetupError {

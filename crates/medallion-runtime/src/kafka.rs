@@ -4,6 +4,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use medallion_contracts::topics::Partitioner;
+use medallion_contracts::TopicConfig;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message;
@@ -313,6 +315,31 @@ pub type FlightId = u32;
 pub struct BatchProducer {
     producer: ThreadedProducer<AckContext>,
     flights: Arc<Flights>,
+    placement: Placement,
+}
+
+/// The partition of a keyed record for the topics whose `partitioner` librdkafka does not
+/// implement (`java_long_hash`); the others are left to librdkafka's murmur2.
+#[derive(Debug, Clone, Default)]
+pub struct Placement(HashMap<String, (Partitioner, u32)>);
+
+impl Placement {
+    pub fn of(topics: &TopicConfig) -> Self {
+        Self(
+            topics
+                .topics
+                .iter()
+                .filter(|(_, spec)| spec.partitioner != Partitioner::Murmur2)
+                .map(|(name, spec)| (name.clone(), (spec.partitioner, spec.partitions)))
+                .collect(),
+        )
+    }
+
+    /// The partition `key` goes to on `topic`, where this placement decides it.
+    pub fn partition(&self, topic: &str, key: Option<&[u8]>) -> Option<i32> {
+        let (partitioner, partitions) = self.0.get(topic)?;
+        partitioner.partition(key?, *partitions)
+    }
 }
 
 /// The records of one batch that failed, by index, with the first error.
@@ -488,7 +515,17 @@ impl BatchProducer {
         let producer = config.create_with_context(AckContext {
             flights: flights.clone(),
         })?;
-        Ok(Self { producer, flights })
+        Ok(Self {
+            producer,
+            flights,
+            placement: Placement::default(),
+        })
+    }
+
+    /// Partitions keyed records of the topics `placement` covers by their own partitioner.
+    pub fn with_placement(mut self, placement: Placement) -> Self {
+        self.placement = placement;
+        self
     }
 
     /// The flights, for a callback that must wait for some to land.
@@ -527,7 +564,10 @@ impl BatchProducer {
                 if let Some(key) = r.key {
                     base = base.key(key);
                 }
-                if let Some(partition) = r.partition {
+                if let Some(partition) = r
+                    .partition
+                    .or_else(|| self.placement.partition(r.topic, r.key))
+                {
                     base = base.partition(partition);
                 }
                 if let Some(headers) = r.headers {
@@ -646,6 +686,37 @@ impl BatchProducer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_topic_with_the_java_partitioner_is_placed_by_org_and_the_others_by_librdkafka() {
+        let text =
+            std::fs::read_to_string(medallion_contracts::project_root().join("topic-config.yaml"))
+                .expect("topic-config.yaml");
+        let text = text.replacen(
+            "    schema: bronze/data-cleaned.avsc\n",
+            "    schema: bronze/data-cleaned.avsc\n    partitioner: java_long_hash\n",
+            1,
+        );
+        let topics = TopicConfig::parse(&text, "t")
+            .expect("valid")
+            .with_prefix("blue.")
+            .expect("prefix");
+        let placement = Placement::of(&topics);
+        // Long.valueOf(101).hashCode() = 101; 101 % 12 = 5. 123456789012 hashes to -1097262584.
+        assert_eq!(
+            placement.partition("blue.bronze.data.cleaned", Some(b"101")),
+            Some(5)
+        );
+        assert_eq!(
+            placement.partition("blue.bronze.data.cleaned", Some(b"123456789012")),
+            Some(8)
+        );
+        assert_eq!(placement.partition("blue.bronze.data.cleaned", None), None);
+        assert_eq!(
+            placement.partition("blue.silver.data.processed", Some(b"101")),
+            None
+        );
+    }
 
     fn props(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         pairs

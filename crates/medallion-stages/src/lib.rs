@@ -3,6 +3,7 @@
 
 pub mod audit_writer;
 pub mod bronze;
+pub mod feeds;
 pub mod gold;
 pub mod main_support;
 pub mod notify;

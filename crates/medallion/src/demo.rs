@@ -161,6 +161,7 @@ pub async fn run(home: &Path, args: DemoArgs) -> anyhow::Result<ExitCode> {
         .get(&raw_spec.schema)
         .with_context(|| format!("schema {} not found", raw_spec.schema))?
         .clone();
+    let placement = medallion_runtime::kafka::Placement::of(&topics);
 
     // Broker.
     let cluster;
@@ -316,7 +317,7 @@ pub async fn run(home: &Path, args: DemoArgs) -> anyhow::Result<ExitCode> {
     )?;
     let started = Instant::now();
     let work = async {
-        let produced = produce_stream(&producer, &raw, raw_id, &args).await?;
+        let produced = produce_stream(&producer, &raw, raw_id, &placement, &args).await?;
         let mut last = Instant::now();
         let mut settled_at: Option<Instant> = None;
         let mut audited = 0;
@@ -606,6 +607,7 @@ async fn produce_stream(
     producer: &FutureProducer,
     raw: &medallion_contracts::Contract,
     raw_id: u32,
+    placement: &medallion_runtime::kafka::Placement,
     args: &DemoArgs,
 ) -> anyhow::Result<Produced> {
     let now = std::time::SystemTime::now()
@@ -613,7 +615,8 @@ async fn produce_stream(
         .map(|d| d.as_millis() as i64)
         .unwrap_or_default();
     // Event times over the last hour, so bronze's sanity range accepts them.
-    let mut events = SampleEvents::new(42, args.orgs, now - 3_600_000 - args.events as i64 * 100);
+    let mut events =
+        SampleEvents::every_feed(42, args.orgs, now - 3_600_000 - args.events as i64 * 100);
     let mut rng = SplitMix::new(7);
     let malformed_every = if args.malformed_percent > 0.0 {
         (100.0 / args.malformed_percent).round().max(1.0) as u64
@@ -656,8 +659,13 @@ async fn produce_stream(
             (key, value)
         };
         out.total += 1;
+        let partition = placement.partition(RAW_TOPIC, Some(key.as_bytes()));
         loop {
-            match producer.send_result(FutureRecord::to(RAW_TOPIC).key(&key).payload(&value)) {
+            let mut record = FutureRecord::to(RAW_TOPIC).key(&key).payload(&value);
+            if let Some(partition) = partition {
+                record = record.partition(partition);
+            }
+            match producer.send_result(record) {
                 Ok(delivery) => {
                     pending.push(delivery);
                     break;

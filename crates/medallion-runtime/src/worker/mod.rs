@@ -137,6 +137,8 @@ pub struct StageWorker<S: Stage> {
     revoked: Arc<Mutex<Vec<i32>>>,
     /// Every assigned partition the stage has been told about (see [`ledger`]).
     ledger: Arc<Mutex<Ledger>>,
+    /// Partitions of keyed records on topics with their own `partitioner`.
+    placement: crate::kafka::Placement,
     /// Flights launched and not landed, with what to book when they land.
     in_flight: BTreeMap<FlightId, Flight>,
     limits: InFlightLimits,
@@ -204,7 +206,8 @@ impl<S: Stage> StageWorker<S> {
     ) -> Result<RunTotals, WorkerError> {
         let producer = BatchProducer::new(&self.kafka.config(Role::Producer {
             message_timeout_ms: u64::from(config.kafka.produce_timeout_ms),
-        }))?;
+        }))?
+        .with_placement(self.placement.clone());
         let drain_timeout = Duration::from_millis(u64::from(config.kafka.produce_timeout_ms));
         let consumer: Arc<StreamConsumer<WorkerContext>> =
             Arc::new(self.kafka.create_with_context(

@@ -158,6 +158,7 @@ where
         positions: Arc::new(Mutex::new(BTreeMap::new())),
         revoked: Arc::new(Mutex::new(Vec::new())),
         ledger: Arc::new(Mutex::new(super::ledger::Ledger::default())),
+        placement: crate::kafka::Placement::of(&topics),
         in_flight: BTreeMap::new(),
         limits: super::InFlightLimits {
             records: config.batch.max_in_flight_records,

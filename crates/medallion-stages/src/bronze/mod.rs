@@ -7,7 +7,8 @@
 //! encryption is recorded on `audit.events`. Dedup by `event_id` is the runtime's.
 
 use arrow::array::{Array, ArrayRef, AsArray, RecordBatch};
-use arrow::datatypes::SchemaRef;
+use arrow::datatypes::{DataType, Fields, SchemaRef};
+use medallion_contracts::feeds::{Feed, FeedCatalog};
 use medallion_runtime::audit::{AuditEncoder, AuditFields};
 use medallion_runtime::error::{RecordFailure, SetupError, StageError};
 use medallion_runtime::metrics as m;
@@ -15,6 +16,7 @@ use medallion_runtime::pii::{Keyring, PiiConfig, KEY_ID_HEADER};
 use medallion_runtime::worker::{meta, SideRecord, Stage, StageOutput, StageSetup};
 use serde::{Deserialize, Serialize};
 
+use crate::feeds;
 use crate::plan::{number_rows, struct_access, with_row_column, BatchPlan, ROW};
 
 /// The consumer group, and so the binary's name.
@@ -55,7 +57,7 @@ pub mod reason {
     pub const INVALID_VALUE: &str = "invalid_value";
 }
 
-fn describe(reason: &str, config: &BronzeConfig) -> String {
+fn describe(reason: &str, config: &BronzeConfig, catalog: &FeedCatalog) -> String {
     match reason {
         reason::MISSING_FIELD => "a required envelope field (event_id, event_type, event_version, correlation_id, source.service, source.instance) is empty".into(),
         reason::INVALID_EVENT_ID => "event_id is not a UUID".into(),
@@ -65,37 +67,102 @@ fn describe(reason: &str, config: &BronzeConfig) -> String {
             "timestamp is more than {} ms old or more than {} ms in the future",
             config.max_event_age_ms, config.max_future_skew_ms
         ),
-        reason::PAYLOAD_MISMATCH => "the payload must carry exactly one feed variant, the one event_type names (release.sync.created → release_sync, case.sync.v1 → case_sync, lead.created → lead_created)".into(),
-        reason::INVALID_VALUE => "a field holds a value outside the seed's allowed set".into(),
+        reason::PAYLOAD_MISMATCH => format!(
+            "the payload must carry exactly one feed variant, the one event_type names ({})",
+            catalog
+                .feeds
+                .iter()
+                .map(|f| format!("{} → {}", f.event_type, f.variant))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        reason::INVALID_VALUE => "a feed field is blank where required, outside its allowed values or range, fails a check or is not a SemVer version (see the feed's entry in feeds.yaml)".into(),
         other => other.to_string(),
     }
 }
 
-/// The payload variants (Avro unions with null); the SQL normalizes each one's fields for
-/// every row, and [`Bronze::restore_variants`] then marks it null where the input's was.
-const VARIANTS: [&str; 3] = ["release_sync", "case_sync", "lead_created"];
-
-/// The transform, as SQL over table `input`.
-pub fn sql(config: &BronzeConfig, input_topic: &str) -> String {
-    struct_access(&sql_with_brackets(config, input_topic))
+/// The transform, as SQL over table `input` (of `input` schema): the envelope checks, then
+/// each feed's rules and normalization from the catalog.
+pub fn sql(
+    config: &BronzeConfig,
+    catalog: &FeedCatalog,
+    input: &SchemaRef,
+    input_topic: &str,
+) -> Result<String, SetupError> {
+    Ok(struct_access(&sql_with_brackets(
+        config,
+        catalog,
+        input,
+        input_topic,
+    )?))
 }
 
-fn sql_with_brackets(config: &BronzeConfig, input_topic: &str) -> String {
-    let p = r#""payload""#;
-    let rs = format!("{p}['release_sync']");
-    let cs = format!("{p}['case_sync']");
-    let ls = format!("{p}['lead_created']");
-    let only = |set: &str| {
-        let others: Vec<String> = [&rs, &cs, &ls]
-            .iter()
-            .filter(|v| v.as_str() != set)
-            .map(|v| format!("{v} IS NULL"))
-            .collect();
-        format!("({set} IS NOT NULL AND {})", others.join(" AND "))
+/// The Arrow fields of each feed's branch of the input payload.
+fn branch_fields<'a>(
+    catalog: &'a FeedCatalog,
+    input: &SchemaRef,
+) -> Result<Vec<(&'a Feed, Fields)>, SetupError> {
+    let payload = input
+        .field_with_name("payload")
+        .map_err(|_| SetupError::contracts("the bronze input has no payload"))?;
+    let DataType::Struct(branches) = payload.data_type() else {
+        return Err(SetupError::contracts(
+            "the bronze input payload is not a record",
+        ));
     };
+    catalog
+        .feeds
+        .iter()
+        .map(|feed| match branches.find(&feed.variant) {
+            Some((_, f)) => match f.data_type() {
+                DataType::Struct(fields) => Ok((feed, fields.clone())),
+                other => Err(SetupError::contracts(format!(
+                    "payload.{} is {other}, not a record",
+                    feed.variant
+                ))),
+            },
+            None => Err(SetupError::contracts(format!(
+                "the bronze input payload has no branch {} (feed {})",
+                feed.variant, feed.event_type
+            ))),
+        })
+        .collect()
+}
+
+fn sql_with_brackets(
+    config: &BronzeConfig,
+    catalog: &FeedCatalog,
+    input: &SchemaRef,
+    input_topic: &str,
+) -> Result<String, SetupError> {
+    let p = r#""payload""#;
     let blank = |e: &str| format!("({e} IS NULL OR trim({e}) = '')");
     let topic = input_topic.replace('\'', "''");
-    format!(
+    let branches = branch_fields(catalog, input)?;
+    let broken: Vec<String> = branches
+        .iter()
+        .filter_map(|(feed, fields)| {
+            let mut text = Vec::new();
+            feeds::text_paths(fields, "", &mut text);
+            feeds::broken_rules(p, feed, &text)
+        })
+        .collect();
+    let invalid = if broken.is_empty() {
+        "false".to_string()
+    } else {
+        broken.join("\n      OR ")
+    };
+    let normalized: Vec<String> = branches
+        .iter()
+        .map(|(feed, fields)| {
+            format!(
+                "'{}', {}",
+                feed.variant,
+                feeds::normalized_branch(p, feed, fields, "")
+            )
+        })
+        .collect();
+    Ok(format!(
         r#"
 SELECT
   -- The first failed check names the reason. One single-branch CASE per check, joined by
@@ -109,23 +176,9 @@ SELECT
     CASE WHEN CAST("timestamp" AS BIGINT) < "{now}" - {max_age} OR CAST("timestamp" AS BIGINT) > "{now}" + {max_skew} THEN '{timestamp_out_of_range}' ELSE NULL END,
     -- Plain boolean logic, not `CASE event_type WHEN ...`: a CASE with a base expression
     -- copies the payloads of the rows of each branch before evaluating it.
-    CASE WHEN lower(trim("event_type")) = 'release.sync.created' AND NOT {only_release}
-           OR lower(trim("event_type")) = 'case.sync.v1' AND NOT {only_case}
-           OR lower(trim("event_type")) = 'lead.created' AND NOT {only_lead}
-           -- Exactly one variant is set, the one event_type names: an event type no variant
-           -- belongs to never matches, with or without a payload variant.
-           OR COALESCE(lower(trim("event_type")) NOT IN ('release.sync.created', 'case.sync.v1', 'lead.created'), true)
+    CASE WHEN {mismatch}
          THEN '{payload_mismatch}' ELSE NULL END,
-    CASE WHEN {rs} IS NOT NULL AND (
-           lower(trim({rs}['sbom_ref']['storage_type'])) NOT IN ('ipfs', 's3')
-           OR lower(trim({rs}['endpoint']['endpoint_type'])) NOT IN ('eks', 'lambda', 'gke', 'fargate', 'iot', 'mission_asset')
-           OR {blank_release_name} OR {blank_release_version})
-      OR {cs} IS NOT NULL AND (
-           {cs}['severity'] NOT BETWEEN 1 AND 4
-           OR lower(trim({cs}['status'])) NOT IN ('open', 'resolved', 'deleted')
-           OR {cs}['tlp'] NOT BETWEEN 0 AND 3 OR {cs}['pap'] NOT BETWEEN 0 AND 3
-           OR {blank_case_id})
-      OR {ls} IS NOT NULL AND (NOT strpos(trim({ls}['email']), '@') > 1)
+    CASE WHEN {invalid}
       THEN '{invalid_value}' ELSE NULL END
   ) AS "{reject}",
   lower(trim("event_id")) AS "event_id",
@@ -140,46 +193,7 @@ SELECT
   named_struct(
     'connector_id', trim({p}['connector_id']),
     'source_system', lower(trim({p}['source_system'])),
-    'release_sync', named_struct(
-        'event_time', {rs}['event_time'],
-        'synced_at', {rs}['synced_at'],
-        'release', named_struct(
-            'name', trim({rs}['release']['name']),
-            'version', trim({rs}['release']['version']),
-            'projecttype', lower(trim({rs}['release']['projecttype'])),
-            'gitcommit', lower(trim({rs}['release']['gitcommit'])),
-            'dockersha', lower(trim({rs}['release']['dockersha'])),
-            'is_public', {rs}['release']['is_public']),
-        'sbom_ref', named_struct(
-            'cid', trim({rs}['sbom_ref']['cid']),
-            'storage_type', lower(trim({rs}['sbom_ref']['storage_type'])),
-            'content_sha', lower(trim({rs}['sbom_ref']['content_sha'])),
-            'uploaded_at', {rs}['sbom_ref']['uploaded_at']),
-        'endpoint', named_struct(
-            'name', trim({rs}['endpoint']['name']),
-            'endpoint_type', lower(trim({rs}['endpoint']['endpoint_type'])),
-            'environment', lower(trim({rs}['endpoint']['environment'])),
-            'is_public', {rs}['endpoint']['is_public'])),
-    'case_sync', named_struct(
-        'case_id', upper(trim({cs}['case_id'])),
-        'title', trim({cs}['title']),
-        'description', trim({cs}['description']),
-        'severity', {cs}['severity'],
-        'status', initcap(lower(trim({cs}['status']))),
-        'owner', trim({cs}['owner']),
-        'flag', {cs}['flag'],
-        'tlp', {cs}['tlp'],
-        'pap', {cs}['pap'],
-        'created_at', {cs}['created_at'],
-        'updated_at', {cs}['updated_at'],
-        'custom_fields', {cs}['custom_fields']),
-    'lead_created', named_struct(
-        'lead_id', lower(trim({ls}['lead_id'])),
-        'name', trim({ls}['name']),
-        'email', lower(trim({ls}['email'])),
-        'source', lower(trim({ls}['source'])),
-        'assigned_to', trim({ls}['assigned_to']),
-        'created_at', {ls}['created_at']),
+    {normalized},
     'measurements', {p}['measurements'],
     'attributes', {p}['attributes'],
     'raw_topic', '{topic}',
@@ -198,12 +212,8 @@ FROM input
             blank(r#""source"['instance']"#),
         ]
         .join(" OR "),
-        blank_release_name = blank(&format!("{rs}['release']['name']")),
-        blank_release_version = blank(&format!("{rs}['release']['version']")),
-        blank_case_id = blank(&format!("{cs}['case_id']")),
-        only_release = only(&rs),
-        only_case = only(&cs),
-        only_lead = only(&ls),
+        mismatch = feeds::payload_mismatch(p, catalog, r#"lower(trim("event_type"))"#),
+        normalized = normalized.join(",\n    "),
         missing_field = reason::MISSING_FIELD,
         invalid_event_id = reason::INVALID_EVENT_ID,
         invalid_org_id = reason::INVALID_ORG_ID,
@@ -219,12 +229,11 @@ FROM input
         max_skew = config.max_future_skew_ms,
         reject = REJECT,
         row = ROW,
-    )
+    ))
 }
 
 /// The bronze stage: one DataFusion plan, reused for every batch.
 pub struct Bronze {
-    config: BronzeConfig,
     plan: BatchPlan,
     plan_input: SchemaRef,
     output_schema: SchemaRef,
@@ -232,6 +241,10 @@ pub struct Bronze {
     /// Dotted paths of the personal-data fields of the input contract.
     pii_fields: Vec<String>,
     audit: AuditEncoder,
+    /// The payload branches, one per feed of the catalog.
+    variants: Vec<String>,
+    /// Why each rejection reason rejects, as the DLQ record says it.
+    descriptions: std::collections::HashMap<&'static str, String>,
 }
 
 impl Bronze {
@@ -254,10 +267,16 @@ impl Bronze {
             .and_then(|t| setup.contracts.get(&t.schema))
             .map(|c| c.pii_fields())
             .unwrap_or_default();
+        let catalog = feeds::load(&setup)?;
         let plan_input = with_row_column(&setup.input_schema);
-        let plan = BatchPlan::new(&sql(&config, &setup.input_topic), plan_input.clone())
-            .await
-            .map_err(|e| SetupError::plan("the bronze transform", e))?;
+        let text = sql(&config, &catalog, &plan_input, &setup.input_topic)?;
+        let plan = match BatchPlan::new(&text, plan_input.clone()).await {
+            Ok(plan) => plan,
+            Err(e) => {
+                feeds::find_unplannable(&catalog, &plan_input, r#""payload""#, true).await?;
+                return Err(SetupError::plan("the bronze transform", e));
+            }
+        };
         for field in setup.output_schema.fields() {
             let produced = plan.output_schema();
             let Ok(have) = produced.field_with_name(field.name()) else {
@@ -275,14 +294,27 @@ impl Bronze {
                 )));
             }
         }
+        let descriptions = [
+            reason::MISSING_FIELD,
+            reason::INVALID_EVENT_ID,
+            reason::INVALID_ORG_ID,
+            reason::KEY_MISMATCH,
+            reason::TIMESTAMP_OUT_OF_RANGE,
+            reason::PAYLOAD_MISMATCH,
+            reason::INVALID_VALUE,
+        ]
+        .into_iter()
+        .map(|r| (r, describe(r, &config, &catalog)))
+        .collect();
         Ok(Self {
-            config,
             plan,
             plan_input,
             output_schema: setup.output_schema,
             keyring,
             pii_fields,
             audit,
+            variants: catalog.feeds.iter().map(|f| f.variant.clone()).collect(),
+            descriptions,
         })
     }
 
@@ -376,7 +408,11 @@ impl Bronze {
     /// Sets each payload variant of the plan's output null where the input's was. A
     /// `CASE WHEN variant IS NOT NULL` per variant in the SQL would do the same but copy the
     /// batch's payloads once per variant; this only builds three validity bitmaps.
-    fn restore_variants(input: &RecordBatch, out: &RecordBatch) -> Result<RecordBatch, StageError> {
+    fn restore_variants(
+        &self,
+        input: &RecordBatch,
+        out: &RecordBatch,
+    ) -> Result<RecordBatch, StageError> {
         let fail =
             |what: &str| StageError::Transform(format!("restoring payload variants: {what}"));
         let rows = out
@@ -396,7 +432,7 @@ impl Bronze {
             .as_struct_opt()
             .ok_or_else(|| fail("payload is not a struct"))?;
         let (fields, mut children, nulls) = payload.clone().into_parts();
-        for variant in VARIANTS {
+        for variant in &self.variants {
             let (Some(at), Some(was)) = (
                 fields.iter().position(|f| f.name() == variant),
                 source.column_by_name(variant),
@@ -449,7 +485,7 @@ impl Stage for Bronze {
         let mut source_rows = Vec::new();
         let mut rejected = Vec::new();
         for batch in results {
-            let batch = Self::restore_variants(&input, &batch)?;
+            let batch = self.restore_variants(&input, &batch)?;
             let reject = batch
                 .column_by_name(REJECT)
                 .ok_or_else(|| StageError::Transform("no _reject column".into()))?
@@ -467,7 +503,13 @@ impl Stage for Bronze {
                     let reason = reject.value(i);
                     rejected.push((
                         row.value(i),
-                        RecordFailure::poison(reason, describe(reason, &self.config)),
+                        RecordFailure::poison(
+                            reason,
+                            self.descriptions
+                                .get(reason)
+                                .cloned()
+                                .unwrap_or_else(|| reason.to_string()),
+                        ),
                     ));
                 }
             }

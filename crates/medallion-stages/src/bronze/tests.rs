@@ -260,11 +260,32 @@ fn keyed(event: Json) -> (Option<String>, Json) {
     (Some(event["org_id"].to_string()), event)
 }
 
+/// Runs the rejected `cases` (each with its expected reason) followed by `good` events, checks
+/// that exactly the cases are rejected, each for its reason, and returns the outputs.
+async fn run_cases(
+    f: &mut Fixture,
+    cases: &[((Option<String>, Json), &str)],
+    good: &[(Option<String>, Json)],
+) -> Vec<Json> {
+    let mut events: Vec<_> = cases.iter().map(|(e, _)| e.clone()).collect();
+    events.extend(good.iter().cloned());
+    let (out, rejected) = run(f, &events).await;
+    let expected: BTreeMap<u32, String> = cases
+        .iter()
+        .enumerate()
+        .map(|(i, (_, r))| (i as u32, r.to_string()))
+        .collect();
+    let got: BTreeMap<u32, String> = rejected.into_iter().collect();
+    assert_eq!(got, expected);
+    assert_eq!(out.len(), good.len());
+    out
+}
+
 #[tokio::test]
 async fn valid_events_are_normalized() {
     let mut f = fixture().await;
-    let mut sample = SampleEvents::new(5, 4, now_ms() - 3_600_000);
-    let events: Vec<_> = (0..60).map(|_| keyed(sample.next_event())).collect();
+    let mut sample = SampleEvents::every_feed(5, 4, now_ms() - 3_600_000);
+    let events: Vec<_> = (0..120).map(|_| keyed(sample.next_event())).collect();
     let (out, rejected) = run(&mut f, &events).await;
     assert!(rejected.is_empty(), "{rejected:?}");
     assert_eq!(out.len(), events.len());
@@ -274,7 +295,7 @@ async fn valid_events_are_normalized() {
         assert_eq!(o["payload"]["raw_topic"], "connector.data.raw");
         assert_eq!(o["payload"]["raw_partition"], 3);
         // Exactly the input's payload variant is present; the others stay null.
-        for variant in ["release_sync", "case_sync", "lead_created"] {
+        for variant in medallion_contracts::sample::BRANCHES {
             assert_eq!(
                 o["payload"][variant].is_null(),
                 e["payload"][variant].is_null(),
@@ -284,9 +305,10 @@ async fn valid_events_are_normalized() {
         }
         if let Some(release) = e["payload"]["release_sync"].as_object() {
             let version = release["release"]["version"].as_str().expect("version");
+            // SemVer: trimmed, the leading v dropped.
             assert_eq!(
                 o["payload"]["release_sync"]["release"]["version"],
-                version.trim()
+                version.trim().trim_start_matches('v')
             );
             let storage = release["sbom_ref"]["storage_type"]
                 .as_str()
@@ -382,17 +404,7 @@ async fn each_invalid_event_is_rejected_with_its_reason() {
     e["payload"]["case_sync"]["severity"] = json!(9);
     cases.push((keyed(e), reason::INVALID_VALUE));
     let good = keyed(base());
-    let mut events: Vec<_> = cases.iter().map(|(e, _)| e.clone()).collect();
-    events.push(good.clone());
-    let (out, rejected) = run(&mut f, &events).await;
-    let expected: BTreeMap<u32, String> = cases
-        .iter()
-        .enumerate()
-        .map(|(i, (_, r))| (i as u32, r.to_string()))
-        .collect();
-    let got: BTreeMap<u32, String> = rejected.into_iter().collect();
-    assert_eq!(got, expected);
-    assert_eq!(out.len(), 1);
+    let out = run_cases(&mut f, &cases, std::slice::from_ref(&good)).await;
     assert_eq!(out[0]["event_id"], good.1["event_id"]);
 }
 
@@ -417,4 +429,83 @@ async fn ids_and_enums_get_canonical_case() {
         .expect("type")
         .chars()
         .all(|c| !c.is_uppercase()));
+}
+
+/// The first event of `feed` the every-feed generator draws.
+fn event_of(sample: &mut SampleEvents, feed: &str) -> Json {
+    loop {
+        let e = sample.next_event();
+        if e["event_type"] == feed {
+            break e;
+        }
+    }
+}
+
+#[tokio::test]
+async fn every_feed_follows_its_catalog_entry() {
+    let mut f = fixture().await;
+    let mut sample = SampleEvents::every_feed(11, 2, now_ms() - 60_000);
+    let mut cases: Vec<((Option<String>, Json), &str)> = Vec::new();
+    let mut e = event_of(&mut sample, "threat.detected");
+    e["payload"]["threat_detected"]["severity"] = json!("extreme");
+    cases.push((keyed(e), reason::INVALID_VALUE));
+    let mut e = event_of(&mut sample, "alert.sync.v1");
+    e["payload"]["alert_sync"]["status"] = json!("Closed");
+    cases.push((keyed(e), reason::INVALID_VALUE));
+    let mut e = event_of(&mut sample, "alert.sync.v1");
+    e["payload"]["alert_sync"]["updated_at"] = json!(0);
+    cases.push((keyed(e), reason::INVALID_VALUE));
+    let mut e = event_of(&mut sample, "invoice.generated");
+    e["payload"]["invoice_generated"]["amount"] = json!(-1.0);
+    cases.push((keyed(e), reason::INVALID_VALUE));
+    let mut e = event_of(&mut sample, "payment.processed");
+    e["payload"]["payment_processed"]["currency"] = json!("dollars");
+    cases.push((keyed(e), reason::INVALID_VALUE));
+    let mut e = event_of(&mut sample, "task.completed");
+    e["payload"]["task_completed"]["task_id"] = json!("  ");
+    cases.push((keyed(e), reason::INVALID_VALUE));
+    let mut e = event_of(&mut sample, "release.sync.created");
+    e["payload"]["release_sync"]["release"]["version"] = json!("v1.2");
+    cases.push((keyed(e), reason::INVALID_VALUE));
+    // A threat carried under the alert feed's event type.
+    let mut e = event_of(&mut sample, "threat.detected");
+    e["event_type"] = json!("alert.sync.v1");
+    cases.push((keyed(e), reason::PAYLOAD_MISMATCH));
+    let good: Vec<(Option<String>, Json)> = [
+        "alert.sync.v1",
+        "invoice.generated",
+        "payment.processed",
+        "task.completed",
+        "threat.detected",
+    ]
+    .iter()
+    .map(|feed| keyed(event_of(&mut sample, feed)))
+    .collect();
+    let out = run_cases(&mut f, &cases, &good).await;
+    let by_type = |t: &str| {
+        out.iter()
+            .find(|o| o["event_type"] == t)
+            .unwrap_or_else(|| panic!("no {t} out"))
+    };
+    let threat = &by_type("threat.detected")["payload"]["threat_detected"];
+    assert!(
+        ["LOW", "MEDIUM", "HIGH", "CRITICAL"].contains(&threat["severity"].as_str().unwrap_or(""))
+    );
+    assert_eq!(threat["source_system"], "endpoint-agent");
+    let alert = &by_type("alert.sync.v1")["payload"]["alert_sync"];
+    assert!(
+        ["New", "Updated", "Ignored", "Imported"].contains(&alert["status"].as_str().unwrap_or(""))
+    );
+    assert!(alert["alert_id"]
+        .as_str()
+        .unwrap_or("")
+        .starts_with("ALERT-"));
+    let invoice = &by_type("invoice.generated")["payload"]["invoice_generated"];
+    assert!(["USD", "EUR", "GBP"].contains(&invoice["currency"].as_str().unwrap_or("")));
+    assert_eq!(
+        by_type("payment.processed")["payload"]["payment_processed"]["status"]
+            .as_str()
+            .map(|s| s.chars().all(|c| c.is_ascii_uppercase())),
+        Some(true)
+    );
 }

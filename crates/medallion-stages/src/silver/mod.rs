@@ -19,6 +19,7 @@ use medallion_runtime::metrics as m;
 use medallion_runtime::worker::{meta, SideRecord, Stage, StageOutput, StageSetup};
 use serde::{Deserialize, Serialize};
 
+use crate::feeds::{self, Conformance};
 use crate::plan::{number_rows, struct_access, with_row_column, BatchPlan, ROW};
 
 mod state;
@@ -105,65 +106,17 @@ impl Default for SilverConfig {
     }
 }
 
-/// Canonical entity attributes (case_id, title, status, severity, updated_at and their siblings), as SQL.
-const ATTRIBUTES: [(&str, &str); 12] = [
-    ("title", "payload['case_sync']['title']"),
-    ("status", "payload['case_sync']['status']"),
-    (
-        "severity",
-        "CAST(payload['case_sync']['severity'] AS VARCHAR)",
-    ),
-    ("owner", "payload['case_sync']['owner']"),
-    ("tlp", "CAST(payload['case_sync']['tlp'] AS VARCHAR)"),
-    (
-        "name",
-        "coalesce(payload['release_sync']['release']['name'], payload['lead_created']['name'])",
-    ),
-    ("version", "payload['release_sync']['release']['version']"),
-    (
-        "projecttype",
-        "payload['release_sync']['release']['projecttype']",
-    ),
-    (
-        "environment",
-        "payload['release_sync']['endpoint']['environment']",
-    ),
-    (
-        "endpoint_type",
-        "payload['release_sync']['endpoint']['endpoint_type']",
-    ),
-    ("lead_source", "payload['lead_created']['source']"),
-    ("assigned_to", "payload['lead_created']['assigned_to']"),
-];
-
-/// The conformance step as SQL over table `input`: the event plus its entity columns.
-fn conform_sql() -> String {
-    let attributes: Vec<String> = ATTRIBUTES
-        .iter()
-        .map(|(name, expr)| format!("{expr} AS \"attr.{name}\""))
-        .collect();
+/// The conformance step as SQL over table `input`: the event plus its entity, attribute and
+/// metric columns, from the feed catalog.
+fn conform_sql(conformance: &Conformance) -> String {
     format!(
-        r#"SELECT *,
-  CASE WHEN payload['case_sync'] IS NOT NULL THEN 'case'
-       WHEN payload['release_sync'] IS NOT NULL THEN 'release'
-       WHEN payload['lead_created'] IS NOT NULL THEN 'lead' END AS entity_type,
-  CASE WHEN payload['case_sync'] IS NOT NULL THEN payload['case_sync']['case_id']
-       WHEN payload['release_sync'] IS NOT NULL
-         THEN payload['release_sync']['release']['name'] || '@' || payload['release_sync']['release']['version']
-       WHEN payload['lead_created'] IS NOT NULL THEN payload['lead_created']['lead_id'] END AS entity_id,
-  CASE WHEN payload['case_sync'] IS NOT NULL THEN CAST(payload['case_sync']['updated_at'] AS BIGINT)
-       WHEN payload['release_sync'] IS NOT NULL
-         THEN coalesce(CAST(payload['release_sync']['synced_at'] AS BIGINT), CAST(payload['release_sync']['event_time'] AS BIGINT))
-       WHEN payload['lead_created'] IS NOT NULL THEN CAST(payload['lead_created']['created_at'] AS BIGINT) END AS updated_at,
-  payload['source_system'] AS source_system,
-  {attributes}
-FROM input"#,
-        attributes = attributes.join(",\n  ")
+        "SELECT *,\n  payload['source_system'] AS source_system,\n  {}\nFROM input",
+        conformance.columns.join(",\n  ")
     )
 }
 
 /// The whole transform: conformance, then one boolean column per expectation.
-fn sql(expectations: &[Expectation]) -> String {
+fn sql(conformance: &Conformance, expectations: &[Expectation]) -> String {
     let checks: Vec<String> = expectations
         .iter()
         .enumerate()
@@ -173,16 +126,16 @@ fn sql(expectations: &[Expectation]) -> String {
     select.extend(checks);
     struct_access(&format!(
         "WITH conformed AS ({conform}) SELECT {select} FROM conformed",
-        conform = conform_sql(),
+        conform = conform_sql(conformance),
         select = select.join(", ")
     ))
 }
 
 /// One expectation alone, without the NULL-passes wrapper, to check that it plans and is boolean.
-fn check_sql(expectation: &Expectation) -> String {
+fn check_sql(conformance: &Conformance, expectation: &Expectation) -> String {
     struct_access(&format!(
         "WITH conformed AS ({conform}) SELECT ({expr}) AS \"_check\" FROM conformed",
-        conform = conform_sql(),
+        conform = conform_sql(conformance),
         expr = expectation.expr
     ))
 }
@@ -190,6 +143,8 @@ fn check_sql(expectation: &Expectation) -> String {
 /// The silver stage.
 pub struct Silver {
     config: SilverConfig,
+    /// Entity, attribute and metric columns from the feed catalog.
+    conformance: Conformance,
     plan: BatchPlan,
     plan_input: SchemaRef,
     output_schema: SchemaRef,
@@ -214,6 +169,17 @@ impl Silver {
         audit: medallion_runtime::audit::AuditEncoder,
     ) -> Result<Self, SetupError> {
         let plan_input = with_row_column(&setup.input_schema);
+        let catalog = feeds::load(&setup)?;
+        let conformance = Conformance::new(&catalog);
+        if let Err(e) = BatchPlan::new(
+            &struct_access(&conform_sql(&conformance)),
+            plan_input.clone(),
+        )
+        .await
+        {
+            feeds::find_unplannable(&catalog, &plan_input, "payload", false).await?;
+            return Err(SetupError::plan("the feed catalog's conformance", e));
+        }
         for (i, expectation) in config.expectations.iter().enumerate() {
             let key = format!("stage.expectations[{i}]");
             let mut names = config.expectations[..i].iter().map(|e| &e.name);
@@ -226,7 +192,7 @@ impl Silver {
                     ),
                 ));
             }
-            let alone = BatchPlan::new(&check_sql(expectation), plan_input.clone())
+            let alone = BatchPlan::new(&check_sql(&conformance, expectation), plan_input.clone())
                 .await
                 .map_err(|e| {
                     SetupError::config(&key, format!("expectation `{}`: {e}", expectation.name))
@@ -249,7 +215,7 @@ impl Silver {
                 ));
             }
         }
-        let plan = BatchPlan::new(&sql(&config.expectations), plan_input.clone())
+        let plan = BatchPlan::new(&sql(&conformance, &config.expectations), plan_input.clone())
             .await
             .map_err(|e| SetupError::plan("the silver transform", e))?;
         let changelog = setup
@@ -265,6 +231,7 @@ impl Silver {
         Ok(Self {
             merge: Merge::new(config.authoritative_source.clone()),
             config,
+            conformance,
             plan,
             plan_input,
             output_schema: setup.output_schema,
@@ -385,7 +352,7 @@ fn enum_column(symbols: &[&str], values: &[&str]) -> Result<ArrayRef, StageError
 }
 
 /// A map column (`field`'s type) from per-row (key, value) pairs.
-fn build_map(field: &Field, rows: &[Vec<(&'static str, String)>]) -> Result<ArrayRef, StageError> {
+fn build_map(field: &Field, rows: &[Vec<(&str, String)>]) -> Result<ArrayRef, StageError> {
     let DataType::Map(entries, ordered) = field.data_type() else {
         return Err(StageError::Transform(format!(
             "{} is not a map",
@@ -416,6 +383,87 @@ fn build_map(field: &Field, rows: &[Vec<(&'static str, String)>]) -> Result<Arra
 }
 
 /// A list-of-strings column (`field`'s type) from per-row lists.
+/// Each row's measurements (`input`, a list) followed by the feed catalog's samples for it
+/// (`extra`: metric index and value); `input` itself when the catalog added none.
+fn append_samples(
+    field: &Field,
+    input: &ArrayRef,
+    extra: &[Vec<(usize, f64)>],
+    metrics: &[(String, Option<String>)],
+) -> Result<ArrayRef, StageError> {
+    if extra.iter().all(Vec::is_empty) {
+        return Ok(input.clone());
+    }
+    let DataType::List(item) = field.data_type() else {
+        return Err(StageError::Transform(format!(
+            "{} is not a list",
+            field.name()
+        )));
+    };
+    let item_fields = struct_fields(item)?;
+    let bad = |what: &str| StageError::Transform(format!("input measurements: {what}"));
+    let list = input
+        .as_list_opt::<i32>()
+        .ok_or_else(|| bad("not a list"))?;
+    let values = list
+        .values()
+        .as_struct_opt()
+        .ok_or_else(|| bad("not records"))?;
+    let child = |name: &str, to: &DataType| -> Result<ArrayRef, StageError> {
+        let c = values.column_by_name(name).ok_or_else(|| bad(name))?;
+        Ok(arrow::compute::cast(c, to)?)
+    };
+    let (names, numbers, units) = (
+        child("name", &DataType::Utf8)?,
+        child("value", &DataType::Float64)?,
+        child("unit", &DataType::Utf8)?,
+    );
+    let (names, numbers, units) = (
+        names.as_string::<i32>(),
+        numbers.as_primitive::<arrow::datatypes::Float64Type>(),
+        units.as_string::<i32>(),
+    );
+    let offsets = list.value_offsets();
+    let (mut name_out, mut value_out, mut unit_out, mut lengths) = (
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::with_capacity(extra.len()),
+    );
+    for (row, added) in extra.iter().enumerate() {
+        let (start, end) = (offsets[row] as usize, offsets[row + 1] as usize);
+        for j in start..end {
+            name_out.push(names.value(j));
+            value_out.push(numbers.value(j));
+            unit_out.push((!units.is_null(j)).then(|| units.value(j)));
+        }
+        for &(m, value) in added {
+            let (name, unit) = metrics.get(m).ok_or_else(|| bad("unknown metric"))?;
+            name_out.push(name.as_str());
+            value_out.push(value);
+            unit_out.push(unit.as_deref());
+        }
+        lengths.push(end - start + added.len());
+    }
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(StringArray::from(name_out)),
+        Arc::new(arrow::array::Float64Array::from(value_out)),
+        Arc::new(StringArray::from(unit_out)),
+    ];
+    let columns = item_fields
+        .iter()
+        .zip(&columns)
+        .map(|(f, c)| cast_to(c, f))
+        .collect::<Result<Vec<_>, _>>()?;
+    let items = StructArray::try_new(item_fields.clone(), columns, None)?;
+    Ok(Arc::new(ListArray::try_new(
+        item.clone(),
+        OffsetBuffer::from_lengths(lengths),
+        Arc::new(items),
+        None,
+    )?))
+}
+
 fn build_string_list(field: &Field, rows: &[Vec<String>]) -> Result<ArrayRef, StageError> {
     let DataType::List(item) = field.data_type() else {
         return Err(StageError::Transform(format!(
@@ -507,10 +555,18 @@ impl Silver {
         let checks: Vec<arrow::array::BooleanArray> = (0..self.config.expectations.len())
             .map(|i| column(batch, &format!("_exp_{i}")).map(|c| c.as_boolean().clone()))
             .collect::<Result<_, _>>()?;
-        let attributes: Vec<StringArray> = ATTRIBUTES
+        let attribute_names = &self.conformance.attributes;
+        let attributes: Vec<StringArray> = attribute_names
             .iter()
-            .map(|(name, _)| strings(&format!("attr.{name}")))
+            .map(|name| strings(&format!("attr.{name}")))
             .collect::<Result<_, _>>()?;
+        let samples: Vec<arrow::array::Float64Array> = (0..self.conformance.metrics.len())
+            .map(|i| {
+                column(batch, &format!("metric.{i}"))
+                    .map(|c| c.as_primitive::<arrow::datatypes::Float64Type>().clone())
+            })
+            .collect::<Result<_, _>>()?;
+        let mut samples_out: Vec<Vec<(usize, f64)>> = Vec::with_capacity(n);
 
         let mut keep = Vec::with_capacity(n);
         let mut rejected = Vec::new();
@@ -571,7 +627,7 @@ impl Silver {
                     row_id,
                     RecordFailure::poison(
                         NO_ENTITY,
-                        "the event carries no release, case or lead to conform",
+                        "the event carries no payload branch of a feed in feeds.yaml to conform",
                     ),
                 ));
                 keep.push(false);
@@ -629,12 +685,20 @@ impl Silver {
             entity_source.push(row.source_system.to_string());
             warnings_out.push(warnings);
             attributes_out.push(
-                ATTRIBUTES
+                attribute_names
                     .iter()
                     .zip(&attributes)
                     .filter(|(_, a)| !a.is_null(i))
-                    .map(|((name, _), a)| (*name, a.value(i).to_string()))
+                    .map(|(name, a)| (name.as_str(), a.value(i).to_string()))
                     .collect::<Vec<_>>(),
+            );
+            samples_out.push(
+                samples
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, c)| !c.is_null(i))
+                    .map(|(m, c)| (m, c.value(i)))
+                    .collect(),
             );
             source_rows.push(Some(row_id));
             keep.push(true);
@@ -708,10 +772,15 @@ impl Silver {
                     .ok_or_else(|| StageError::Transform("no payload.quality_warnings".into()))?;
                 build_string_list(field, &warnings_out)
             }
-            "measurements" => in_payload
-                .column_by_name("measurements")
-                .cloned()
-                .ok_or_else(|| StageError::Transform("no input payload.measurements".into())),
+            "measurements" => {
+                let (_, field) = payload_fields
+                    .find("measurements")
+                    .ok_or_else(|| StageError::Transform("no payload.measurements".into()))?;
+                let input = in_payload
+                    .column_by_name("measurements")
+                    .ok_or_else(|| StageError::Transform("no input payload.measurements".into()))?;
+                append_samples(field, input, &samples_out, &self.conformance.metrics)
+            }
             "bronze_event_id" => column(&kept, "event_id").cloned(),
             other => Err(StageError::Transform(format!(
                 "unknown payload field {other}"

@@ -212,4 +212,143 @@ mod stage {
             assert!(err.contains("broken_rule") && err.contains(needle), "{err}");
         }
     }
+
+    /// A cleaned event of `event_type` carrying `branch` as `variant`.
+    fn cleaned(id: &str, event_type: &str, variant: &str, branch: Json) -> Json {
+        let mut e = case(id, 7, "unused", 1, "erp", "o");
+        e["event_type"] = json!(event_type);
+        e["payload"]["case_sync"] = Json::Null;
+        e["payload"][variant] = branch;
+        e["payload"]["measurements"] = json!([]);
+        e
+    }
+
+    #[tokio::test]
+    async fn the_catalog_names_entities_attributes_and_metric_samples() {
+        let mut stage = silver(SilverConfig::default()).await.expect("plans");
+        let events = [
+            cleaned(
+                "t1",
+                "threat.detected",
+                "threat_detected",
+                json!({
+                    "alert_id": "a-1", "severity": "HIGH", "source_system": "endpoint-agent",
+                    "description": null, "detected_at": 5_000
+                }),
+            ),
+            cleaned(
+                "i1",
+                "invoice.generated",
+                "invoice_generated",
+                json!({
+                    "invoice_id": "INV-1", "amount": 3500.5, "currency": "USD", "status": "PENDING",
+                    "issued_by": null, "issued_at": 6_000
+                }),
+            ),
+            cleaned(
+                "r1",
+                "release.sync.created",
+                "release_sync",
+                json!({
+                    "event_time": 7_000, "synced_at": null,
+                    "release": {"name": "org/api", "version": "2.10.3-rc.1+build.5", "projecttype": "docker",
+                                "gitcommit": null, "dockersha": null, "is_public": true},
+                    "sbom_ref": {"cid": "Qm1", "storage_type": "ipfs", "content_sha": null, "uploaded_at": null},
+                    "endpoint": {"name": "prod", "endpoint_type": "eks", "environment": "production", "is_public": true}
+                }),
+            ),
+            cleaned(
+                "a1",
+                "alert.sync.v1",
+                "alert_sync",
+                json!({
+                    "alert_id": "ALERT-9", "title": "Login burst", "type": "phishing", "source": "siem",
+                    "sourceRef": "siem-1", "status": "New", "created_at": 1_000, "updated_at": 8_000
+                }),
+            ),
+        ];
+        let (batch, _) = input_batch(&contract("bronze/data-cleaned.avsc"), &events, 0, 0, NOW);
+        let out = stage.process(batch).await.expect("processes");
+        assert!(
+            out.rejected.is_empty(),
+            "{:?}",
+            out.rejected
+                .iter()
+                .map(|(_, f)| &f.reason)
+                .collect::<Vec<_>>()
+        );
+        let rows = output_json(&contract("silver/data-processed.avsc"), &out.batch);
+        let entity = |i: usize| {
+            let e = &rows[i]["payload"]["entity"];
+            (
+                e["entity_type"].clone(),
+                e["entity_id"].clone(),
+                e["updated_at"].clone(),
+            )
+        };
+        assert_eq!(entity(0), (json!("threat"), json!("a-1"), json!(5_000)));
+        assert_eq!(entity(1), (json!("invoice"), json!("INV-1"), json!(6_000)));
+        // No synced_at: the event's own time (see feeds.yaml).
+        assert_eq!(
+            entity(2),
+            (
+                json!("release"),
+                json!("org/api@2.10.3-rc.1+build.5"),
+                json!(7_000)
+            )
+        );
+        assert_eq!(entity(3), (json!("alert"), json!("ALERT-9"), json!(8_000)));
+        let attributes = &rows[2]["payload"]["attributes"];
+        assert_eq!(
+            (
+                &attributes["version_major"],
+                &attributes["version_minor"],
+                &attributes["version_patch"],
+                &attributes["version_prerelease"]
+            ),
+            (&json!("2"), &json!("10"), &json!("3"), &json!("rc.1"))
+        );
+        assert_eq!(rows[0]["payload"]["attributes"]["severity"], "HIGH");
+        assert_eq!(rows[3]["payload"]["attributes"]["source_ref"], "siem-1");
+        // Samples from the catalog: threat severity HIGH is 3, the invoice its amount.
+        assert_eq!(
+            rows[0]["payload"]["measurements"],
+            json!([{"name": "threat.severity", "value": 3.0, "unit": null}])
+        );
+        assert_eq!(
+            rows[1]["payload"]["measurements"],
+            json!([{"name": "invoice.amount", "value": 3500.5, "unit": null}])
+        );
+        assert_eq!(rows[2]["payload"]["measurements"], json!([]));
+    }
+
+    #[tokio::test]
+    async fn a_catalog_expression_that_does_not_plan_names_its_feed_and_key() {
+        let root = medallion_contracts::project_root();
+        let contracts =
+            medallion_contracts::ContractSet::load(&root.join("schemas")).expect("schemas");
+        let text = std::fs::read_to_string(root.join("feeds.yaml")).expect("feeds.yaml");
+        let bad = text.replace(
+            "alert_source: $source",
+            "alert_source: no_such_function($source)",
+        );
+        let catalog = medallion_contracts::FeedCatalog::parse(&bad, "feeds.yaml", &contracts)
+            .expect("parses");
+        let (_, input) = input_batch(
+            &contract("bronze/data-cleaned.avsc"),
+            &[case("e0", 1, "C", 2, "v4", "o")],
+            0,
+            0,
+            NOW,
+        );
+        let input = crate::plan::with_row_column(&input);
+        let err = crate::feeds::find_unplannable(&catalog, &input, "payload", false)
+            .await
+            .expect_err("refused")
+            .to_string();
+        assert!(
+            err.contains("feed `alert.sync.v1`") && err.contains("entity.attributes.alert_source"),
+            "{err}"
+        );
+    }
 }
