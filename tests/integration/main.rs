@@ -5,6 +5,7 @@ mod audit;
 mod bronze;
 mod chaos;
 mod contracts;
+mod drift;
 mod feeds;
 mod isolation;
 mod notify;

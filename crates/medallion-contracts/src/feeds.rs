@@ -118,6 +118,11 @@ pub struct EntitySpec {
     /// Canonical attributes: name → SQL, carried as text.
     #[serde(default)]
     pub attributes: BTreeMap<String, String>,
+    /// The attributes that, with the entity id and `updated_at`, make the entity's canonical
+    /// hash ([`canonical_hash`]): silver keeps it with the entity's state, and
+    /// `medallion drift check` compares it with the system of record's.
+    #[serde(default)]
+    pub canonical: Vec<String>,
 }
 
 /// One metric sample an event contributes.
@@ -404,6 +409,15 @@ impl Feed {
                 ));
             }
         }
+        for (i, attribute) in self.entity.canonical.iter().enumerate() {
+            if !self.entity.attributes.contains_key(attribute) {
+                return Err(FeedError::entry(
+                    name,
+                    format!("entity.canonical[{i}]"),
+                    format!("`{attribute}` is not one of entity.attributes"),
+                ));
+            }
+        }
         for (i, metric) in self.metrics.iter().enumerate() {
             if metric.name.trim().is_empty() || metric.name.contains(char::is_whitespace) {
                 return Err(FeedError::entry(
@@ -422,6 +436,62 @@ impl Feed {
             }
         }
         Ok(())
+    }
+}
+
+/// The SHA-256 (hex) of an entity's canonical fields: its id, the canonical attributes in
+/// catalog order (absent ones empty) and `updated_at` in epoch milliseconds, separated by the
+/// unit separator (0x1f), which no normalized field contains.
+pub fn canonical_hash(entity_id: &str, attributes: &[Option<&str>], updated_at: i64) -> String {
+    use sha2::{Digest, Sha256};
+    let mut hasher = Sha256::new();
+    hasher.update(entity_id.as_bytes());
+    for value in attributes {
+        hasher.update([0x1f]);
+        hasher.update(value.unwrap_or_default().as_bytes());
+    }
+    hasher.update([0x1f]);
+    hasher.update(updated_at.to_string().as_bytes());
+    hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+impl Normalize {
+    /// What bronze's SQL makes of `text` (for values that did not come through bronze, such
+    /// as a system of record's snapshot).
+    pub fn apply(self, text: &str) -> String {
+        match self {
+            Normalize::Trim => text.trim().to_string(),
+            Normalize::Lower => text.trim().to_lowercase(),
+            Normalize::Upper => text.trim().to_uppercase(),
+            Normalize::Title => {
+                // initcap: the first letter of each alphanumeric run upper case, the rest lower.
+                let mut out = String::with_capacity(text.len());
+                let mut start = true;
+                for c in text.trim().chars() {
+                    if c.is_alphanumeric() {
+                        if start {
+                            out.extend(c.to_uppercase());
+                        } else {
+                            out.extend(c.to_lowercase());
+                        }
+                        start = false;
+                    } else {
+                        out.push(c);
+                        start = true;
+                    }
+                }
+                out
+            }
+            Normalize::Semver => {
+                let t = text.trim();
+                t.strip_prefix(['v', 'V']).unwrap_or(t).to_string()
+            }
+            Normalize::Keep => text.to_string(),
+        }
     }
 }
 
@@ -638,11 +708,34 @@ mod tests {
                 id: String::new(),
                 updated_at: String::new(),
                 attributes: BTreeMap::new(),
+                canonical: Vec::new(),
             },
             metrics: vec![],
         };
         let sql = feed.expand("$a.b || '$' || $c. x", |p| format!("<{p}>"));
         assert_eq!(sql, "<a.b> || '$' || <c>. x");
         assert_eq!(Feed::references("$a.b + $c_1"), vec!["a.b", "c_1"]);
+    }
+
+    #[test]
+    fn the_canonical_hash_is_sha256_of_the_separated_fields() {
+        // printf 'CASE-1\x1fTitle\x1fOpen\x1f3\x1f1000' | sha256sum
+        assert_eq!(
+            canonical_hash("CASE-1", &[Some("Title"), Some("Open"), Some("3")], 1000),
+            "ad923615b656318aa7c1e09f8b6c1937ac0a9a2f7c7c21e810038104030ac31f"
+        );
+        assert_ne!(
+            canonical_hash("CASE-1", &[Some("Title"), None], 1000),
+            canonical_hash("CASE-1", &[None, Some("Title")], 1000)
+        );
+    }
+
+    #[test]
+    fn normalizing_text_in_rust_matches_the_sql() {
+        assert_eq!(Normalize::Title.apply("  rESOLVED "), "Resolved");
+        assert_eq!(Normalize::Title.apply("in-progress now"), "In-Progress Now");
+        assert_eq!(Normalize::Upper.apply(" case-7 "), "CASE-7");
+        assert_eq!(Normalize::Semver.apply(" v1.2.3 "), "1.2.3");
+        assert_eq!(Normalize::Keep.apply(" x "), " x ");
     }
 }

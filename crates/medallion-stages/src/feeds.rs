@@ -222,6 +222,9 @@ pub struct Conformance {
     pub attributes: Vec<String>,
     /// (name, unit) of each `metric.<i>` column.
     pub metrics: Vec<(String, Option<String>)>,
+    /// Per entity type with `entity.canonical`: the indexes of those attributes in
+    /// [`Conformance::attributes`], in catalog order.
+    pub canonical: std::collections::HashMap<String, Vec<usize>>,
 }
 
 impl Conformance {
@@ -269,10 +272,25 @@ impl Conformance {
                 metrics.push((metric.name.clone(), metric.unit.clone()));
             }
         }
+        let canonical = catalog
+            .feeds
+            .iter()
+            .filter(|f| !f.entity.canonical.is_empty())
+            .map(|f| {
+                let at = f
+                    .entity
+                    .canonical
+                    .iter()
+                    .filter_map(|name| attributes.iter().position(|a| a == name))
+                    .collect();
+                (f.entity.entity_type.clone(), at)
+            })
+            .collect();
         Self {
             columns,
             attributes,
             metrics,
+            canonical,
         }
     }
 }
@@ -338,6 +356,7 @@ mod tests {
                 id: "$id".into(),
                 updated_at: "$t".into(),
                 attributes: BTreeMap::new(),
+                canonical: Vec::new(),
             },
             metrics: vec![],
         }

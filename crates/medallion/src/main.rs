@@ -91,6 +91,33 @@ enum Command {
     /// Dead-letter topics: what they hold, and putting records back.
     #[command(subcommand)]
     Dlq(DlqCommand),
+    /// Reconciliation of silver's entity state with the system of record.
+    #[command(subcommand)]
+    Drift(DriftCommand),
+}
+
+#[derive(Subcommand)]
+enum DriftCommand {
+    /// Compare the canonical hashes of silver's entity state with an authoritative snapshot,
+    /// print every entity that differs and record each on audit.events. Exits 1 when one
+    /// differs, 0 when all agree.
+    Check {
+        #[command(flatten)]
+        kafka: KafkaArgs,
+        /// Schema Registry URL (the audit records are Avro).
+        #[arg(long, env = "MEDALLION_REGISTRY_URL")]
+        registry: String,
+        /// The system of record's export: JSON lines, or Parquet (`.parquet`); one row per
+        /// entity with org_id, the id, the canonical fields and updated_at (epoch ms).
+        #[arg(long)]
+        snapshot: PathBuf,
+        /// The entity type to reconcile (its feed must declare entity.canonical).
+        #[arg(long, default_value = "case")]
+        entity_type: String,
+        /// Print only; record nothing on audit.events.
+        #[arg(long)]
+        no_audit: bool,
+    },
 }
 
 /// How to reach Kafka.
@@ -320,6 +347,35 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 println!("released {}", path.display());
             }
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Drift(DriftCommand::Check {
+            kafka,
+            registry,
+            snapshot,
+            entity_type,
+            no_audit,
+        }) => {
+            let (contracts, topics) = load(&home)?;
+            let kafka = kafka.client()?;
+            let registry = RegistryClient::new(&registry, Duration::from_secs(10))?;
+            let report = medallion_stages::silver::reconcile::Check {
+                kafka: &kafka,
+                registry: &registry,
+                home: &home,
+                contracts: &contracts,
+                topics: &topics,
+                entity_type: &entity_type,
+                snapshot: &snapshot,
+                record: !no_audit,
+            }
+            .run()
+            .await?;
+            print!("{}", medallion_stages::silver::reconcile::table(&report));
+            Ok(if report.findings.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
         Command::Schemas(SchemasCommand::Register { registry }) => {
             let (contracts, topics) = load(&home)?;

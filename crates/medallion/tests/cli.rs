@@ -38,6 +38,7 @@ fn every_command_has_help() {
         vec!["dlq", "redrive"],
         vec!["audit", "query"],
         vec!["audit", "retention"],
+        vec!["drift", "check"],
         vec!["demo"],
     ] {
         let mut args = command.clone();
@@ -99,6 +100,29 @@ fn bad_input_is_named_with_a_failing_exit_code() {
         "ftp://x",
     );
     fails_saying(&["audit", "retention", "--days", "many"], "many");
+    let drift = |extra: &[&'static str]| {
+        let mut args = vec![
+            "drift",
+            "check",
+            b[0],
+            b[1],
+            "--registry",
+            "http://127.0.0.1:9",
+            "--snapshot",
+            "/nonexistent/snapshot.jsonl",
+        ];
+        args.extend_from_slice(extra);
+        args
+    };
+    fails_saying(&drift(&[]), "/nonexistent/snapshot.jsonl");
+    fails_saying(
+        &drift(&["--entity-type", "spaceship"]),
+        "no feed of feeds.yaml has entity type `spaceship`",
+    );
+    fails_saying(
+        &drift(&["--entity-type", "lead"]),
+        "declares no entity.canonical",
+    );
 }
 
 /// Runs `medallion args` with `env`, killing it after `limit`: a failure must come as an

@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 use crate::feeds::{self, Conformance};
 use crate::plan::{number_rows, struct_access, with_row_column, BatchPlan, ROW};
 
+pub mod reconcile;
 mod state;
 #[cfg(test)]
 mod tests;
@@ -649,11 +650,22 @@ impl Silver {
                 },
             };
             let key = state::entity_key(row.org_id, row.entity_type, row.entity_id);
+            let hash = self.conformance.canonical.get(row.entity_type).map(|at| {
+                let values: Vec<Option<&str>> = at
+                    .iter()
+                    .map(|&a| {
+                        let column = &attributes[a];
+                        (!column.is_null(i)).then(|| column.value(i))
+                    })
+                    .collect();
+                medallion_contracts::feeds::canonical_hash(row.entity_id, &values, row.updated_at)
+            });
             let incoming = EntityState {
                 updated_at: row.updated_at,
                 source_system: row.source_system.to_string(),
                 event_id: row.event_id.to_string(),
                 change: Change::Created,
+                hash,
             };
             let outcome = self.merge.apply(row.partition, &key, incoming);
             match &outcome {

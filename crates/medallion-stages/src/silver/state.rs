@@ -37,16 +37,21 @@ pub struct EntityState {
     pub event_id: String,
     /// How that event changed the entity (replayed as is).
     pub change: Change,
+    /// SHA-256 of the canonical fields, for a feed that declares them (`entity.canonical`).
+    pub hash: Option<String>,
 }
 
 impl EntityState {
-    /// The changelog value: `updated_at|change|event_id|source_system`.
+    /// The changelog value: `v2|updated_at|change|event_id|hash|source_system` (hash empty when
+    /// the feed has none). Values written before the hash existed
+    /// (`updated_at|change|event_id|source_system`) still decode, without a hash.
     pub fn encode(&self) -> Vec<u8> {
         format!(
-            "{}|{}|{}|{}",
+            "v2|{}|{}|{}|{}|{}",
             self.updated_at,
             self.change.as_str(),
             self.event_id,
+            self.hash.as_deref().unwrap_or_default(),
             self.source_system
         )
         .into_bytes()
@@ -54,12 +59,23 @@ impl EntityState {
 
     pub fn decode(value: &[u8]) -> Option<Self> {
         let text = std::str::from_utf8(value).ok()?;
+        if let Some(rest) = text.strip_prefix("v2|") {
+            let mut parts = rest.splitn(5, '|');
+            return Some(Self {
+                updated_at: parts.next()?.parse().ok()?,
+                change: Change::parse(parts.next()?)?,
+                event_id: parts.next()?.to_string(),
+                hash: Some(parts.next()?.to_string()).filter(|h| !h.is_empty()),
+                source_system: parts.next()?.to_string(),
+            });
+        }
         let mut parts = text.splitn(4, '|');
         Some(Self {
             updated_at: parts.next()?.parse().ok()?,
             change: Change::parse(parts.next()?)?,
             event_id: parts.next()?.to_string(),
             source_system: parts.next()?.to_string(),
+            hash: None,
         })
     }
 }

@@ -8,7 +8,28 @@ fn event(id: &str, updated_at: i64, source: &str) -> EntityState {
         source_system: source.into(),
         event_id: id.into(),
         change: Change::Created,
+        hash: None,
     }
+}
+
+#[test]
+fn state_written_before_the_hash_still_decodes() {
+    let old = EntityState::decode(b"100|UPDATED|e-1|v4").expect("decodes");
+    assert_eq!(
+        (
+            old.updated_at,
+            old.change,
+            old.hash.as_deref(),
+            old.source_system.as_str()
+        ),
+        (100, Change::Updated, None, "v4")
+    );
+    let new = EntityState {
+        hash: Some("ab12".into()),
+        source_system: "v|5".into(),
+        ..old
+    };
+    assert_eq!(EntityState::decode(&new.encode()), Some(new));
 }
 
 #[test]
