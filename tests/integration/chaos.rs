@@ -164,8 +164,14 @@ async fn sigkills_of_every_stage_lose_nothing_repeat_nothing_and_keep_gold_exact
     let cutoff = flush_t - flush_t.rem_euclid(WINDOW);
     let orgs: BTreeSet<i64> = valid.iter().filter_map(|e| e["org_id"].as_i64()).collect();
     for org in &orgs {
-        let mut e = generator.next_event();
-        e["org_id"] = (*org).into();
+        // An event of that org's own: an entity id moved to another org is refused
+        // (tenant_mismatch).
+        let mut e = loop {
+            let e = generator.next_event();
+            if e["org_id"] == *org {
+                break e;
+            }
+        };
         e["timestamp"] = flush_t.into();
         records.push((org.to_string(), p.frame(&e)));
         valid.push(e);

@@ -11,4 +11,5 @@ mod isolation;
 mod notify;
 mod ops;
 mod stages;
+mod tenants;
 mod writers;

@@ -40,7 +40,8 @@ impl SplitMix {
     }
 }
 
-/// Generates connector events.
+/// Generates connector events. Entity ids are scoped by org, as a system of record's ids are:
+/// one id under two orgs is refused (`tenant_mismatch`).
 #[derive(Debug, Clone)]
 pub struct SampleEvents {
     rng: SplitMix,
@@ -128,7 +129,7 @@ impl SampleEvents {
                 let severity = 1 + self.rng.below(4) as i64;
                 let case_no = self.rng.below(500);
                 let case = json!({
-                    "case_id": format!("CASE-{case_no}"), "title": format!("  Case {case_no} on host-{} ", case_no % 13),
+                    "case_id": format!("CASE-{org}-{case_no}"), "title": format!("  Case {case_no} on host-{} ", case_no % 13),
                     "description": null, "severity": severity, "status": STATUSES[self.rng.below(3) as usize],
                     "owner": if case_no % 50 == 7 { String::from(" ") } else { format!("analyst-{}", case_no % 9) }, "flag": case_no.is_multiple_of(5), "tlp": (case_no % 4) as i64,
                     "pap": (case_no % 3) as i64, "created_at": t - 3_600_000, "updated_at": t - self.rng.below(60_000) as i64,
@@ -153,7 +154,7 @@ impl SampleEvents {
             3 => {
                 let n = self.rng.below(300);
                 let alert = json!({
-                    "alert_id": format!("alert-{n}"), "title": format!(" Suspicious activity {} ", n % 17),
+                    "alert_id": format!("alert-{org}-{n}"), "title": format!(" Suspicious activity {} ", n % 17),
                     "type": (["Phishing", "malware", "Login"][(n % 3) as usize]), "source": "SIEM",
                     "sourceRef": format!("siem-{}", n * 7), "status": ALERT_STATUSES[self.rng.below(4) as usize],
                     "created_at": t - 600_000, "updated_at": t - self.rng.below(60_000) as i64
@@ -163,7 +164,7 @@ impl SampleEvents {
             4 => {
                 let n = self.rng.below(10_000);
                 let invoice = json!({
-                    "invoice_id": format!("inv-2026-{n:05}"), "amount": (50 + n % 5_000) as f64 + 0.5,
+                    "invoice_id": format!("inv-{org}-{n:05}"), "amount": (50 + n % 5_000) as f64 + 0.5,
                     "currency": (["usd", "EUR", " gbp "][(n % 3) as usize]), "status": (["Pending", "PAID", "overdue"][(n % 3) as usize]),
                     "issued_by": format!("user-{}", n % 40), "issued_at": t
                 });
@@ -172,7 +173,7 @@ impl SampleEvents {
             5 => {
                 let n = self.rng.below(10_000);
                 let payment = json!({
-                    "payment_id": format!("pay-{n:05}"), "invoice_id": format!("INV-2026-{n:05}"),
+                    "payment_id": format!("pay-{org}-{n:05}"), "invoice_id": format!("INV-{org}-{n:05}"),
                     "amount": (50 + n % 5_000) as f64 + 0.5, "currency": "USD",
                     "status": if n.is_multiple_of(10) { "failed" } else { "succeeded" },
                     "method": if n.is_multiple_of(2) { "Card" } else { "transfer" }, "processed_at": t
@@ -181,7 +182,7 @@ impl SampleEvents {
             }
             6 => {
                 let task = json!({
-                    "workflow_id": format!("wfl-{}", self.rng.below(50)), "task_id": self.rng.uuid(),
+                    "workflow_id": format!("wfl-{org}-{}", self.rng.below(50)), "task_id": self.rng.uuid(),
                     "user_id": self.rng.uuid(), "status": "completed", "completed_at": t
                 });
                 (task, "internal", "workflow", json!([]))

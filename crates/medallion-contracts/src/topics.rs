@@ -148,6 +148,11 @@ pub struct ChangelogSpec {
     /// The consumed topic whose partitions the state follows.
     pub partitioned_like: String,
     pub replication: u16,
+    /// A table every replica reads whole, its records placed by key (not by input
+    /// partition): state that must be consistent across partitions, such as which org owns an
+    /// entity id. It has as many partitions as `partitioned_like`.
+    #[serde(default)]
+    pub global: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -461,7 +466,15 @@ impl TopicConfig {
     pub fn changelog_of(&self, group: &str) -> Option<&str> {
         self.changelogs
             .iter()
-            .find(|(_, c)| c.group == group)
+            .find(|(_, c)| c.group == group && !c.global)
+            .map(|(name, _)| name.as_str())
+    }
+
+    /// The global table (`global: true` changelog) of consumer group `group`, if it has one.
+    pub fn global_table_of(&self, group: &str) -> Option<&str> {
+        self.changelogs
+            .iter()
+            .find(|(_, c)| c.group == group && c.global)
             .map(|(name, _)| name.as_str())
     }
 

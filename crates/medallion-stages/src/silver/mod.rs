@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 use crate::feeds::{self, Conformance};
 use crate::plan::{number_rows, struct_access, with_row_column, BatchPlan, ROW};
 
+pub mod owners;
 pub mod reconcile;
 mod state;
 #[cfg(test)]
@@ -34,6 +35,8 @@ pub const GROUP: &str = "silver-processor";
 
 /// Rejection reason of an event that maps to no entity.
 pub const NO_ENTITY: &str = "no_entity";
+/// Rejection reason of an event for an entity id another org owns.
+pub const TENANT_MISMATCH: &str = "tenant_mismatch";
 
 /// What a failed expectation does to its event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -153,6 +156,8 @@ pub struct Silver {
     changelog: String,
     audit: medallion_runtime::audit::AuditEncoder,
     kafka: medallion_runtime::kafka::KafkaConnection,
+    /// Which org owns each entity id (`None` without a broker, in unit tests).
+    owners: Option<owners::OwnerTable>,
 }
 
 impl Silver {
@@ -160,7 +165,15 @@ impl Silver {
     /// plan is named in the error.
     pub async fn new(setup: StageSetup, config: SilverConfig) -> Result<Self, SetupError> {
         let audit = setup.audit_encoder().await?;
-        Self::with_audit(setup, config, audit).await
+        let owners = setup
+            .topics
+            .global_table_of(&setup.group)
+            .map(|topic| (setup.kafka.clone(), topic.to_string()));
+        let mut stage = Self::with_audit(setup, config, audit).await?;
+        if let Some((kafka, topic)) = owners {
+            stage.owners = Some(owners::OwnerTable::start(kafka, topic));
+        }
+        Ok(stage)
     }
 
     /// Plans the transform with the `audit.events` encoder already at hand.
@@ -239,7 +252,72 @@ impl Silver {
             changelog,
             audit,
             kafka: setup.kafka.clone(),
+            owners: None,
         })
+    }
+
+    fn tenant_mismatch_audit(
+        &self,
+        row: &Row<'_>,
+        owner: &owners::Claim,
+        now_ms: i64,
+    ) -> SideRecord {
+        let action = medallion_runtime::audit::AuditAction {
+            event_id: medallion_runtime::ids::stable_id(&["tenant.mismatch", row.event_id]),
+            action: "tenant.mismatch".into(),
+            actor: GROUP.into(),
+            org_id: row.org_id,
+            correlation_id: row.correlation_id.to_string(),
+            trace_id: row.trace_id.map(str::to_string),
+            resource_type: row.entity_type.to_string(),
+            resource_id: row.entity_id.to_string(),
+            outcome: "rejected".into(),
+            reason: Some(format!(
+                "the entity belongs to org {}, the event names org {}",
+                owner.org_id, row.org_id
+            )),
+            subjects: Vec::new(),
+            details: [
+                ("event_id", row.event_id.to_string()),
+                ("owner_org_id", owner.org_id.to_string()),
+                ("owner_event_id", owner.event_id.clone()),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect(),
+        };
+        self.audit.record(&action, now_ms)
+    }
+
+    /// An event this replica accepted while its claim raced another org's, which came first.
+    fn tenant_conflict_audit(&self, lost: &owners::Lost) -> SideRecord {
+        let (entity_type, entity_id) = lost.key.split_once('/').unwrap_or(("", &lost.key));
+        let action = medallion_runtime::audit::AuditAction {
+            event_id: medallion_runtime::ids::stable_id(&["tenant.conflict", &lost.mine.event_id]),
+            action: "tenant.conflict".into(),
+            actor: GROUP.into(),
+            org_id: lost.mine.org_id,
+            correlation_id: lost.mine.event_id.clone(),
+            trace_id: None,
+            resource_type: entity_type.to_string(),
+            resource_id: entity_id.to_string(),
+            outcome: "accepted_before_the_owner_was_known".into(),
+            reason: Some(format!(
+                "org {} claimed the entity first; event {} of org {} was accepted while the claims raced",
+                lost.winner.org_id, lost.mine.event_id, lost.mine.org_id
+            )),
+            subjects: Vec::new(),
+            details: [
+                ("event_id", lost.mine.event_id.clone()),
+                ("owner_org_id", lost.winner.org_id.to_string()),
+                ("owner_event_id", lost.winner.event_id.clone()),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect(),
+        };
+        self.audit
+            .record(&action, medallion_runtime::worker::now_ms())
     }
 
     fn drift_audit(
@@ -304,6 +382,18 @@ fn cast_to(array: &ArrayRef, field: &Field) -> Result<ArrayRef, StageError> {
 }
 
 /// A struct array of `fields`, each child taken from `child(name)` and cast to its type.
+/// The owner-table record of `claim`, placed by key so every claim for an entity is ordered
+/// in one partition.
+fn owner_claim(topic: &str, key: &str, claim: &owners::Claim) -> SideRecord {
+    SideRecord {
+        topic: topic.to_string(),
+        partition: None,
+        key: Some(key.as_bytes().to_vec()),
+        value: claim.encode(),
+        headers: None,
+    }
+}
+
 fn build_struct(
     fields: &Fields,
     mut child: impl FnMut(&str) -> Result<ArrayRef, StageError>,
@@ -509,6 +599,9 @@ impl Stage for Silver {
     }
 
     async fn process(&mut self, input: RecordBatch) -> Result<StageOutput, StageError> {
+        if let Some(table) = &self.owners {
+            table.wait_ready().await;
+        }
         let input = number_rows(&self.plan_input, &input)?;
         let results = self.plan.run(input).await?;
         let batch = match results.len() {
@@ -583,6 +676,17 @@ impl Silver {
         // One log line per batch, not per event: a replay can carry a lot of drift.
         let mut drift = 0u64;
         let mut first_drift: Option<String> = None;
+        if let Some(table) = &self.owners {
+            let lost = table
+                .owners
+                .lock()
+                .map(|mut o| o.take_lost())
+                .map_err(|_| StageError::Internal("entity owner table lock poisoned".into()))?;
+            for lost in lost {
+                side.push(owner_claim(&table.topic, &lost.key, &lost.winner));
+                side.push(self.tenant_conflict_audit(&lost));
+            }
+        }
         for i in 0..n {
             let row_id = source_row.value(i);
             // Expectations first: they decide whether the event goes on at all.
@@ -649,6 +753,39 @@ impl Silver {
                     source_system.value(i)
                 },
             };
+            if let Some(table) = &self.owners {
+                let owner_key = owners::owner_key(row.entity_type, row.entity_id);
+                let decision = table
+                    .owners
+                    .lock()
+                    .map(|mut o| o.decide(&owner_key, row.org_id, row.event_id))
+                    .map_err(|_| StageError::Internal("entity owner table lock poisoned".into()))?;
+                match decision {
+                    owners::Decision::Owned => {}
+                    owners::Decision::Claim(claim) => {
+                        side.push(owner_claim(&table.topic, &owner_key, &claim));
+                    }
+                    owners::Decision::Mismatch { owner } => {
+                        rejected.push((
+                            row_id,
+                            RecordFailure::poison(
+                                TENANT_MISMATCH,
+                                format!(
+                                    "{} {} belongs to org {} (claimed by event {}), not to org {}",
+                                    row.entity_type,
+                                    row.entity_id,
+                                    owner.org_id,
+                                    owner.event_id,
+                                    row.org_id
+                                ),
+                            ),
+                        ));
+                        side.push(self.tenant_mismatch_audit(&row, &owner, now.value(i)));
+                        keep.push(false);
+                        continue;
+                    }
+                }
+            }
             let key = state::entity_key(row.org_id, row.entity_type, row.entity_id);
             let hash = self.conformance.canonical.get(row.entity_type).map(|at| {
                 let values: Vec<Option<&str>> = at
