@@ -395,15 +395,22 @@ pub(crate) fn arb_event() -> impl Strategy<Value = Json> {
         ".{0,24}",
         prop::collection::vec(("[a-z.]{1,12}", -1e9f64..1e9), 0..4),
         prop::collection::btree_map("[a-z]{1,6}", ".{0,8}", 0..3),
+        proptest::option::of((
+            "[a-z:]{1,16}",
+            prop::collection::vec("[a-z:]{1,10}", 0..3),
+        )),
     )
         .prop_map(
-            |(id, event_type, ts, org, trace, class, connector, measurements, attributes)| {
+            |(id, event_type, ts, org, trace, class, connector, measurements, attributes, provenance)| {
                 json!({
                     "event_id": id, "event_type": event_type, "event_version": "1.0.0",
                     "timestamp": ts,
                     "source": {"service": "connector-service", "instance": connector.clone()},
                     "correlation_id": id, "org_id": org, "trace_id": trace,
                     "classification": class,
+                    "provenance": provenance.map(|(activity, items)| json!({
+                        "activity_id": activity, "item_ids": items, "distribution_id": null
+                    })),
                     "payload": {
                         "connector_id": connector, "source_system": "prop",
                         "release_sync": null, "case_sync": null, "lead_created": null,

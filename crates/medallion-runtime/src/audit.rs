@@ -220,6 +220,8 @@ impl AuditEncoder {
         put_long(&mut out, action.org_id);
         put_optional(&mut out, action.trace_id);
         put_long(&mut out, INTERNAL);
+        // provenance: null.
+        put_long(&mut out, 0);
         put_str(&mut out, action.action);
         put_str(&mut out, action.actor);
         put_str(&mut out, action.resource_type);

@@ -35,6 +35,9 @@ impl Envelope<'_> {
             "org_id": self.org_id,
             "trace_id": self.trace_id,
             "classification": self.classification,
+            // Evidence pointers belong to the events that carry evidence (connector → silver);
+            // a derived event (a window, an alert, an audit record) has none of its own.
+            "provenance": null,
             "payload": payload,
         })
     }

@@ -190,6 +190,7 @@ SELECT
   "org_id",
   trim("trace_id") AS "trace_id",
   "classification",
+  "provenance",
   named_struct(
     'connector_id', trim({p}['connector_id']),
     'source_system', lower(trim({p}['source_system'])),

@@ -285,7 +285,19 @@ async fn run_cases(
 async fn valid_events_are_normalized() {
     let mut f = fixture().await;
     let mut sample = SampleEvents::every_feed(5, 4, now_ms() - 3_600_000);
-    let events: Vec<_> = (0..120).map(|_| keyed(sample.next_event())).collect();
+    let events: Vec<_> = (0..120)
+        .map(|i| {
+            let mut e = sample.next_event();
+            if i % 3 == 0 {
+                e["provenance"] = json!({
+                    "activity_id": format!("prov:activity:sync:{i}"),
+                    "item_ids": ["stac:item:a", "dcat:dataset:b"],
+                    "distribution_id": null
+                });
+            }
+            keyed(e)
+        })
+        .collect();
     let (out, rejected) = run(&mut f, &events).await;
     assert!(rejected.is_empty(), "{rejected:?}");
     assert_eq!(out.len(), events.len());
@@ -294,6 +306,13 @@ async fn valid_events_are_normalized() {
         assert_eq!(o["org_id"], e["org_id"]);
         assert_eq!(o["payload"]["raw_topic"], "connector.data.raw");
         assert_eq!(o["payload"]["raw_partition"], 3);
+        // seed 003's evidence pointers pass through untouched.
+        let sent = if e["provenance"].is_object() {
+            e["provenance"].clone()
+        } else {
+            Json::Null
+        };
+        assert_eq!(o["provenance"], sent);
         // Exactly the input's payload variant is present; the others stay null.
         for variant in medallion_contracts::sample::BRANCHES {
             assert_eq!(

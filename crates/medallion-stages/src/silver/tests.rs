@@ -241,6 +241,7 @@ mod stage {
         e["payload"]["case_sync"] = Json::Null;
         e["payload"][variant] = branch;
         e["payload"]["measurements"] = json!([]);
+        e["provenance"] = json!({"activity_id": format!("prov:activity:{id}"), "item_ids": [], "distribution_id": null});
         e
     }
 
@@ -341,6 +342,7 @@ mod stage {
             json!([{"name": "invoice.amount", "value": 3500.5, "unit": null}])
         );
         assert_eq!(rows[2]["payload"]["measurements"], json!([]));
+        assert_eq!(rows[0]["provenance"]["activity_id"], "prov:activity:t1");
     }
 
     #[tokio::test]
