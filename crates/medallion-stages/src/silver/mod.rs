@@ -256,31 +256,25 @@ impl Silver {
         })
     }
 
-    fn tenant_mismatch_audit(
-        &self,
-        row: &Row<'_>,
-        owner: &owners::Claim,
-        now_ms: i64,
-    ) -> SideRecord {
+    /// The audit record of an ownership decision: `event` of `org_id` on `entity_type`
+    /// `entity_id`, which `owner` claimed first.
+    fn tenant_audit(&self, audit: TenantAudit<'_>, now_ms: i64) -> SideRecord {
         let action = medallion_runtime::audit::AuditAction {
-            event_id: medallion_runtime::ids::stable_id(&["tenant.mismatch", row.event_id]),
-            action: "tenant.mismatch".into(),
+            event_id: medallion_runtime::ids::stable_id(&[audit.action, audit.event_id]),
+            action: audit.action.into(),
             actor: GROUP.into(),
-            org_id: row.org_id,
-            correlation_id: row.correlation_id.to_string(),
-            trace_id: row.trace_id.map(str::to_string),
-            resource_type: row.entity_type.to_string(),
-            resource_id: row.entity_id.to_string(),
-            outcome: "rejected".into(),
-            reason: Some(format!(
-                "the entity belongs to org {}, the event names org {}",
-                owner.org_id, row.org_id
-            )),
+            org_id: audit.org_id,
+            correlation_id: audit.correlation_id.to_string(),
+            trace_id: audit.trace_id.map(str::to_string),
+            resource_type: audit.entity_type.to_string(),
+            resource_id: audit.entity_id.to_string(),
+            outcome: audit.outcome.into(),
+            reason: Some(audit.reason),
             subjects: Vec::new(),
             details: [
-                ("event_id", row.event_id.to_string()),
-                ("owner_org_id", owner.org_id.to_string()),
-                ("owner_event_id", owner.event_id.clone()),
+                ("event_id", audit.event_id.to_string()),
+                ("owner_org_id", audit.owner.org_id.to_string()),
+                ("owner_event_id", audit.owner.event_id.clone()),
             ]
             .into_iter()
             .map(|(k, v)| (k.to_string(), v))
@@ -289,35 +283,50 @@ impl Silver {
         self.audit.record(&action, now_ms)
     }
 
+    /// An event refused because another org owns its entity.
+    fn tenant_mismatch_audit(
+        &self,
+        row: &Row<'_>,
+        owner: &owners::Claim,
+        now_ms: i64,
+    ) -> SideRecord {
+        let audit = TenantAudit {
+            action: "tenant.mismatch",
+            event_id: row.event_id,
+            org_id: row.org_id,
+            correlation_id: row.correlation_id,
+            trace_id: row.trace_id,
+            entity_type: row.entity_type,
+            entity_id: row.entity_id,
+            outcome: "rejected",
+            reason: format!(
+                "the entity belongs to org {}, the event names org {}",
+                owner.org_id, row.org_id
+            ),
+            owner,
+        };
+        self.tenant_audit(audit, now_ms)
+    }
+
     /// An event this replica accepted while its claim raced another org's, which came first.
     fn tenant_conflict_audit(&self, lost: &owners::Lost) -> SideRecord {
         let (entity_type, entity_id) = lost.key.split_once('/').unwrap_or(("", &lost.key));
-        let action = medallion_runtime::audit::AuditAction {
-            event_id: medallion_runtime::ids::stable_id(&["tenant.conflict", &lost.mine.event_id]),
-            action: "tenant.conflict".into(),
-            actor: GROUP.into(),
+        let audit = TenantAudit {
+            action: "tenant.conflict",
+            event_id: &lost.mine.event_id,
             org_id: lost.mine.org_id,
-            correlation_id: lost.mine.event_id.clone(),
+            correlation_id: &lost.mine.event_id,
             trace_id: None,
-            resource_type: entity_type.to_string(),
-            resource_id: entity_id.to_string(),
-            outcome: "accepted_before_the_owner_was_known".into(),
-            reason: Some(format!(
+            entity_type,
+            entity_id,
+            outcome: "accepted_before_the_owner_was_known",
+            reason: format!(
                 "org {} claimed the entity first; event {} of org {} was accepted while the claims raced",
                 lost.winner.org_id, lost.mine.event_id, lost.mine.org_id
-            )),
-            subjects: Vec::new(),
-            details: [
-                ("event_id", lost.mine.event_id.clone()),
-                ("owner_org_id", lost.winner.org_id.to_string()),
-                ("owner_event_id", lost.winner.event_id.clone()),
-            ]
-            .into_iter()
-            .map(|(k, v)| (k.to_string(), v))
-            .collect(),
+            ),
+            owner: &lost.winner,
         };
-        self.audit
-            .record(&action, medallion_runtime::worker::now_ms())
+        self.tenant_audit(audit, medallion_runtime::worker::now_ms())
     }
 
     fn drift_audit(
@@ -355,6 +364,20 @@ impl Silver {
         };
         Ok(self.audit.record(&action, now_ms))
     }
+}
+
+/// What an ownership audit record says.
+struct TenantAudit<'a> {
+    action: &'static str,
+    event_id: &'a str,
+    org_id: i64,
+    correlation_id: &'a str,
+    trace_id: Option<&'a str>,
+    entity_type: &'a str,
+    entity_id: &'a str,
+    outcome: &'static str,
+    reason: String,
+    owner: &'a owners::Claim,
 }
 
 /// The columns of one conformed event that the merge needs.
