@@ -133,6 +133,40 @@ impl Pipeline {
             .collect()
     }
 
+    /// Reads `topic` until `at_least` decoded records match `wanted` (then `quiet` more), and
+    /// returns every matching record. Each record is decoded once while waiting.
+    pub async fn read_matching(
+        &self,
+        topic: &str,
+        wanted: impl Fn(&Json) -> bool,
+        at_least: usize,
+        quiet: Duration,
+        within: Duration,
+    ) -> Vec<Json> {
+        let (mut decoded, mut matched) = (0, 0);
+        let out = medallion_tests::read_until(
+            &self.broker.address,
+            topic,
+            |m| {
+                matched += self
+                    .decode(topic, &m[decoded..])
+                    .iter()
+                    .filter(|r| wanted(r))
+                    .count();
+                decoded = m.len();
+                matched >= at_least
+            },
+            quiet,
+            within,
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+        self.decode(topic, &out)
+            .into_iter()
+            .filter(|r| wanted(r))
+            .collect()
+    }
+
     pub fn frame(&self, event: &Json) -> Vec<u8> {
         to_framed(event, &self.raw.schema, self.raw_id).expect("frames")
     }

@@ -127,25 +127,16 @@ async fn drift_check_reports_and_audits_every_difference_from_the_snapshot() {
     }
 
     // Recorded once (the JSON-lines run), one audit record per finding.
-    let audit = read_until(
-        &p.broker.address,
-        "audit.events",
-        |m| {
-            p.decode("audit.events", m)
-                .iter()
-                .filter(|e| e["payload"]["action"] == "drift.reconciled")
-                .count()
-                >= 3
-        },
-        Duration::from_secs(2),
-        Duration::from_secs(60),
-    )
-    .await
-    .expect("audit records");
     let mut recorded: Vec<(String, String)> = p
-        .decode("audit.events", &audit)
+        .read_matching(
+            "audit.events",
+            |e| e["payload"]["action"] == "drift.reconciled",
+            3,
+            Duration::from_secs(2),
+            Duration::from_secs(60),
+        )
+        .await
         .iter()
-        .filter(|e| e["payload"]["action"] == "drift.reconciled")
         .map(|e| {
             assert_eq!(e["org_id"], ORG);
             (

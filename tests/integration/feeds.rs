@@ -117,24 +117,16 @@ async fn every_feed_reaches_gold_and_a_severe_threat_fires_the_default_rule() {
     assert_eq!(got["invoice.amount"]["sum"], 3500.0);
     assert_eq!(got["payment.amount"]["sum"], 3500.0);
 
-    let alerts = read_until(
-        &p.broker.address,
-        ALERTS,
-        |m| {
-            p.decode(ALERTS, m)
-                .iter()
-                .any(|a| a["payload"]["rule_id"] == "severe-threat")
-        },
-        Duration::from_secs(1),
-        Duration::from_secs(120),
-    )
-    .await
-    .expect("the severe-threat alert");
     let alert = p
-        .decode(ALERTS, &alerts)
-        .into_iter()
-        .find(|a| a["payload"]["rule_id"] == "severe-threat")
-        .expect("alert");
+        .read_matching(
+            ALERTS,
+            |a| a["payload"]["rule_id"] == "severe-threat",
+            1,
+            Duration::from_secs(1),
+            Duration::from_secs(120),
+        )
+        .await
+        .remove(0);
     assert_eq!(alert["org_id"], ORG);
     assert_eq!(alert["payload"]["window_start"], window);
     assert_eq!(alert["payload"]["observed_value"], 3.0);

@@ -171,11 +171,6 @@ impl FeedCatalog {
         Ok(catalog)
     }
 
-    /// The feed of an event type.
-    pub fn feed(&self, event_type: &str) -> Option<&Feed> {
-        self.feeds.iter().find(|f| f.event_type == event_type)
-    }
-
     /// Every field path, type and value the entries name must exist in the raw contract,
     /// every branch of the raw payload must have exactly one entry, and the personal-data
     /// fields must be the ones the schema marks.
@@ -627,7 +622,9 @@ mod tests {
         }
         assert_eq!(
             catalog
-                .feed("release.sync.created")
+                .feeds
+                .iter()
+                .find(|f| f.event_type == "release.sync.created")
                 .map(|f| f.normalization("release.version")),
             Some(Normalize::Semver)
         );

@@ -79,6 +79,22 @@ impl AuditAction {
     }
 }
 
+/// Registers the `telemetry.audit` topic's schema and returns an encoder for it: what every
+/// worker and operator command that records on the audit trail starts with.
+pub async fn register_encoder(
+    registry: &medallion_contracts::registry::RegistryClient,
+    topics: &medallion_contracts::TopicConfig,
+    contracts: &medallion_contracts::ContractSet,
+) -> Result<AuditEncoder, SetupError> {
+    let topic = topics
+        .telemetry
+        .as_ref()
+        .map(|t| t.audit.clone())
+        .ok_or_else(|| SetupError::contracts("topic-config.yaml names no telemetry.audit topic"))?;
+    let (text, id) = crate::worker::register(registry, topics, contracts, &topic).await?;
+    AuditEncoder::new(&topic, &text, id)
+}
+
 /// Encodes audit events straight to Avro binary (Confluent framing). They are on hot paths (one
 /// per encrypted event in bronze, one per drift in silver) where JSON → Avro costs more than the
 /// stage itself. The encoding follows `audit/events.avsc` field by field; [`AuditEncoder::new`]

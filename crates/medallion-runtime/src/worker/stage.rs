@@ -168,42 +168,37 @@ impl StageSetup {
 
     /// Registers the `telemetry.audit` topic's schema and returns an encoder for it.
     pub async fn audit_encoder(&self) -> Result<crate::audit::AuditEncoder, SetupError> {
-        let topic = self
-            .topics
-            .telemetry
-            .as_ref()
-            .map(|t| t.audit.clone())
-            .ok_or_else(|| {
-                SetupError::contracts("topic-config.yaml names no telemetry.audit topic")
-            })?;
-        let (text, id) = self.register(&topic).await?;
-        crate::audit::AuditEncoder::new(&topic, &text, id)
+        crate::audit::register_encoder(&self.registry, &self.topics, &self.contracts).await
     }
 
     /// Registers `topic`'s value schema and returns an encoder of JSON events for it.
     pub async fn json_encoder(&self, topic: &str) -> Result<JsonEncoder, SetupError> {
-        let (text, id) = self.register(topic).await?;
+        let (text, id) = register(&self.registry, &self.topics, &self.contracts, topic).await?;
         JsonEncoder::new(topic, &text, id)
     }
+}
 
-    /// Registers `topic`'s value schema: its text and id.
-    pub(super) async fn register(&self, topic: &str) -> Result<(String, u32), SetupError> {
-        let spec = self.topics.topic(topic).ok_or_else(|| {
-            SetupError::contracts(format!("topic {topic} is not in topic-config.yaml"))
+/// Registers `topic`'s value schema (from `topic-config.yaml` and `schemas/`): its text and id.
+pub async fn register(
+    registry: &RegistryClient,
+    topics: &TopicConfig,
+    contracts: &ContractSet,
+    topic: &str,
+) -> Result<(String, u32), SetupError> {
+    let spec = topics.topic(topic).ok_or_else(|| {
+        SetupError::contracts(format!("topic {topic} is not in topic-config.yaml"))
+    })?;
+    let contract = contracts.get(&spec.schema).ok_or_else(|| {
+        SetupError::contracts(format!("schema {} is not in schemas/", spec.schema))
+    })?;
+    let id = registry
+        .register(&topics.subject(topic), &contract.text)
+        .await
+        .map_err(|source| SetupError::Registry {
+            topic: topic.to_string(),
+            source,
         })?;
-        let contract = self.contracts.get(&spec.schema).ok_or_else(|| {
-            SetupError::contracts(format!("schema {} is not in schemas/", spec.schema))
-        })?;
-        let id = self
-            .registry
-            .register(&self.topics.subject(topic), &contract.text)
-            .await
-            .map_err(|source| SetupError::Registry {
-                topic: topic.to_string(),
-                source,
-            })?;
-        Ok((contract.text.clone(), id))
-    }
+    Ok((contract.text.clone(), id))
 }
 
 /// Encodes low-volume JSON events (audit records, alerts) to a topic's registered schema.

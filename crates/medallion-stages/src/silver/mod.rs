@@ -810,24 +810,31 @@ impl Silver {
                 }
             }
             let key = state::entity_key(row.org_id, row.entity_type, row.entity_id);
-            let hash = self.conformance.canonical.get(row.entity_type).map(|at| {
-                let values: Vec<Option<&str>> = at
-                    .iter()
-                    .map(|&a| {
-                        let column = &attributes[a];
-                        (!column.is_null(i)).then(|| column.value(i))
-                    })
-                    .collect();
-                medallion_contracts::feeds::canonical_hash(row.entity_id, &values, row.updated_at)
-            });
+            let canonical = self.conformance.canonical.get(row.entity_type);
+            let hash = || {
+                canonical.map(|at| {
+                    let values: Vec<Option<&str>> = at
+                        .iter()
+                        .map(|&a| {
+                            let column = &attributes[a];
+                            (!column.is_null(i)).then(|| column.value(i))
+                        })
+                        .collect();
+                    medallion_contracts::feeds::canonical_hash(
+                        row.entity_id,
+                        &values,
+                        row.updated_at,
+                    )
+                })
+            };
             let incoming = EntityState {
                 updated_at: row.updated_at,
                 source_system: row.source_system.to_string(),
                 event_id: row.event_id.to_string(),
                 change: Change::Created,
-                hash,
+                hash: None,
             };
-            let outcome = self.merge.apply(row.partition, &key, incoming);
+            let outcome = self.merge.apply(row.partition, &key, incoming, hash);
             match &outcome {
                 state::Outcome::Stored(stored) => {
                     side.push(medallion_runtime::changelog::update(

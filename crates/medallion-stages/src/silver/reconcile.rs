@@ -14,7 +14,7 @@ use std::path::Path;
 use medallion_contracts::feeds::{canonical_hash, Feed, FeedCatalog, Normalize};
 use medallion_contracts::registry::RegistryClient;
 use medallion_contracts::{ContractSet, TopicConfig};
-use medallion_runtime::audit::{AuditAction, AuditEncoder};
+use medallion_runtime::audit::AuditAction;
 use medallion_runtime::kafka::KafkaConnection;
 use serde_json::Value as Json;
 
@@ -38,8 +38,9 @@ pub enum ReconcileError {
     Feeds(#[from] medallion_contracts::feeds::FeedError),
     #[error(transparent)]
     Restore(#[from] medallion_runtime::changelog::RestoreError),
+    /// The audit topic's schema could not be registered or encoded.
     #[error(transparent)]
-    Registry(#[from] medallion_contracts::registry::RegistryError),
+    Audit(#[from] medallion_runtime::error::SetupError),
     #[error("recording on audit.events: {0}")]
     Produce(String),
 }
@@ -514,25 +515,9 @@ impl Check<'_> {
     }
 
     async fn record_findings(&self, report: &Report) -> Result<(), ReconcileError> {
-        let topic = self
-            .topics
-            .telemetry
-            .as_ref()
-            .map(|t| t.audit.clone())
-            .ok_or_else(|| {
-                ReconcileError::Setup("topic-config.yaml names no telemetry.audit topic".into())
-            })?;
-        let contract = self
-            .topics
-            .topic(&topic)
-            .and_then(|t| self.contracts.get(&t.schema))
-            .ok_or_else(|| ReconcileError::Setup(format!("no schema for {topic}")))?;
-        let id = self
-            .registry
-            .register(&self.topics.subject(&topic), &contract.text)
-            .await?;
-        let encoder = AuditEncoder::new(&topic, &contract.text, id)
-            .map_err(|e| ReconcileError::Setup(e.to_string()))?;
+        let encoder =
+            medallion_runtime::audit::register_encoder(self.registry, self.topics, self.contracts)
+                .await?;
         let producer = medallion_runtime::kafka::producer(self.kafka)
             .map_err(|e| ReconcileError::Produce(e.to_string()))?;
         let run_id = uuid::Uuid::new_v4().to_string();

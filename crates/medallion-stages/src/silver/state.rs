@@ -145,11 +145,20 @@ impl Merge {
     }
 
     /// Latest `updated_at` wins; on a tie the authoritative source wins over another source,
-    /// otherwise the later arrival does. `incoming.change` is ignored (decided here).
-    pub fn apply(&mut self, partition: i32, key: &str, mut incoming: EntityState) -> Outcome {
+    /// otherwise the later arrival does. `incoming.change` and `incoming.hash` are ignored:
+    /// the change is decided here, and `hash` is called only for a state that is stored (a
+    /// stale or replayed update is never hashed).
+    pub fn apply(
+        &mut self,
+        partition: i32,
+        key: &str,
+        mut incoming: EntityState,
+        hash: impl FnOnce() -> Option<String>,
+    ) -> Outcome {
         let state = self.partitions.entry(partition).or_default();
         let Some(current) = state.get(key) else {
             incoming.change = Change::Created;
+            incoming.hash = hash();
             state.insert(key.to_string(), incoming.clone());
             return Outcome::Stored(incoming);
         };
@@ -168,6 +177,7 @@ impl Merge {
             return Outcome::Stale(current.clone());
         }
         incoming.change = Change::Updated;
+        incoming.hash = hash();
         state.insert(key.to_string(), incoming.clone());
         Outcome::Stored(incoming)
     }

@@ -37,20 +37,26 @@ fn latest_updated_at_wins_and_older_updates_are_stale() {
     let mut merge = Merge::new("v4".into());
     let key = entity_key(7, "case", "CASE-1");
     assert_eq!(
-        merge.apply(0, &key, event("a", 100, "v5")).change(),
+        merge
+            .apply(0, &key, event("a", 100, "v5"), || None)
+            .change(),
         Change::Created
     );
     assert_eq!(
-        merge.apply(0, &key, event("b", 200, "v5")).change(),
+        merge
+            .apply(0, &key, event("b", 200, "v5"), || None)
+            .change(),
         Change::Updated
     );
-    match merge.apply(0, &key, event("c", 150, "v4")) {
+    match merge.apply(0, &key, event("c", 150, "v4"), || None) {
         Outcome::Stale(current) => assert_eq!(current.event_id, "b"),
         other => panic!("expected stale, got {other:?}"),
     }
     // The stale update did not overwrite: a newer one still compares against b.
     assert_eq!(
-        merge.apply(0, &key, event("d", 201, "v5")).change(),
+        merge
+            .apply(0, &key, event("d", 201, "v5"), || None)
+            .change(),
         Change::Updated
     );
 }
@@ -59,15 +65,19 @@ fn latest_updated_at_wins_and_older_updates_are_stale() {
 fn ties_go_to_the_authoritative_source() {
     let mut merge = Merge::new("v4".into());
     let key = entity_key(7, "case", "CASE-2");
-    merge.apply(0, &key, event("a", 100, "v4"));
+    merge.apply(0, &key, event("a", 100, "v4"), || None);
     assert_eq!(
-        merge.apply(0, &key, event("b", 100, "v5")).change(),
+        merge
+            .apply(0, &key, event("b", 100, "v5"), || None)
+            .change(),
         Change::Stale
     );
     let other = entity_key(7, "case", "CASE-3");
-    merge.apply(0, &other, event("c", 100, "v5"));
+    merge.apply(0, &other, event("c", 100, "v5"), || None);
     assert_eq!(
-        merge.apply(0, &other, event("d", 100, "v4")).change(),
+        merge
+            .apply(0, &other, event("d", 100, "v4"), || None)
+            .change(),
         Change::Updated
     );
 }
@@ -76,7 +86,7 @@ fn ties_go_to_the_authoritative_source() {
 fn a_redelivered_event_gets_its_first_decision_and_state_round_trips() {
     let mut merge = Merge::new("v4".into());
     let key = entity_key(1, "lead", "l-1");
-    let first = merge.apply(3, &key, event("a", 100, "crm"));
+    let first = merge.apply(3, &key, event("a", 100, "crm"), || None);
     let Outcome::Stored(stored) = first else {
         panic!("stored")
     };
@@ -89,7 +99,7 @@ fn a_redelivered_event_gets_its_first_decision_and_state_round_trips() {
     );
     assert_eq!(restored.len(), 1);
     assert_eq!(
-        restored.apply(3, &key, event("a", 100, "crm")),
+        restored.apply(3, &key, event("a", 100, "crm"), || None),
         Outcome::Replayed(stored)
     );
 }
