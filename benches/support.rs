@@ -65,12 +65,7 @@ pub fn write_varint_fixed(out: &mut [u8], t: i64) {
     }
 }
 
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or_default()
-}
+pub use medallion_runtime::clock::now_ms;
 
 /// 10k realistic framed connector events (org key, value) to copy from.
 pub fn templates(raw: &apache_avro::Schema, id: u32, base_ms: i64) -> Vec<(String, Vec<u8>)> {

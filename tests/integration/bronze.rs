@@ -20,12 +20,7 @@ const RAW: &str = "connector.data.raw";
 const BRONZE: &str = "bronze.data.cleaned";
 const RAW_DLQ: &str = "connector.data.raw.dlq";
 
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or_default()
-}
+pub use medallion_runtime::clock::now_ms;
 
 /// A broker and registry with every topic created and every schema registered.
 pub struct Pipeline {

@@ -1,4 +1,4 @@
-//! Seed 004's reconciliation layer on a real broker and registry: silver merges cases, then
+//! Reconciliation against the system of record on a real broker and registry: silver merges cases, then
 //! `medallion drift check`'s core compares its state with snapshots (JSON lines and Parquet)
 //! holding known differences, and records each on audit.events.
 

@@ -1,4 +1,4 @@
-//! Seed 004's tenant check across partitions: an entity id first seen under one org is
+//! The tenant check across partitions: an entity id first seen under one org is
 //! rejected under another (`tenant_mismatch`, dead-lettered and audited), although the two
 //! orgs' events sit on different partitions, here served by two silver replicas.
 

@@ -209,7 +209,7 @@ pub enum Partitioner {
     /// client, librdkafka's `murmur2_random` and every Confluent client do for a keyed record.
     #[default]
     Murmur2,
-    /// Seed 002's `abs(orgId.hashCode()) % numPartitions`, with Java's `Long.hashCode`, for
+    /// The Java producers' `abs(orgId.hashCode()) % numPartitions`, with Java's `Long.hashCode`, for
     /// keys that are a decimal `long` (an org id). Where Java's formula is negative (a hash of
     /// `Integer.MIN_VALUE`, which `Math.abs` leaves negative) the magnitude 2^31 is used.
     JavaLongHash,

@@ -49,7 +49,7 @@ pub struct AuditFields<'a> {
 }
 
 impl AuditAction {
-    /// The `audit/events.avsc` event, as JSON for [`crate::worker::JsonEncoder`].
+    /// The `audit/events.avsc` event, as JSON for [`crate::outbound::JsonEncoder`].
     pub fn to_event(&self, now_ms: i64) -> Value {
         let event_type = format!("audit.{}", self.action);
         crate::envelope::Envelope {
@@ -91,7 +91,7 @@ pub async fn register_encoder(
         .as_ref()
         .map(|t| t.audit.clone())
         .ok_or_else(|| SetupError::contracts("topic-config.yaml names no telemetry.audit topic"))?;
-    let (text, id) = crate::worker::register(registry, topics, contracts, &topic).await?;
+    let (text, id) = crate::outbound::register(registry, topics, contracts, &topic).await?;
     AuditEncoder::new(&topic, &text, id)
 }
 
@@ -270,7 +270,7 @@ impl AuditEncoder {
     }
 
     /// The `audit.events` record of `action`, keyed by its org.
-    pub fn record(&self, action: &AuditAction, now_ms: i64) -> crate::worker::SideRecord {
+    pub fn record(&self, action: &AuditAction, now_ms: i64) -> crate::outbound::SideRecord {
         self.side_record(action.org_id, self.encode(action, now_ms))
     }
 
@@ -279,12 +279,12 @@ impl AuditEncoder {
         &self,
         fields: &AuditFields<'_>,
         now_ms: i64,
-    ) -> crate::worker::SideRecord {
+    ) -> crate::outbound::SideRecord {
         self.side_record(fields.org_id, self.encode_fields(fields, now_ms))
     }
 
-    fn side_record(&self, org_id: i64, value: Vec<u8>) -> crate::worker::SideRecord {
-        crate::worker::SideRecord {
+    fn side_record(&self, org_id: i64, value: Vec<u8>) -> crate::outbound::SideRecord {
+        crate::outbound::SideRecord {
             topic: self.topic.clone(),
             partition: None,
             key: Some(org_id.to_string().into_bytes()),

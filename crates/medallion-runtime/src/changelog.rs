@@ -3,22 +3,24 @@
 //! that is assigned `p` restores it by reading that one partition to its end.
 
 use std::collections::HashMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use crate::kafka::{KafkaConnection, ReaderContext, Role};
-use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
-use rdkafka::{Offset, TopicPartitionList};
 
-use crate::worker::SideRecord;
+use crate::kafka::io::{read_stretches, ReadError, Stretch};
+use crate::kafka::KafkaConnection;
+use crate::outbound::SideRecord;
+
+/// How long restoring one partition may take.
+const RESTORE_WITHIN: Duration = Duration::from_secs(300);
 
 /// Why a changelog could not be read.
 #[derive(Debug, thiserror::Error)]
-#[error("changelog {topic}[{partition}]: {message}")]
+#[error("restoring changelog partition {partition}: {source}")]
 pub struct RestoreError {
-    pub topic: String,
     pub partition: i32,
-    pub message: String,
+    #[source]
+    pub source: Box<ReadError>,
 }
 
 /// Reads changelog `topic` partition `partition` from the start to its current end: the latest
@@ -30,71 +32,38 @@ pub async fn restore(
 ) -> Result<HashMap<Vec<u8>, Vec<u8>>, RestoreError> {
     let kafka = kafka.clone();
     let topic = topic.to_string();
-    tokio::task::spawn_blocking(move || restore_blocking(&kafka, &topic, partition))
-        .await
-        .map_err(|e| RestoreError {
-            topic: String::new(),
-            partition,
-            message: e.to_string(),
-        })?
-}
-
-fn restore_blocking(
-    kafka: &KafkaConnection,
-    topic: &str,
-    partition: i32,
-) -> Result<HashMap<Vec<u8>, Vec<u8>>, RestoreError> {
-    let error = |message: String| RestoreError {
-        topic: topic.to_string(),
-        partition,
-        message,
-    };
-    let group = format!("{topic}.restore");
-    let consumer: BaseConsumer<ReaderContext> = kafka
-        .create_with_context(
-            Role::Reader {
-                group: &group,
-                until_end: true,
+    let read = tokio::task::spawn_blocking(move || {
+        let mut state = HashMap::new();
+        read_stretches(
+            &kafka,
+            &topic,
+            &[Stretch::whole(partition)],
+            RESTORE_WITHIN,
+            |message| {
+                let Some(key) = message.key() else {
+                    return;
+                };
+                match message.payload() {
+                    Some(value) if !value.is_empty() => {
+                        state.insert(key.to_vec(), value.to_vec());
+                    }
+                    _ => {
+                        state.remove(key);
+                    }
+                }
             },
-            "changelog reader",
-            ReaderContext,
         )
-        .map_err(|e| error(e.to_string()))?;
-    let (low, high) = consumer
-        .fetch_watermarks(topic, partition, Duration::from_secs(30))
-        .map_err(|e| error(e.to_string()))?;
-    tracing::debug!(topic, partition, low, high, "restoring changelog");
-    let mut state = HashMap::new();
-    if high <= low {
-        return Ok(state);
-    }
-    let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(topic, partition, Offset::Beginning)
-        .map_err(|e| error(e.to_string()))?;
-    consumer.assign(&tpl).map_err(|e| error(e.to_string()))?;
-    let deadline = Instant::now() + Duration::from_secs(300);
-    loop {
-        if Instant::now() > deadline {
-            return Err(error(format!("not read to offset {high} within 300 s")));
-        }
-        let Some(message) = consumer.poll(Duration::from_millis(500)) else {
-            continue;
-        };
-        // The end of the partition as of now: everything written before is in `state`.
-        let message = match message {
-            Err(rdkafka::error::KafkaError::PartitionEOF(_)) => return Ok(state),
-            other => other.map_err(|e| error(e.to_string()))?,
-        };
-        if let Some(key) = message.key() {
-            match message.payload() {
-                Some(value) if !value.is_empty() => {
-                    state.insert(key.to_vec(), value.to_vec());
-                }
-                _ => {
-                    state.remove(key);
-                }
-            }
-        }
+        .map(|_| state)
+    });
+    match read.await {
+        Ok(result) => result.map_err(|source| RestoreError {
+            partition,
+            source: Box::new(source),
+        }),
+        Err(e) => Err(RestoreError {
+            partition,
+            source: Box::new(ReadError::Interrupted(e.to_string())),
+        }),
     }
 }
 
@@ -106,5 +75,59 @@ pub fn update(topic: &str, partition: i32, key: &[u8], value: Vec<u8>) -> SideRe
         key: Some(key.to_vec()),
         value,
         headers: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rdkafka::mocking::MockCluster;
+    use rdkafka::producer::FutureProducer;
+
+    use super::*;
+    use crate::kafka::io::send_queued;
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_partition_restores_to_the_latest_value_of_each_key_and_an_empty_value_deletes() {
+        let cluster = MockCluster::new(1).expect("mock cluster");
+        cluster
+            .create_topic("state.changelog", 2, 1)
+            .expect("topic created");
+        let kafka = KafkaConnection::plain(&cluster.bootstrap_servers()).expect("connection");
+        let producer: FutureProducer = crate::kafka::producer(&kafka).expect("producer");
+        let updates = [
+            update("state.changelog", 0, b"a", b"1".to_vec()),
+            update("state.changelog", 0, b"b", b"1".to_vec()),
+            update("state.changelog", 0, b"a", b"2".to_vec()),
+            update("state.changelog", 0, b"b", Vec::new()),
+            update("state.changelog", 1, b"other", b"x".to_vec()),
+        ];
+        for u in &updates {
+            let record = rdkafka::producer::FutureRecord::to(&u.topic)
+                .partition(u.partition.expect("a changelog update names its partition"))
+                .key(u.key.as_deref().unwrap_or_default())
+                .payload(&u.value);
+            send_queued(&producer, record)
+                .await
+                .expect("queued")
+                .await
+                .expect("not cancelled")
+                .expect("delivered");
+        }
+        let state = restore(&kafka, "state.changelog", 0)
+            .await
+            .expect("restored");
+        assert_eq!(
+            state,
+            HashMap::from([(b"a".to_vec(), b"2".to_vec())]),
+            "the latest value wins, a tombstone deletes, another partition stays out"
+        );
+        let empty = restore(&kafka, "state.changelog", 1)
+            .await
+            .expect("restored");
+        assert_eq!(empty.len(), 1);
+        let err = restore(&kafka, "no-such-changelog", 0)
+            .await
+            .expect_err("missing topic");
+        assert_eq!(err.partition, 0);
     }
 }

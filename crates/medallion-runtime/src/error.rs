@@ -94,6 +94,9 @@ pub enum StageError {
     /// committing the batch rather than guess.
     #[error("internal error: {0}")]
     Internal(String),
+    /// A partition's state could not be read back from its changelog.
+    #[error(transparent)]
+    Restore(#[from] crate::changelog::RestoreError),
 }
 
 impl StageError {
@@ -106,12 +109,16 @@ impl StageError {
             StageError::Halt(_) => "halted",
             StageError::Arrow(_) | StageError::DataFusion(_) => "transform_failed",
             StageError::Internal(_) => "internal_error",
+            StageError::Restore(_) => "restore_failed",
         }
     }
 
     /// Whether the error stops the worker: not a record's fault, and not transient.
     pub fn stops_the_worker(&self) -> bool {
-        matches!(self, StageError::Halt(_) | StageError::Internal(_))
+        matches!(
+            self,
+            StageError::Halt(_) | StageError::Internal(_) | StageError::Restore(_)
+        )
     }
 
     pub fn is_transient(&self) -> bool {
@@ -125,7 +132,8 @@ impl StageError {
             | StageError::Halt(_)
             | StageError::Arrow(_)
             | StageError::DataFusion(_)
-            | StageError::Internal(_) => false,
+            | StageError::Internal(_)
+            | StageError::Restore(_) => false,
         }
     }
 }

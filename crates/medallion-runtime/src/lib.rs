@@ -5,6 +5,7 @@
 pub mod admin;
 pub mod audit;
 pub mod changelog;
+pub mod clock;
 pub mod config;
 pub mod dedup;
 pub mod dlq;
@@ -17,6 +18,7 @@ pub mod kafka;
 pub mod keys;
 pub mod metrics;
 pub mod ops;
+pub mod outbound;
 pub mod pii;
 pub mod record;
 pub mod recovery;

@@ -14,13 +14,17 @@
 //!   `window` records before the committed offset: the dedup window as it stood.
 
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{BorrowedMessage, Headers, Message};
+use rdkafka::message::{Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
 
+pub use crate::kafka::io::{read_stretches, ReadError as RecoveryError, Stretch};
 use crate::kafka::{KafkaConnection, ReaderContext, Role};
+
+/// How long reading a partition's tail (or the outputs after a commit) may take.
+pub const READ_WITHIN: Duration = Duration::from_secs(300);
 
 /// Header holding an output record's event key (16 bytes, big-endian; see
 /// [`crate::dedup::event_key`]).
@@ -98,61 +102,16 @@ pub fn unwrap(metadata: &str) -> (Option<Snapshot>, Option<String>) {
     (snapshot, stage(stage_part))
 }
 
-/// Why what a crash left behind could not be read.
-#[derive(Debug, thiserror::Error)]
-#[error("recovering from {topic}: {message}")]
-pub struct RecoveryError {
-    pub topic: String,
-    pub message: String,
-}
-
-/// A stretch of one partition to read: from `from` up to `until` (exclusive), or to the end
-/// of the partition as it is now.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Stretch {
-    pub partition: i32,
-    pub from: i64,
-    pub until: Option<i64>,
-}
-
-/// A consumer that assigns partitions itself, in a group of its own that never commits.
-fn reader(
-    kafka: &KafkaConnection,
-) -> Result<BaseConsumer<ReaderContext>, crate::kafka::ClientError> {
-    let group = format!("medallion-recovery-{}", uuid::Uuid::new_v4());
-    kafka.create_with_context(
-        Role::Reader {
-            group: &group,
-            until_end: true,
-        },
-        "recovery reader",
-        ReaderContext,
-    )
-}
-
-/// The partitions of `topic` with their (low, high) watermarks.
+/// The partitions of `topic` with their (low, high) watermarks; none for a topic that is not
+/// there yet (a worker may start before its topics are created).
 pub fn watermarks(
     kafka: &KafkaConnection,
     topic: &str,
 ) -> Result<BTreeMap<i32, (i64, i64)>, RecoveryError> {
-    let error = |message: String| RecoveryError {
-        topic: topic.to_string(),
-        message,
-    };
-    let consumer = reader(kafka).map_err(|e| error(e.to_string()))?;
-    let metadata = consumer
-        .fetch_metadata(Some(topic), Duration::from_secs(10))
-        .map_err(|e| error(e.to_string()))?;
-    let mut out = BTreeMap::new();
-    for t in metadata.topics().iter().filter(|t| t.name() == topic) {
-        for p in t.partitions() {
-            let marks = consumer
-                .fetch_watermarks(topic, p.id(), Duration::from_secs(10))
-                .map_err(|e| error(e.to_string()))?;
-            out.insert(p.id(), marks);
-        }
+    match crate::kafka::io::watermarks(kafka, topic) {
+        Err(RecoveryError::NoPartitions(_)) => Ok(BTreeMap::new()),
+        other => other,
     }
-    Ok(out)
 }
 
 /// The first offset of each partition of `topic` (in `marks`) whose timestamp is at or after
@@ -163,19 +122,35 @@ pub fn offsets_at(
     marks: &BTreeMap<i32, (i64, i64)>,
     since: i64,
 ) -> Result<BTreeMap<i32, i64>, RecoveryError> {
-    let error = |message: String| RecoveryError {
-        topic: topic.to_string(),
-        message,
+    let error = |doing| {
+        move |source| RecoveryError::Kafka {
+            topic: topic.to_string(),
+            doing,
+            source,
+        }
     };
-    let consumer = reader(kafka).map_err(|e| error(e.to_string()))?;
+    let group = format!("medallion-recovery-{}", uuid::Uuid::new_v4());
+    let consumer: BaseConsumer<ReaderContext> = kafka
+        .create_with_context(
+            Role::Reader {
+                group: &group,
+                until_end: true,
+            },
+            "recovery reader",
+            ReaderContext,
+        )
+        .map_err(|source| RecoveryError::Client {
+            topic: topic.to_string(),
+            source,
+        })?;
     let mut tpl = TopicPartitionList::new();
     for p in marks.keys() {
         tpl.add_partition_offset(topic, *p, Offset::Offset(since))
-            .map_err(|e| error(e.to_string()))?;
+            .map_err(error("looking up offsets by time"))?;
     }
     let found = consumer
         .offsets_for_times(tpl, Duration::from_secs(10))
-        .map_err(|e| error(e.to_string()))?;
+        .map_err(error("looking up offsets by time"))?;
     Ok(found
         .elements_for_topic(topic)
         .iter()
@@ -184,69 +159,6 @@ pub fn offsets_at(
             _ => None,
         })
         .collect())
-}
-
-/// Reads `stretches` of `topic` (blocking), handing each record to `each`; returns how many
-/// were read. A stretch past the end of its partition reads nothing.
-pub fn read_stretches(
-    kafka: &KafkaConnection,
-    topic: &str,
-    stretches: &[Stretch],
-    mut each: impl FnMut(&BorrowedMessage<'_>),
-) -> Result<u64, RecoveryError> {
-    let error = |message: String| RecoveryError {
-        topic: topic.to_string(),
-        message,
-    };
-    let mut open: BTreeMap<i32, Option<i64>> = stretches
-        .iter()
-        .filter(|s| s.until.is_none_or(|u| u > s.from))
-        .map(|s| (s.partition, s.until))
-        .collect();
-    if open.is_empty() {
-        return Ok(0);
-    }
-    let consumer = reader(kafka).map_err(|e| error(e.to_string()))?;
-    let mut tpl = TopicPartitionList::new();
-    for s in stretches.iter().filter(|s| open.contains_key(&s.partition)) {
-        tpl.add_partition_offset(topic, s.partition, Offset::Offset(s.from.max(0)))
-            .map_err(|e| error(e.to_string()))?;
-    }
-    consumer.assign(&tpl).map_err(|e| error(e.to_string()))?;
-    let deadline = Instant::now() + Duration::from_secs(300);
-    let mut read = 0u64;
-    while !open.is_empty() {
-        if Instant::now() > deadline {
-            return Err(error(format!(
-                "partitions {:?} not read to their end within 300 s",
-                open.keys().collect::<Vec<_>>()
-            )));
-        }
-        let Some(message) = consumer.poll(Duration::from_millis(500)) else {
-            continue;
-        };
-        let message = match message {
-            Err(rdkafka::error::KafkaError::PartitionEOF(partition)) => {
-                open.remove(&partition);
-                continue;
-            }
-            other => other.map_err(|e| error(e.to_string()))?,
-        };
-        let partition = message.partition();
-        let Some(until) = open.get(&partition).copied() else {
-            continue;
-        };
-        if until.is_some_and(|u| message.offset() >= u) {
-            open.remove(&partition);
-            continue;
-        }
-        each(&message);
-        read += 1;
-        if until.is_some_and(|u| message.offset() + 1 >= u) {
-            open.remove(&partition);
-        }
-    }
-    Ok(read)
 }
 
 /// Where to start reading each partition of a topic for what was produced after the last
@@ -340,7 +252,7 @@ pub fn after_commit(
                 }
             }
         }
-        read_stretches(kafka, topic, &stretches, |m| {
+        read_stretches(kafka, topic, &stretches, READ_WITHIN, |m| {
             let Some(h) = m.headers() else {
                 return;
             };
@@ -366,6 +278,20 @@ pub fn after_commit(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_topic_not_created_yet_has_no_partitions_to_recover_from() {
+        let cluster = rdkafka::mocking::MockCluster::new(1).expect("mock cluster");
+        cluster.create_topic("there", 2, 1).expect("topic");
+        let kafka = KafkaConnection::plain(&cluster.bootstrap_servers()).expect("connection");
+        let (missing, there) = tokio::task::spawn_blocking(move || {
+            (watermarks(&kafka, "not-yet"), watermarks(&kafka, "there"))
+        })
+        .await
+        .expect("reader thread");
+        assert!(missing.expect("no error").is_empty());
+        assert_eq!(there.expect("watermarks").len(), 2);
+    }
 
     #[test]
     fn metadata_round_trips_and_old_metadata_is_the_stages() {

@@ -18,6 +18,7 @@ use medallion_contracts::sample::{SampleEvents, SplitMix};
 use medallion_contracts::{json, ContractSet, TopicConfig};
 use medallion_runtime::config::WorkerConfig;
 use medallion_runtime::http::Health;
+use medallion_runtime::kafka::io::send_queued;
 use medallion_runtime::pii::{KeySource, Keyring, PiiConfig};
 use medallion_runtime::worker::{prepare, Progress, RunTotals, Stage, StageSetup};
 use medallion_stages::audit_writer::{self, AuditStore, AuditWriter, AuditWriterConfig};
@@ -26,12 +27,11 @@ use medallion_stages::gold::{self, Gold, GoldConfig};
 use medallion_stages::notify::{self, ChannelConfig, Notify, NotifyConfig, Route};
 use medallion_stages::rules::{self, Rules, RulesConfig};
 use medallion_stages::silver::{self, Silver, SilverConfig};
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
 const RAW_TOPIC: &str = "connector.data.raw";
@@ -292,40 +292,43 @@ pub async fn run(home: &Path, args: DemoArgs) -> anyhow::Result<ExitCode> {
         "  audit     {} (Parquet by org and day)",
         store_dir.display()
     );
-    let bronze = base
-        .spawn(bronze::GROUP, bronze_config, Bronze::new)
-        .await?;
-    let silver = base
-        .spawn(silver::GROUP, SilverConfig::default(), Silver::new)
-        .await?;
-    let gold = base
-        .spawn(gold::GROUP, GoldConfig::default(), Gold::new)
-        .await?;
-    let rules = base
-        .spawn(rules::GROUP, RulesConfig::default(), Rules::new)
-        .await?;
-    let notifier = base
-        .spawn(notify::GROUP, notify_config, Notify::new)
-        .await?;
-    let auditor = base
-        .spawn(audit_writer::GROUP, audit_config, AuditWriter::new)
-        .await?;
+    // The stages start together: each registers its schemas and joins its group meanwhile.
+    let (bronze, silver, gold, rules, notifier, auditor) = tokio::try_join!(
+        base.spawn(bronze::GROUP, bronze_config, Bronze::new),
+        base.spawn(silver::GROUP, SilverConfig::default(), Silver::new),
+        base.spawn(gold::GROUP, GoldConfig::default(), Gold::new),
+        base.spawn(rules::GROUP, RulesConfig::default(), Rules::new),
+        base.spawn(notify::GROUP, notify_config, Notify::new),
+        base.spawn(audit_writer::GROUP, audit_config, AuditWriter::new),
+    )?;
     let stages = [&bronze, &silver, &gold, &rules, &notifier];
 
     let producer = medallion_runtime::kafka::producer(
         &medallion_runtime::kafka::KafkaConnection::plain(&bootstrap)?,
     )?;
     let started = Instant::now();
+    let sent = AtomicU64::new(0);
     let work = async {
-        let produced = produce_stream(&producer, &raw, raw_id, &placement, &args).await?;
-        let mut last = Instant::now();
+        // Events are produced while the stages run; progress shows from the start.
+        let produce = produce_stream(&producer, &raw, raw_id, &placement, &args, &sent);
+        tokio::pin!(produce);
+        let mut produced: Option<Produced> = None;
+        let mut last = Instant::now() - Duration::from_secs(1);
         let mut settled_at: Option<Instant> = None;
         let mut audited = 0;
         loop {
-            // Done when every stage has consumed everything its upstream wrote, and the audit
-            // trail stopped growing, for a while.
-            let mut upstream = produced.total;
-            let mut settled = true;
+            if produced.is_none() {
+                tokio::select! {
+                    done = &mut produce => produced = Some(done?),
+                    _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+                }
+            } else {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            // Done when everything is produced, every stage has consumed everything its
+            // upstream wrote, and the audit trail stopped growing, for a while.
+            let mut upstream = sent.load(Relaxed);
+            let mut settled = produced.is_some();
             for stage in &stages {
                 settled &= stage.progress.consumed.load(Relaxed) >= upstream;
                 upstream = stage.progress.produced.load(Relaxed);
@@ -337,7 +340,7 @@ pub async fn run(home: &Path, args: DemoArgs) -> anyhow::Result<ExitCode> {
                 last = Instant::now();
                 print!(
                     "\r  progress  raw {} | bronze {} -> {} | silver {} -> {} | gold {} -> {} windows | alerts {} | audit {}   ",
-                    produced.total,
+                    sent.load(Relaxed),
                     bronze.progress.consumed.load(Relaxed),
                     bronze.progress.produced.load(Relaxed),
                     silver.progress.consumed.load(Relaxed),
@@ -350,7 +353,6 @@ pub async fn run(home: &Path, args: DemoArgs) -> anyhow::Result<ExitCode> {
                 let _ = std::io::stdout().flush();
             }
             match (settled, settled_at) {
-                (true, Some(at)) if at.elapsed() > Duration::from_secs(2) => break,
                 (true, None) => settled_at = Some(Instant::now()),
                 (false, _) => settled_at = None,
                 _ => {}
@@ -358,9 +360,12 @@ pub async fn run(home: &Path, args: DemoArgs) -> anyhow::Result<ExitCode> {
             if started.elapsed() > Duration::from_secs(600) {
                 bail!("the pipeline did not drain within 600 s");
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            if let (true, Some(produced)) = (settled, &produced) {
+                if settled_at.is_some_and(|at| at.elapsed() > Duration::from_secs(2)) {
+                    return Ok::<_, anyhow::Error>(*produced);
+                }
+            }
         }
-        Ok::<_, anyhow::Error>(produced)
     };
     let outcome = tokio::select! {
         result = work => Some(result?),
@@ -368,10 +373,15 @@ pub async fn run(home: &Path, args: DemoArgs) -> anyhow::Result<ExitCode> {
     };
     let elapsed = started.elapsed().as_secs_f64();
     drop(producer);
-    let mut totals = Vec::new();
-    for stage in [bronze, silver, gold, rules, notifier, auditor] {
-        totals.push(stage.stop().await?);
-    }
+    let totals = stop_all(vec![
+        ("bronze", bronze),
+        ("silver", silver),
+        ("gold", gold),
+        ("rules", rules),
+        ("notifications", notifier),
+        ("audit", auditor),
+    ])
+    .await?;
     // Let the stopped workers' background clients close while the embedded broker still runs.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let Some(produced) = outcome else {
@@ -554,11 +564,44 @@ struct Running {
     task: tokio::task::JoinHandle<Result<RunTotals, medallion_runtime::worker::WorkerError>>,
 }
 
-impl Running {
-    async fn stop(self) -> anyhow::Result<RunTotals> {
-        let _ = self.stop.send(());
-        Ok(self.task.await.context("worker task")??)
+/// Stops every stage at once and waits for them together, saying which it still waits for;
+/// the totals come back in the order given.
+async fn stop_all(stages: Vec<(&'static str, Running)>) -> anyhow::Result<Vec<RunTotals>> {
+    let started = Instant::now();
+    let mut waiting = Vec::with_capacity(stages.len());
+    for (i, (name, running)) in stages.into_iter().enumerate() {
+        let _ = running.stop.send(());
+        waiting.push((i, name, running.task));
     }
+    let mut totals: Vec<Option<RunTotals>> = vec![None; waiting.len()];
+    let mut last = Instant::now();
+    while !waiting.is_empty() {
+        let (done, still): (Vec<_>, Vec<_>) = waiting
+            .into_iter()
+            .partition(|(_, _, task)| task.is_finished());
+        for (i, name, task) in done {
+            let result = task
+                .await
+                .with_context(|| format!("the {name} worker task"))?;
+            totals[i] = Some(result.with_context(|| format!("stopping {name}"))?);
+        }
+        waiting = still;
+        if !waiting.is_empty() && last.elapsed() >= Duration::from_millis(500) {
+            last = Instant::now();
+            let names: Vec<&str> = waiting.iter().map(|(_, name, _)| *name).collect();
+            print!(
+                "\r  stopping  committing and leaving the group: waiting for {} ({:.1} s)   ",
+                names.join(", "),
+                started.elapsed().as_secs_f64()
+            );
+            let _ = std::io::stdout().flush();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    totals
+        .into_iter()
+        .map(|t| t.context("a stage left no totals"))
+        .collect()
 }
 
 impl Base {
@@ -597,6 +640,7 @@ impl Base {
     }
 }
 
+#[derive(Debug, Clone, Copy)]
 struct Produced {
     total: u64,
     malformed: u64,
@@ -609,11 +653,9 @@ async fn produce_stream(
     raw_id: u32,
     placement: &medallion_runtime::kafka::Placement,
     args: &DemoArgs,
+    sent: &AtomicU64,
 ) -> anyhow::Result<Produced> {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or_default();
+    let now = medallion_runtime::clock::now_ms();
     // Event times over the last hour, so bronze's sanity range accepts them.
     let mut events =
         SampleEvents::every_feed(42, args.orgs, now - 3_600_000 - args.events as i64 * 100);
@@ -660,22 +702,12 @@ async fn produce_stream(
         };
         out.total += 1;
         let partition = placement.partition(RAW_TOPIC, Some(key.as_bytes()));
-        loop {
-            let mut record = FutureRecord::to(RAW_TOPIC).key(&key).payload(&value);
-            if let Some(partition) = partition {
-                record = record.partition(partition);
-            }
-            match producer.send_result(record) {
-                Ok(delivery) => {
-                    pending.push(delivery);
-                    break;
-                }
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-                Err((e, _)) => return Err(e.into()),
-            }
+        let mut record = FutureRecord::to(RAW_TOPIC).key(&key).payload(&value);
+        if let Some(partition) = partition {
+            record = record.partition(partition);
         }
+        pending.push(send_queued(producer, record).await?);
+        sent.fetch_add(1, Relaxed);
         if pending.len() >= 5_000 {
             await_deliveries(&mut pending).await?;
         }

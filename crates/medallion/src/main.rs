@@ -269,7 +269,7 @@ fn instant(text: &str) -> anyhow::Result<i64> {
     let ago = medallion_contracts::topics::parse_duration(text).map_err(|e| {
         anyhow::anyhow!("`{text}` is neither epoch milliseconds nor a duration like 2h: {e}")
     })?;
-    Ok(medallion_runtime::worker::now_ms() - ago.as_millis() as i64)
+    Ok(medallion_runtime::clock::now_ms() - ago.as_millis() as i64)
 }
 
 /// The DLQ of `topic` (or `topic` itself if it is one); a name of topic-config.yaml gets the
@@ -305,7 +305,7 @@ fn ms_text(ms: Option<i64>) -> String {
 }
 
 fn today() -> String {
-    medallion_stages::audit_writer::day_of_ms(medallion_runtime::worker::now_ms())
+    medallion_stages::audit_writer::day_of_ms(medallion_runtime::clock::now_ms())
 }
 
 fn load(home: &std::path::Path, prefix: &str) -> anyhow::Result<(ContractSet, TopicConfig)> {

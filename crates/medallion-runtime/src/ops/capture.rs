@@ -11,11 +11,11 @@ use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use crate::kafka::{KafkaConnection, ReaderContext, Role};
+use crate::kafka::io::{send_queued, watermarks, Stretch, StretchReader};
+use crate::kafka::KafkaConnection;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::{Offset, TopicPartitionList};
 
 const MAGIC: &[u8; 8] = b"MEDCAP01";
 
@@ -76,6 +76,8 @@ pub enum CaptureError {
     Kafka(#[from] rdkafka::error::KafkaError),
     #[error("{0}")]
     Client(#[from] crate::kafka::ClientError),
+    #[error(transparent)]
+    Read(#[from] crate::kafka::io::ReadError),
     #[error("{path}: {message}")]
     File { path: String, message: String },
     #[error("topic {0} does not exist or has no partitions")]
@@ -236,39 +238,16 @@ pub fn read_topic_now(
     topic: &str,
     mut each: impl FnMut(Captured) -> Result<(), CaptureError>,
 ) -> Result<(), CaptureError> {
-    let group = format!("medallion-capture-{}", uuid::Uuid::new_v4());
-    let consumer: BaseConsumer<ReaderContext> = kafka.create_with_context(
-        Role::Reader {
-            group: &group,
-            until_end: true,
-        },
-        "capture reader",
-        ReaderContext,
-    )?;
-    for partition in partitions_of(&consumer, topic)? {
-        let (low, high) = consumer.fetch_watermarks(topic, partition, Duration::from_secs(10))?;
-        if high <= low {
-            continue;
-        }
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(topic, partition, Offset::Beginning)?;
-        consumer.assign(&tpl)?;
-        let deadline = Instant::now() + Duration::from_secs(600);
-        loop {
-            if Instant::now() > deadline {
-                return Err(CaptureError::File {
-                    path: topic.to_string(),
-                    message: format!("partition {partition} not read to its end within 600 s"),
-                });
-            }
-            let Some(message) = consumer.poll(Duration::from_millis(500)) else {
-                continue;
-            };
-            let message = match message {
-                Err(rdkafka::error::KafkaError::PartitionEOF(_)) => break,
-                other => other?,
-            };
-            each(Captured::from_message(partition, &message))?;
+    for partition in watermarks(kafka, topic)?.into_keys() {
+        let mut reader = StretchReader::open(
+            kafka,
+            topic,
+            &[Stretch::whole(partition)],
+            "capture reader",
+            Duration::from_secs(600),
+        )?;
+        while let Some(message) = reader.next_record() {
+            each(Captured::from_message(partition, &message?))?;
         }
     }
     Ok(())
@@ -336,35 +315,20 @@ pub async fn replay(
                 value: v.as_deref(),
             });
         }
-        loop {
-            let mut record: FutureRecord<'_, [u8], [u8]> =
-                FutureRecord::to(topic).headers(headers.clone());
-            if let Some(key) = &r.key {
-                record = record.key(key.as_slice());
-            }
-            if let Some(value) = &r.value {
-                record = record.payload(value.as_slice());
-            }
-            if !options.by_key {
-                record = record.partition(r.partition);
-            }
-            if let (Some(ts), false) = (r.timestamp, options.new_timestamps) {
-                record = record.timestamp(ts);
-            }
-            match producer.send_result(record) {
-                Ok(delivery) => {
-                    pending.push(delivery);
-                    break;
-                }
-                Err((
-                    rdkafka::error::KafkaError::MessageProduction(
-                        rdkafka::types::RDKafkaErrorCode::QueueFull,
-                    ),
-                    _,
-                )) => tokio::time::sleep(Duration::from_millis(2)).await,
-                Err((e, _)) => return Err(e.into()),
-            }
+        let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic).headers(headers);
+        if let Some(key) = &r.key {
+            record = record.key(key.as_slice());
         }
+        if let Some(value) = &r.value {
+            record = record.payload(value.as_slice());
+        }
+        if !options.by_key {
+            record = record.partition(r.partition);
+        }
+        if let (Some(ts), false) = (r.timestamp, options.new_timestamps) {
+            record = record.timestamp(ts);
+        }
+        pending.push(send_queued(&producer, record).await?);
         summary.bytes += r.value.as_ref().map_or(0, Vec::len) as u64;
         if pending.len() >= 10_000 {
             settle(&mut pending, &mut summary).await;

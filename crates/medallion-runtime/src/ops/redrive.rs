@@ -11,9 +11,10 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use crate::kafka::io::{send_queued, Stretch, StretchReader};
 use crate::kafka::{KafkaConnection, ReaderContext, Role};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
-use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 
@@ -230,20 +231,25 @@ pub async fn redrive(
         // first offset a filter left behind.
         let mut handled = std::collections::BTreeSet::new();
         let mut first_left: Option<i64> = None;
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(dlq_topic, partition, start)?;
-        consumer.assign(&tpl)?;
+        let from = match start {
+            Offset::Offset(o) => o,
+            _ => 0,
+        };
+        let mut reader = StretchReader::open(
+            kafka,
+            dlq_topic,
+            &[Stretch {
+                partition,
+                from,
+                until: None,
+            }],
+            "DLQ reader",
+            Duration::from_secs(600),
+        )?;
         let mut next: Option<i64> = None;
         let mut deliveries = Vec::new();
-        loop {
-            let Some(message) = consumer.poll(Duration::from_millis(500)) else {
-                continue;
-            };
-            let message = match message {
-                Err(rdkafka::error::KafkaError::PartitionEOF(_)) => break,
-                other => other?,
-            };
-            use rdkafka::message::Message;
+        while let Some(message) = reader.next_record() {
+            let message = message?;
             let offset = message.offset();
             if already_done(offset) {
                 report.already += 1;
@@ -334,23 +340,11 @@ pub async fn redrive(
                 out = out.partition(p);
             }
             // One record the broker refuses stays in the DLQ; the others go on.
-            let mut out = out;
-            let delivery = loop {
-                match producer.send_result(out) {
-                    Ok(d) => break Some(d),
-                    Err((
-                        rdkafka::error::KafkaError::MessageProduction(
-                            rdkafka::types::RDKafkaErrorCode::QueueFull,
-                        ),
-                        back,
-                    )) => {
-                        out = back;
-                        tokio::time::sleep(Duration::from_millis(10)).await;
-                    }
-                    Err((e, _)) => {
-                        report.fail(&from, e);
-                        break None;
-                    }
+            let delivery = match send_queued(&producer, out).await {
+                Ok(d) => Some(d),
+                Err(e) => {
+                    report.fail(&from, e);
+                    None
                 }
             };
             match delivery {

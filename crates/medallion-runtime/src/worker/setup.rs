@@ -1,6 +1,6 @@
 //! Building a worker: registering schemas, decoders and encoders, the stage itself.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -12,13 +12,23 @@ use medallion_contracts::{ContractSet, TopicConfig};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use super::flights::InFlightLimits;
+use super::ledger::Ledger;
+use super::planner::Planner;
+use super::restore::Restorer;
+use super::source::BatchShape;
+use super::stage::{stage_input_schema, Stage, StageSetup};
+use super::tally::Tally;
+use super::telemetry::Telemetry;
+use super::topology::topology;
+use super::{StageWorker, WorkerError};
 use crate::config::WorkerConfig;
-use crate::dedup::DedupWindow;
+use crate::error::SetupError;
 use crate::http::Health;
+use crate::kafka::Placement;
 use crate::metrics as m;
+use crate::outbound::JsonEncoder;
 use crate::retry::RetryPolicy;
-
-use super::*;
 
 /// Registers `topic`'s schema, waiting out an unreachable registry.
 pub(super) async fn register_with_retry(
@@ -142,32 +152,44 @@ where
         retry: policy.clone(),
     })
     .await?;
+    let topo = Arc::new(topo);
     Ok(StageWorker {
         stage,
+        planner: Planner::new(
+            topo.clone(),
+            registry,
+            decoder,
+            encoder,
+            event_encoder,
+            telemetry,
+        ),
+        restorer: Restorer::new(
+            kafka.clone(),
+            topo.clone(),
+            config.dedup.window_per_partition,
+            policy.clone(),
+        ),
+        tally: Tally::new(
+            topo.group.clone(),
+            topo.input_topic.clone(),
+            topo.output.as_ref().map(|o| o.topic.clone()),
+        ),
         kafka,
         topo,
-        registry,
-        decoder,
-        encoder,
-        event_encoder,
-        telemetry,
-        window_capacity: config.dedup.window_per_partition,
         policy,
         health,
         assigned: Arc::new(Mutex::new(HashSet::new())),
-        positions: Arc::new(Mutex::new(BTreeMap::new())),
         revoked: Arc::new(Mutex::new(Vec::new())),
-        ledger: Arc::new(Mutex::new(super::ledger::Ledger::default())),
-        placement: crate::kafka::Placement::of(&topics),
-        in_flight: BTreeMap::new(),
-        limits: super::InFlightLimits {
+        ledger: Arc::new(Mutex::new(Ledger::default())),
+        placement: Placement::of(&topics),
+        limits: InFlightLimits {
             records: config.batch.max_in_flight_records,
             bytes: config.batch.max_in_flight_bytes,
         },
-        totals: RunTotals::default(),
-        progress: Arc::new(Progress::default()),
-        outputs_at_start: crate::recovery::Snapshot::default(),
-        replayed: DedupWindow::new(config.dedup.window_per_partition.saturating_mul(4)),
-        dead_before: HashSet::new(),
+        shape: BatchShape {
+            max_records: config.batch.max_records,
+            linger: Duration::from_millis(config.batch.linger_ms),
+            idle_after: Duration::from_millis(500),
+        },
     })
 }

@@ -2,8 +2,10 @@
 
 use medallion_contracts::{Contract, ContractSet, TopicConfig};
 
-use super::*;
+use super::WorkerError;
 
+/// The topics and contracts of one consumer group.
+#[derive(Debug)]
 pub(super) struct Topology {
     pub(super) group: String,
     pub(super) input_topic: String,
@@ -13,6 +15,7 @@ pub(super) struct Topology {
 }
 
 /// The output topic of a group that has one.
+#[derive(Debug)]
 pub(super) struct Output {
     pub(super) topic: String,
     pub(super) contract: Contract,
@@ -62,4 +65,46 @@ pub(super) fn topology(
         input,
         output,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use medallion_contracts::{project_root, ContractSet, TopicConfig};
+
+    use super::*;
+
+    fn config() -> (ContractSet, TopicConfig) {
+        let root = project_root();
+        (
+            ContractSet::load(&root.join("schemas")).expect("schemas"),
+            TopicConfig::load(&root.join("topic-config.yaml")).expect("topics"),
+        )
+    }
+
+    #[test]
+    fn a_group_reads_one_topic_and_writes_its_output_and_dlq() {
+        let (contracts, topics) = config();
+        let topo = topology(&contracts, &topics, "silver-processor").expect("topology");
+        assert_eq!(topo.input_topic, "bronze.data.cleaned");
+        assert_eq!(topo.dlq_topic, "bronze.data.cleaned.dlq");
+        let output = topo.output.expect("silver writes");
+        assert_eq!(output.topic, "silver.data.processed");
+        assert_eq!(output.key, "org_id");
+        let sink = topology(&contracts, &topics, "audit-writer").expect("topology");
+        assert!(sink.output.is_none(), "a sink group produces no topic");
+    }
+
+    #[test]
+    fn an_unknown_group_or_a_group_of_two_inputs_is_refused_by_name() {
+        let (contracts, mut topics) = config();
+        let err = topology(&contracts, &topics, "no-such-group").expect_err("unknown");
+        assert!(err.to_string().contains("no-such-group"), "{err}");
+        let spec = topics
+            .consumer_groups
+            .get_mut("gold-processor")
+            .expect("gold");
+        spec.consumes.push("bronze.data.cleaned".into());
+        let err = topology(&contracts, &topics, "gold-processor").expect_err("two inputs");
+        assert!(err.to_string().contains("exactly one topic"), "{err}");
+    }
 }

@@ -1,6 +1,6 @@
 //! bronze-processor (`connector.data.raw` → `bronze.data.cleaned`): validates the envelope
 //! (required fields, UUID `event_id`, event time within a sanity range, `org_id` > 0 and equal
-//! to the record key, payload variant matching `event_type`, the seed's allowed values),
+//! to the record key, payload variant matching `event_type`, each feed's allowed values),
 //! normalizes (trim, canonical case for enums and ids; times are UTC epoch milliseconds), and
 //! hands valid events on. Personal data (schema fields marked `"pii": true`) is encrypted with
 //! the active key before it leaves bronze; the record carries the key id in a header and each
@@ -345,7 +345,7 @@ impl Bronze {
             .and_then(|c| c.as_primitive_opt::<arrow::datatypes::Int64Type>().cloned())
             .ok_or_else(|| StageError::Transform("no org_id column".into()))?;
         let key_id = self.keyring.active_id().to_string();
-        let now = medallion_runtime::worker::now_ms();
+        let now = medallion_runtime::clock::now_ms();
         let mut headers = Vec::new();
         let mut fields = 0u64;
         // One audit record per org of the batch part, listing its sealed events and fields.

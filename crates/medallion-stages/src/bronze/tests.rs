@@ -38,12 +38,7 @@ fn contracts() -> ContractSet {
         .expect("schemas")
 }
 
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or_default()
-}
+use medallion_runtime::clock::now_ms;
 
 struct Fixture {
     raw: Contract,
@@ -306,7 +301,7 @@ async fn valid_events_are_normalized() {
         assert_eq!(o["org_id"], e["org_id"]);
         assert_eq!(o["payload"]["raw_topic"], "connector.data.raw");
         assert_eq!(o["payload"]["raw_partition"], 3);
-        // seed 003's evidence pointers pass through untouched.
+        // The provenance record (activity, items, distribution) passes through untouched.
         let sent = if e["provenance"].is_object() {
             e["provenance"].clone()
         } else {

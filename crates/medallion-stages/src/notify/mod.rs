@@ -402,7 +402,7 @@ impl Notify {
         };
         Ok(self
             .audit
-            .record(&action, medallion_runtime::worker::now_ms()))
+            .record(&action, medallion_runtime::clock::now_ms()))
     }
 
     /// Folds finished deliveries into their alerts; alerts with every channel done resolve.
@@ -574,8 +574,7 @@ impl Stage for Notify {
     ) -> Result<(), StageError> {
         let restored =
             medallion_runtime::changelog::restore(&self.kafka, &self.ledger_topic, partition)
-                .await
-                .map_err(|e| StageError::Transform(e.to_string()))?;
+                .await?;
         let ledger = restored
             .into_iter()
             .filter_map(|(k, v)| Some((String::from_utf8(k).ok()?, Entry::decode(&v)?)))

@@ -7,11 +7,10 @@ use std::time::Duration;
 use arrow::datatypes::SchemaRef;
 use medallion_contracts::json::from_avro_binary;
 use medallion_contracts::wire::parse_frame;
-use medallion_runtime::kafka::{KafkaConnection, Role};
+use medallion_runtime::kafka::io::{ReadError, TopicFollower};
+use medallion_runtime::kafka::KafkaConnection;
 use medallion_runtime::metrics as m;
-use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::Message;
-use rdkafka::{Offset, TopicPartitionList};
 
 use super::{compile, parse, Compiled, Registry, RuleSetError, GROUP, TARGET};
 
@@ -34,6 +33,15 @@ pub async fn offer(
     Ok(())
 }
 
+/// What became of one `config.changes` record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Taken {
+    OtherTarget,
+    NotNewer,
+    Applied,
+    Rejected,
+}
+
 pub struct Reader {
     pub kafka: KafkaConnection,
     pub topic: String,
@@ -54,35 +62,12 @@ impl Reader {
         }
     }
 
-    async fn read(&mut self) -> Result<(), String> {
+    /// Follows `config.changes` from its beginning; returns only when a read fails.
+    async fn read(&mut self) -> Result<(), ReadError> {
         let reader_schema = self.reader_schema.clone();
-        let group = format!("{GROUP}.config.{}", uuid::Uuid::new_v4());
-        let consumer: StreamConsumer = self
-            .kafka
-            .create(
-                Role::Reader {
-                    group: &group,
-                    until_end: false,
-                },
-                "config.changes reader",
-            )
-            .map_err(|e| e.to_string())?;
-        let metadata = consumer
-            .fetch_metadata(Some(&self.topic), Duration::from_secs(10))
-            .map_err(|e| e.to_string())?;
-        let mut tpl = TopicPartitionList::new();
-        for topic in metadata.topics() {
-            for p in topic.partitions() {
-                tpl.add_partition_offset(&self.topic, p.id(), Offset::Beginning)
-                    .map_err(|e| e.to_string())?;
-            }
-        }
-        if tpl.count() == 0 {
-            return Err(format!("topic {} has no partitions", self.topic));
-        }
-        consumer.assign(&tpl).map_err(|e| e.to_string())?;
+        let mut follower = TopicFollower::start(&self.kafka, &self.topic, "config.changes reader")?;
         loop {
-            let message = consumer.recv().await.map_err(|e| e.to_string())?;
+            let message = follower.next().await?;
             let Some(bytes) = message.payload() else {
                 continue;
             };
@@ -93,35 +78,46 @@ impl Reader {
                     continue;
                 }
             };
-            let payload = &change["payload"];
-            if payload["target"].as_str() != Some(TARGET) {
-                continue;
+            self.take(&change).await;
+        }
+    }
+
+    /// Applies one decoded `config.changes` record: one for another target, or not newer
+    /// than the set in force, is passed over; an invalid rule set is rejected (the set in
+    /// force stays).
+    async fn take(&mut self, change: &serde_json::Value) -> Taken {
+        let payload = &change["payload"];
+        if payload["target"].as_str() != Some(TARGET) {
+            return Taken::OtherTarget;
+        }
+        let version = payload["config_version"].as_i64().unwrap_or(-1);
+        if version <= self.applied_version {
+            return Taken::NotNewer;
+        }
+        let document = payload["document"].as_str().unwrap_or_default();
+        let by = payload["changed_by"].as_str().unwrap_or_default();
+        match offer(
+            &self.pending,
+            &self.plan_input,
+            document,
+            version,
+            self.applied_version,
+        )
+        .await
+        {
+            Ok(()) => {
+                self.applied_version = version;
+                metrics::counter!(m::RULE_UPDATES_TOTAL, "stage" => GROUP, "outcome" => "applied")
+                    .increment(1);
+                metrics::gauge!(m::RULES_VERSION, "stage" => GROUP).set(version as f64);
+                tracing::info!(version, changed_by = by, "rule set update accepted");
+                Taken::Applied
             }
-            let version = payload["config_version"].as_i64().unwrap_or(-1);
-            if version <= self.applied_version {
-                continue;
-            }
-            let document = payload["document"].as_str().unwrap_or_default();
-            let by = payload["changed_by"].as_str().unwrap_or_default();
-            match offer(
-                &self.pending,
-                &self.plan_input,
-                document,
-                version,
-                self.applied_version,
-            )
-            .await
-            {
-                Ok(()) => {
-                    self.applied_version = version;
-                    metrics::counter!(m::RULE_UPDATES_TOTAL, "stage" => GROUP, "outcome" => "applied").increment(1);
-                    metrics::gauge!(m::RULES_VERSION, "stage" => GROUP).set(version as f64);
-                    tracing::info!(version, changed_by = by, "rule set update accepted");
-                }
-                Err(e) => {
-                    metrics::counter!(m::RULE_UPDATES_TOTAL, "stage" => GROUP, "outcome" => "rejected").increment(1);
-                    tracing::error!(version, changed_by = by, error = %e, "rule set update rejected; the previous rules stay in force");
-                }
+            Err(e) => {
+                metrics::counter!(m::RULE_UPDATES_TOTAL, "stage" => GROUP, "outcome" => "rejected")
+                    .increment(1);
+                tracing::error!(version, changed_by = by, error = %e, "rule set update rejected; the previous rules stay in force");
+                Taken::Rejected
             }
         }
     }
@@ -130,14 +126,82 @@ impl Reader {
         &self,
         bytes: &[u8],
         reader: &apache_avro::Schema,
-    ) -> Result<serde_json::Value, String> {
-        let (id, body) = parse_frame(bytes).map_err(|e| e.to_string())?;
-        let text = self
-            .registry
-            .schema_by_id(id)
-            .await
-            .map_err(|e| e.to_string())?;
-        let writer = apache_avro::Schema::parse_str(&text).map_err(|e| e.to_string())?;
-        from_avro_binary(body, &writer, reader).map_err(|e| e.to_string())
+    ) -> Result<serde_json::Value, ChangeDecodeError> {
+        let (id, body) = parse_frame(bytes)?;
+        let text = self.registry.schema_by_id(id).await?;
+        let writer = apache_avro::Schema::parse_str(&text)?;
+        Ok(from_avro_binary(body, &writer, reader)?)
+    }
+}
+
+/// Why a record of `config.changes` could not be read (it is skipped, with a warning).
+#[derive(Debug, thiserror::Error)]
+enum ChangeDecodeError {
+    #[error("not a framed Avro record: {0}")]
+    Frame(#[from] medallion_contracts::wire::CodecError),
+    #[error("its writer schema: {0}")]
+    Registry(#[from] medallion_contracts::registry::RegistryError),
+    #[error("its writer schema does not parse: {0}")]
+    Schema(#[from] apache_avro::Error),
+    #[error("its body: {0}")]
+    Body(#[from] medallion_contracts::json::JsonError),
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use serde_json::json;
+
+    use super::*;
+    use crate::plan::with_row_column;
+    use crate::testkit::{contract, input_batch};
+
+    fn reader() -> Reader {
+        let gold = contract("gold/data-ready.avsc");
+        let (_, input_schema) = input_batch(&gold, &[], 0, 0, 0);
+        Reader {
+            kafka: KafkaConnection::plain("127.0.0.1:9").expect("connection"),
+            topic: "config.changes".into(),
+            registry: Arc::new(
+                medallion_contracts::registry::RegistryClient::new(
+                    "http://127.0.0.1:9",
+                    Duration::from_millis(50),
+                )
+                .expect("client"),
+            ),
+            reader_schema: contract("config/changes.avsc").schema,
+            plan_input: with_row_column(&input_schema),
+            pending: Arc::new(Mutex::new(None)),
+            applied_version: 1,
+        }
+    }
+
+    fn change(target: &str, version: i64, document: &str) -> serde_json::Value {
+        json!({"payload": {"target": target, "config_version": version,
+                           "document": document, "changed_by": "ops"}})
+    }
+
+    const GOOD: &str = "rules:\n  - {id: r, description: d, predicate: \"count > 1\", severity: HIGH, observe: count}\n";
+
+    #[tokio::test]
+    async fn only_a_newer_valid_rule_set_for_this_target_is_queued() {
+        let mut reader = reader();
+        assert_eq!(
+            reader.take(&change("bronze", 5, GOOD)).await,
+            Taken::OtherTarget
+        );
+        assert_eq!(reader.take(&change(TARGET, 1, GOOD)).await, Taken::NotNewer);
+        assert_eq!(
+            reader.take(&change(TARGET, 2, "rules: [{id: x}]")).await,
+            Taken::Rejected
+        );
+        assert!(reader.pending.lock().expect("slot").is_none());
+        assert_eq!(reader.applied_version, 1, "a rejected set changes nothing");
+        assert_eq!(reader.take(&change(TARGET, 3, GOOD)).await, Taken::Applied);
+        assert_eq!(reader.applied_version, 3);
+        let queued = reader.pending.lock().expect("slot").take();
+        assert_eq!(queued.map(|c| c.version), Some(3));
+        assert_eq!(reader.take(&change(TARGET, 3, GOOD)).await, Taken::NotNewer);
     }
 }

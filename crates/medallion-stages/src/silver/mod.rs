@@ -6,6 +6,7 @@
 //! `audit.events` record). The merge state lives in the changelog topic declared in
 //! topic-config.yaml and is restored from it when a partition is assigned.
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use arrow::array::{
@@ -76,37 +77,47 @@ pub struct Expectation {
 pub struct SilverConfig {
     /// On equal `updated_at`, an update from this source system wins over the current state.
     pub authoritative_source: String,
-    pub expectations: Vec<Expectation>,
+    /// A YAML file of expectations (`expectations: [...]`) read at start-up; relative paths are
+    /// under the contracts home.
+    pub expectations_file: PathBuf,
+    /// Expectations given inline: when set, they replace the file's.
+    pub expectations: Option<Vec<Expectation>>,
 }
 
 impl Default for SilverConfig {
     fn default() -> Self {
-        let e = |name: &str, expr: &str, action| Expectation {
-            name: name.into(),
-            expr: expr.into(),
-            action,
-        };
         Self {
-            // While cases migrate to the v4 system, v4 is the system of record: it wins ties.
+            // The case system `v4` is the system of record for cases: its updates win ties.
             authoritative_source: "v4".into(),
-            expectations: vec![
-                e(
-                    "case_has_owner",
-                    "entity_type <> 'case' OR trim(payload['case_sync']['owner']) <> ''",
-                    Action::Warn,
-                ),
-                e(
-                    "updated_at_not_before_creation",
-                    "entity_type <> 'case' OR payload['case_sync']['updated_at'] >= payload['case_sync']['created_at']",
-                    Action::Drop,
-                ),
-                e(
-                    "release_has_environment",
-                    "entity_type <> 'release' OR trim(payload['release_sync']['endpoint']['environment']) <> ''",
-                    Action::Warn,
-                ),
-            ],
+            expectations_file: PathBuf::from("rules/expectations.yaml"),
+            expectations: None,
         }
+    }
+}
+
+/// An expectations file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExpectationFile {
+    expectations: Vec<Expectation>,
+}
+
+impl SilverConfig {
+    /// The expectations in force: the inline ones, or those of the file.
+    pub fn load_expectations(&self, home: &Path) -> Result<Vec<Expectation>, SetupError> {
+        if let Some(inline) = &self.expectations {
+            return Ok(inline.clone());
+        }
+        let path = if self.expectations_file.is_absolute() {
+            self.expectations_file.clone()
+        } else {
+            home.join(&self.expectations_file)
+        };
+        let key = format!("stage.expectations_file {}", path.display());
+        let text = std::fs::read_to_string(&path).map_err(|e| SetupError::config(&key, e))?;
+        let file: ExpectationFile =
+            serde_yaml_ng::from_str(&text).map_err(|e| SetupError::config(&key, e))?;
+        Ok(file.expectations)
     }
 }
 
@@ -146,7 +157,8 @@ fn check_sql(conformance: &Conformance, expectation: &Expectation) -> String {
 
 /// The silver stage.
 pub struct Silver {
-    config: SilverConfig,
+    /// The data-quality expectations, in order (`_exp_{i}` is the check of the i-th).
+    expectations: Vec<Expectation>,
     /// Entity, attribute and metric columns from the feed catalog.
     conformance: Conformance,
     plan: BatchPlan,
@@ -185,6 +197,7 @@ impl Silver {
         let plan_input = with_row_column(&setup.input_schema);
         let catalog = feeds::load(&setup)?;
         let conformance = Conformance::new(&catalog);
+        let expectations = config.load_expectations(&setup.home)?;
         if let Err(e) = BatchPlan::new(
             &struct_access(&conform_sql(&conformance)),
             plan_input.clone(),
@@ -194,9 +207,9 @@ impl Silver {
             feeds::find_unplannable(&catalog, &plan_input, "payload", false).await?;
             return Err(SetupError::plan("the feed catalog's conformance", e));
         }
-        for (i, expectation) in config.expectations.iter().enumerate() {
+        for (i, expectation) in expectations.iter().enumerate() {
             let key = format!("stage.expectations[{i}]");
-            let mut names = config.expectations[..i].iter().map(|e| &e.name);
+            let mut names = expectations[..i].iter().map(|e| &e.name);
             if expectation.name.trim().is_empty() || names.any(|n| *n == expectation.name) {
                 return Err(SetupError::config(
                     key,
@@ -229,7 +242,7 @@ impl Silver {
                 ));
             }
         }
-        let plan = BatchPlan::new(&sql(&conformance, &config.expectations), plan_input.clone())
+        let plan = BatchPlan::new(&sql(&conformance, &expectations), plan_input.clone())
             .await
             .map_err(|e| SetupError::plan("the silver transform", e))?;
         let changelog = setup
@@ -243,8 +256,8 @@ impl Silver {
             })?
             .to_string();
         Ok(Self {
-            merge: Merge::new(config.authoritative_source.clone()),
-            config,
+            merge: Merge::new(config.authoritative_source),
+            expectations,
             conformance,
             plan,
             plan_input,
@@ -326,7 +339,7 @@ impl Silver {
             ),
             owner: &lost.winner,
         };
-        self.tenant_audit(audit, medallion_runtime::worker::now_ms())
+        self.tenant_audit(audit, medallion_runtime::clock::now_ms())
     }
 
     fn drift_audit(
@@ -603,9 +616,7 @@ impl Stage for Silver {
         _committed_metadata: Option<String>,
     ) -> Result<(), StageError> {
         let entries =
-            medallion_runtime::changelog::restore(&self.kafka, &self.changelog, partition)
-                .await
-                .map_err(|e| StageError::Transform(e.to_string()))?;
+            medallion_runtime::changelog::restore(&self.kafka, &self.changelog, partition).await?;
         let restored = self.merge.restore(partition, entries);
         tracing::info!(
             partition,
@@ -669,7 +680,7 @@ impl Silver {
         let source_row = column(batch, ROW)?
             .as_primitive::<arrow::datatypes::UInt32Type>()
             .clone();
-        let checks: Vec<arrow::array::BooleanArray> = (0..self.config.expectations.len())
+        let checks: Vec<arrow::array::BooleanArray> = (0..self.expectations.len())
             .map(|i| column(batch, &format!("_exp_{i}")).map(|c| c.as_boolean().clone()))
             .collect::<Result<_, _>>()?;
         let attribute_names = &self.conformance.attributes;
@@ -695,7 +706,7 @@ impl Silver {
         let mut entity_source = Vec::with_capacity(n);
         // Expectation failures, counted per batch (a counter update per row costs more than
         // the check).
-        let mut failed = vec![0u64; self.config.expectations.len()];
+        let mut failed = vec![0u64; self.expectations.len()];
         // One log line per batch, not per event: a replay can carry a lot of drift.
         let mut drift = 0u64;
         let mut first_drift: Option<String> = None;
@@ -715,12 +726,8 @@ impl Silver {
             // Expectations first: they decide whether the event goes on at all.
             let mut warnings = Vec::new();
             let mut dropped = None;
-            for ((e, check), failures) in self
-                .config
-                .expectations
-                .iter()
-                .zip(&checks)
-                .zip(failed.iter_mut())
+            for ((e, check), failures) in
+                self.expectations.iter().zip(&checks).zip(failed.iter_mut())
             {
                 if check.is_null(i) || check.value(i) {
                     continue;
@@ -885,7 +892,7 @@ impl Silver {
         metrics::gauge!(m::STATE_ENTITIES, "stage" => GROUP).set(self.merge.len() as f64);
         // Rows decided before a fail-batch stop are not counted: the batch is read again.
         let decided = n as u64;
-        for (e, failures) in self.config.expectations.iter().zip(&failed) {
+        for (e, failures) in self.expectations.iter().zip(&failed) {
             let labels = |result: &'static str| {
                 [
                     ("stage", GROUP.to_string()),

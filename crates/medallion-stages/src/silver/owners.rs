@@ -1,5 +1,5 @@
-//! Which org owns each entity id: seed 004 says a consumer MUST check that the tenant matches
-//! the target resource if it already exists. The events of two orgs sit on different
+//! Which org owns each entity id: a consumer must check that an event's tenant matches the
+//! entity it targets when that entity already exists. The events of two orgs sit on different
 //! partitions, often on different replicas, so the partition's own merge state cannot tell.
 //!
 //! The owners live in a global table (`silver-processor.entity-owners`, compacted): key
@@ -19,10 +19,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use medallion_runtime::kafka::{KafkaConnection, Role};
-use rdkafka::consumer::{Consumer, StreamConsumer};
+use medallion_runtime::kafka::io::{ReadError, TopicFollower};
+use medallion_runtime::kafka::KafkaConnection;
 use rdkafka::message::Message;
-use rdkafka::{Offset, TopicPartitionList};
 
 /// One org's claim on an entity.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -186,44 +185,14 @@ impl OwnerTable {
         }
     }
 
-    async fn read(&self, kafka: &KafkaConnection) -> Result<(), String> {
-        let group = format!("{}.reader.{}", self.topic, uuid::Uuid::new_v4());
-        let consumer: StreamConsumer = kafka
-            .create(
-                Role::Reader {
-                    group: &group,
-                    until_end: false,
-                },
-                "entity owner reader",
-            )
-            .map_err(|e| e.to_string())?;
-        let metadata = consumer
-            .fetch_metadata(Some(&self.topic), Duration::from_secs(10))
-            .map_err(|e| e.to_string())?;
-        let mut tpl = TopicPartitionList::new();
-        // Per partition, the offset the table must reach before it is ready.
-        let mut remaining: HashMap<i32, i64> = HashMap::new();
-        for topic in metadata.topics() {
-            for p in topic.partitions() {
-                tpl.add_partition_offset(&self.topic, p.id(), Offset::Beginning)
-                    .map_err(|e| e.to_string())?;
-                let (low, high) = consumer
-                    .fetch_watermarks(&self.topic, p.id(), Duration::from_secs(10))
-                    .map_err(|e| e.to_string())?;
-                if high > low {
-                    remaining.insert(p.id(), high);
-                }
-            }
-        }
-        if tpl.count() == 0 {
-            return Err(format!("topic {} has no partitions", self.topic));
-        }
-        consumer.assign(&tpl).map_err(|e| e.to_string())?;
-        if remaining.is_empty() {
+    /// Follows the table's topic from its beginning; returns only when a read fails.
+    async fn read(&self, kafka: &KafkaConnection) -> Result<(), ReadError> {
+        let mut follower = TopicFollower::start(kafka, &self.topic, "entity owner reader")?;
+        if follower.caught_up() {
             self.ready.store(true, Ordering::Release);
         }
         loop {
-            let message = consumer.recv().await.map_err(|e| e.to_string())?;
+            let message = follower.next().await?;
             if let (Some(key), Some(claim)) = (
                 message.key().and_then(|k| std::str::from_utf8(k).ok()),
                 message.payload().and_then(Claim::decode),
@@ -232,13 +201,9 @@ impl OwnerTable {
                     owners.read(key.to_string(), claim);
                 }
             }
-            if let Some(high) = remaining.get(&message.partition()) {
-                if message.offset() + 1 >= *high {
-                    remaining.remove(&message.partition());
-                    if remaining.is_empty() {
-                        self.ready.store(true, Ordering::Release);
-                    }
-                }
+            drop(message);
+            if follower.caught_up() {
+                self.ready.store(true, Ordering::Release);
             }
         }
     }

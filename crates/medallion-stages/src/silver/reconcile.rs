@@ -1,4 +1,4 @@
-//! Seed 004's second drift layer: reconciliation of silver's entity state against an
+//! The second drift check: reconciliation of silver's entity state against an
 //! authoritative snapshot exported from the system of record (`medallion drift check`).
 //!
 //! silver keeps, with each entity's state in its compacted changelog, the SHA-256 of the
@@ -522,7 +522,7 @@ impl Check<'_> {
             .map_err(|e| ReconcileError::Produce(e.to_string()))?;
         let run_id = uuid::Uuid::new_v4().to_string();
         let snapshot = self.snapshot.display().to_string();
-        let now = medallion_runtime::worker::now_ms();
+        let now = medallion_runtime::clock::now_ms();
         for finding in &report.findings {
             let record = encoder.record(&audit_action(report, finding, &snapshot, &run_id), now);
             let mut out = rdkafka::producer::FutureRecord::to(&record.topic).payload(&record.value);

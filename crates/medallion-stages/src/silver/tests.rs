@@ -214,11 +214,11 @@ mod stage {
     #[tokio::test]
     async fn fail_batch_halts_and_a_bad_expression_is_named() {
         let halting = SilverConfig {
-            expectations: vec![Expectation {
+            expectations: Some(vec![Expectation {
                 name: "org_allowed".into(),
                 expr: "org_id <> 13".into(),
                 action: Action::FailBatch,
-            }],
+            }]),
             ..SilverConfig::default()
         };
         let mut stage = silver(halting).await.expect("plans");
@@ -232,16 +232,55 @@ mod stage {
             ("org_id + 1", "boolean"),
         ] {
             let bad = SilverConfig {
-                expectations: vec![Expectation {
+                expectations: Some(vec![Expectation {
                     name: "broken_rule".into(),
                     expr: expr.into(),
                     action: Action::Warn,
-                }],
+                }]),
                 ..SilverConfig::default()
             };
             let err = silver(bad).await.err().expect("rejected").to_string();
             assert!(err.contains("broken_rule") && err.contains(needle), "{err}");
         }
+    }
+
+    #[tokio::test]
+    async fn the_shipped_expectations_file_is_the_default_and_a_bad_file_is_named() {
+        let shipped = SilverConfig::default()
+            .load_expectations(&medallion_contracts::project_root())
+            .expect("rules/expectations.yaml loads");
+        let names: Vec<&str> = shipped.iter().map(|e| e.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "case_has_owner",
+                "updated_at_not_before_creation",
+                "release_has_environment"
+            ]
+        );
+        let dir = std::env::temp_dir().join(format!("silver-exp-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let typo = dir.join("typo.yaml");
+        std::fs::write(
+            &typo,
+            "expectations:\n  - { name: x, expr: 'true', actoin: warn }\n",
+        )
+        .expect("write");
+        for (file, needle) in [
+            (typo.clone(), "actoin"),
+            (dir.join("missing.yaml"), "missing.yaml"),
+        ] {
+            let config = SilverConfig {
+                expectations_file: file,
+                ..SilverConfig::default()
+            };
+            let err = silver(config).await.err().expect("rejected").to_string();
+            assert!(
+                err.contains("stage.expectations_file") && err.contains(needle),
+                "{err}"
+            );
+        }
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// A cleaned event of `event_type` carrying `branch` as `variant`.

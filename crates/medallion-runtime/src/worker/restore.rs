@@ -1,96 +1,75 @@
-//! Partition state rebuilt on assignment (see [`crate::recovery`]).
+//! The restorer: what the worker must know of a newly assigned partition before it plans a
+//! record of it, rebuilt from Kafka (see [`crate::recovery`]): the dedup window of the input
+//! before the committed offset, what a previous owner produced and dead-lettered after its
+//! last commit (not produced again), and the stage's own state ([`Stage::assign`]).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
-use arrow::array::{Array, AsArray};
-use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::Message;
-use rdkafka::{Offset, TopicPartitionList};
 
-use crate::dedup::{event_key, DedupWindow};
-use crate::error::StageError;
+use super::committer::Assigned;
+use super::ledger::Ledger;
+use super::planner::{Outgoing, Planner};
+use super::stage::Stage;
+use super::topology::Topology;
+use super::WorkerError;
+use crate::dedup::DedupWindow;
+use crate::kafka::KafkaConnection;
 use crate::record::Inbound;
-
-use super::*;
-
-/// A newly assigned input partition, as its last owner committed it.
-pub(super) struct Assigned {
-    pub(super) partition: i32,
-    pub(super) offset: Option<i64>,
-    pub(super) snapshot: Option<crate::recovery::Snapshot>,
-    /// The stage's own commit metadata.
-    pub(super) metadata: Option<String>,
-}
+use crate::recovery::{Snapshot, Stretch};
+use crate::retry::RetryPolicy;
 
 /// Records of an input tail, read for the dedup window.
 #[derive(Default)]
-pub(super) struct WindowChunk {
+struct WindowChunk {
     /// (partition, offset, event key) of records that carry their key.
-    pub(super) keyed: Vec<(i32, i64, u128)>,
-    pub(super) undecoded: Vec<Inbound>,
+    keyed: Vec<(i32, i64, u128)>,
+    undecoded: Vec<Inbound>,
 }
 
-impl<S: Stage> StageWorker<S> {
-    /// Tells the stage about partitions it lost and partitions it sees for the first time
-    /// (with the metadata committed with their offsets), after rebuilding what the worker
-    /// knew of them: their dedup windows and what was produced after their last commit.
-    pub(super) async fn sync_partitions(
+pub(super) struct Restorer {
+    kafka: KafkaConnection,
+    topo: Arc<Topology>,
+    window_capacity: usize,
+    policy: RetryPolicy,
+    /// Event keys of outputs a previous owner produced after its last commit, and the input
+    /// records it dead-lettered then: not produced again.
+    replayed: DedupWindow,
+    dead_before: HashSet<(i32, i64)>,
+}
+
+impl Restorer {
+    pub(super) fn new(
+        kafka: KafkaConnection,
+        topo: Arc<Topology>,
+        window_capacity: usize,
+        policy: RetryPolicy,
+    ) -> Self {
+        Self {
+            kafka,
+            topo,
+            window_capacity,
+            policy,
+            replayed: DedupWindow::new(window_capacity.saturating_mul(4)),
+            dead_before: HashSet::new(),
+        }
+    }
+
+    /// Rebuilds what the worker knew of newly `assigned` partitions (their dedup windows, what
+    /// was produced after their last commit), then tells the stage, with the metadata
+    /// committed with each offset, so it restores its own state.
+    pub(super) async fn restore<S: Stage>(
         &mut self,
-        consumer: &Arc<StreamConsumer<WorkerContext>>,
+        assigned: Vec<Assigned>,
+        ledger: &Mutex<Ledger>,
+        planner: &mut Planner,
+        stage: &mut S,
     ) -> Result<(), WorkerError> {
-        self.apply_revocations();
-        // Every partition assigned and not yet set up, not only those in this batch: one
-        // rebuild for a whole assignment. A batch's record of a partition no longer assigned
-        // is not set up (it is dropped before planning).
-        let assigned_now = self.assigned.lock().map(|a| a.clone()).unwrap_or_default();
-        let fresh: Vec<i32> = match self.ledger.lock() {
-            Ok(ledger) => assigned_now
-                .into_iter()
-                .filter(|p| !ledger.contains(*p))
-                .collect::<std::collections::BTreeSet<_>>()
-                .into_iter()
-                .collect(),
-            Err(_) => Vec::new(),
-        };
-        if fresh.is_empty() {
-            return Ok(());
-        }
-        let mut tpl = TopicPartitionList::new();
-        for partition in &fresh {
-            tpl.add_partition(&self.topo.input_topic, *partition);
-        }
-        // A blocking broker call, off the runtime's threads (works on any runtime flavour).
-        let reader = Arc::clone(consumer);
-        let committed = tokio::task::spawn_blocking(move || {
-            reader.committed_offsets(tpl, Duration::from_secs(10))
-        })
-        .await
-        .map_err(|e| WorkerError::Rebuild(format!("reading committed offsets: {e}")))??;
-        let assigned: Vec<Assigned> = fresh
-            .into_iter()
-            .map(|partition| {
-                let elem = committed.find_partition(&self.topo.input_topic, partition);
-                let offset = elem.as_ref().and_then(|e| match e.offset() {
-                    Offset::Offset(o) => Some(o),
-                    _ => None,
-                });
-                let (snapshot, metadata) = elem
-                    .as_ref()
-                    .map(|e| crate::recovery::unwrap(e.metadata()))
-                    .unwrap_or((None, None));
-                Assigned {
-                    partition,
-                    offset,
-                    snapshot,
-                    metadata,
-                }
-            })
-            .collect();
-        self.recover_with_retry(&assigned).await?;
+        self.recover_with_retry(&assigned, ledger, planner).await?;
         for a in assigned {
-            self.stage
+            stage
                 .assign(a.partition, a.metadata)
                 .await
                 .map_err(|source| WorkerError::Restore {
@@ -103,13 +82,15 @@ impl<S: Stage> StageWorker<S> {
 
     /// [`Self::recover`], retried along the retry schedule while the broker or registry is
     /// away; then the worker stops (its replacement starts over).
-    pub(super) async fn recover_with_retry(
+    async fn recover_with_retry(
         &mut self,
         assigned: &[Assigned],
+        ledger: &Mutex<Ledger>,
+        planner: &mut Planner,
     ) -> Result<(), WorkerError> {
         let mut attempt = 1usize;
         loop {
-            match self.recover(assigned).await {
+            match self.recover(assigned, ledger, planner).await {
                 Ok(()) => return Ok(()),
                 Err(e) if attempt < self.policy.max_attempts() => {
                     let wait = self.policy.wait_forever(attempt);
@@ -126,8 +107,13 @@ impl<S: Stage> StageWorker<S> {
     /// `window_per_partition` records before the committed offset (less those that were
     /// dead-lettered: they were never taken), and reads the output and DLQ from the snapshot
     /// committed with it to their end (see [`crate::recovery`]).
-    pub(super) async fn recover(&mut self, assigned: &[Assigned]) -> Result<(), WorkerError> {
-        use crate::recovery::{read_stretches, Stretch};
+    async fn recover(
+        &mut self,
+        assigned: &[Assigned],
+        ledger: &Mutex<Ledger>,
+        planner: &mut Planner,
+    ) -> Result<(), WorkerError> {
+        use crate::recovery::{read_stretches, READ_WITHIN};
         let started = Instant::now();
         let window = i64::try_from(self.window_capacity).unwrap_or(i64::MAX);
         let fresh: HashSet<i32> = assigned.iter().map(|a| a.partition).collect();
@@ -150,7 +136,7 @@ impl<S: Stage> StageWorker<S> {
         let reading = tokio::task::spawn_blocking(move || {
             let mut chunk = WindowChunk::default();
             let mut earliest: Option<i64> = None;
-            let read = read_stretches(&kafka, &input_topic, &tail, |m| {
+            let read = read_stretches(&kafka, &input_topic, &tail, READ_WITHIN, |m| {
                 if let Some(t) = m.timestamp().to_millis() {
                     earliest = Some(earliest.map_or(t, |e| e.min(t)));
                 }
@@ -170,7 +156,7 @@ impl<S: Stage> StageWorker<S> {
         while let Some(chunk) = chunks.recv().await {
             seen.extend(chunk.keyed);
             if decode_error.is_none() {
-                match self.event_keys(&chunk.undecoded).await {
+                match planner.event_keys(&chunk.undecoded).await {
                     Ok(decoded) => seen.extend(decoded),
                     Err(e) => decode_error = Some(e),
                 }
@@ -192,7 +178,7 @@ impl<S: Stage> StageWorker<S> {
             output: self.topo.output.as_ref().map(|o| o.topic.clone()),
             dlq: self.topo.dlq_topic.clone(),
         };
-        let pending: Vec<(i32, Option<i64>, Option<crate::recovery::Snapshot>)> = assigned
+        let pending: Vec<(i32, Option<i64>, Option<Snapshot>)> = assigned
             .iter()
             .map(|a| (a.partition, a.offset, a.snapshot.clone()))
             .collect();
@@ -202,7 +188,7 @@ impl<S: Stage> StageWorker<S> {
             // widen the scan (an idle partition would otherwise send every rebuild to the
             // fallback of the last `window` records).
             let input = crate::recovery::watermarks(&kafka, &topics.input)?;
-            let snapshots: Vec<Option<crate::recovery::Snapshot>> = pending
+            let snapshots: Vec<Option<Snapshot>> = pending
                 .into_iter()
                 .filter(|(p, offset, snapshot)| {
                     snapshot.is_some()
@@ -242,7 +228,7 @@ impl<S: Stage> StageWorker<S> {
             }
         }
         let remembered: usize = windows.values().map(DedupWindow::len).sum();
-        if let Ok(mut ledger) = self.ledger.lock() {
+        if let Ok(mut ledger) = ledger.lock() {
             for (partition, window) in windows {
                 ledger.assign(partition, window);
             }
@@ -271,34 +257,6 @@ impl<S: Stage> StageWorker<S> {
         Ok(())
     }
 
-    /// (partition, offset, event key) of `messages`, decoded with the input contract.
-    pub(super) async fn event_keys(
-        &mut self,
-        messages: &[Inbound],
-    ) -> Result<Vec<(i32, i64, u128)>, StageError> {
-        if messages.is_empty() {
-            return Ok(Vec::new());
-        }
-        let decoded = self.decode(messages).await?;
-        let Some(ids) = decoded
-            .batch
-            .column_by_name("event_id")
-            .and_then(|c| c.as_string_opt::<i32>())
-        else {
-            return Ok(Vec::new());
-        };
-        Ok(decoded
-            .rows
-            .iter()
-            .enumerate()
-            .filter(|(row, _)| !ids.is_null(*row))
-            .map(|(row, &index)| {
-                let m = &messages[index];
-                (m.partition(), m.offset(), event_key(ids.value(row)))
-            })
-            .collect())
-    }
-
     /// Drops the output records a previous owner already produced and the dead letters it
     /// already wrote; returns how many.
     pub(super) fn drop_replayed(&mut self, outgoing: &mut Vec<Outgoing>) -> u64 {
@@ -319,7 +277,7 @@ impl<S: Stage> StageWorker<S> {
     }
 
     /// The output and DLQ as they are now: the last offset of each partition.
-    pub(super) async fn outputs_now(&self) -> Result<crate::recovery::Snapshot, WorkerError> {
+    pub(super) async fn outputs_now(&self) -> Result<Snapshot, WorkerError> {
         let kafka = self.kafka.clone();
         let dlq = self.topo.dlq_topic.clone();
         let output = self.topo.output.as_ref().map(|o| o.topic.clone());
@@ -330,7 +288,7 @@ impl<S: Stage> StageWorker<S> {
                 .collect()
         };
         let snapshot = tokio::task::spawn_blocking(move || {
-            Ok::<_, crate::recovery::RecoveryError>(crate::recovery::Snapshot {
+            Ok::<_, crate::recovery::RecoveryError>(Snapshot {
                 output: match output {
                     Some(topic) => last(crate::recovery::watermarks(&kafka, &topic)?),
                     None => BTreeMap::new(),
@@ -341,5 +299,74 @@ impl<S: Stage> StageWorker<S> {
         .await
         .map_err(|e| WorkerError::Rebuild(format!("recovery reader: {e}")))??;
         Ok(snapshot)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use medallion_contracts::{project_root, ContractSet, TopicConfig};
+
+    use super::*;
+    use crate::worker::topology::topology;
+
+    fn restorer() -> Restorer {
+        let root = project_root();
+        let contracts = ContractSet::load(&root.join("schemas")).expect("schemas");
+        let topics = TopicConfig::load(&root.join("topic-config.yaml")).expect("topics");
+        let topo = topology(&contracts, &topics, "bronze-processor").expect("topology");
+        Restorer::new(
+            KafkaConnection::plain("127.0.0.1:9").expect("connection"),
+            Arc::new(topo),
+            16,
+            RetryPolicy::default(),
+        )
+    }
+
+    fn outgoing(topic: &str, event_key: Option<u128>, dead_origin: Option<(i32, i64)>) -> Outgoing {
+        Outgoing {
+            topic: topic.into(),
+            partition: None,
+            key: None,
+            value: bytes::Bytes::new(),
+            headers: None,
+            source: None,
+            event_key,
+            dead_origin,
+        }
+    }
+
+    #[test]
+    fn what_a_previous_owner_produced_after_its_commit_is_not_produced_again() {
+        let mut restorer = restorer();
+        let output = restorer.topo.output.as_ref().expect("output").topic.clone();
+        let dlq = restorer.topo.dlq_topic.clone();
+        restorer.replayed.insert(7);
+        restorer.dead_before.insert((2, 40));
+        let mut batch = vec![
+            outgoing(&output, Some(7), None),
+            outgoing(&output, Some(8), None),
+            // The same key on another topic (an audit record) is not an output.
+            outgoing("audit.events", Some(7), None),
+            outgoing(&dlq, None, Some((2, 40))),
+            outgoing(&dlq, None, Some((2, 41))),
+        ];
+        assert_eq!(restorer.drop_replayed(&mut batch), 2);
+        type Left<'a> = (&'a str, Option<u128>, Option<(i32, i64)>);
+        let left: Vec<Left<'_>> = batch
+            .iter()
+            .map(|o| (o.topic.as_str(), o.event_key, o.dead_origin))
+            .collect();
+        assert_eq!(
+            left,
+            [
+                (output.as_str(), Some(8), None),
+                ("audit.events", Some(7), None),
+                (dlq.as_str(), None, Some((2, 41))),
+            ]
+        );
+        // A dead letter is skipped once: the same record failing again later is written.
+        let mut again = vec![outgoing(&dlq, None, Some((2, 40)))];
+        assert_eq!(restorer.drop_replayed(&mut again), 0);
+        assert_eq!(again.len(), 1);
     }
 }

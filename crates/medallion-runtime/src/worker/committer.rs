@@ -1,0 +1,420 @@
+//! The committer: every point where input offsets are stored or committed, in one place.
+//!
+//! An offset is stored only when it is on its partition's ack frontier ([`Ledger::frontier`]),
+//! with the snapshot of the outputs in its metadata ([`crate::recovery`]). Stored offsets are
+//! committed:
+//! 1. on a timer: librdkafka commits what is stored every second (`auto.commit.interval.ms`,
+//!    set by [`crate::kafka::Role::StageConsumer`]);
+//! 2. at revocation ([`WorkerContext::pre_rebalance`]): after the revoked partitions' flights
+//!    landed, their frontier is stored and committed before they go;
+//! 3. at shutdown ([`Committer::close`]): after every flight landed, then the group is left;
+//! 4. on the error path ([`Committer::commit_stored`]): what earlier batches delivered is
+//!    committed before the worker stops; nothing of the failed batch is.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+
+use super::ledger::Ledger;
+use super::telemetry::Lag;
+use super::WorkerError;
+use crate::http::Health;
+use crate::kafka::Flights;
+
+/// Offsets (with metadata) stored for commit, by partition: what a commit sends.
+pub(super) type Positions = Arc<Mutex<BTreeMap<i32, (i64, Option<String>)>>>;
+
+/// Stores, for each of `partitions`, its frontier (see [`Ledger::frontier`]) with the
+/// snapshot of the outputs in its metadata, where it moved since the last store.
+fn store_frontiers<C: ConsumerContext, K: Consumer<C>>(
+    consumer: &K,
+    topic: &str,
+    ledger: &Ledger,
+    positions: &Positions,
+    partitions: impl Iterator<Item = i32>,
+) {
+    for partition in partitions {
+        let Some(frontier) = ledger.frontier(partition) else {
+            continue;
+        };
+        let offset = frontier.commit.offset;
+        let metadata = Some(crate::recovery::wrap(
+            &frontier.outputs,
+            frontier.commit.metadata.as_deref(),
+        ));
+        let unchanged = positions
+            .lock()
+            .map(|p| p.get(&partition) == Some(&(offset, metadata.clone())))
+            .unwrap_or(false);
+        if unchanged {
+            continue;
+        }
+        let mut tpl = TopicPartitionList::new();
+        let stored = tpl
+            .add_partition_offset(topic, partition, Offset::Offset(offset))
+            .and_then(|()| {
+                if let (Some(metadata), Some(mut elem)) =
+                    (metadata.as_ref(), tpl.find_partition(topic, partition))
+                {
+                    elem.set_metadata(metadata);
+                }
+                consumer.store_offsets(&tpl)
+            });
+        match stored {
+            Ok(()) => {
+                if let Ok(mut positions) = positions.lock() {
+                    positions.insert(partition, (offset, metadata));
+                }
+            }
+            // The partition moved to another replica meanwhile: it will redeliver.
+            Err(e) => tracing::warn!(partition, offset, error = %e, "offset not stored"),
+        }
+    }
+}
+
+/// Commits `positions` of `partitions` (all when `None`) with their metadata. librdkafka's
+/// commit of the "current state" drops stored metadata, so commits name their offsets.
+fn commit_positions<C: ConsumerContext, K: Consumer<C>>(
+    consumer: &K,
+    topic: &str,
+    positions: &Positions,
+    partitions: Option<&[i32]>,
+) -> Result<(), KafkaError> {
+    let mut tpl = TopicPartitionList::new();
+    if let Ok(positions) = positions.lock() {
+        for (partition, (offset, metadata)) in positions.iter() {
+            if partitions.is_some_and(|only| !only.contains(partition)) {
+                continue;
+            }
+            let mut elem = tpl.add_partition(topic, *partition);
+            elem.set_offset(Offset::Offset(*offset))?;
+            if let Some(metadata) = metadata {
+                elem.set_metadata(metadata);
+            }
+        }
+    }
+    if tpl.count() == 0 {
+        return Ok(());
+    }
+    consumer.commit(&tpl, CommitMode::Sync)
+}
+
+/// Rebalance hooks: before partitions go, wait for their flights, commit their frontier and
+/// drop their ledger; track the assignment for `/readyz`.
+pub(super) struct WorkerContext {
+    pub(super) health: Arc<Health>,
+    pub(super) assigned: Arc<Mutex<HashSet<i32>>>,
+    pub(super) topic: String,
+    pub(super) positions: Positions,
+    pub(super) ledger: Arc<Mutex<Ledger>>,
+    pub(super) flights: Arc<Flights>,
+    /// How long a revocation waits for the flights of its partitions.
+    pub(super) drain_timeout: Duration,
+    /// Partitions revoked since the last batch, for the stage to drop their state.
+    pub(super) revoked: Arc<Mutex<Vec<i32>>>,
+}
+
+impl WorkerContext {
+    /// Waits for the flights of `gone` to land (up to the drain timeout), then stores and
+    /// commits their frontier. A flight that does not land in time, or lands with records
+    /// refused, keeps the frontier before it: the next owner reads those records again.
+    fn drain(&self, consumer: &BaseConsumer<Self>, gone: &[i32]) {
+        let waiting: Vec<_> = match self.ledger.lock() {
+            Ok(ledger) => {
+                let mut w: Vec<_> = gone.iter().flat_map(|p| ledger.waiting_on(*p)).collect();
+                w.sort_unstable();
+                w.dedup();
+                w
+            }
+            Err(_) => return,
+        };
+        if !waiting.is_empty() && !self.flights.wait_blocking(&waiting, self.drain_timeout) {
+            tracing::warn!(
+                flights = waiting.len(),
+                "revoked partitions' records not all acknowledged in time; committing before them"
+            );
+        }
+        if let Ok(mut ledger) = self.ledger.lock() {
+            for flight in waiting {
+                if self.flights.all_landed(&[flight]) && !self.flights.failed(flight) {
+                    ledger.landed(flight);
+                }
+            }
+            store_frontiers(
+                consumer,
+                &self.topic,
+                &ledger,
+                &self.positions,
+                gone.iter().copied(),
+            );
+            for p in gone {
+                ledger.revoke(*p);
+            }
+        }
+        if let Err(e) = commit_positions(consumer, &self.topic, &self.positions, Some(gone)) {
+            tracing::debug!(error = %e, "commit before revoke");
+        }
+    }
+}
+
+impl ClientContext for WorkerContext {}
+
+impl ConsumerContext for WorkerContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(partitions) = rebalance {
+            let gone: Vec<i32> = partitions
+                .elements_for_topic(&self.topic)
+                .iter()
+                .map(|e| e.partition())
+                .collect();
+            self.drain(consumer, &gone);
+            if let Ok(mut positions) = self.positions.lock() {
+                positions.retain(|p, _| !gone.contains(p));
+            }
+            if let Ok(mut assigned) = self.assigned.lock() {
+                for p in &gone {
+                    assigned.remove(p);
+                }
+            }
+            if let Ok(mut revoked) = self.revoked.lock() {
+                revoked.extend(gone);
+            }
+        }
+    }
+
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, _rebalance: &Rebalance<'_>) {
+        let current: HashSet<i32> = consumer
+            .assignment()
+            .map(|tpl| tpl.elements().iter().map(|e| e.partition()).collect())
+            .unwrap_or_default();
+        self.health.set_assigned(!current.is_empty());
+        tracing::info!(partitions = ?current, "assignment changed");
+        if let Ok(mut assigned) = self.assigned.lock() {
+            *assigned = current;
+        }
+    }
+}
+
+/// A newly assigned input partition, as its last owner committed it.
+#[derive(Debug)]
+pub(super) struct Assigned {
+    pub(super) partition: i32,
+    pub(super) offset: Option<i64>,
+    /// Where the outputs stood when that offset was stored.
+    pub(super) snapshot: Option<crate::recovery::Snapshot>,
+    /// The stage's own commit metadata.
+    pub(super) metadata: Option<String>,
+}
+
+/// The worker's consumer, seen as the place offsets are stored and committed.
+pub(super) struct Committer {
+    consumer: Arc<StreamConsumer<WorkerContext>>,
+    topic: String,
+    positions: Positions,
+}
+
+impl Committer {
+    pub(super) fn new(
+        consumer: Arc<StreamConsumer<WorkerContext>>,
+        topic: String,
+        positions: Positions,
+    ) -> Self {
+        Self {
+            consumer,
+            topic,
+            positions,
+        }
+    }
+
+    pub(super) fn consumer(&self) -> &Arc<StreamConsumer<WorkerContext>> {
+        &self.consumer
+    }
+
+    /// What was committed for each of `partitions`, read from the broker.
+    pub(super) async fn committed(&self, partitions: &[i32]) -> Result<Vec<Assigned>, WorkerError> {
+        let mut tpl = TopicPartitionList::new();
+        for partition in partitions {
+            tpl.add_partition(&self.topic, *partition);
+        }
+        // A blocking broker call, off the runtime's threads (works on any runtime flavour).
+        let reader = Arc::clone(&self.consumer);
+        let committed = tokio::task::spawn_blocking(move || {
+            reader.committed_offsets(tpl, Duration::from_secs(10))
+        })
+        .await
+        .map_err(|e| WorkerError::Rebuild(format!("reading committed offsets: {e}")))??;
+        Ok(partitions
+            .iter()
+            .map(|&partition| {
+                let elem = committed.find_partition(&self.topic, partition);
+                let offset = elem.as_ref().and_then(|e| match e.offset() {
+                    Offset::Offset(o) => Some(o),
+                    _ => None,
+                });
+                let (snapshot, metadata) = elem
+                    .as_ref()
+                    .map(|e| crate::recovery::unwrap(e.metadata()))
+                    .unwrap_or((None, None));
+                Assigned {
+                    partition,
+                    offset,
+                    snapshot,
+                    metadata,
+                }
+            })
+            .collect())
+    }
+
+    /// Stores the frontier of each of `partitions` that moved; the timer commits it.
+    pub(super) fn store(&self, ledger: &Ledger, partitions: impl Iterator<Item = i32>) {
+        store_frontiers(
+            self.consumer.as_ref(),
+            &self.topic,
+            ledger,
+            &self.positions,
+            partitions,
+        );
+    }
+
+    /// Commits every stored offset now (the error path: what landed before the failure).
+    pub(super) fn commit_stored(&self) {
+        if let Err(e) = commit_positions(self.consumer.as_ref(), &self.topic, &self.positions, None)
+        {
+            if !matches!(e, KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) {
+                tracing::warn!(error = %e, "commit failed");
+            }
+        }
+    }
+
+    /// Shutdown, once every flight landed: commits what is stored, publishes the final lag (so
+    /// a scrape after the drain sees where the group stopped) and leaves the group.
+    pub(super) fn close(self, lag: &Lag) {
+        self.commit_stored();
+        let committed: BTreeMap<i32, i64> = self
+            .positions
+            .lock()
+            .map(|p| {
+                p.iter()
+                    .map(|(partition, (offset, _))| (*partition, *offset))
+                    .collect()
+            })
+            .unwrap_or_default();
+        lag.publish_final(&committed);
+        self.consumer.unsubscribe();
+        self.consumer.context().health.set_assigned(false);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use rdkafka::mocking::MockCluster;
+
+    use super::*;
+    use crate::dedup::DedupWindow;
+    use crate::kafka::{BatchProducer, KafkaConnection, Role};
+    use crate::recovery::Snapshot;
+    use crate::worker::ledger::Commit;
+
+    /// A committer over a consumer of `topic` (2 partitions on a mock cluster), partitions
+    /// assigned by hand.
+    fn committer(
+        cluster: &MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+        ledger: Arc<Mutex<Ledger>>,
+    ) -> Committer {
+        let kafka = KafkaConnection::plain(&cluster.bootstrap_servers()).expect("connection");
+        let producer = BatchProducer::new(&kafka.config(Role::Producer {
+            message_timeout_ms: 5_000,
+        }))
+        .expect("producer");
+        let positions = Positions::default();
+        let consumer: StreamConsumer<WorkerContext> = kafka
+            .create_with_context(
+                Role::StageConsumer {
+                    group: "committer-test",
+                    session_timeout_ms: 6_000,
+                },
+                "consumer",
+                WorkerContext {
+                    health: Arc::new(Health::default()),
+                    assigned: Arc::default(),
+                    topic: "in".into(),
+                    positions: positions.clone(),
+                    ledger,
+                    flights: producer.flights(),
+                    drain_timeout: Duration::from_secs(1),
+                    revoked: Arc::default(),
+                },
+            )
+            .expect("consumer");
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition("in", 0);
+        tpl.add_partition("in", 1);
+        consumer.assign(&tpl).expect("assigned");
+        Committer::new(Arc::new(consumer), "in".into(), positions)
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn only_a_landed_frontier_is_committed_with_the_outputs_snapshot_and_the_stages_metadata()
+    {
+        let cluster = MockCluster::new(1).expect("mock cluster");
+        cluster.create_topic("in", 2, 1).expect("topic");
+        let ledger = Arc::new(Mutex::new(Ledger::default()));
+        let committer = committer(&cluster, ledger.clone());
+        let outputs = Arc::new(Snapshot {
+            output: BTreeMap::from([(0, 41)]),
+            dlq: BTreeMap::from([(3, 7)]),
+        });
+        {
+            let mut l = ledger.lock().expect("ledger");
+            for p in [0, 1] {
+                l.assign(p, DedupWindow::new(8));
+            }
+            l.consumed(0, 9);
+            l.consumed(1, 4);
+            let commit = |offset, metadata: Option<&str>| Commit {
+                offset,
+                metadata: metadata.map(str::to_string),
+            };
+            l.launched(1, 0, commit(10, Some("stage-state")), outputs.clone());
+            l.launched(2, 1, commit(5, None), outputs.clone());
+            // Flight 1 landed, flight 2 did not: only partition 0 may be committed.
+            let moved = l.landed(1);
+            committer.store(&l, moved.into_iter());
+        }
+        committer.commit_stored();
+        let committed = committer
+            .committed(&[0, 1])
+            .await
+            .expect("committed offsets");
+        let p0 = &committed[0];
+        assert_eq!((p0.partition, p0.offset), (0, Some(10)));
+        assert_eq!(p0.metadata.as_deref(), Some("stage-state"));
+        assert_eq!(p0.snapshot.as_ref(), Some(outputs.as_ref()));
+        let p1 = &committed[1];
+        assert_eq!(
+            (p1.partition, p1.offset),
+            (1, None),
+            "flight 2 is still out"
+        );
+
+        // Once it lands, partition 1 follows; storing twice changes nothing.
+        {
+            let mut l = ledger.lock().expect("ledger");
+            let moved = l.landed(2);
+            committer.store(&l, moved.clone().into_iter());
+            committer.store(&l, moved.into_iter());
+        }
+        committer.commit_stored();
+        let committed = committer.committed(&[1]).await.expect("committed offsets");
+        assert_eq!(committed[0].offset, Some(5));
+        assert_eq!(committed[0].metadata, None);
+    }
+}

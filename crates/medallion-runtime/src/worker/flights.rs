@@ -1,0 +1,245 @@
+//! The flight tracker: launches each batch's records as one flight without waiting, takes the
+//! flights that landed, sends again what the broker refused, and keeps the partition
+//! [`Ledger`] told, so the committer knows each partition's ack frontier. In-flight work is
+//! bounded by `batch.max_in_flight_records` and `batch.max_in_flight_bytes`.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::ledger::{Commit, Ledger};
+use super::planner::Outgoing;
+use crate::error::RecordFailure;
+use crate::kafka::{BatchProducer, FlightId};
+use crate::metrics as m;
+use crate::recovery::Snapshot;
+use crate::retry::RetryPolicy;
+
+/// Bounds on work in flight: beyond either, the worker waits for a landing before it polls.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct InFlightLimits {
+    pub(super) records: usize,
+    pub(super) bytes: usize,
+}
+
+/// What a landed flight adds to the totals and metrics.
+#[derive(Debug, Default)]
+pub(super) struct Booking {
+    pub(super) consumed: u64,
+    pub(super) duplicates: u64,
+    pub(super) dead: Vec<RecordFailure>,
+    /// Event timestamps (ms) of produced outputs, for the latency histogram.
+    pub(super) event_times: Vec<i64>,
+}
+
+/// A launched flight: its records (kept to send again what the broker refused) and what to
+/// count once it lands.
+pub(super) struct Flight {
+    pub(super) outgoing: Vec<Outgoing>,
+    /// The indexes of `outgoing` this flight carries (all, or those sent again).
+    indexes: Vec<usize>,
+    bytes: usize,
+    pub(super) booking: Booking,
+    /// How many times its records were sent again.
+    retries: usize,
+}
+
+/// Flights that landed in one call: the partitions whose frontier may have moved, and the
+/// flights to book.
+#[derive(Default)]
+pub(super) struct Landing {
+    pub(super) moved: Vec<i32>,
+    pub(super) flights: Vec<Flight>,
+}
+
+/// Why the worker takes no input now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Blocked {
+    /// Work in flight is at a limit.
+    Full,
+    /// The broker refused records, which are being sent again.
+    Resending,
+}
+
+pub(super) struct FlightTracker {
+    producer: BatchProducer,
+    ledger: Arc<Mutex<Ledger>>,
+    in_flight: BTreeMap<FlightId, Flight>,
+    limits: InFlightLimits,
+    policy: RetryPolicy,
+    group: String,
+    output_topic: Option<String>,
+    dlq_topic: String,
+    /// Where the outputs stood when the worker started (for partitions this producer has not
+    /// produced to since).
+    outputs_at_start: Snapshot,
+}
+
+impl FlightTracker {
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn new(
+        producer: BatchProducer,
+        ledger: Arc<Mutex<Ledger>>,
+        limits: InFlightLimits,
+        policy: RetryPolicy,
+        group: String,
+        output_topic: Option<String>,
+        dlq_topic: String,
+        outputs_at_start: Snapshot,
+    ) -> Self {
+        Self {
+            producer,
+            ledger,
+            in_flight: BTreeMap::new(),
+            limits,
+            policy,
+            group,
+            output_topic,
+            dlq_topic,
+            outputs_at_start,
+        }
+    }
+
+    /// Launches `outgoing` as one flight; once it lands, each of `commits` may be committed.
+    pub(super) async fn launch(
+        &mut self,
+        outgoing: Vec<Outgoing>,
+        commits: Vec<(i32, Commit)>,
+        booking: Booking,
+    ) -> FlightId {
+        let outputs_before = Arc::new(self.outputs_acked());
+        let indexes: Vec<usize> = (0..outgoing.len()).collect();
+        let flight = self
+            .producer
+            .launch(&indexes, |i| outgoing[i].record())
+            .await;
+        if let Ok(mut ledger) = self.ledger.lock() {
+            for (partition, commit) in commits {
+                ledger.launched(flight, partition, commit, outputs_before.clone());
+            }
+        }
+        let bytes = outgoing.iter().map(|o| o.value.len()).sum();
+        self.in_flight.insert(
+            flight,
+            Flight {
+                outgoing,
+                indexes,
+                bytes,
+                booking,
+                retries: 0,
+            },
+        );
+        flight
+    }
+
+    /// Takes every flight that landed and advances the ledger over it. A flight with records
+    /// the broker refused is not landed: its refused records go again, with backoff (the
+    /// broker is unavailable; no new input is taken meanwhile), and the ledger waits on the
+    /// new flight instead.
+    pub(super) async fn land(&mut self) -> Landing {
+        let mut landing = Landing::default();
+        for l in self.producer.take_landed() {
+            let Some(mut flight) = self.in_flight.remove(&l.flight) else {
+                continue;
+            };
+            if l.failures.indexes.is_empty() {
+                if let Ok(mut ledger) = self.ledger.lock() {
+                    landing.moved.extend(ledger.landed(l.flight));
+                }
+                landing.flights.push(flight);
+                continue;
+            }
+            flight.retries += 1;
+            metrics::counter!(m::RETRIES_TOTAL, "stage" => self.group.clone(), "reason" => "broker_unavailable").increment(1);
+            let wait = self.policy.wait_forever(flight.retries);
+            tracing::warn!(
+                error = ?l.failures.first_error,
+                records = l.failures.indexes.len(),
+                ?wait,
+                "delivery failed; the broker is unavailable: pausing consumption and sending them again"
+            );
+            tokio::time::sleep(wait).await;
+            flight.indexes = l.failures.indexes;
+            let retry = self
+                .producer
+                .launch(&flight.indexes, |i| flight.outgoing[i].record())
+                .await;
+            if let Ok(mut ledger) = self.ledger.lock() {
+                ledger.relaunched(l.flight, retry);
+            }
+            self.in_flight.insert(retry, flight);
+        }
+        landing.moved.sort_unstable();
+        landing.moved.dedup();
+        landing
+    }
+
+    /// Waits (up to `timeout`) for every flight to land; returns what landed meanwhile.
+    pub(super) async fn drain(&mut self, timeout: Duration) -> Landing {
+        let deadline = Instant::now() + timeout;
+        let mut all = Landing::default();
+        loop {
+            let landing = self.land().await;
+            all.moved.extend(landing.moved);
+            all.flights.extend(landing.flights);
+            if self.in_flight.is_empty() {
+                break;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                tracing::warn!(
+                    flights = self.in_flight.len(),
+                    "records still unacknowledged; committing before them"
+                );
+                break;
+            }
+            let _ = tokio::time::timeout(left, self.producer.landing()).await;
+        }
+        all.moved.sort_unstable();
+        all.moved.dedup();
+        all
+    }
+
+    /// Whether the worker must wait for landings before it takes more input, and why.
+    pub(super) fn blocked(&self) -> Option<Blocked> {
+        if self.in_flight.values().any(|f| f.retries > 0) {
+            return Some(Blocked::Resending);
+        }
+        let records: usize = self.in_flight.values().map(|f| f.indexes.len()).sum();
+        let bytes: usize = self.in_flight.values().map(|f| f.bytes).sum();
+        (records >= self.limits.records || bytes >= self.limits.bytes).then_some(Blocked::Full)
+    }
+
+    /// Whether any flight is out.
+    pub(super) fn busy(&self) -> bool {
+        !self.in_flight.is_empty()
+    }
+
+    /// Resolves when a landed flight is there to take.
+    pub(super) async fn landing(&self) {
+        self.producer.landing().await;
+    }
+
+    /// Where the outputs stand by this producer's acknowledgements (from where they stood at
+    /// start for partitions it has not produced to).
+    fn outputs_acked(&self) -> Snapshot {
+        let merge = |start: &BTreeMap<i32, i64>, acked: BTreeMap<i32, i64>| {
+            let mut out = start.clone();
+            for (p, o) in acked {
+                let at = out.entry(p).or_insert(o);
+                *at = (*at).max(o);
+            }
+            out
+        };
+        Snapshot {
+            output: match &self.output_topic {
+                Some(topic) => merge(&self.outputs_at_start.output, self.producer.acked(topic)),
+                None => BTreeMap::new(),
+            },
+            dlq: merge(
+                &self.outputs_at_start.dlq,
+                self.producer.acked(&self.dlq_topic),
+            ),
+        }
+    }
+}

@@ -1,0 +1,126 @@
+//! The batch source: polls the input topic and assembles batches of up to `batch.max_records`
+//! records, closed `batch.linger_ms` after their first record. Consumer errors (a failed fetch,
+//! a topic not there yet, a broker away) are counted and survived with backoff; librdkafka
+//! reconnects and refetches by itself.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::FutureExt;
+use rdkafka::consumer::StreamConsumer;
+use rdkafka::error::KafkaError;
+
+use super::committer::WorkerContext;
+use crate::metrics as m;
+use crate::record::Inbound;
+use crate::retry::RetryPolicy;
+
+/// What a poll yielded.
+#[derive(Debug)]
+pub(super) enum Polled {
+    Batch(Vec<Inbound>),
+    /// No record arrived within the idle interval.
+    Idle,
+}
+
+/// How batches are cut.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct BatchShape {
+    pub(super) max_records: usize,
+    pub(super) linger: Duration,
+    /// Without a record for this long, a poll reports [`Polled::Idle`].
+    pub(super) idle_after: Duration,
+}
+
+pub(super) struct BatchSource {
+    consumer: Arc<StreamConsumer<WorkerContext>>,
+    shape: BatchShape,
+    policy: RetryPolicy,
+    group: String,
+    /// The batch being assembled and when it closes: held here, so [`Self::next`] can be
+    /// cancelled without losing a record it took.
+    pending: Vec<Inbound>,
+    deadline: Option<Instant>,
+    errors_in_a_row: usize,
+}
+
+impl BatchSource {
+    pub(super) fn new(
+        consumer: Arc<StreamConsumer<WorkerContext>>,
+        shape: BatchShape,
+        policy: RetryPolicy,
+        group: String,
+    ) -> Self {
+        Self {
+            consumer,
+            shape,
+            policy,
+            group,
+            pending: Vec::new(),
+            deadline: None,
+            errors_in_a_row: 0,
+        }
+    }
+
+    /// The next batch, or [`Polled::Idle`]. Cancel-safe: a record taken before a cancellation
+    /// stays in the batch being assembled and comes with the next call.
+    pub(super) async fn next(&mut self) -> Polled {
+        while self.pending.is_empty() {
+            match tokio::time::timeout(self.shape.idle_after, self.consumer.recv()).await {
+                Err(_) => return Polled::Idle,
+                Ok(Err(e)) => self.error(&e).await,
+                Ok(Ok(message)) => {
+                    self.errors_in_a_row = 0;
+                    self.pending.push(Inbound::copy_of(&message));
+                    self.deadline = Some(Instant::now() + self.shape.linger);
+                }
+            }
+        }
+        let deadline = self.deadline.unwrap_or_else(Instant::now);
+        while self.pending.len() < self.shape.max_records {
+            // A message already fetched is taken without arming a timer; the clock is read
+            // every 256 messages so a steady stream still closes the batch on time.
+            if self.pending.len().is_multiple_of(256) && Instant::now() >= deadline {
+                break;
+            }
+            let next = match self.consumer.recv().now_or_never() {
+                Some(polled) => Ok(polled),
+                None => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    tokio::time::timeout(left, self.consumer.recv()).await
+                }
+            };
+            match next {
+                Ok(Ok(message)) => self.pending.push(Inbound::copy_of(&message)),
+                Ok(Err(e)) => {
+                    // The batch so far is good; the error is dealt with before it goes.
+                    self.error(&e).await;
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        self.deadline = None;
+        Polled::Batch(std::mem::take(&mut self.pending))
+    }
+
+    /// Counts and logs a consumer error, then waits: consecutive errors back off along the
+    /// retry schedule (at most 5 s) so a lasting one does not spin.
+    async fn error(&mut self, error: &KafkaError) {
+        let code = error
+            .rdkafka_error_code()
+            .map_or_else(|| "client".to_string(), |c| format!("{c:?}"));
+        metrics::counter!(m::CONSUMER_ERRORS_TOTAL, "stage" => self.group.clone(), "error" => code)
+            .increment(1);
+        self.errors_in_a_row += 1;
+        let in_a_row = self.errors_in_a_row;
+        let wait = self
+            .policy
+            .wait_forever(in_a_row)
+            .min(Duration::from_secs(5));
+        if in_a_row == 1 || in_a_row.is_multiple_of(20) {
+            tracing::warn!(%error, in_a_row, ?wait, "consumer error; carrying on");
+        }
+        tokio::time::sleep(wait).await;
+    }
+}
