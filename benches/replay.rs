@@ -9,6 +9,10 @@
 //!
 //! `cargo bench -p medallion-stages --bench replay`; `MEDALLION_REPLAY_EVENTS` overrides the
 //! count; `MEDALLION_TEST_BOOTSTRAP` / `MEDALLION_TEST_REGISTRY_URL` use external services.
+//! `MEDALLION_REPLAY_BASELINE=<dir>` also runs the `bronze-processor`, `silver-processor` and
+//! `gold-processor` found in `<dir>` (an earlier build) on the same events in the same run,
+//! each right after this build's, under the naming prefix `base.`: a before/after comparison
+//! on one machine state.
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -32,6 +36,7 @@ const GOLD_BIN: &str = env!("CARGO_BIN_EXE_gold-processor");
 /// record, its CPU and peak RSS, and its last `/metrics` scrape.
 async fn measure(
     bin: &str,
+    build: &Build,
     bootstrap: &str,
     registry: &str,
     expected: f64,
@@ -39,12 +44,13 @@ async fn measure(
     let batching = [
         ("MEDALLION__BATCH__MAX_RECORDS", "5000".to_string()),
         ("MEDALLION__BATCH__LINGER_MS", "20".to_string()),
+        ("MEDALLION__NAMING__PREFIX", build.prefix.to_string()),
     ];
     let worker = WorkerProcess::start(
         bin,
         bootstrap,
         registry,
-        &if bin == BIN {
+        &if bin.ends_with("bronze-processor") {
             medallion_tests::bronze_env(&batching)
         } else {
             batching
@@ -103,6 +109,32 @@ async fn measure(
             }
             let seconds = seconds + last_move.duration_since(consumed_at).as_secs_f64();
             return (seconds, usage, settled);
+        }
+    }
+}
+
+/// A build of the workers to measure: this one, or an earlier one from a directory.
+struct Build {
+    label: &'static str,
+    /// The naming prefix its topics and groups run under.
+    prefix: &'static str,
+    dir: Option<std::path::PathBuf>,
+}
+
+impl Build {
+    /// The path of worker `name` (this build's is `own`).
+    fn bin(&self, name: &str, own: &str) -> String {
+        match &self.dir {
+            Some(dir) => dir.join(name).display().to_string(),
+            None => own.to_string(),
+        }
+    }
+
+    fn name(&self, worker: &str) -> String {
+        if self.label.is_empty() {
+            worker.to_string()
+        } else {
+            format!("{worker} ({})", self.label)
         }
     }
 }
@@ -252,6 +284,31 @@ async fn run() {
         .await
         .expect("replayed");
     assert_eq!(summary.errors, 0, "every record delivered");
+    let mut builds = vec![Build {
+        label: "",
+        prefix: "",
+        dir: None,
+    }];
+    if let Ok(dir) = std::env::var("MEDALLION_REPLAY_BASELINE") {
+        let base = Build {
+            label: "baseline",
+            prefix: "base.",
+            dir: Some(dir.into()),
+        };
+        let prefixed = topics.clone().with_prefix(base.prefix).expect("prefix");
+        support::provision(&broker.address, &registry.address, &contracts, &prefixed).await;
+        let again = replay(
+            &kafka,
+            &format!("{}{RAW}", base.prefix),
+            &records,
+            &options,
+            |_, _| {},
+        )
+        .await
+        .expect("replayed for the baseline");
+        assert_eq!(again.errors, 0, "every record delivered");
+        builds.push(base);
+    }
     let bytes = summary.bytes as usize;
     drop(records);
     let produce_seconds = produce_started.elapsed().as_secs_f64();
@@ -294,14 +351,7 @@ async fn run() {
     let (pt_seconds, pt_cpu, pt_rss) = (parts[1], parts[2], parts[3]);
     let pt_broker = broker_cpu() - broker_before;
 
-    // bronze-processor, as its own process.
-    let broker_before = broker_cpu();
-    let (seconds, usage, metrics) =
-        measure(BIN, &broker.address, &registry.address, n as f64).await;
-    let bronze_broker = broker_cpu() - broker_before;
-    let out = metric_sum(&metrics, "medallion_records_out_total");
-    let dedup_bytes = metric_sum(&metrics, "medallion_dedup_window_bytes");
-    let bronze_rate = n as f64 / seconds;
+    // bronze-processor of each build, as its own process.
     let pt_rate = n as f64 / pt_seconds;
     println!();
     println!(
@@ -313,38 +363,69 @@ async fn run() {
         n as f64 / pt_cpu.max(0.01),
         pt_rss / 1024.0
     );
-    println!(
-        "| bronze-processor | {n} | {seconds:.2} | {bronze_rate:.0} | {:.2} | {:.0} | {:.1} | {bronze_broker:.2} |",
-        usage.cpu_seconds,
-        n as f64 / usage.cpu_seconds.max(0.01),
-        usage.peak_rss_kib as f64 / 1024.0
-    );
-    println!();
-    println!(
-        "bronze/passthrough = {:.2} (target >= 0.5); bronze out {out:.0}; dedup windows {:.1} MiB",
-        bronze_rate / pt_rate,
-        dedup_bytes / 1_048_576.0
-    );
+    let mut expected = Vec::new();
+    let mut notes = Vec::new();
+    for build in &builds {
+        let broker_before = broker_cpu();
+        let (seconds, usage, metrics) = measure(
+            &build.bin("bronze-processor", BIN),
+            build,
+            &broker.address,
+            &registry.address,
+            n as f64,
+        )
+        .await;
+        let bronze_broker = broker_cpu() - broker_before;
+        let out = metric_sum(&metrics, "medallion_records_out_total");
+        let dedup_bytes = metric_sum(&metrics, "medallion_dedup_window_bytes");
+        let bronze_rate = n as f64 / seconds;
+        println!(
+            "| {} | {n} | {seconds:.2} | {bronze_rate:.0} | {:.2} | {:.0} | {:.1} | {bronze_broker:.2} |",
+            build.name("bronze-processor"),
+            usage.cpu_seconds,
+            n as f64 / usage.cpu_seconds.max(0.01),
+            usage.peak_rss_kib as f64 / 1024.0
+        );
+        notes.push(format!(
+            "{}/passthrough = {:.2} (target >= 0.5); bronze out {out:.0}; dedup windows {:.1} MiB",
+            build.name("bronze"),
+            bronze_rate / pt_rate,
+            dedup_bytes / 1_048_576.0
+        ));
+        expected.push(out);
+    }
 
-    // silver on bronze's output, then gold on silver's.
-    let mut expected = out;
-    for (name, bin) in [
+    // silver on bronze's output, then gold on silver's, each build on its own.
+    for (name, own) in [
         ("silver-processor", SILVER_BIN),
         ("gold-processor", GOLD_BIN),
     ] {
-        let broker_before = broker_cpu();
-        let (seconds, usage, metrics) =
-            measure(bin, &broker.address, &registry.address, expected).await;
-        let on_broker = broker_cpu() - broker_before;
-        let produced = metric_sum(&metrics, "medallion_records_out_total");
-        let dead = metric_sum(&metrics, "medallion_dlq_records_total").max(0.0);
-        println!(
-            "| {name} | {expected:.0} | {seconds:.2} | {:.0} | {:.2} | {:.0} | {:.1} | {on_broker:.2} |  out {produced:.0}, DLQ {dead:.0}",
-            expected / seconds.max(0.001),
-            usage.cpu_seconds,
-            expected / usage.cpu_seconds.max(0.01),
-            usage.peak_rss_kib as f64 / 1024.0
-        );
-        expected = produced;
+        for (build, expected) in builds.iter().zip(expected.iter_mut()) {
+            let broker_before = broker_cpu();
+            let (seconds, usage, metrics) = measure(
+                &build.bin(name, own),
+                build,
+                &broker.address,
+                &registry.address,
+                *expected,
+            )
+            .await;
+            let on_broker = broker_cpu() - broker_before;
+            let produced = metric_sum(&metrics, "medallion_records_out_total");
+            let dead = metric_sum(&metrics, "medallion_dlq_records_total").max(0.0);
+            println!(
+                "| {} | {expected:.0} | {seconds:.2} | {:.0} | {:.2} | {:.0} | {:.1} | {on_broker:.2} |  out {produced:.0}, DLQ {dead:.0}",
+                build.name(name),
+                *expected / seconds.max(0.001),
+                usage.cpu_seconds,
+                *expected / usage.cpu_seconds.max(0.01),
+                usage.peak_rss_kib as f64 / 1024.0
+            );
+            *expected = produced;
+        }
+    }
+    println!();
+    for note in notes {
+        println!("{note}");
     }
 }

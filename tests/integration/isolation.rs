@@ -9,9 +9,7 @@ use arrow::array::{AsArray, RecordBatch};
 use medallion_runtime::config::WorkerConfig;
 use medallion_runtime::error::StageError;
 use medallion_runtime::pii::{KeySource, PiiConfig};
-use medallion_runtime::worker::{
-    prepare, RunTotals, Settled, Stage, StageOutput, StageWorker, WorkerError,
-};
+use medallion_runtime::worker::{prepare, Collector, RunTotals, Stage, StageWorker, WorkerError};
 use medallion_stages::bronze::{Bronze, BronzeConfig, GROUP};
 use medallion_tests::{read_topic, TEST_PII_KEY};
 use rdkafka::message::Message;
@@ -29,7 +27,7 @@ struct Faulty {
 }
 
 impl Stage for Faulty {
-    async fn process(&mut self, input: RecordBatch) -> Result<StageOutput, StageError> {
+    async fn process(&mut self, input: RecordBatch, out: &mut Collector) -> Result<(), StageError> {
         let ids = input
             .column_by_name("event_id")
             .ok_or_else(|| StageError::Transform("no event_id".into()))?
@@ -37,11 +35,11 @@ impl Stage for Faulty {
         if let Some(id) = ids.iter().flatten().find(|id| id.ends_with(POISON)) {
             return Err(StageError::Transform(format!("cannot handle event {id}")));
         }
-        self.inner.process(input).await
+        self.inner.process(input, out).await
     }
 
-    async fn settle(&mut self, closing: bool) -> Result<Settled, StageError> {
-        self.inner.settle(closing).await
+    async fn settle(&mut self, closing: bool, out: &mut Collector) -> Result<(), StageError> {
+        self.inner.settle(closing, out).await
     }
 }
 

@@ -94,12 +94,36 @@ pub enum StageError {
     /// committing the batch rather than guess.
     #[error("internal error: {0}")]
     Internal(String),
-    /// A partition's state could not be read back from its changelog.
-    #[error(transparent)]
-    Restore(#[from] crate::changelog::RestoreError),
+    /// A partition's state could not be read back (its changelog, a marker in a store).
+    #[error("restoring partition {partition}: {source}")]
+    Restore {
+        partition: i32,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+impl From<crate::changelog::RestoreError> for StageError {
+    fn from(e: crate::changelog::RestoreError) -> Self {
+        StageError::Restore {
+            partition: e.partition,
+            source: e.source,
+        }
+    }
 }
 
 impl StageError {
+    /// The state of `partition` could not be read back because of `source`.
+    pub fn restore(
+        partition: i32,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Self {
+        StageError::Restore {
+            partition,
+            source: source.into(),
+        }
+    }
+
     /// The stable label of a record dead-lettered with this error (`medallion.error.reason`).
     pub fn reason(&self) -> &'static str {
         match self {
@@ -109,7 +133,7 @@ impl StageError {
             StageError::Halt(_) => "halted",
             StageError::Arrow(_) | StageError::DataFusion(_) => "transform_failed",
             StageError::Internal(_) => "internal_error",
-            StageError::Restore(_) => "restore_failed",
+            StageError::Restore { .. } => "restore_failed",
         }
     }
 
@@ -117,7 +141,7 @@ impl StageError {
     pub fn stops_the_worker(&self) -> bool {
         matches!(
             self,
-            StageError::Halt(_) | StageError::Internal(_) | StageError::Restore(_)
+            StageError::Halt(_) | StageError::Internal(_) | StageError::Restore { .. }
         )
     }
 
@@ -133,7 +157,7 @@ impl StageError {
             | StageError::Arrow(_)
             | StageError::DataFusion(_)
             | StageError::Internal(_)
-            | StageError::Restore(_) => false,
+            | StageError::Restore { .. } => false,
         }
     }
 }

@@ -102,3 +102,34 @@ pub fn contract(path: &str) -> medallion_contracts::Contract {
         .expect("contract")
         .clone()
 }
+
+/// What a stage handed its collector for one batch, laid out for assertions.
+#[derive(Debug)]
+pub struct Output {
+    /// The output rows (an empty batch when none were emitted).
+    pub batch: arrow::array::RecordBatch,
+    pub source_rows: Vec<Option<u32>>,
+    pub rejected: Vec<(u32, medallion_runtime::error::RecordFailure)>,
+    pub side: Vec<medallion_runtime::worker::SideRecord>,
+    pub row_headers: Vec<(u32, String, Vec<u8>)>,
+    pub events: Vec<medallion_runtime::worker::OutputEvent>,
+}
+
+/// Runs `stage` on one batch and returns what it collected.
+pub async fn process<S: medallion_runtime::worker::Stage>(
+    stage: &mut S,
+    input: arrow::array::RecordBatch,
+) -> Result<Output, medallion_runtime::error::StageError> {
+    let mut out = medallion_runtime::worker::Collector::new();
+    stage.process(input, &mut out).await?;
+    Ok(Output {
+        batch: out.rows().cloned().unwrap_or_else(|| {
+            arrow::array::RecordBatch::new_empty(Arc::new(arrow::datatypes::Schema::empty()))
+        }),
+        source_rows: out.source_rows().to_vec(),
+        rejected: out.rejected().to_vec(),
+        side: out.side_records().to_vec(),
+        row_headers: out.row_headers().to_vec(),
+        events: out.events().to_vec(),
+    })
+}

@@ -228,53 +228,11 @@ pub async fn run(home: &Path, args: DemoArgs) -> anyhow::Result<ExitCode> {
         registry: registry_url.clone(),
         health,
     };
-    // Personal data is encrypted with a key made for this run.
-    let bronze_config = BronzeConfig {
-        pii: PiiConfig {
-            active_key: "local".into(),
-            keys: [(
-                "local".to_string(),
-                KeySource {
-                    env: None,
-                    value: Some(Keyring::generate_key()),
-                },
-            )]
-            .into(),
-        },
-        ..BronzeConfig::default()
-    };
+    let bronze_config = local_bronze();
     let secret = uuid::Uuid::new_v4().to_string();
     let (hook_url, receiver) = start_receiver(secret.clone()).await?;
     println!("  webhook   {hook_url} (signed with a secret made for this run)");
-    let notify_config = NotifyConfig {
-        channels: [
-            (
-                "local-webhook".to_string(),
-                ChannelConfig::Webhook {
-                    url: hook_url,
-                    secret: Some(secret),
-                    secret_env: None,
-                    timeout_ms: 5_000,
-                    max_in_flight: 8,
-                },
-            ),
-            ("log".to_string(), ChannelConfig::Log),
-        ]
-        .into(),
-        routes: vec![
-            Route {
-                orgs: Vec::new(),
-                min_severity: None,
-                channels: vec!["local-webhook".into()],
-            },
-            Route {
-                orgs: Vec::new(),
-                min_severity: Some(notify::Severity::Critical),
-                channels: vec!["log".into()],
-            },
-        ],
-        ..NotifyConfig::default()
-    };
+    let notify_config = local_notify(hook_url, secret);
     let store_dir = args
         .audit_store
         .clone()
@@ -292,15 +250,42 @@ pub async fn run(home: &Path, args: DemoArgs) -> anyhow::Result<ExitCode> {
         "  audit     {} (Parquet by org and day)",
         store_dir.display()
     );
-    // The stages start together: each registers its schemas and joins its group meanwhile.
-    let (bronze, silver, gold, rules, notifier, auditor) = tokio::try_join!(
-        base.spawn(bronze::GROUP, bronze_config, Bronze::new),
-        base.spawn(silver::GROUP, SilverConfig::default(), Silver::new),
-        base.spawn(gold::GROUP, GoldConfig::default(), Gold::new),
-        base.spawn(rules::GROUP, RulesConfig::default(), Rules::new),
-        base.spawn(notify::GROUP, notify_config, Notify::new),
-        base.spawn(audit_writer::GROUP, audit_config, AuditWriter::new),
-    )?;
+    // The stages start together (each registers its schemas and plans its transform), and the
+    // line says which are still starting.
+    let starting = Starting::new(&[
+        "bronze",
+        "silver",
+        "gold",
+        "rules",
+        "notifications",
+        "audit",
+    ]);
+    let spawns = async {
+        tokio::try_join!(
+            starting.track(0, base.spawn(bronze::GROUP, bronze_config, Bronze::new)),
+            starting.track(
+                1,
+                base.spawn(silver::GROUP, SilverConfig::default(), Silver::new)
+            ),
+            starting.track(2, base.spawn(gold::GROUP, GoldConfig::default(), Gold::new)),
+            starting.track(
+                3,
+                base.spawn(rules::GROUP, RulesConfig::default(), Rules::new)
+            ),
+            starting.track(4, base.spawn(notify::GROUP, notify_config, Notify::new)),
+            starting.track(
+                5,
+                base.spawn(audit_writer::GROUP, audit_config, AuditWriter::new)
+            ),
+        )
+    };
+    tokio::pin!(spawns);
+    let (bronze, silver, gold, rules, notifier, auditor) = loop {
+        tokio::select! {
+            spawned = &mut spawns => break spawned?,
+            _ = tokio::time::sleep(Duration::from_millis(250)) => starting.print(),
+        }
+    };
     let stages = [&bronze, &silver, &gold, &rules, &notifier];
 
     let producer = medallion_runtime::kafka::producer(
@@ -392,6 +377,151 @@ pub async fn run(home: &Path, args: DemoArgs) -> anyhow::Result<ExitCode> {
         bail!("six stages expected");
     };
     let scrape = metrics.render();
+    print_summary(&Summary {
+        elapsed,
+        produced: &produced,
+        totals: [bronze, silver, gold, rules, auditor],
+        scrape: &scrape,
+        receiver: &receiver,
+        store_dir: &store_dir,
+    })
+    .await?;
+    for (name, t) in [
+        ("bronze", bronze),
+        ("silver", silver),
+        ("gold", gold),
+        ("rules", rules),
+    ] {
+        let dead: u64 = t.dead_lettered.values().sum();
+        if name == "bronze" && t.produced + t.duplicates + dead != t.consumed {
+            bail!(
+                "bronze: {} of {} records accounted for",
+                t.produced + t.duplicates + dead,
+                t.consumed
+            );
+        }
+    }
+    if args.keep_running {
+        println!("serving the final metrics at http://{http}/metrics until Ctrl-C");
+        let _ = std::io::stdout().flush();
+        medallion_stages::main_support::shutdown_signal().await;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// bronze's settings: personal data encrypted with a key made for this run.
+fn local_bronze() -> BronzeConfig {
+    BronzeConfig {
+        pii: PiiConfig {
+            active_key: "local".into(),
+            keys: [(
+                "local".to_string(),
+                KeySource {
+                    env: None,
+                    value: Some(Keyring::generate_key()),
+                },
+            )]
+            .into(),
+        },
+        ..BronzeConfig::default()
+    }
+}
+
+/// notification-sender's settings: every alert to the local receiver, critical ones logged too.
+fn local_notify(hook_url: String, secret: String) -> NotifyConfig {
+    NotifyConfig {
+        channels: [
+            (
+                "local-webhook".to_string(),
+                ChannelConfig::Webhook {
+                    url: hook_url,
+                    secret: Some(secret),
+                    secret_env: None,
+                    timeout_ms: 5_000,
+                    max_in_flight: 8,
+                },
+            ),
+            ("log".to_string(), ChannelConfig::Log),
+        ]
+        .into(),
+        routes: vec![
+            Route {
+                orgs: Vec::new(),
+                min_severity: None,
+                channels: vec!["local-webhook".into()],
+            },
+            Route {
+                orgs: Vec::new(),
+                min_severity: Some(notify::Severity::Critical),
+                channels: vec!["log".into()],
+            },
+        ],
+        ..NotifyConfig::default()
+    }
+}
+
+/// Which stages are still starting, for the progress line.
+struct Starting {
+    names: Vec<&'static str>,
+    done: Vec<std::sync::atomic::AtomicBool>,
+    since: Instant,
+}
+
+impl Starting {
+    fn new(names: &[&'static str]) -> Self {
+        Self {
+            names: names.to_vec(),
+            done: names.iter().map(|_| Default::default()).collect(),
+            since: Instant::now(),
+        }
+    }
+
+    /// `spawn`, marking stage `i` started once it is.
+    async fn track<T>(&self, i: usize, spawn: impl std::future::Future<Output = T>) -> T {
+        let spawned = spawn.await;
+        self.done[i].store(true, Relaxed);
+        spawned
+    }
+
+    fn print(&self) {
+        let waiting: Vec<&str> = self
+            .names
+            .iter()
+            .zip(&self.done)
+            .filter(|(_, done)| !done.load(Relaxed))
+            .map(|(name, _)| *name)
+            .collect();
+        print!(
+            "\r  progress  starting the stages: waiting for {} ({:.1} s)   ",
+            waiting.join(", "),
+            self.since.elapsed().as_secs_f64()
+        );
+        let _ = std::io::stdout().flush();
+    }
+}
+
+/// What the summary reports on.
+struct Summary<'a> {
+    elapsed: f64,
+    produced: &'a Produced,
+    /// bronze, silver, gold, rules and the audit writer.
+    totals: [&'a RunTotals; 5],
+    scrape: &'a str,
+    receiver: &'a Receiver,
+    store_dir: &'a Path,
+}
+
+/// Prints what each layer did, the expectation failures, drift, late events, alerts,
+/// notifications, personal data and the audit store.
+async fn print_summary(summary: &Summary<'_>) -> anyhow::Result<()> {
+    let Summary {
+        elapsed,
+        produced,
+        totals: [bronze, silver, gold, rules, auditor],
+        scrape,
+        receiver,
+        store_dir,
+    } = *summary;
     println!();
     println!(
         "summary ({elapsed:.1} s, {:.0} raw events/s end to end)",
@@ -416,7 +546,7 @@ pub async fn run(home: &Path, args: DemoArgs) -> anyhow::Result<ExitCode> {
     layer("gold", gold, "windows");
     layer("rules", rules, "alerts");
     let failed: Vec<(String, f64)> = series(
-        &scrape,
+        scrape,
         medallion_runtime::metrics::EXPECTATION_RESULTS_TOTAL,
     )
     .into_iter()
@@ -433,14 +563,14 @@ pub async fn run(home: &Path, args: DemoArgs) -> anyhow::Result<ExitCode> {
             label(&labels, "action")
         );
     }
-    let total = |name: &str| -> u64 { series(&scrape, name).iter().map(|(_, v)| *v as u64).sum() };
+    let total = |name: &str| -> u64 { series(scrape, name).iter().map(|(_, v)| *v as u64).sum() };
     let drift = total(medallion_runtime::metrics::DRIFT_TOTAL);
     println!("  drift             {drift} stale updates kept out of entity state (audited on audit.events)");
     let late = total(medallion_runtime::metrics::LATE_EVENTS_TOTAL);
     let open = total(medallion_runtime::metrics::OPEN_WINDOWS);
     println!("  late events       {late} (dead-lettered); {open} windows still open at the end of the stream");
     // Every counter is registered at zero with no labels at start-up: only rules that fired.
-    let fired: Vec<_> = series(&scrape, medallion_runtime::metrics::ALERTS_TOTAL)
+    let fired: Vec<_> = series(scrape, medallion_runtime::metrics::ALERTS_TOTAL)
         .into_iter()
         .filter(|(labels, n)| *n > 0.0 && !label(labels, "rule").is_empty())
         .collect();
@@ -457,7 +587,7 @@ pub async fn run(home: &Path, args: DemoArgs) -> anyhow::Result<ExitCode> {
         );
     }
     let notified = |channel: &str, outcome: &str| -> u64 {
-        series(&scrape, medallion_runtime::metrics::NOTIFICATIONS_TOTAL)
+        series(scrape, medallion_runtime::metrics::NOTIFICATIONS_TOTAL)
             .iter()
             .filter(|(labels, _)| {
                 label(labels, "channel") == channel && label(labels, "outcome") == outcome
@@ -504,27 +634,7 @@ pub async fn run(home: &Path, args: DemoArgs) -> anyhow::Result<ExitCode> {
         "    query it: cargo run -p medallion -- audit query --store {} \"SELECT * FROM audit_events LIMIT 5\"",
         store_dir.display()
     );
-    for (name, t) in [
-        ("bronze", bronze),
-        ("silver", silver),
-        ("gold", gold),
-        ("rules", rules),
-    ] {
-        let dead: u64 = t.dead_lettered.values().sum();
-        if name == "bronze" && t.produced + t.duplicates + dead != t.consumed {
-            bail!(
-                "bronze: {} of {} records accounted for",
-                t.produced + t.duplicates + dead,
-                t.consumed
-            );
-        }
-    }
-    if args.keep_running {
-        println!("serving the final metrics at http://{http}/metrics until Ctrl-C");
-        let _ = std::io::stdout().flush();
-        medallion_stages::main_support::shutdown_signal().await;
-    }
-    Ok(ExitCode::SUCCESS)
+    Ok(())
 }
 
 /// The samples of metric `name` in a Prometheus text scrape: (labels, value).

@@ -317,12 +317,47 @@ fn load(home: &std::path::Path, prefix: &str) -> anyhow::Result<(ContractSet, To
     Ok((contracts, topics))
 }
 
+/// Where the commands find the contracts, and the deployment prefix of topics and groups.
+struct Deployment {
+    home: PathBuf,
+    prefix: String,
+}
+
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    let home = cli.home.unwrap_or_else(medallion_contracts::project_root);
-    let load = |home: &std::path::Path| load(home, &cli.naming_prefix);
+    let ctx = Deployment {
+        home: cli.home.unwrap_or_else(medallion_contracts::project_root),
+        prefix: cli.naming_prefix,
+    };
     match cli.command {
-        Command::Demo(args) => demo::run(&home, args).await,
-        Command::Schemas(SchemasCommand::Check { released }) => {
+        Command::Demo(args) => demo::run(&ctx.home, args).await,
+        Command::Schemas(command) => schemas(&ctx, command).await,
+        Command::Drift(command) => drift(&ctx, command).await,
+        Command::Audit(command) => audit(command).await,
+        Command::Topics(command) => topics(&ctx, command).await,
+        Command::Capture { kafka, topic, out } => capture(kafka, topic, out).await,
+        Command::Replay {
+            kafka,
+            topic,
+            file,
+            rate,
+            by_key,
+            new_timestamps,
+        } => replay_file(kafka, topic, file, rate, by_key, new_timestamps).await,
+        Command::Lag {
+            kafka,
+            group,
+            watch,
+        } => lag(&ctx, kafka, group, watch).await,
+        Command::Dlq(command) => dlq(&ctx, command).await,
+    }
+}
+
+/// `medallion schemas`: the BACKWARD gate, releasing and registering the contracts.
+async fn schemas(ctx: &Deployment, command: SchemasCommand) -> anyhow::Result<ExitCode> {
+    let home = ctx.home.clone();
+    let load = |home: &std::path::Path| load(home, &ctx.prefix);
+    match command {
+        SchemasCommand::Check { released } => {
             let (contracts, _) = load(&home)?;
             let released = released.unwrap_or_else(|| home.join("schemas/released"));
             let report = compat::gate(&contracts, &released)?;
@@ -335,7 +370,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Ok(ExitCode::FAILURE)
             }
         }
-        Command::Schemas(SchemasCommand::Release { released }) => {
+        SchemasCommand::Release { released } => {
             let (contracts, _) = load(&home)?;
             let released = released.unwrap_or_else(|| home.join("schemas/released"));
             let report = compat::gate(&contracts, &released)?;
@@ -348,13 +383,29 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Drift(DriftCommand::Check {
+        SchemasCommand::Register { registry } => {
+            let (contracts, topics) = load(&home)?;
+            let client = RegistryClient::new(&registry, Duration::from_secs(10))?;
+            for (topic, id) in client.register_all(&contracts, &topics).await? {
+                println!("{:<32} id {id}", topics.subject(&topic));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// `medallion drift check`: silver's entity state against the system of record.
+async fn drift(ctx: &Deployment, command: DriftCommand) -> anyhow::Result<ExitCode> {
+    let home = ctx.home.clone();
+    let load = |home: &std::path::Path| load(home, &ctx.prefix);
+    match command {
+        DriftCommand::Check {
             kafka,
             registry,
             snapshot,
             entity_type,
             no_audit,
-        }) => {
+        } => {
             let (contracts, topics) = load(&home)?;
             let kafka = kafka.client()?;
             let registry = RegistryClient::new(&registry, Duration::from_secs(10))?;
@@ -377,15 +428,13 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ExitCode::FAILURE
             })
         }
-        Command::Schemas(SchemasCommand::Register { registry }) => {
-            let (contracts, topics) = load(&home)?;
-            let client = RegistryClient::new(&registry, Duration::from_secs(10))?;
-            for (topic, id) in client.register_all(&contracts, &topics).await? {
-                println!("{:<32} id {id}", topics.subject(&topic));
-            }
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Audit(AuditCommand::Query { sql, store }) => {
+    }
+}
+
+/// `medallion audit`: querying the audit store and applying its retention.
+async fn audit(command: AuditCommand) -> anyhow::Result<ExitCode> {
+    match command {
+        AuditCommand::Query { sql, store } => {
             let store = medallion_stages::audit_writer::AuditStore::open(&store)?;
             let batches = store.query(&sql).await?;
             println!(
@@ -394,11 +443,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        Command::Audit(AuditCommand::Retention {
+        AuditCommand::Retention {
             store,
             days,
             dry_run,
-        }) => {
+        } => {
             let store = medallion_stages::audit_writer::AuditStore::open(&store)?;
             let removed = store.retain(days, &today(), dry_run).await?;
             let verb = if dry_run { "would remove" } else { "removed" };
@@ -408,10 +457,18 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("{verb} {} partitions older than {days} days", removed.len());
             Ok(ExitCode::SUCCESS)
         }
-        Command::Topics(TopicsCommand::Plan {
+    }
+}
+
+/// `medallion topics`: planning and applying topic-config.yaml on a cluster.
+async fn topics(ctx: &Deployment, command: TopicsCommand) -> anyhow::Result<ExitCode> {
+    let home = ctx.home.clone();
+    let load = |home: &std::path::Path| load(home, &ctx.prefix);
+    match command {
+        TopicsCommand::Plan {
             kafka,
             max_replication,
-        }) => {
+        } => {
             let (_, topics) = load(&home)?;
             let plan =
                 medallion_runtime::admin::plan_topics(&kafka.client()?, &topics, max_replication)
@@ -441,10 +498,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ExitCode::SUCCESS
             })
         }
-        Command::Topics(TopicsCommand::Apply {
+        TopicsCommand::Apply {
             kafka,
             max_replication,
-        }) => {
+        } => {
             let (_, topics) = load(&home)?;
             let applied = medallion_runtime::admin::reconcile_topics(
                 &kafka.client()?,
@@ -469,101 +526,19 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Capture { kafka, topic, out } => {
-            let client = kafka.client()?;
-            let summary = tokio::task::spawn_blocking(move || {
-                medallion_runtime::ops::capture::capture(&client, &topic, &out, |s| {
-                    eprint!("\r  captured {} records", s.records);
-                })
-            })
-            .await??;
-            eprintln!();
-            println!("{}", summary.table());
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Replay {
-            kafka,
-            topic,
-            file,
-            rate,
-            by_key,
-            new_timestamps,
-        } => {
-            let kafka = kafka.client()?;
-            let records = medallion_runtime::ops::capture::read_capture(&file)?;
-            let options = medallion_runtime::ops::capture::ReplayOptions {
-                rate,
-                by_key,
-                new_timestamps,
-            };
-            let summary = medallion_runtime::ops::capture::replay(
-                &kafka,
-                &topic,
-                &records,
-                &options,
-                |s, total| {
-                    eprint!(
-                        "\r  {}",
-                        medallion_runtime::ops::capture::progress_line(s, total)
-                    );
-                },
-            )
-            .await?;
-            eprintln!();
-            println!("{}", summary.table());
-            Ok(if summary.errors > 0 {
-                ExitCode::FAILURE
-            } else {
-                ExitCode::SUCCESS
-            })
-        }
-        Command::Lag {
-            kafka,
-            group,
-            watch,
-        } => {
-            let (_, topics) = load(&home)?;
-            let group: Vec<String> = group.iter().map(|g| topics.group_name(g)).collect();
-            let groups: Vec<(String, Vec<String>)> = topics
-                .consumer_groups
-                .iter()
-                .filter(|(name, _)| group.is_empty() || group.contains(name))
-                .map(|(name, spec)| (name.clone(), spec.consumes.clone()))
-                .collect();
-            if let Some(unknown) = group
-                .iter()
-                .find(|g| !topics.consumer_groups.contains_key(*g))
-            {
-                anyhow::bail!("consumer group `{unknown}` is not in topic-config.yaml");
-            }
-            let client = kafka.client()?;
-            loop {
-                let (client, groups) = (client.clone(), groups.clone());
-                let rows = tokio::task::spawn_blocking(move || {
-                    let mut rows = Vec::new();
-                    for (group, consumes) in &groups {
-                        rows.extend(medallion_runtime::ops::lag::group_lag(
-                            &client, group, consumes,
-                        )?);
-                    }
-                    Ok::<_, medallion_runtime::ops::capture::CaptureError>(rows)
-                })
-                .await??;
-                print!("{}", medallion_runtime::ops::lag::table(&rows));
-                let Some(every) = watch else {
-                    return Ok(ExitCode::SUCCESS);
-                };
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_secs(every.max(1))) => println!(),
-                    _ = tokio::signal::ctrl_c() => return Ok(ExitCode::SUCCESS),
-                }
-            }
-        }
-        Command::Dlq(DlqCommand::Inspect {
+    }
+}
+
+/// `medallion dlq`: inspecting a dead-letter topic and redriving its records.
+async fn dlq(ctx: &Deployment, command: DlqCommand) -> anyhow::Result<ExitCode> {
+    let home = ctx.home.clone();
+    let load = |home: &std::path::Path| load(home, &ctx.prefix);
+    match command {
+        DlqCommand::Inspect {
             kafka,
             topic,
             samples,
-        }) => {
+        } => {
             let dlq = dlq_of(&load(&home)?.1, &topic)?;
             let client = kafka.client()?;
             let name = dlq.clone();
@@ -607,7 +582,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Dlq(DlqCommand::Redrive {
+        DlqCommand::Redrive {
             kafka,
             topic,
             reason,
@@ -616,7 +591,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             dry_run,
             max_redrives,
             rate,
-        }) => {
+        } => {
             let dlq = dlq_of(&load(&home)?.1, &topic)?;
             let options = medallion_runtime::ops::redrive::RedriveOptions {
                 reasons: reason,
@@ -633,14 +608,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 println!("{verb:<14} {n:>8} to {original}");
             }
             println!(
-                "left in {dlq}: {} filtered out, {} redriven {max_redrives} times already, {} without an original topic; {} redriven before; {} postponed to the next run",
-                report.filtered, report.looping, report.unroutable, report.already, report.postponed
-            );
+            "left in {dlq}: {} filtered out, {} redriven {max_redrives} times already, {} without an original topic; {} redriven before; {} postponed to the next run",
+            report.filtered, report.looping, report.unroutable, report.already, report.postponed
+        );
             if report.repartitioned > 0 {
                 println!(
-                    "{} sent by key: their original-partition header named no partition of the topic",
-                    report.repartitioned
-                );
+                "{} sent by key: their original-partition header named no partition of the topic",
+                report.repartitioned
+            );
             }
             if report.failed > 0 {
                 eprintln!(
@@ -653,6 +628,101 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::FAILURE);
             }
             Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// `medallion capture`: a topic as it is now, into a file.
+async fn capture(kafka: KafkaArgs, topic: String, out: PathBuf) -> anyhow::Result<ExitCode> {
+    let client = kafka.client()?;
+    let summary = tokio::task::spawn_blocking(move || {
+        medallion_runtime::ops::capture::capture(&client, &topic, &out, |s| {
+            eprint!("\r  captured {} records", s.records);
+        })
+    })
+    .await??;
+    eprintln!();
+    println!("{}", summary.table());
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `medallion replay`: a capture file back into a topic.
+async fn replay_file(
+    kafka: KafkaArgs,
+    topic: String,
+    file: PathBuf,
+    rate: Option<f64>,
+    by_key: bool,
+    new_timestamps: bool,
+) -> anyhow::Result<ExitCode> {
+    let kafka = kafka.client()?;
+    let records = medallion_runtime::ops::capture::read_capture(&file)?;
+    let options = medallion_runtime::ops::capture::ReplayOptions {
+        rate,
+        by_key,
+        new_timestamps,
+    };
+    let summary =
+        medallion_runtime::ops::capture::replay(&kafka, &topic, &records, &options, |s, total| {
+            eprint!(
+                "\r  {}",
+                medallion_runtime::ops::capture::progress_line(s, total)
+            );
+        })
+        .await?;
+    eprintln!();
+    println!("{}", summary.table());
+    Ok(if summary.errors > 0 {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// `medallion lag`: the consumer lag of the pipeline's groups, once or every few seconds.
+async fn lag(
+    ctx: &Deployment,
+    kafka: KafkaArgs,
+    group: Vec<String>,
+    watch: Option<u64>,
+) -> anyhow::Result<ExitCode> {
+    let home = ctx.home.clone();
+    let load = |home: &std::path::Path| load(home, &ctx.prefix);
+
+    let (_, topics) = load(&home)?;
+    let group: Vec<String> = group.iter().map(|g| topics.group_name(g)).collect();
+    let groups: Vec<(String, Vec<String>)> = topics
+        .consumer_groups
+        .iter()
+        .filter(|(name, _)| group.is_empty() || group.contains(name))
+        .map(|(name, spec)| (name.clone(), spec.consumes.clone()))
+        .collect();
+    if let Some(unknown) = group
+        .iter()
+        .find(|g| !topics.consumer_groups.contains_key(*g))
+    {
+        anyhow::bail!("consumer group `{unknown}` is not in topic-config.yaml");
+    }
+    let client = kafka.client()?;
+    loop {
+        let (client, groups) = (client.clone(), groups.clone());
+        let rows = tokio::task::spawn_blocking(move || {
+            let mut rows = Vec::new();
+            for (group, consumes) in &groups {
+                rows.extend(medallion_runtime::ops::lag::group_lag(
+                    &client, group, consumes,
+                )?);
+            }
+            Ok::<_, medallion_runtime::ops::capture::CaptureError>(rows)
+        })
+        .await??;
+        print!("{}", medallion_runtime::ops::lag::table(&rows));
+        let Some(every) = watch else {
+            return Ok(ExitCode::SUCCESS);
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(every.max(1))) => println!(),
+            _ = tokio::signal::ctrl_c() => return Ok(ExitCode::SUCCESS),
         }
     }
 }

@@ -297,28 +297,9 @@ pub async fn redrive(
                 tokio::time::sleep_until(due.into()).await;
             }
             sent += 1;
-            // The original headers, without the dead-letter ones, plus the redrive trail.
             let from = format!("{dlq_topic}/{partition}/{}", record.offset);
             let count = (count + 1).to_string();
-            let mut headers = OwnedHeaders::new();
-            for (k, v) in &record.headers {
-                if k.starts_with("medallion.dlq.") || k == REDRIVE_COUNT || k == REDRIVEN_FROM {
-                    continue;
-                }
-                headers = headers.insert(Header {
-                    key: k,
-                    value: v.as_deref(),
-                });
-            }
-            headers = headers
-                .insert(Header {
-                    key: REDRIVE_COUNT,
-                    value: Some(count.as_bytes()),
-                })
-                .insert(Header {
-                    key: REDRIVEN_FROM,
-                    value: Some(from.as_bytes()),
-                });
+            let headers = redrive_headers(&record, &count, &from);
             let known = *original_partitions
                 .entry(original.clone())
                 .or_insert_with(|| partitions_of(&consumer, &original).ok().map(|p| p.len()));
@@ -380,39 +361,70 @@ pub async fn redrive(
             let above: std::collections::BTreeSet<i64> =
                 handled.into_iter().filter(|o| *o >= commit).collect();
             let metadata = format_ranges(&above).0;
-            let mut done = TopicPartitionList::new();
-            done.add_partition_offset(dlq_topic, partition, Offset::Offset(commit))?;
-            if let Some(mut elem) = done.find_partition(dlq_topic, partition) {
-                elem.set_metadata(&metadata);
-            }
-            // The commit is what makes a redrive happen once: read it back, and commit again
-            // until the group holds it (a broker busy with other groups has been seen to answer
-            // a commit before the next fetch of the group's offsets returns it).
-            let mut confirmed = false;
-            for _ in 0..20 {
-                consumer.commit(&done, CommitMode::Sync)?;
-                let mut ask = TopicPartitionList::new();
-                ask.add_partition(dlq_topic, partition);
-                let held = consumer.committed_offsets(ask, Duration::from_secs(10))?;
-                if held.find_partition(dlq_topic, partition).is_some_and(|e| {
-                    e.offset() == Offset::Offset(commit) && e.metadata() == metadata
-                }) {
-                    confirmed = true;
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            if !confirmed {
-                return Err(CaptureError::File {
-                    path: dlq_topic.to_string(),
-                    message: format!(
-                        "partition {partition}: the group does not hold the commit of offset {commit}"
-                    ),
-                });
-            }
+            commit_confirmed(&consumer, dlq_topic, partition, commit, &metadata).await?;
         }
     }
     Ok(report)
+}
+
+/// The headers of a redriven record: its original ones without the dead-letter headers, plus
+/// the redrive trail (how many times, and from which DLQ record).
+fn redrive_headers(record: &Captured, count: &str, from: &str) -> OwnedHeaders {
+    let mut headers = OwnedHeaders::new();
+    for (k, v) in &record.headers {
+        if k.starts_with("medallion.dlq.") || k == REDRIVE_COUNT || k == REDRIVEN_FROM {
+            continue;
+        }
+        headers = headers.insert(Header {
+            key: k,
+            value: v.as_deref(),
+        });
+    }
+    headers
+        .insert(Header {
+            key: REDRIVE_COUNT,
+            value: Some(count.as_bytes()),
+        })
+        .insert(Header {
+            key: REDRIVEN_FROM,
+            value: Some(from.as_bytes()),
+        })
+}
+
+/// Commits `commit` with `metadata` for `partition` and reads it back until the group holds
+/// it: the commit is what makes a redrive happen once (a broker busy with other groups has been
+/// seen to answer a commit before the next fetch of the group's offsets returns it).
+async fn commit_confirmed(
+    consumer: &BaseConsumer<ReaderContext>,
+    dlq_topic: &str,
+    partition: i32,
+    commit: i64,
+    metadata: &str,
+) -> Result<(), CaptureError> {
+    let mut done = TopicPartitionList::new();
+    done.add_partition_offset(dlq_topic, partition, Offset::Offset(commit))?;
+    if let Some(mut elem) = done.find_partition(dlq_topic, partition) {
+        elem.set_metadata(metadata);
+    }
+    for _ in 0..20 {
+        consumer.commit(&done, CommitMode::Sync)?;
+        let mut ask = TopicPartitionList::new();
+        ask.add_partition(dlq_topic, partition);
+        let held = consumer.committed_offsets(ask, Duration::from_secs(10))?;
+        if held
+            .find_partition(dlq_topic, partition)
+            .is_some_and(|e| e.offset() == Offset::Offset(commit) && e.metadata() == metadata)
+        {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Err(CaptureError::File {
+        path: dlq_topic.to_string(),
+        message: format!(
+            "partition {partition}: the group does not hold the commit of offset {commit}"
+        ),
+    })
 }
 
 /// A record that did not get back to its topic: not redriven after all, and the committed

@@ -58,8 +58,7 @@ pub use setup::prepare;
 // Records for other topics are part of what a stage hands back.
 pub use crate::outbound::{register, JsonEncoder, SideRecord};
 pub use stage::{
-    meta, stage_input_schema, with_meta, OutputEvent, Resolved, Settled, Stage, StageOutput,
-    StageSetup,
+    meta, stage_input_schema, with_meta, Collector, OutputEvent, Resolved, Stage, StageSetup,
 };
 pub use tally::{Progress, RunTotals};
 
@@ -411,8 +410,9 @@ impl<S: Stage> StageWorker<S> {
         flights: &mut FlightTracker,
     ) -> Result<(), WorkerError> {
         self.apply_revocations();
-        let settled = match self.stage.settle(closing).await {
-            Ok(settled) => settled,
+        let mut out = Collector::new();
+        match self.stage.settle(closing, &mut out).await {
+            Ok(()) => {}
             Err(StageError::Halt(message)) => {
                 self.health.set_assigned(false);
                 return Err(WorkerError::Halted(message));
@@ -421,8 +421,24 @@ impl<S: Stage> StageWorker<S> {
                 tracing::error!(error = %e, "settling deferred work failed; it stays uncommitted");
                 return Ok(());
             }
-        };
+        }
+        let settled = out.into_collected();
+        if settled.rows.is_some() || !settled.rejected.is_empty() || !settled.deferred.is_empty() {
+            // Rows, rejections and deferrals name input rows: there are none here.
+            return Err(WorkerError::Halted(
+                "the stage's settle emitted rows, rejections or deferrals, which belong to a batch"
+                    .into(),
+            ));
+        }
         let mut outgoing: Vec<Outgoing> = settled.side.into_iter().map(Outgoing::from).collect();
+        let mut event_times = Vec::new();
+        if let Err(e) = self
+            .planner
+            .output_events(&settled.events, &mut outgoing, &mut event_times)
+        {
+            self.health.set_assigned(false);
+            return Err(WorkerError::Halted(e.to_string()));
+        }
         let mut dead = Vec::new();
         let mut resolved = Vec::new();
         for r in settled.resolved {
@@ -458,6 +474,7 @@ impl<S: Stage> StageWorker<S> {
         let booking = Booking {
             duplicates: replayed,
             dead,
+            event_times,
             ..Booking::default()
         };
         let flight = flights.launch(outgoing, commits, booking).await;

@@ -13,7 +13,7 @@ use medallion_contracts::columnar::{BatchDecoder, BatchEncoder, DecodedBatch};
 use medallion_contracts::registry::{RegistryClient, RegistryError};
 use rdkafka::message::Message;
 
-use super::stage::{with_meta, Stage, StageOutput};
+use super::stage::{with_meta, Collected, Collector, OutputEvent, Stage};
 use super::telemetry::Telemetry;
 use super::topology::Topology;
 use crate::clock::now_ms;
@@ -336,11 +336,13 @@ impl Planner {
         input: RecordBatch,
         rows: &[usize],
     ) -> Result<Transformed, StageError> {
-        let output = stage.process(input).await?;
-        if output.source_rows.len() != output.batch.num_rows() {
+        let mut out = Collector::new();
+        stage.process(input, &mut out).await?;
+        let output = out.into_collected();
+        let produced = output.rows.as_ref().map_or(0, RecordBatch::num_rows);
+        if output.source_rows.len() != produced {
             return Err(StageError::Transform(format!(
-                "stage returned {} output rows but {} source rows",
-                output.batch.num_rows(),
+                "stage returned {produced} output rows but {} source rows",
                 output.source_rows.len()
             )));
         }
@@ -365,9 +367,8 @@ impl Planner {
             .collect();
         let encoded = self.encode_rows(&output, &sources, &mut dead)?;
         let mut outgoing = Vec::with_capacity(encoded.len() + output.side.len());
-        let event_times = self.output_records(batch, &output, &sources, encoded, &mut outgoing);
-        let mut event_times = event_times;
-        self.output_events(&output, &mut outgoing, &mut event_times)?;
+        let mut event_times = self.output_records(batch, &output, &sources, encoded, &mut outgoing);
+        self.output_events(&output.events, &mut outgoing, &mut event_times)?;
         outgoing.extend(output.side.into_iter().map(Outgoing::from));
         let deferred: Vec<usize> = output
             .deferred
@@ -388,11 +389,14 @@ impl Planner {
     /// dropping it would lose data.
     fn encode_rows(
         &mut self,
-        output: &StageOutput,
+        output: &Collected,
         sources: &[Option<usize>],
         dead: &mut Vec<(usize, RecordFailure)>,
     ) -> Result<Vec<Option<bytes::Bytes>>, StageError> {
-        let rows = output.batch.num_rows();
+        let Some(batch) = output.rows.as_ref().filter(|b| b.num_rows() > 0) else {
+            return Ok(Vec::new());
+        };
+        let rows = batch.num_rows();
         let Some(encoder) = &mut self.encoder else {
             if rows > 0 {
                 return Err(StageError::Transform(format!(
@@ -402,14 +406,14 @@ impl Planner {
             }
             return Ok(Vec::new());
         };
-        let batch_error = match encoder.encode(&output.batch) {
+        let batch_error = match encoder.encode(batch) {
             Ok(values) => return Ok(values.into_iter().map(Some).collect()),
             Err(e) => e,
         };
         // One row at a time, to find which ones the output contract refuses.
         let mut values = Vec::with_capacity(rows);
         for row in 0..rows {
-            match encoder.encode(&output.batch.slice(row, 1)) {
+            match encoder.encode(&batch.slice(row, 1)) {
                 Ok(mut one) => values.push(one.pop()),
                 Err(e) => {
                     let Some(index) = sources.get(row).copied().flatten() else {
@@ -431,15 +435,15 @@ impl Planner {
     fn output_records(
         &self,
         batch: &[Inbound],
-        output: &StageOutput,
+        output: &Collected,
         sources: &[Option<usize>],
         encoded: Vec<Option<bytes::Bytes>>,
         outgoing: &mut Vec<Outgoing>,
     ) -> Vec<i64> {
-        let Some(out) = &self.topo.output else {
+        let (Some(out), Some(rows)) = (&self.topo.output, &output.rows) else {
             return Vec::new();
         };
-        let keys = key_column(&output.batch, &out.key);
+        let keys = key_column(rows, &out.key);
         let mut row_headers: HashMap<u32, Vec<(String, Vec<u8>)>> = HashMap::new();
         for (row, key, value) in &output.row_headers {
             row_headers
@@ -447,11 +451,10 @@ impl Planner {
                 .or_default()
                 .push((key.clone(), value.clone()));
         }
-        let times = output
-            .batch
+        let times = rows
             .column_by_name("timestamp")
             .and_then(|c| c.as_primitive_opt::<TimestampMillisecondType>().cloned());
-        let output_ids = event_ids(&output.batch);
+        let output_ids = event_ids(rows);
         let mut event_times = Vec::with_capacity(encoded.len());
         for (row, value) in encoded.into_iter().enumerate() {
             let Some(value) = value else {
@@ -497,24 +500,24 @@ impl Planner {
 
     /// Appends the stage's output events, encoded; derived from state, so no record is at
     /// fault: an event the output contract refuses is a bug in the stage and halts the worker.
-    fn output_events(
+    pub(super) fn output_events(
         &self,
-        output: &StageOutput,
+        events: &[OutputEvent],
         outgoing: &mut Vec<Outgoing>,
         event_times: &mut Vec<i64>,
     ) -> Result<(), StageError> {
-        if output.events.is_empty() {
+        if events.is_empty() {
             return Ok(());
         }
-        let Some(events) = &self.event_encoder else {
+        let Some(encoder) = &self.event_encoder else {
             return Err(StageError::Transform(format!(
                 "group {} produces no topic but its stage returned {} events",
                 self.topo.group,
-                output.events.len()
+                events.len()
             )));
         };
-        for e in &output.events {
-            let record = events.record(&e.key, &e.event).map_err(|err| {
+        for e in events {
+            let record = encoder.record(&e.key, &e.event).map_err(|err| {
                 StageError::Halt(format!("an output event does not encode: {err}"))
             })?;
             if let Some(t) = e.event["timestamp"].as_i64() {

@@ -18,7 +18,7 @@ use crate::dedup::event_key;
 use crate::error::{RecordFailure, StageError};
 use crate::outbound::JsonEncoder;
 use crate::record::{HeaderList, Inbound};
-use crate::worker::stage::{OutputEvent, Stage, StageOutput};
+use crate::worker::stage::{Collector, Stage};
 use crate::worker::topology::{Output, Topology};
 
 const SCHEMA: &str = r#"{"type": "record", "name": "Event", "namespace": "test",
@@ -130,24 +130,24 @@ struct Passthrough {
 }
 
 impl Stage for Passthrough {
-    async fn process(&mut self, input: RecordBatch) -> Result<StageOutput, StageError> {
+    async fn process(&mut self, input: RecordBatch, out: &mut Collector) -> Result<(), StageError> {
         self.runs += 1;
         let rows = values(&input);
         if rows.iter().any(|v| v == "poison") {
             return Err(StageError::Transform("poison in the batch".into()));
         }
-        let mut output = StageOutput::one_to_one(payload_columns(&input), Vec::new());
+        out.emit_one_to_one(payload_columns(&input))?;
         for (row, value) in rows.iter().enumerate() {
             match value.as_str() {
-                "bad" => output.rejected.push((
+                "bad" => out.reject(
                     row as u32,
                     RecordFailure::poison("bad_value", "value is bad"),
-                )),
-                "later" => output.deferred.push(row as u32),
+                ),
+                "later" => out.defer(row as u32),
                 _ => {}
             }
         }
-        Ok(output)
+        Ok(())
     }
 }
 
@@ -336,20 +336,17 @@ async fn rejected_and_deferred_rows_map_back_to_their_messages() {
 struct Reverse;
 
 impl Stage for Reverse {
-    async fn process(&mut self, input: RecordBatch) -> Result<StageOutput, StageError> {
+    async fn process(&mut self, input: RecordBatch, out: &mut Collector) -> Result<(), StageError> {
         let n = input.num_rows();
         let order = arrow::array::UInt32Array::from_iter_values((0..n as u32).rev());
         let reversed = arrow::compute::take_record_batch(&payload_columns(&input), &order)?;
-        let mut output = StageOutput::one_to_one(reversed, Vec::new());
-        output.source_rows = (0..n as u32).rev().map(Some).collect();
-        output
-            .row_headers
-            .push((0, "added".into(), b"to the first output".to_vec()));
-        output.events.push(OutputEvent {
-            key: "42".into(),
-            event: serde_json::json!({"event_id": "derived", "org_id": 42, "value": "from state"}),
-        });
-        Ok(output)
+        out.emit_rows(reversed, (0..n as u32).rev().map(Some).collect())?;
+        out.header(0, "added", b"to the first output".to_vec());
+        out.emit_event(
+            "42",
+            serde_json::json!({"event_id": "derived", "org_id": 42, "value": "from state"}),
+        );
+        Ok(())
     }
 }
 
@@ -376,12 +373,13 @@ async fn each_output_row_carries_the_headers_of_the_record_it_came_from() {
 struct OutOfRange;
 
 impl Stage for OutOfRange {
-    async fn process(&mut self, input: RecordBatch) -> Result<StageOutput, StageError> {
-        let mut output = StageOutput::one_to_one(payload_columns(&input), Vec::new());
-        if let Some(first) = output.source_rows.first_mut() {
+    async fn process(&mut self, input: RecordBatch, out: &mut Collector) -> Result<(), StageError> {
+        let rows = input.num_rows() as u32;
+        let mut sources: Vec<Option<u32>> = (0..rows).map(Some).collect();
+        if let Some(first) = sources.first_mut() {
             *first = Some(99);
         }
-        Ok(output)
+        out.emit_rows(payload_columns(&input), sources)
     }
 }
 

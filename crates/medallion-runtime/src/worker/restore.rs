@@ -21,6 +21,15 @@ use crate::record::Inbound;
 use crate::recovery::{Snapshot, Stretch};
 use crate::retry::RetryPolicy;
 
+/// The input tail before the committed offsets, as the dedup window needs it.
+struct InputTail {
+    /// (partition, offset, event key) of every record read.
+    seen: Vec<(i32, i64, u128)>,
+    read: u64,
+    /// The earliest timestamp among them.
+    earliest: Option<i64>,
+}
+
 /// Records of an input tail, read for the dedup window.
 #[derive(Default)]
 struct WindowChunk {
@@ -113,13 +122,70 @@ impl Restorer {
         ledger: &Mutex<Ledger>,
         planner: &mut Planner,
     ) -> Result<(), WorkerError> {
-        use crate::recovery::{read_stretches, READ_WITHIN};
         let started = Instant::now();
-        let window = i64::try_from(self.window_capacity).unwrap_or(i64::MAX);
         let fresh: HashSet<i32> = assigned.iter().map(|a| a.partition).collect();
+        let tail = self.read_input_tail(assigned, planner).await?;
+        let after = self.read_after_commit(assigned, tail.earliest).await?;
 
-        // 1. The input's tail before each committed offset. Records stamped by an upstream
-        // stage need no decoding; the others are decoded in chunks as they are read.
+        let committed: HashMap<i32, i64> = assigned
+            .iter()
+            .filter_map(|a| a.offset.map(|c| (a.partition, c)))
+            .collect();
+        let dead: HashSet<(i32, i64)> = after.dead_letters.into_iter().collect();
+        let mut windows: HashMap<i32, DedupWindow> = fresh
+            .iter()
+            .map(|p| (*p, DedupWindow::new(self.window_capacity)))
+            .collect();
+        let mut seen = tail.seen;
+        seen.sort_unstable_by_key(|(p, o, _)| (*p, *o));
+        for (partition, offset, key) in seen {
+            if dead.contains(&(partition, offset)) {
+                continue;
+            }
+            if let Some(w) = windows.get_mut(&partition) {
+                w.insert(key);
+            }
+        }
+        let remembered: usize = windows.values().map(DedupWindow::len).sum();
+        if let Ok(mut ledger) = ledger.lock() {
+            for (partition, window) in windows {
+                ledger.assign(partition, window);
+            }
+        }
+        let after_commit = after.output_keys.len();
+        for key in after.output_keys {
+            self.replayed.insert(key);
+        }
+        // Dead letters of records at or after the committed offset are not written again.
+        let before = self.dead_before.len();
+        self.dead_before.extend(
+            dead.into_iter()
+                .filter(|(p, o)| committed.get(p).is_none_or(|c| o >= c)),
+        );
+        tracing::info!(
+            partitions = ?fresh,
+            with_snapshot = assigned.iter().filter(|a| a.snapshot.is_some()).count(),
+            committed = committed.len(),
+            input_records_read = tail.read,
+            remembered,
+            outputs_after_last_commit = after_commit,
+            dead_letters_after_last_commit = self.dead_before.len() - before,
+            took_ms = started.elapsed().as_millis() as u64,
+            "partition state rebuilt"
+        );
+        Ok(())
+    }
+
+    /// The event keys of the input's last `window` records before each committed offset.
+    /// Records stamped by an upstream stage need no decoding; the others are decoded in
+    /// chunks as they are read.
+    async fn read_input_tail(
+        &self,
+        assigned: &[Assigned],
+        planner: &mut Planner,
+    ) -> Result<InputTail, WorkerError> {
+        use crate::recovery::{read_stretches, READ_WITHIN};
+        let window = i64::try_from(self.window_capacity).unwrap_or(i64::MAX);
         let tail: Vec<Stretch> = assigned
             .iter()
             .filter_map(|a| {
@@ -170,8 +236,21 @@ impl Restorer {
                 "decoding the input tail for the dedup window: {e}"
             )));
         }
+        Ok(InputTail {
+            seen,
+            read,
+            earliest,
+        })
+    }
 
-        // 2. What was produced after the last commits, and the dead letters of the tail.
+    /// What was produced after the last commits of `assigned`, and the dead letters of their
+    /// input tail (written since `earliest`, the tail's first timestamp).
+    async fn read_after_commit(
+        &self,
+        assigned: &[Assigned],
+        earliest: Option<i64>,
+    ) -> Result<crate::recovery::AfterCommit, WorkerError> {
+        let window = i64::try_from(self.window_capacity).unwrap_or(i64::MAX);
         let kafka = self.kafka.clone();
         let topics = crate::recovery::Topics {
             input: self.topo.input_topic.clone(),
@@ -182,7 +261,7 @@ impl Restorer {
             .iter()
             .map(|a| (a.partition, a.offset, a.snapshot.clone()))
             .collect();
-        let scan_fresh = fresh.clone();
+        let fresh: HashSet<i32> = assigned.iter().map(|a| a.partition).collect();
         let after = tokio::task::spawn_blocking(move || {
             // A partition never committed and still empty has produced nothing: it does not
             // widen the scan (an idle partition would otherwise send every rebuild to the
@@ -197,64 +276,11 @@ impl Restorer {
                 })
                 .map(|(_, _, snapshot)| snapshot)
                 .collect();
-            crate::recovery::after_commit(
-                &kafka,
-                &topics,
-                &snapshots,
-                &scan_fresh,
-                window,
-                earliest,
-            )
+            crate::recovery::after_commit(&kafka, &topics, &snapshots, &fresh, window, earliest)
         })
         .await
         .map_err(|e| WorkerError::Rebuild(format!("recovery reader: {e}")))??;
-
-        let committed: HashMap<i32, i64> = assigned
-            .iter()
-            .filter_map(|a| a.offset.map(|c| (a.partition, c)))
-            .collect();
-        let dead: HashSet<(i32, i64)> = after.dead_letters.into_iter().collect();
-        let mut windows: HashMap<i32, DedupWindow> = fresh
-            .iter()
-            .map(|p| (*p, DedupWindow::new(self.window_capacity)))
-            .collect();
-        seen.sort_unstable_by_key(|(p, o, _)| (*p, *o));
-        for (partition, offset, key) in seen {
-            if dead.contains(&(partition, offset)) {
-                continue;
-            }
-            if let Some(w) = windows.get_mut(&partition) {
-                w.insert(key);
-            }
-        }
-        let remembered: usize = windows.values().map(DedupWindow::len).sum();
-        if let Ok(mut ledger) = ledger.lock() {
-            for (partition, window) in windows {
-                ledger.assign(partition, window);
-            }
-        }
-        let after_commit = after.output_keys.len();
-        for key in after.output_keys {
-            self.replayed.insert(key);
-        }
-        // Dead letters of records at or after the committed offset are not written again.
-        let before = self.dead_before.len();
-        self.dead_before.extend(
-            dead.into_iter()
-                .filter(|(p, o)| committed.get(p).is_none_or(|c| o >= c)),
-        );
-        tracing::info!(
-            partitions = ?fresh,
-            with_snapshot = assigned.iter().filter(|a| a.snapshot.is_some()).count(),
-            committed = committed.len(),
-            input_records_read = read,
-            remembered,
-            outputs_after_last_commit = after_commit,
-            dead_letters_after_last_commit = self.dead_before.len() - before,
-            took_ms = started.elapsed().as_millis() as u64,
-            "partition state rebuilt"
-        );
-        Ok(())
+        Ok(after)
     }
 
     /// Drops the output records a previous owner already produced and the dead letters it

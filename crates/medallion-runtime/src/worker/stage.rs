@@ -54,31 +54,157 @@ pub fn with_meta(
     RecordBatch::try_new(stage_input_schema(&decoded.schema()), columns)
 }
 
-/// What a stage made of one batch.
-#[derive(Debug)]
-pub struct StageOutput {
-    /// Output rows, in the output topic's Arrow schema.
-    pub batch: RecordBatch,
-    /// For each output row, the input row it came from (its headers travel with it), or
-    /// `None` for a row the stage derived from state (e.g. a closed window).
-    pub source_rows: Vec<Option<u32>>,
-    /// Input rows that did not make it, and why.
-    pub rejected: Vec<(u32, RecordFailure)>,
-    /// Records for other topics (audit events, changelog updates), already encoded. They are
-    /// delivered with the batch, before its offsets are stored.
-    pub side: Vec<SideRecord>,
-    /// Input rows whose outcome the stage reports later through [`Stage::settle`] (a webhook
-    /// still retrying, say). Their offsets are not committed before that.
-    pub deferred: Vec<u32>,
-    /// Headers added to single output rows: (output row, key, value).
-    pub row_headers: Vec<(u32, String, Vec<u8>)>,
-    /// Output-topic events the stage derived from state (gold's closed windows, rule alerts),
-    /// as JSON in the output contract. The runtime encodes, keys and stamps them and times
-    /// them like output rows; one with no source record that does not encode halts the worker.
-    pub events: Vec<OutputEvent>,
+/// The one way out of a stage: everything [`Stage::process`] and [`Stage::settle`] make is
+/// handed to the collector, and the runtime turns it into records, dead letters and commits.
+/// On an error the runtime drops what was collected (the batch is bisected or retried), so a
+/// stage collects as it goes and leaves its own state as it was.
+#[derive(Debug, Default)]
+pub struct Collector {
+    rows: Option<RecordBatch>,
+    source_rows: Vec<Option<u32>>,
+    row_headers: Vec<(u32, String, Vec<u8>)>,
+    events: Vec<OutputEvent>,
+    side: Vec<SideRecord>,
+    rejected: Vec<(u32, RecordFailure)>,
+    deferred: Vec<u32>,
+    resolved: Vec<Resolved>,
 }
 
-/// One output-topic event as JSON (see [`StageOutput::events`]).
+/// What a collector holds, for the runtime.
+#[derive(Debug, Default)]
+pub(super) struct Collected {
+    pub(super) rows: Option<RecordBatch>,
+    pub(super) source_rows: Vec<Option<u32>>,
+    pub(super) row_headers: Vec<(u32, String, Vec<u8>)>,
+    pub(super) events: Vec<OutputEvent>,
+    pub(super) side: Vec<SideRecord>,
+    pub(super) rejected: Vec<(u32, RecordFailure)>,
+    pub(super) deferred: Vec<u32>,
+    pub(super) resolved: Vec<Resolved>,
+}
+
+impl Collector {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Output rows in the output contract's Arrow schema; `source_rows[i]` is the input row
+    /// output row `i` came from (its headers travel with it), or `None` for a row derived
+    /// from state. Rows emitted by several calls are numbered in emission order.
+    pub fn emit_rows(
+        &mut self,
+        batch: RecordBatch,
+        source_rows: Vec<Option<u32>>,
+    ) -> Result<(), StageError> {
+        if source_rows.len() != batch.num_rows() {
+            return Err(StageError::Transform(format!(
+                "{} output rows with {} source rows",
+                batch.num_rows(),
+                source_rows.len()
+            )));
+        }
+        self.rows = Some(match self.rows.take() {
+            Some(earlier) if earlier.num_rows() > 0 => {
+                arrow::compute::concat_batches(&earlier.schema(), [&earlier, &batch])?
+            }
+            _ => batch,
+        });
+        self.source_rows.extend(source_rows);
+        Ok(())
+    }
+
+    /// Output rows where input row `i` became output row `i`.
+    pub fn emit_one_to_one(&mut self, batch: RecordBatch) -> Result<(), StageError> {
+        let sources = (0..batch.num_rows() as u32).map(Some).collect();
+        self.emit_rows(batch, sources)
+    }
+
+    /// A header added to one output row (numbered as by [`Self::emit_rows`]).
+    pub fn header(&mut self, output_row: u32, key: impl Into<String>, value: impl Into<Vec<u8>>) {
+        self.row_headers
+            .push((output_row, key.into(), value.into()));
+    }
+
+    /// An output-topic event derived from state (a closed window, an alert), as JSON in the
+    /// output contract: the runtime encodes, keys, stamps and times it like an output row; one
+    /// that does not encode halts the worker (no record is at fault).
+    pub fn emit_event(&mut self, key: impl Into<String>, event: serde_json::Value) {
+        self.events.push(OutputEvent {
+            key: key.into(),
+            event,
+        });
+    }
+
+    /// A record for another topic (an audit event, a changelog update), already encoded: it
+    /// is delivered with the batch, before its offsets are stored.
+    pub fn side(&mut self, record: SideRecord) {
+        self.side.push(record);
+    }
+
+    /// Input row `row` did not make it: the runtime dead-letters its record with `failure`.
+    pub fn reject(&mut self, row: u32, failure: RecordFailure) {
+        self.rejected.push((row, failure));
+    }
+
+    /// Input row `row`'s outcome comes later, through [`Self::resolve`] from
+    /// [`Stage::settle`] (a webhook still retrying, say); its offset is not committed before.
+    pub fn defer(&mut self, row: u32) {
+        self.deferred.push(row);
+    }
+
+    /// The outcome of a deferred record.
+    pub fn resolve(&mut self, resolved: Resolved) {
+        self.resolved.push(resolved);
+    }
+
+    /// The output rows so far (none emitted: `None`).
+    pub fn rows(&self) -> Option<&RecordBatch> {
+        self.rows.as_ref()
+    }
+
+    pub fn source_rows(&self) -> &[Option<u32>] {
+        &self.source_rows
+    }
+
+    pub fn row_headers(&self) -> &[(u32, String, Vec<u8>)] {
+        &self.row_headers
+    }
+
+    pub fn events(&self) -> &[OutputEvent] {
+        &self.events
+    }
+
+    pub fn side_records(&self) -> &[SideRecord] {
+        &self.side
+    }
+
+    pub fn rejected(&self) -> &[(u32, RecordFailure)] {
+        &self.rejected
+    }
+
+    pub fn deferred(&self) -> &[u32] {
+        &self.deferred
+    }
+
+    pub fn resolved(&self) -> &[Resolved] {
+        &self.resolved
+    }
+
+    pub(super) fn into_collected(self) -> Collected {
+        Collected {
+            rows: self.rows,
+            source_rows: self.source_rows,
+            row_headers: self.row_headers,
+            events: self.events,
+            side: self.side,
+            rejected: self.rejected,
+            deferred: self.deferred,
+            resolved: self.resolved,
+        }
+    }
+}
+
+/// One output-topic event as JSON (see [`Collector::emit_event`]).
 #[derive(Debug, Clone)]
 pub struct OutputEvent {
     /// The record key (the output topic's key field, e.g. the org id as text).
@@ -86,27 +212,7 @@ pub struct OutputEvent {
     pub event: serde_json::Value,
 }
 
-impl StageOutput {
-    /// An output where input row `i` became output row `i`.
-    pub fn one_to_one(batch: RecordBatch, rejected: Vec<(u32, RecordFailure)>) -> Self {
-        Self {
-            source_rows: (0..batch.num_rows() as u32).map(Some).collect(),
-            batch,
-            rejected,
-            side: Vec::new(),
-            deferred: Vec::new(),
-            row_headers: Vec::new(),
-            events: Vec::new(),
-        }
-    }
-
-    /// No output rows (a sink, or a batch that only fed state).
-    pub fn empty(schema: SchemaRef) -> Self {
-        Self::one_to_one(RecordBatch::new_empty(schema), Vec::new())
-    }
-}
-
-/// The outcome of an input record the stage deferred (see [`StageOutput::deferred`]).
+/// The outcome of an input record the stage deferred (see [`Collector::defer`]).
 #[derive(Debug, Clone)]
 pub struct Resolved {
     pub partition: i32,
@@ -114,13 +220,6 @@ pub struct Resolved {
     /// `None`: done. `Some`: the runtime dead-letters the original record with this reason.
     pub failure: Option<RecordFailure>,
     pub attempts: usize,
-}
-
-/// What [`Stage::settle`] hands back: finished deferred records and records to deliver.
-#[derive(Debug, Default)]
-pub struct Settled {
-    pub resolved: Vec<Resolved>,
-    pub side: Vec<SideRecord>,
 }
 
 /// What a stage gets to build its transform once.
@@ -160,16 +259,18 @@ impl StageSetup {
     }
 }
 
-/// A stage: how a batch becomes its output. Everything else is the runtime's.
+/// A stage: how a batch becomes its output. Everything else is the runtime's: offsets,
+/// encoding, dead letters and delivery. A stage hands all it makes to the [`Collector`].
 pub trait Stage: Send + 'static {
     /// Transforms one batch. An error fails the batch as a whole: the runtime then runs the
     /// stage again on halves of it to find the records at fault, so a stage must leave its
     /// state as it was when it returns an error (compute first, then apply). A record the
-    /// stage knows to be bad is better reported in [`StageOutput::rejected`] at once.
+    /// stage knows to be bad is better rejected ([`Collector::reject`]) at once.
     fn process(
         &mut self,
         input: RecordBatch,
-    ) -> impl Future<Output = Result<StageOutput, StageError>> + Send;
+        out: &mut Collector,
+    ) -> impl Future<Output = Result<(), StageError>> + Send;
 
     /// Called before the first batch of a newly assigned partition, with the metadata that
     /// was committed with its offset. Stateful stages restore their state here.
@@ -192,12 +293,83 @@ pub trait Stage: Send + 'static {
     }
 
     /// Called after every batch, when no record arrived for a while, and once at shutdown
-    /// (`closing`): a stage with work in flight hands over what finished, and a buffering stage
-    /// flushes what is due, so offsets can advance without new input.
+    /// (`closing`): a stage with work in flight resolves what finished, a buffering stage
+    /// flushes what is due (side records, events), so offsets can advance without new input.
+    /// Rows, rejections and deferrals belong to a batch and are refused here.
     fn settle(
         &mut self,
         _closing: bool,
-    ) -> impl Future<Output = Result<Settled, StageError>> + Send {
-        async { Ok(Settled::default()) }
+        _out: &mut Collector,
+    ) -> impl Future<Output = Result<(), StageError>> + Send {
+        async { Ok(()) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use arrow::array::{Array, Int64Array};
+
+    use super::*;
+
+    fn rows(values: &[i64]) -> RecordBatch {
+        let schema = Arc::new(Schema::new(vec![Field::new("v", DataType::Int64, false)]));
+        RecordBatch::try_new(schema, vec![Arc::new(Int64Array::from(values.to_vec()))])
+            .expect("batch")
+    }
+
+    #[test]
+    fn rows_emitted_in_several_calls_are_numbered_in_emission_order() {
+        let mut out = Collector::new();
+        out.emit_one_to_one(rows(&[10, 11])).expect("emitted");
+        out.emit_rows(rows(&[99]), vec![None]).expect("emitted");
+        out.header(2, "k", b"v".to_vec());
+        let batch = out.rows().expect("rows");
+        let values = batch
+            .column(0)
+            .as_any()
+            .downcast_ref::<Int64Array>()
+            .expect("int64");
+        assert_eq!(values.values().to_vec(), [10, 11, 99]);
+        assert_eq!(out.source_rows(), [Some(0), Some(1), None]);
+        assert_eq!(out.row_headers()[0].0, 2);
+        assert_eq!(values.len(), out.source_rows().len());
+    }
+
+    #[test]
+    fn rows_and_source_rows_must_agree() {
+        let mut out = Collector::new();
+        let err = out
+            .emit_rows(rows(&[1, 2]), vec![Some(0)])
+            .expect_err("one source for two rows");
+        assert!(err.to_string().contains("2 output rows"), "{err}");
+        assert!(out.rows().is_none(), "nothing was taken");
+    }
+
+    #[test]
+    fn every_kind_of_outcome_is_kept_for_the_runtime() {
+        let mut out = Collector::new();
+        out.reject(3, RecordFailure::poison("bad", "bad record"));
+        out.defer(4);
+        out.emit_event("7", serde_json::json!({"event_id": "e"}));
+        out.side(SideRecord {
+            topic: "audit.events".into(),
+            partition: None,
+            key: None,
+            value: Vec::new(),
+            headers: None,
+        });
+        out.resolve(Resolved {
+            partition: 0,
+            offset: 9,
+            failure: None,
+            attempts: 1,
+        });
+        let c = out.into_collected();
+        assert_eq!(c.rejected.len(), 1);
+        assert_eq!(c.deferred, [4]);
+        assert_eq!(c.events[0].key, "7");
+        assert_eq!(c.side.len(), 1);
+        assert_eq!(c.resolved[0].offset, 9);
+        assert!(c.rows.is_none());
     }
 }

@@ -20,7 +20,7 @@ use datafusion::parquet::basic::{Compression, ZstdLevel};
 use datafusion::parquet::file::properties::WriterProperties;
 use medallion_runtime::error::{SetupError, StageError};
 use medallion_runtime::metrics as m;
-use medallion_runtime::worker::{meta, Settled, Stage, StageOutput, StageSetup};
+use medallion_runtime::worker::{meta, Collector, Stage, StageSetup};
 use serde::{Deserialize, Serialize};
 
 pub use store::{AuditStore, StoreError, TABLE};
@@ -466,7 +466,11 @@ fn flatten(input: &RecordBatch) -> Result<(RecordBatch, Vec<i64>), StageError> {
 }
 
 impl Stage for AuditWriter {
-    async fn process(&mut self, input: RecordBatch) -> Result<StageOutput, StageError> {
+    async fn process(
+        &mut self,
+        input: RecordBatch,
+        _out: &mut Collector,
+    ) -> Result<(), StageError> {
         let (rows, orgs) = flatten(&input)?;
         let partitions = rows
             .column_by_name("kafka_partition")
@@ -502,7 +506,7 @@ impl Stage for AuditWriter {
             buffer.last = buffer.last.max(last);
         }
         self.flush_due(false).await?;
-        Ok(StageOutput::empty(Arc::new(Schema::empty())))
+        Ok(())
     }
 
     async fn assign(
@@ -514,10 +518,10 @@ impl Stage for AuditWriter {
             .store
             .get(&self.marker_path(partition))
             .await
-            .map_err(|e| StageError::Transform(e.to_string()))?
+            .map_err(|e| StageError::restore(partition, e))?
             .map(|bytes| serde_json::from_slice::<Vec<Range>>(&bytes))
             .transpose()
-            .map_err(|e| StageError::Transform(format!("marker of partition {partition}: {e}")))?
+            .map_err(|e| StageError::restore(partition, e))?
             .unwrap_or_default();
         // Ranges the first offset read again lies past were committed (see `target`).
         self.ranges.insert(partition, ranges);
@@ -538,8 +542,7 @@ impl Stage for AuditWriter {
         (commit, None)
     }
 
-    async fn settle(&mut self, closing: bool) -> Result<Settled, StageError> {
-        self.flush_due(closing).await?;
-        Ok(Settled::default())
+    async fn settle(&mut self, closing: bool, _out: &mut Collector) -> Result<(), StageError> {
+        self.flush_due(closing).await
     }
 }

@@ -63,7 +63,7 @@ async fn feed(w: &mut AuditWriter, range: std::ops::Range<i64>, size: usize) {
     for (i, chunk) in all.chunks(size).enumerate() {
         let first = range.start + (i * size) as i64;
         let (batch, _) = input_batch(&audit, chunk, 0, first, T);
-        w.process(batch).await.expect("processed");
+        crate::testkit::process(w, batch).await.expect("processed");
     }
 }
 
@@ -116,7 +116,10 @@ async fn a_restart_rewrites_unconfirmed_ranges_exactly_and_never_duplicates_rows
         "the range 20..29 is not rewritten yet"
     );
     feed(&mut second, 23..35, 4).await;
-    second.settle(true).await.expect("closing flush");
+    second
+        .settle(true, &mut medallion_runtime::worker::Collector::new())
+        .await
+        .expect("closing flush");
     assert_eq!(second.position(0, 35).0, 35);
 
     let after = store.files().await.expect("files");

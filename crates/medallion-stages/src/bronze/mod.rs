@@ -13,7 +13,7 @@ use medallion_runtime::audit::{AuditEncoder, AuditFields};
 use medallion_runtime::error::{RecordFailure, SetupError, StageError};
 use medallion_runtime::metrics as m;
 use medallion_runtime::pii::{Keyring, PiiConfig, KEY_ID_HEADER};
-use medallion_runtime::worker::{meta, SideRecord, Stage, StageOutput, StageSetup};
+use medallion_runtime::worker::{meta, Collector, SideRecord, Stage, StageSetup};
 use serde::{Deserialize, Serialize};
 
 use crate::feeds;
@@ -479,12 +479,11 @@ impl Bronze {
 }
 
 impl Stage for Bronze {
-    async fn process(&mut self, input: RecordBatch) -> Result<StageOutput, StageError> {
+    async fn process(&mut self, input: RecordBatch, out: &mut Collector) -> Result<(), StageError> {
         let input = number_rows(&self.plan_input, &input)?;
         let results = self.plan.run(input.clone()).await?;
         let mut accepted = Vec::new();
         let mut source_rows = Vec::new();
-        let mut rejected = Vec::new();
         for batch in results {
             let batch = self.restore_variants(&input, &batch)?;
             let reject = batch
@@ -502,7 +501,7 @@ impl Stage for Bronze {
                     source_rows.push(Some(row.value(i)));
                 } else {
                     let reason = reject.value(i);
-                    rejected.push((
+                    out.reject(
                         row.value(i),
                         RecordFailure::poison(
                             reason,
@@ -511,7 +510,7 @@ impl Stage for Bronze {
                                 .cloned()
                                 .unwrap_or_else(|| reason.to_string()),
                         ),
-                    ));
+                    );
                 }
             }
             let keep = arrow::compute::is_null(&reject)?;
@@ -524,15 +523,14 @@ impl Stage for Bronze {
             _ => arrow::compute::concat_batches(&self.output_schema, &accepted)?,
         };
         let (batch, row_headers, side) = self.protect(batch)?;
-        Ok(StageOutput {
-            batch,
-            source_rows,
-            rejected,
-            side,
-            deferred: Vec::new(),
-            row_headers,
-            events: Vec::new(),
-        })
+        out.emit_rows(batch, source_rows)?;
+        for (row, key, value) in row_headers {
+            out.header(row, key, value);
+        }
+        for record in side {
+            out.side(record);
+        }
+        Ok(())
     }
 }
 

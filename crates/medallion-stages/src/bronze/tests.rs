@@ -8,11 +8,10 @@ use medallion_contracts::columnar::{BatchDecoder, BatchEncoder};
 use medallion_contracts::json::{from_avro_binary, to_framed};
 use medallion_contracts::sample::SampleEvents;
 use medallion_contracts::{Contract, ContractSet};
-use medallion_runtime::worker::{stage_input_schema, with_meta, Stage};
+use medallion_runtime::worker::{stage_input_schema, with_meta};
 use serde_json::{json, Value as Json};
 
 use medallion_runtime::pii::{KeySource, Keyring, PiiConfig, KEY_ID_HEADER};
-use medallion_runtime::worker::StageOutput;
 
 use super::{reason, Bronze, BronzeConfig};
 
@@ -96,7 +95,10 @@ async fn run(
 }
 
 /// Runs events through bronze; returns output JSON and the stage's whole output.
-async fn run_full(f: &mut Fixture, events: &[(Option<String>, Json)]) -> (Vec<Json>, StageOutput) {
+async fn run_full(
+    f: &mut Fixture,
+    events: &[(Option<String>, Json)],
+) -> (Vec<Json>, crate::testkit::Output) {
     let messages: Vec<Vec<u8>> = events
         .iter()
         .map(|(_, e)| to_framed(e, &f.raw.schema, 1).expect("frames"))
@@ -115,7 +117,9 @@ async fn run_full(f: &mut Fixture, events: &[(Option<String>, Json)]) -> (Vec<Js
         now_ms(),
     )
     .expect("meta");
-    let output = f.stage.process(input).await.expect("processes");
+    let output = crate::testkit::process(&mut f.stage, input)
+        .await
+        .expect("processes");
     let mut encoder =
         BatchEncoder::new(&output.batch.schema(), &f.bronze.text, 2).expect("encoder");
     let encoded = encoder.encode(&output.batch).expect("encodes");

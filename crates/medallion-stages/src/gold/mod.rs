@@ -19,11 +19,11 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use arrow::array::{Array, AsArray, BooleanArray, RecordBatch};
-use arrow::datatypes::{DataType, Float64Type, Int32Type, Int64Type, SchemaRef};
+use arrow::datatypes::{DataType, Float64Type, Int32Type, Int64Type};
 use medallion_runtime::envelope::Envelope;
 use medallion_runtime::error::{RecordFailure, SetupError, StageError};
 use medallion_runtime::metrics as m;
-use medallion_runtime::worker::{meta, OutputEvent, Stage, StageOutput, StageSetup};
+use medallion_runtime::worker::{meta, Collector, OutputEvent, Stage, StageSetup};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
@@ -130,7 +130,6 @@ impl PartitionState {
 pub struct Gold {
     config: GoldConfig,
     plan: BatchPlan,
-    output_schema: SchemaRef,
     partitions: HashMap<i32, PartitionState>,
 }
 
@@ -166,7 +165,6 @@ impl Gold {
         Ok(Self {
             config,
             plan,
-            output_schema: setup.output_schema,
             partitions: HashMap::new(),
         })
     }
@@ -402,13 +400,12 @@ impl Stage for Gold {
         (first_open, Some(metadata))
     }
 
-    async fn process(&mut self, input: RecordBatch) -> Result<StageOutput, StageError> {
+    async fn process(&mut self, input: RecordBatch, out: &mut Collector) -> Result<(), StageError> {
         let fates = self.fates(&input)?;
-        let mut rejected = Vec::new();
         for (row, fate) in fates.iter().enumerate() {
             if *fate == Fate::Late {
                 metrics::counter!(m::LATE_EVENTS_TOTAL, "stage" => GROUP).increment(1);
-                rejected.push((
+                out.reject(
                     row as u32,
                     RecordFailure::poison(
                         LATE,
@@ -417,7 +414,7 @@ impl Stage for Gold {
                             self.config.allowed_lateness_ms
                         ),
                     ),
-                ));
+                );
             }
         }
         let counted =
@@ -427,15 +424,9 @@ impl Stage for Gold {
             let partials = self.plan.run(input).await?;
             self.merge(&partials)?;
         }
-        let events = self.close();
-        Ok(StageOutput {
-            batch: RecordBatch::new_empty(self.output_schema.clone()),
-            source_rows: Vec::new(),
-            rejected,
-            side: Vec::new(),
-            deferred: Vec::new(),
-            row_headers: Vec::new(),
-            events,
-        })
+        for OutputEvent { key, event } in self.close() {
+            out.emit_event(key, event);
+        }
+        Ok(())
     }
 }

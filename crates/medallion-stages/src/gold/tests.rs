@@ -94,7 +94,9 @@ async fn feed(
         first_offset,
         0,
     );
-    let out = stage.process(batch).await.expect("processes");
+    let out = crate::testkit::process(stage, batch)
+        .await
+        .expect("processes");
     let rejected = out
         .rejected
         .iter()

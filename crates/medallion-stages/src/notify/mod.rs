@@ -19,9 +19,7 @@ use medallion_runtime::error::{RecordFailure, SetupError, StageError};
 use medallion_runtime::kafka::KafkaConnection;
 use medallion_runtime::metrics as m;
 use medallion_runtime::retry::RetryPolicy;
-use medallion_runtime::worker::{
-    meta, Resolved, Settled, SideRecord, Stage, StageOutput, StageSetup,
-};
+use medallion_runtime::worker::{meta, Collector, Resolved, SideRecord, Stage, StageSetup};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value as Json};
 use tokio::sync::mpsc;
@@ -406,7 +404,7 @@ impl Notify {
     }
 
     /// Folds finished deliveries into their alerts; alerts with every channel done resolve.
-    fn collect(&mut self, done: Done, settled: &mut Settled) {
+    fn collect(&mut self, done: Done, out: &mut Collector) {
         let key = (done.partition, done.offset);
         let entry = match &done.outcome {
             Outcome::Delivered { .. } => Entry::Delivered,
@@ -418,7 +416,7 @@ impl Notify {
         };
         metrics::counter!(m::NOTIFICATIONS_TOTAL, "channel" => done.channel.clone(), "outcome" => outcome).increment(1);
         let ledger_key = ledger_key(&done.event_id, &done.channel);
-        settled.side.push(medallion_runtime::changelog::update(
+        out.side(medallion_runtime::changelog::update(
             &self.ledger_topic,
             done.partition,
             ledger_key.as_bytes(),
@@ -437,7 +435,7 @@ impl Notify {
         pending.remaining = pending.remaining.saturating_sub(1);
         if pending.remaining == 0 {
             if let Some(pending) = self.pending.remove(&key) {
-                settled.resolved.push(resolve(key, pending.failures));
+                out.resolve(resolve(key, pending.failures));
             }
         }
     }
@@ -477,7 +475,7 @@ fn resolve((partition, offset): (i32, i64), mut failures: Vec<(RecordFailure, us
 }
 
 impl Stage for Notify {
-    async fn process(&mut self, input: RecordBatch) -> Result<StageOutput, StageError> {
+    async fn process(&mut self, input: RecordBatch, out: &mut Collector) -> Result<(), StageError> {
         let alerts = self.alerts(&input)?;
         let partitions = input
             .column_by_name(meta::PARTITION)
@@ -495,7 +493,6 @@ impl Stage for Notify {
                     .cloned()
             })
             .ok_or_else(|| StageError::Transform("no offset column".into()))?;
-        let mut output = StageOutput::empty(Arc::new(arrow::datatypes::Schema::empty()));
         for (row, alert) in alerts.iter().enumerate() {
             let (partition, offset) = (partitions.value(row), offsets.value(row));
             let event_id = alert["event_id"].as_str().unwrap_or_default().to_string();
@@ -512,7 +509,7 @@ impl Stage for Notify {
             }
             let restricted = alert["classification"].as_str() == Some("restricted");
             let body_json = if restricted {
-                output.side.push(self.redaction_audit(alert, &routed)?);
+                out.side(self.redaction_audit(alert, &routed)?);
                 redact(alert)
             } else {
                 alert.clone()
@@ -559,12 +556,12 @@ impl Stage for Notify {
             }
             if pending.remaining > 0 {
                 self.pending.insert((partition, offset), pending);
-                output.deferred.push(row as u32);
+                out.defer(row as u32);
             }
         }
         metrics::gauge!(m::NOTIFICATIONS_IN_FLIGHT, "stage" => GROUP)
             .set(self.pending.len() as f64);
-        Ok(output)
+        Ok(())
     }
 
     async fn assign(
@@ -600,17 +597,16 @@ impl Stage for Notify {
         }
     }
 
-    async fn settle(&mut self, closing: bool) -> Result<Settled, StageError> {
-        let mut settled = Settled::default();
+    async fn settle(&mut self, closing: bool, out: &mut Collector) -> Result<(), StageError> {
         while let Ok(done) = self.done_rx.try_recv() {
-            self.collect(done, &mut settled);
+            self.collect(done, out);
         }
         if closing && !self.pending.is_empty() {
             let deadline =
                 tokio::time::Instant::now() + Duration::from_millis(self.config.shutdown_grace_ms);
             while !self.pending.is_empty() {
                 match tokio::time::timeout_at(deadline, self.done_rx.recv()).await {
-                    Ok(Some(done)) => self.collect(done, &mut settled),
+                    Ok(Some(done)) => self.collect(done, out),
                     _ => break,
                 }
             }
@@ -625,6 +621,6 @@ impl Stage for Notify {
         }
         metrics::gauge!(m::NOTIFICATIONS_IN_FLIGHT, "stage" => GROUP)
             .set(self.pending.len() as f64);
-        Ok(settled)
+        Ok(())
     }
 }

@@ -19,7 +19,7 @@ use medallion_contracts::registry::RegistryClient;
 use medallion_runtime::envelope::Envelope;
 use medallion_runtime::error::{SetupError, StageError};
 use medallion_runtime::metrics as m;
-use medallion_runtime::worker::{OutputEvent, Stage, StageOutput, StageSetup};
+use medallion_runtime::worker::{Collector, OutputEvent, Stage, StageSetup};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
@@ -231,7 +231,6 @@ pub struct Rules {
     /// The next rule set, validated by the `config.changes` reader.
     pending: Arc<Mutex<Option<Compiled>>>,
     plan_input: SchemaRef,
-    output_schema: SchemaRef,
     /// (rule id, org) → window start of the last alert.
     last_alert: HashMap<(String, i64), i64>,
     reader: Option<tokio::task::JoinHandle<()>>,
@@ -308,7 +307,6 @@ impl Rules {
             current,
             pending: Arc::new(Mutex::new(None)),
             plan_input,
-            output_schema: setup.output_schema.clone(),
             last_alert: HashMap::new(),
             reader: None,
         })
@@ -445,7 +443,7 @@ impl Rules {
 }
 
 impl Stage for Rules {
-    async fn process(&mut self, input: RecordBatch) -> Result<StageOutput, StageError> {
+    async fn process(&mut self, input: RecordBatch, out: &mut Collector) -> Result<(), StageError> {
         let next = self.pending.lock().ok().and_then(|mut p| p.take());
         if let Some(next) = next {
             tracing::info!(
@@ -462,16 +460,10 @@ impl Stage for Rules {
         } else {
             self.current.plan.run(with_rows).await?
         };
-        let events = self.alerts(&results, &input)?;
-        Ok(StageOutput {
-            batch: RecordBatch::new_empty(self.output_schema.clone()),
-            source_rows: Vec::new(),
-            rejected: Vec::new(),
-            side: Vec::new(),
-            deferred: Vec::new(),
-            row_headers: Vec::new(),
-            events,
-        })
+        for OutputEvent { key, event } in self.alerts(&results, &input)? {
+            out.emit_event(key, event);
+        }
+        Ok(())
     }
 }
 

@@ -1,7 +1,7 @@
 //! Rule evaluation, suppression and updates in process (broker tests are in `tests/`).
 
 use medallion_runtime::error::SetupError;
-use medallion_runtime::worker::{OutputEvent, Stage};
+use medallion_runtime::worker::OutputEvent;
 use serde_json::{json, Value as Json};
 
 use super::{Rule, Rules, RulesConfig, Severity, GROUP};
@@ -63,7 +63,12 @@ fn decode(events: &[OutputEvent]) -> Vec<Json> {
 
 async fn feed(stage: &mut Rules, events: &[Json]) -> Vec<Json> {
     let (batch, _) = input_batch(&contract("gold/data-ready.avsc"), events, 0, 0, 0);
-    decode(&stage.process(batch).await.expect("processes").events)
+    decode(
+        &crate::testkit::process(stage, batch)
+            .await
+            .expect("processes")
+            .events,
+    )
 }
 
 #[tokio::test]

@@ -17,7 +17,7 @@ use arrow::buffer::OffsetBuffer;
 use arrow::datatypes::{DataType, Field, Fields, Int32Type, Int64Type, SchemaRef};
 use medallion_runtime::error::{RecordFailure, SetupError, StageError};
 use medallion_runtime::metrics as m;
-use medallion_runtime::worker::{meta, SideRecord, Stage, StageOutput, StageSetup};
+use medallion_runtime::worker::{meta, Collector, SideRecord, Stage, StageSetup};
 use serde::{Deserialize, Serialize};
 
 use crate::feeds::{self, Conformance};
@@ -153,6 +153,19 @@ fn check_sql(conformance: &Conformance, expectation: &Expectation) -> String {
         conform = conform_sql(conformance),
         expr = expectation.expr
     ))
+}
+
+/// What the merge decided for each row of a batch, for the output rows.
+struct Merged<'a> {
+    /// Whether the row goes on (not dead-lettered).
+    keep: Vec<bool>,
+    /// Per kept row: the change, the expectations it warned on, its attributes, the source
+    /// system of the entity state and the feed's metric samples (column, value).
+    changes: Vec<&'static str>,
+    warnings: Vec<Vec<String>>,
+    attributes: Vec<Vec<(&'a str, String)>>,
+    entity_source: Vec<String>,
+    samples: Vec<Vec<(usize, f64)>>,
 }
 
 /// The silver stage.
@@ -632,28 +645,141 @@ impl Stage for Silver {
         metrics::gauge!(m::STATE_ENTITIES, "stage" => GROUP).set(self.merge.len() as f64);
     }
 
-    async fn process(&mut self, input: RecordBatch) -> Result<StageOutput, StageError> {
+    async fn process(&mut self, input: RecordBatch, out: &mut Collector) -> Result<(), StageError> {
         if let Some(table) = &self.owners {
             table.wait_ready().await;
         }
         let input = number_rows(&self.plan_input, &input)?;
         let results = self.plan.run(input).await?;
         let batch = match results.len() {
-            0 => {
-                return Ok(StageOutput::one_to_one(
-                    RecordBatch::new_empty(self.output_schema.clone()),
-                    Vec::new(),
-                ))
-            }
+            0 => return Ok(()),
             1 => results.into_iter().next().unwrap_or_else(|| unreachable!()),
             _ => arrow::compute::concat_batches(&results[0].schema(), &results)?,
         };
-        self.merge_batch(&batch)
+        self.merge_batch(&batch, out)
     }
 }
 
 impl Silver {
-    fn merge_batch(&mut self, batch: &RecordBatch) -> Result<StageOutput, StageError> {
+    /// Counts the expectations' results of the `decided` rows and logs the batch's drift once.
+    fn report(&self, decided: u64, failed: &[u64], drift: u64, first_drift: Option<String>) {
+        for (e, failures) in self.expectations.iter().zip(failed) {
+            let labels = |result: &'static str| {
+                [
+                    ("stage", GROUP.to_string()),
+                    ("expectation", e.name.clone()),
+                    ("action", e.action.as_str().to_string()),
+                    ("result", result.to_string()),
+                ]
+            };
+            metrics::counter!(m::EXPECTATION_RESULTS_TOTAL, &labels("pass"))
+                .increment(decided - failures);
+            metrics::counter!(m::EXPECTATION_RESULTS_TOTAL, &labels("fail")).increment(*failures);
+        }
+        if let Some(example) = first_drift {
+            tracing::warn!(
+                stale_updates = drift,
+                example = %example,
+                "drift: updates older than the entity's current state were not applied (audited on audit.events)"
+            );
+        }
+    }
+
+    /// The output rows: the kept input rows with silver's event ids and payload (entity,
+    /// change, attributes, quality warnings, measurements plus the feed's metric samples).
+    fn output_batch(
+        &self,
+        batch: &RecordBatch,
+        merged: Merged<'_>,
+    ) -> Result<RecordBatch, StageError> {
+        let Merged {
+            keep,
+            changes,
+            warnings: warnings_out,
+            attributes: attributes_out,
+            entity_source,
+            samples: samples_out,
+        } = merged;
+        let kept =
+            arrow::compute::filter_record_batch(batch, &arrow::array::BooleanArray::from(keep))?;
+        let payload_field = self.output_schema.field_with_name("payload")?;
+        let payload_fields = struct_fields(payload_field)?;
+        let in_payload = column(&kept, "payload")?.as_struct().clone();
+        let silver_ids: Vec<String> = column(&kept, "event_id")?
+            .as_string::<i32>()
+            .iter()
+            .map(|id| {
+                let id = id.unwrap_or_default();
+                medallion_runtime::ids::stable_id(&["silver", id])
+            })
+            .collect();
+        let payload = build_struct(payload_fields, |name| match name {
+            "entity" => {
+                let field = payload_fields
+                    .find("entity")
+                    .map(|(_, f)| f.clone())
+                    .ok_or_else(|| StageError::Transform("no payload.entity".into()))?;
+                build_struct(struct_fields(&field)?, |child| match child {
+                    "updated_at" => Ok(Arc::new(TimestampMillisecondArray::from(
+                        column(&kept, "updated_at")?
+                            .as_primitive::<Int64Type>()
+                            .values()
+                            .to_vec(),
+                    )) as ArrayRef),
+                    "source_system" => {
+                        Ok(Arc::new(StringArray::from(entity_source.clone())) as ArrayRef)
+                    }
+                    other => column(&kept, other).cloned(),
+                })
+            }
+            "change" => enum_column(&CHANGE_SYMBOLS, &changes),
+            "attributes" => {
+                let (_, field) = payload_fields
+                    .find("attributes")
+                    .ok_or_else(|| StageError::Transform("no payload.attributes".into()))?;
+                build_map(field, &attributes_out)
+            }
+            "quality_warnings" => {
+                let (_, field) = payload_fields
+                    .find("quality_warnings")
+                    .ok_or_else(|| StageError::Transform("no payload.quality_warnings".into()))?;
+                build_string_list(field, &warnings_out)
+            }
+            "measurements" => {
+                let (_, field) = payload_fields
+                    .find("measurements")
+                    .ok_or_else(|| StageError::Transform("no payload.measurements".into()))?;
+                let input = in_payload
+                    .column_by_name("measurements")
+                    .ok_or_else(|| StageError::Transform("no input payload.measurements".into()))?;
+                append_samples(field, input, &samples_out, &self.conformance.metrics)
+            }
+            "bronze_event_id" => column(&kept, "event_id").cloned(),
+            other => Err(StageError::Transform(format!(
+                "unknown payload field {other}"
+            ))),
+        })?;
+        let out_columns = self
+            .output_schema
+            .fields()
+            .iter()
+            .map(|f| match f.name().as_str() {
+                "payload" => Ok(payload.clone()),
+                "event_id" => Ok(Arc::new(StringArray::from(silver_ids.clone())) as ArrayRef),
+                name => cast_to(column(&kept, name)?, f),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(RecordBatch::try_new(
+            self.output_schema.clone(),
+            out_columns,
+        )?)
+    }
+
+    fn merge_batch(
+        &mut self,
+        batch: &RecordBatch,
+        collector: &mut Collector,
+    ) -> Result<(), StageError> {
         let n = batch.num_rows();
         let strings = |name: &str| -> Result<StringArray, StageError> {
             let c = column(batch, name)?;
@@ -890,107 +1016,25 @@ impl Silver {
             keep.push(true);
         }
         metrics::gauge!(m::STATE_ENTITIES, "stage" => GROUP).set(self.merge.len() as f64);
-        // Rows decided before a fail-batch stop are not counted: the batch is read again.
-        let decided = n as u64;
-        for (e, failures) in self.expectations.iter().zip(&failed) {
-            let labels = |result: &'static str| {
-                [
-                    ("stage", GROUP.to_string()),
-                    ("expectation", e.name.clone()),
-                    ("action", e.action.as_str().to_string()),
-                    ("result", result.to_string()),
-                ]
-            };
-            metrics::counter!(m::EXPECTATION_RESULTS_TOTAL, &labels("pass"))
-                .increment(decided - failures);
-            metrics::counter!(m::EXPECTATION_RESULTS_TOTAL, &labels("fail")).increment(*failures);
+        self.report(n as u64, &failed, drift, first_drift);
+        let out = self.output_batch(
+            batch,
+            Merged {
+                keep,
+                changes,
+                warnings: warnings_out,
+                attributes: attributes_out,
+                entity_source,
+                samples: samples_out,
+            },
+        )?;
+        collector.emit_rows(out, source_rows)?;
+        for (row, failure) in rejected {
+            collector.reject(row, failure);
         }
-        if let Some(example) = first_drift {
-            tracing::warn!(
-                stale_updates = drift,
-                example = %example,
-                "drift: updates older than the entity's current state were not applied (audited on audit.events)"
-            );
+        for record in side {
+            collector.side(record);
         }
-
-        let kept =
-            arrow::compute::filter_record_batch(batch, &arrow::array::BooleanArray::from(keep))?;
-        let payload_field = self.output_schema.field_with_name("payload")?;
-        let payload_fields = struct_fields(payload_field)?;
-        let in_payload = column(&kept, "payload")?.as_struct().clone();
-        let silver_ids: Vec<String> = column(&kept, "event_id")?
-            .as_string::<i32>()
-            .iter()
-            .map(|id| {
-                let id = id.unwrap_or_default();
-                medallion_runtime::ids::stable_id(&["silver", id])
-            })
-            .collect();
-        let payload = build_struct(payload_fields, |name| match name {
-            "entity" => {
-                let field = payload_fields
-                    .find("entity")
-                    .map(|(_, f)| f.clone())
-                    .ok_or_else(|| StageError::Transform("no payload.entity".into()))?;
-                build_struct(struct_fields(&field)?, |child| match child {
-                    "updated_at" => Ok(Arc::new(TimestampMillisecondArray::from(
-                        column(&kept, "updated_at")?
-                            .as_primitive::<Int64Type>()
-                            .values()
-                            .to_vec(),
-                    )) as ArrayRef),
-                    "source_system" => {
-                        Ok(Arc::new(StringArray::from(entity_source.clone())) as ArrayRef)
-                    }
-                    other => column(&kept, other).cloned(),
-                })
-            }
-            "change" => enum_column(&CHANGE_SYMBOLS, &changes),
-            "attributes" => {
-                let (_, field) = payload_fields
-                    .find("attributes")
-                    .ok_or_else(|| StageError::Transform("no payload.attributes".into()))?;
-                build_map(field, &attributes_out)
-            }
-            "quality_warnings" => {
-                let (_, field) = payload_fields
-                    .find("quality_warnings")
-                    .ok_or_else(|| StageError::Transform("no payload.quality_warnings".into()))?;
-                build_string_list(field, &warnings_out)
-            }
-            "measurements" => {
-                let (_, field) = payload_fields
-                    .find("measurements")
-                    .ok_or_else(|| StageError::Transform("no payload.measurements".into()))?;
-                let input = in_payload
-                    .column_by_name("measurements")
-                    .ok_or_else(|| StageError::Transform("no input payload.measurements".into()))?;
-                append_samples(field, input, &samples_out, &self.conformance.metrics)
-            }
-            "bronze_event_id" => column(&kept, "event_id").cloned(),
-            other => Err(StageError::Transform(format!(
-                "unknown payload field {other}"
-            ))),
-        })?;
-        let out_columns = self
-            .output_schema
-            .fields()
-            .iter()
-            .map(|f| match f.name().as_str() {
-                "payload" => Ok(payload.clone()),
-                "event_id" => Ok(Arc::new(StringArray::from(silver_ids.clone())) as ArrayRef),
-                name => cast_to(column(&kept, name)?, f),
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        let out = RecordBatch::try_new(self.output_schema.clone(), out_columns)?;
-        Ok(StageOutput {
-            batch: out,
-            source_rows,
-            rejected,
-            side,
-            deferred: Vec::new(),
-            row_headers: Vec::new(),
-            events: Vec::new(),
-        })
+        Ok(())
     }
 }

@@ -105,7 +105,6 @@ fn a_redelivered_event_gets_its_first_decision_and_state_round_trips() {
 }
 
 mod stage {
-    use medallion_runtime::worker::Stage;
     use serde_json::{json, Value as Json};
 
     use crate::silver::{Action, Expectation, Silver, SilverConfig, GROUP};
@@ -162,7 +161,9 @@ mod stage {
             case("e4", 7, "CASE-2", 500, "v4", "carol"),
         ];
         let (batch, _) = input_batch(&contract("bronze/data-cleaned.avsc"), &events, 0, 0, NOW);
-        let out = stage.process(batch).await.expect("processes");
+        let out = crate::testkit::process(&mut stage, batch)
+            .await
+            .expect("processes");
         let reasons: Vec<(u32, String)> = out
             .rejected
             .iter()
@@ -224,7 +225,9 @@ mod stage {
         let mut stage = silver(halting).await.expect("plans");
         let events = [case("e1", 13, "CASE-1", 2_000, "v5", "alice")];
         let (batch, _) = input_batch(&contract("bronze/data-cleaned.avsc"), &events, 0, 0, NOW);
-        let err = stage.process(batch).await.expect_err("halts");
+        let err = crate::testkit::process(&mut stage, batch)
+            .await
+            .expect_err("halts");
         assert!(err.to_string().contains("org_allowed"), "{err}");
 
         for (expr, needle) in [
@@ -339,7 +342,9 @@ mod stage {
             ),
         ];
         let (batch, _) = input_batch(&contract("bronze/data-cleaned.avsc"), &events, 0, 0, NOW);
-        let out = stage.process(batch).await.expect("processes");
+        let out = crate::testkit::process(&mut stage, batch)
+            .await
+            .expect("processes");
         assert!(
             out.rejected.is_empty(),
             "{:?}",
