@@ -448,6 +448,85 @@ async fn sigkill_mid_stream_loses_nothing_and_repeats_nothing() {
     assert_eq!(dlq.len(), poison.len(), "no dead letter twice");
 }
 
+/// A worker killed mid-backlog leaves work done after its last commit; its successor reads
+/// those records again and does not produce their outputs or dead letters twice. Each record
+/// the successor consumed is counted once: as an output, a dead letter, a dropped duplicate or
+/// a replay, so `medallion_dlq_records_total` counts what the DLQ received from it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_successor_counts_what_it_replays_apart_from_outputs_and_dead_letters() {
+    let p = Pipeline::start().await;
+    let valid = sample(57, 6_000);
+    let mut poison = 0usize;
+    for (i, event) in valid.iter().enumerate() {
+        let key = event["org_id"].to_string();
+        p.send(&key, &p.frame(event)).await;
+        if i % 20 == 10 {
+            let mut bad = p.frame(event);
+            bad.truncate(bad.len() / 2);
+            p.send(&key, &bad).await;
+            poison += 1;
+        }
+    }
+    let env = [("MEDALLION__BATCH__MAX_RECORDS", "50".to_string())];
+    let mut first = p.worker(&env);
+    // Killed while it works through the backlog: up to a second of work is not committed.
+    read_until(
+        &p.broker.address,
+        BRONZE,
+        |m| m.len() >= 1_500,
+        Duration::from_millis(200),
+        Duration::from_secs(120),
+    )
+    .await
+    .expect("the first worker produced part of the backlog");
+    first.kill();
+    let second = p.worker(&env);
+    let out = read_until(
+        &p.broker.address,
+        BRONZE,
+        |m| m.len() >= valid.len(),
+        Duration::from_secs(3),
+        Duration::from_secs(180),
+    )
+    .await
+    .expect("every valid event reaches bronze");
+    assert_eq!(out.len(), valid.len(), "no event twice");
+    let dlq = read_topic(
+        &p.broker.address,
+        RAW_DLQ,
+        poison,
+        Duration::from_secs(2),
+        Duration::from_secs(60),
+    )
+    .await
+    .expect("dlq");
+    assert_eq!(dlq.len(), poison, "no dead letter twice");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let metrics = second.metrics().await.expect("metrics");
+        let sum = |name: &str| metric_sum(&metrics, name);
+        let consumed = sum("kafka_messages_in_total");
+        let replayed = sum("medallion_replayed_records_total");
+        let accounted = sum("medallion_records_out_total")
+            + sum("medallion_dlq_records_total")
+            + sum("medallion_duplicates_dropped_total")
+            + replayed;
+        if consumed > 0.0 && accounted == consumed {
+            eprintln!("the successor consumed {consumed}, {replayed} of them replays");
+            assert!(
+                replayed > 0.0,
+                "the successor replayed its predecessor's tail"
+            );
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "consumed {consumed} but accounted {accounted}:\n{metrics}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
 /// bronze plans a large batch in parts, the next while the previous one's records are
 /// acknowledged. A backlog taken in large batches, with each duplicate far behind its first
 /// copy (another part) and poison among them, still comes out exactly once, in order.

@@ -19,6 +19,10 @@ pub const RECORDS_OUT_TOTAL: &str = "medallion_records_out_total";
 pub const DLQ_RECORDS_TOTAL: &str = "medallion_dlq_records_total";
 /// Redelivered records dropped by event-id dedup, by stage and topic.
 pub const DUPLICATES_TOTAL: &str = "medallion_duplicates_dropped_total";
+/// Outputs and dead letters of re-read records not produced again, because a previous owner
+/// of the partition already produced them (after a restart or rebalance), by stage and input
+/// topic. Counted apart, so the output and DLQ counters count each record once.
+pub const REPLAYED_RECORDS_TOTAL: &str = "medallion_replayed_records_total";
 /// Retries of transient failures, by stage and reason.
 pub const RETRIES_TOTAL: &str = "medallion_retries_total";
 /// Time to process one batch end to end (poll excluded), by stage.
@@ -71,7 +75,7 @@ pub const CONSUMPTION_PAUSED: &str = "medallion_consumption_paused";
 pub const CONSUMER_ERRORS_TOTAL: &str = "medallion_consumer_errors_total";
 
 /// Every name above.
-pub const ALL: [&str; 31] = [
+pub const ALL: [&str; 32] = [
     KAFKA_CONSUMER_LAG,
     KAFKA_MESSAGES_IN_TOTAL,
     KAFKA_BYTES_IN_TOTAL,
@@ -79,6 +83,7 @@ pub const ALL: [&str; 31] = [
     RECORDS_OUT_TOTAL,
     DLQ_RECORDS_TOTAL,
     DUPLICATES_TOTAL,
+    REPLAYED_RECORDS_TOTAL,
     RETRIES_TOTAL,
     BATCH_DURATION_SECONDS,
     EVENT_LATENCY_SECONDS,
@@ -107,13 +112,14 @@ pub const ALL: [&str; 31] = [
 
 /// The counters above: exported at 0 from the start, so every name is scrapeable and `rate()`
 /// sees the first increment.
-pub const COUNTERS: [&str; 18] = [
+pub const COUNTERS: [&str; 19] = [
     CONSUMER_ERRORS_TOTAL,
     KAFKA_MESSAGES_IN_TOTAL,
     KAFKA_BYTES_IN_TOTAL,
     RECORDS_OUT_TOTAL,
     DLQ_RECORDS_TOTAL,
     DUPLICATES_TOTAL,
+    REPLAYED_RECORDS_TOTAL,
     RETRIES_TOTAL,
     EXPECTATION_RESULTS_TOTAL,
     DRIFT_TOTAL,

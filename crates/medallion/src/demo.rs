@@ -1,7 +1,7 @@
 //! The local mode: an embedded broker (librdkafka's mock cluster) and an embedded Confluent-
 //! compatible registry in one process; contracts registered, topics created from
 //! topic-config.yaml, a realistic connector stream produced (several orgs, the release, lead and
-//! 004 feeds, ~1% malformed, some duplicates) and run through bronze, silver, gold, the rule
+//! others of feeds.yaml, ~1% malformed, some duplicates) and run through bronze, silver, gold, the rule
 //! evaluator, the notification sender (to a signed-webhook receiver the demo starts) and the
 //! audit writer (to a local directory), in process.
 
@@ -393,10 +393,10 @@ pub async fn run(home: &Path, args: DemoArgs) -> anyhow::Result<ExitCode> {
         ("rules", rules),
     ] {
         let dead: u64 = t.dead_lettered.values().sum();
-        if name == "bronze" && t.produced + t.duplicates + dead != t.consumed {
+        if name == "bronze" && t.produced + t.duplicates + t.replayed + dead != t.consumed {
             bail!(
                 "bronze: {} of {} records accounted for",
-                t.produced + t.duplicates + dead,
+                t.produced + t.duplicates + t.replayed + dead,
                 t.consumed
             );
         }

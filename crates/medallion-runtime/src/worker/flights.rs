@@ -26,7 +26,10 @@ pub(super) struct InFlightLimits {
 #[derive(Debug, Default)]
 pub(super) struct Booking {
     pub(super) consumed: u64,
+    /// Records the dedup window dropped.
     pub(super) duplicates: u64,
+    /// Outputs and dead letters not produced again: a previous owner produced them.
+    pub(super) replayed: u64,
     pub(super) dead: Vec<RecordFailure>,
     /// Event timestamps (ms) of produced outputs, for the latency histogram.
     pub(super) event_times: Vec<i64>,

@@ -25,7 +25,7 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 
 use crate::config::WorkerConfig;
-use crate::error::{SetupError, StageError};
+use crate::error::{RecordFailure, SetupError, StageError};
 use crate::http::Health;
 use crate::kafka::{BatchProducer, KafkaConnection, Placement, Role};
 use crate::metrics as m;
@@ -274,12 +274,22 @@ impl<S: Stage> StageWorker<S> {
             .planner
             .batch_telemetry(&batch, &plan, started.elapsed());
         plan.outgoing.extend(telemetry);
-        let replayed = self.restorer.drop_replayed(&mut plan.outgoing);
+        let dropped = self.restorer.drop_replayed(&mut plan.outgoing);
         let commits = self.book_plan(&batch, &plan);
         let booking = Booking {
             consumed: batch.len() as u64,
-            duplicates: plan.duplicates + replayed,
-            dead: plan.dead.into_iter().map(|(_, failure)| failure).collect(),
+            duplicates: plan.duplicates,
+            replayed: dropped.total(),
+            // A dead letter a previous owner already wrote is a replay, not a second one.
+            dead: plan
+                .dead
+                .into_iter()
+                .filter(|(index, _)| {
+                    let m = &batch[*index];
+                    !dropped.dead_letters.contains(&(m.partition(), m.offset()))
+                })
+                .map(|(_, failure)| failure)
+                .collect(),
             event_times: plan.event_times,
         };
         flights.launch(plan.outgoing, commits, booking).await;
@@ -441,6 +451,7 @@ impl<S: Stage> StageWorker<S> {
         }
         let mut dead = Vec::new();
         let mut resolved = Vec::new();
+        let mut failed_origins = Vec::new();
         for r in settled.resolved {
             let message = match self.ledger.lock() {
                 Ok(ledger) => ledger.deferred(r.partition, r.offset).cloned(),
@@ -456,10 +467,17 @@ impl<S: Stage> StageWorker<S> {
                         .dead_letter_audit(&message, failure, r.attempts),
                 );
                 dead.push(failure.clone());
+                failed_origins.push((r.partition, r.offset));
             }
             resolved.push((r.partition, r.offset));
         }
-        let replayed = self.restorer.drop_replayed(&mut outgoing);
+        let dropped = self.restorer.drop_replayed(&mut outgoing);
+        let dead: Vec<RecordFailure> = dead
+            .into_iter()
+            .zip(failed_origins)
+            .filter(|(_, origin)| !dropped.dead_letters.contains(origin))
+            .map(|(failure, _)| failure)
+            .collect();
         // Only positions that moved since the partition's last launched step.
         let commits: Vec<(i32, Commit)> = match self.ledger.lock() {
             Ok(ledger) => positions_of(&self.stage, &ledger, ledger.partitions())
@@ -472,7 +490,7 @@ impl<S: Stage> StageWorker<S> {
             return Ok(());
         }
         let booking = Booking {
-            duplicates: replayed,
+            replayed: dropped.total(),
             dead,
             event_times,
             ..Booking::default()

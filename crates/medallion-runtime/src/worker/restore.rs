@@ -21,6 +21,21 @@ use crate::record::Inbound;
 use crate::recovery::{Snapshot, Stretch};
 use crate::retry::RetryPolicy;
 
+/// What a replay dropped: outputs and dead letters a previous owner already produced. They
+/// are counted as replayed, not again as outputs or dead letters.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(super) struct Dropped {
+    pub(super) outputs: u64,
+    /// (input partition, offset) of the records whose dead letter was already written.
+    pub(super) dead_letters: HashSet<(i32, i64)>,
+}
+
+impl Dropped {
+    pub(super) fn total(&self) -> u64 {
+        self.outputs + self.dead_letters.len() as u64
+    }
+}
+
 /// The input tail before the committed offsets, as the dedup window needs it.
 struct InputTail {
     /// (partition, offset, event key) of every record read.
@@ -285,21 +300,28 @@ impl Restorer {
 
     /// Drops the output records a previous owner already produced and the dead letters it
     /// already wrote; returns how many.
-    pub(super) fn drop_replayed(&mut self, outgoing: &mut Vec<Outgoing>) -> u64 {
+    pub(super) fn drop_replayed(&mut self, outgoing: &mut Vec<Outgoing>) -> Dropped {
+        let mut dropped = Dropped::default();
         if self.replayed.is_empty() && self.dead_before.is_empty() {
-            return 0;
+            return dropped;
         }
-        let before = outgoing.len();
         let output = self.topo.output.as_ref().map(|o| o.topic.as_str());
         let (replayed, dead_before) = (&self.replayed, &mut self.dead_before);
         outgoing.retain(|o| {
-            let produced = Some(o.topic.as_str()) == output
-                && o.event_key.is_some_and(|k| replayed.contains(k));
-            !(produced
-                || o.dead_origin
-                    .is_some_and(|origin| dead_before.remove(&origin)))
+            if Some(o.topic.as_str()) == output && o.event_key.is_some_and(|k| replayed.contains(k))
+            {
+                dropped.outputs += 1;
+                return false;
+            }
+            match o.dead_origin {
+                Some(origin) if dead_before.remove(&origin) => {
+                    dropped.dead_letters.insert(origin);
+                    false
+                }
+                _ => true,
+            }
         });
-        (before - outgoing.len()) as u64
+        dropped
     }
 
     /// The output and DLQ as they are now: the last offset of each partition.
@@ -376,7 +398,9 @@ mod tests {
             outgoing(&dlq, None, Some((2, 40))),
             outgoing(&dlq, None, Some((2, 41))),
         ];
-        assert_eq!(restorer.drop_replayed(&mut batch), 2);
+        let dropped = restorer.drop_replayed(&mut batch);
+        assert_eq!(dropped.outputs, 1);
+        assert_eq!(dropped.dead_letters, HashSet::from([(2, 40)]));
         type Left<'a> = (&'a str, Option<u128>, Option<(i32, i64)>);
         let left: Vec<Left<'_>> = batch
             .iter()
@@ -392,7 +416,7 @@ mod tests {
         );
         // A dead letter is skipped once: the same record failing again later is written.
         let mut again = vec![outgoing(&dlq, None, Some((2, 40)))];
-        assert_eq!(restorer.drop_replayed(&mut again), 0);
+        assert_eq!(restorer.drop_replayed(&mut again).total(), 0);
         assert_eq!(again.len(), 1);
     }
 }

@@ -16,6 +16,7 @@ pub struct Progress {
     pub consumed: AtomicU64,
     pub produced: AtomicU64,
     pub duplicates: AtomicU64,
+    pub replayed: AtomicU64,
     pub dead_lettered: AtomicU64,
 }
 
@@ -24,7 +25,10 @@ pub struct Progress {
 pub struct RunTotals {
     pub consumed: u64,
     pub produced: u64,
+    /// Records the dedup window dropped (redelivered events).
     pub duplicates: u64,
+    /// Outputs and dead letters not produced again after a restart or rebalance.
+    pub replayed: u64,
     pub dead_lettered: BTreeMap<String, u64>,
 }
 
@@ -57,14 +61,18 @@ impl Tally {
         self.totals.consumed += b.consumed;
         self.totals.produced += produced;
         self.totals.duplicates += b.duplicates;
+        self.totals.replayed += b.replayed;
         self.progress.consumed.fetch_add(b.consumed, Relaxed);
         self.progress.produced.fetch_add(produced, Relaxed);
         self.progress.duplicates.fetch_add(b.duplicates, Relaxed);
+        self.progress.replayed.fetch_add(b.replayed, Relaxed);
         if let Some(topic) = self.output_topic.as_ref().filter(|_| produced > 0) {
             metrics::counter!(m::RECORDS_OUT_TOTAL, "stage" => self.group.clone(), "topic" => topic.clone()).increment(produced);
         }
         metrics::counter!(m::DUPLICATES_TOTAL, "stage" => self.group.clone(), "topic" => self.input_topic.clone())
             .increment(b.duplicates);
+        metrics::counter!(m::REPLAYED_RECORDS_TOTAL, "stage" => self.group.clone(), "topic" => self.input_topic.clone())
+            .increment(b.replayed);
         self.count_dead_letters(&b.dead);
         let now = now_ms();
         let latency = metrics::histogram!(m::EVENT_LATENCY_SECONDS, "stage" => self.group.clone());
