@@ -12,7 +12,7 @@
 //! `MEDALLION_REPLAY_BASELINE=<dir>` also runs the `bronze-processor`, `silver-processor` and
 //! `gold-processor` found in `<dir>` (an earlier build) on the same events in the same run,
 //! each right after this build's, under the naming prefix `base.`: a before/after comparison
-//! on one machine state.
+//! on one machine state (`MEDALLION_REPLAY_BASELINE_FIRST=1` runs the baseline first).
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -308,6 +308,10 @@ async fn run() {
         .expect("replayed for the baseline");
         assert_eq!(again.errors, 0, "every record delivered");
         builds.push(base);
+        // Which build runs first on each stage can be swapped, to see an order effect.
+        if std::env::var_os("MEDALLION_REPLAY_BASELINE_FIRST").is_some() {
+            builds.reverse();
+        }
     }
     let bytes = summary.bytes as usize;
     drop(records);
