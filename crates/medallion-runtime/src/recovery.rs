@@ -21,7 +21,7 @@ use rdkafka::message::{Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
 
 pub use crate::kafka::io::{read_stretches, ReadError as RecoveryError, Stretch};
-use crate::kafka::{KafkaConnection, ReaderContext, Role};
+use crate::kafka::{KafkaConnection, ReaderContext};
 
 /// How long reading a partition's tail (or the outputs after a commit) may take.
 pub const READ_WITHIN: Duration = Duration::from_secs(300);
@@ -129,20 +129,8 @@ pub fn offsets_at(
             source,
         }
     };
-    let group = format!("medallion-recovery-{}", uuid::Uuid::new_v4());
-    let consumer: BaseConsumer<ReaderContext> = kafka
-        .create_with_context(
-            Role::Reader {
-                group: &group,
-                until_end: true,
-            },
-            "recovery reader",
-            ReaderContext,
-        )
-        .map_err(|source| RecoveryError::Client {
-            topic: topic.to_string(),
-            source,
-        })?;
+    let consumer: BaseConsumer<ReaderContext> =
+        crate::kafka::io::reader(kafka, topic, "recovery reader", true)?;
     let mut tpl = TopicPartitionList::new();
     for p in marks.keys() {
         tpl.add_partition_offset(topic, *p, Offset::Offset(since))

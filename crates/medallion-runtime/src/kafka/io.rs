@@ -56,7 +56,7 @@ impl ReadError {
 
 /// A consumer that assigns partitions itself, in a group of its own that never commits; with
 /// `until_end`, the end of each partition is reported.
-fn reader<T>(
+pub fn reader<T>(
     kafka: &KafkaConnection,
     topic: &str,
     what: &'static str,
@@ -82,7 +82,7 @@ where
 }
 
 /// The partition ids of `topic`, in order; an error if it has none.
-fn partition_ids<C: rdkafka::consumer::ConsumerContext>(
+pub fn partition_ids<C: rdkafka::consumer::ConsumerContext>(
     consumer: &impl Consumer<C>,
     topic: &str,
 ) -> Result<Vec<i32>, ReadError> {

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use crate::kafka::io::{send_queued, watermarks, Stretch, StretchReader};
 use crate::kafka::KafkaConnection;
-use rdkafka::consumer::{BaseConsumer, Consumer};
+
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
@@ -51,24 +51,6 @@ impl Captured {
     }
 }
 
-/// The partition ids of `topic`; an error if it does not exist.
-pub fn partitions_of<C: rdkafka::consumer::ConsumerContext>(
-    consumer: &BaseConsumer<C>,
-    topic: &str,
-) -> Result<Vec<i32>, CaptureError> {
-    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
-    let partitions: Vec<i32> = metadata
-        .topics()
-        .iter()
-        .filter(|t| t.name() == topic)
-        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
-        .collect();
-    if partitions.is_empty() {
-        return Err(CaptureError::NoTopic(topic.to_string()));
-    }
-    Ok(partitions)
-}
-
 /// Why a capture or replay failed.
 #[derive(Debug, thiserror::Error)]
 pub enum CaptureError {
@@ -80,8 +62,6 @@ pub enum CaptureError {
     Read(#[from] crate::kafka::io::ReadError),
     #[error("{path}: {message}")]
     File { path: String, message: String },
-    #[error("topic {0} does not exist or has no partitions")]
-    NoTopic(String),
 }
 
 /// What a capture or replay did.

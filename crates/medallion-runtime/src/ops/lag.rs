@@ -8,7 +8,8 @@ use crate::kafka::{KafkaConnection, Role};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
 
-use super::capture::{partitions_of, CaptureError};
+use super::capture::CaptureError;
+use crate::kafka::io::partition_ids;
 
 /// One partition of one group.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,7 +40,7 @@ pub fn group_lag(
     )?;
     let mut rows = Vec::new();
     for topic in topics {
-        let partitions = partitions_of(&consumer, topic)?;
+        let partitions = partition_ids(&consumer, topic)?;
         let mut tpl = TopicPartitionList::new();
         for p in &partitions {
             tpl.add_partition(topic, *p);

@@ -11,14 +11,14 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use crate::kafka::io::{send_queued, Stretch, StretchReader};
+use crate::kafka::io::{partition_ids, send_queued, Stretch, StretchReader};
 use crate::kafka::{KafkaConnection, ReaderContext, Role};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 
-use super::capture::{partitions_of, read_topic_now, CaptureError, Captured};
+use super::capture::{read_topic_now, CaptureError, Captured};
 use crate::dlq::header;
 
 /// Times a record has been redriven.
@@ -203,7 +203,7 @@ pub async fn redrive(
         "DLQ reader",
         ReaderContext,
     )?;
-    let partitions = partitions_of(&consumer, dlq_topic)?;
+    let partitions = partition_ids(&consumer, dlq_topic)?;
     let mut wanted = TopicPartitionList::new();
     for p in &partitions {
         wanted.add_partition(dlq_topic, *p);
@@ -302,7 +302,7 @@ pub async fn redrive(
             let headers = redrive_headers(&record, &count, &from);
             let known = *original_partitions
                 .entry(original.clone())
-                .or_insert_with(|| partitions_of(&consumer, &original).ok().map(|p| p.len()));
+                .or_insert_with(|| partition_ids(&consumer, &original).ok().map(|p| p.len()));
             let original_partition =
                 original_partition(text(&record, header::ORIGINAL_PARTITION).as_deref(), known)
                     .unwrap_or_else(|()| {

@@ -420,8 +420,8 @@ impl<S: Stage> StageWorker<S> {
         flights: &mut FlightTracker,
     ) -> Result<(), WorkerError> {
         self.apply_revocations();
-        let mut out = Collector::new();
-        match self.stage.settle(closing, &mut out).await {
+        let mut settled = Collector::new();
+        match self.stage.settle(closing, &mut settled).await {
             Ok(()) => {}
             Err(StageError::Halt(message)) => {
                 self.health.set_assigned(false);
@@ -432,7 +432,6 @@ impl<S: Stage> StageWorker<S> {
                 return Ok(());
             }
         }
-        let settled = out.into_collected();
         if settled.rows.is_some() || !settled.rejected.is_empty() || !settled.deferred.is_empty() {
             // Rows, rejections and deferrals name input rows: there are none here.
             return Err(WorkerError::Halted(
@@ -449,9 +448,9 @@ impl<S: Stage> StageWorker<S> {
             self.health.set_assigned(false);
             return Err(WorkerError::Halted(e.to_string()));
         }
-        let mut dead = Vec::new();
+        // (origin, reason) of the deferred records that failed.
+        let mut dead: Vec<((i32, i64), RecordFailure)> = Vec::new();
         let mut resolved = Vec::new();
-        let mut failed_origins = Vec::new();
         for r in settled.resolved {
             let message = match self.ledger.lock() {
                 Ok(ledger) => ledger.deferred(r.partition, r.offset).cloned(),
@@ -460,23 +459,21 @@ impl<S: Stage> StageWorker<S> {
             let Some(message) = message else {
                 continue;
             };
-            if let Some(failure) = &r.failure {
-                outgoing.push(self.planner.dead_letter(&message, failure, r.attempts));
+            if let Some(failure) = r.failure {
+                outgoing.push(self.planner.dead_letter(&message, &failure, r.attempts));
                 outgoing.extend(
                     self.planner
-                        .dead_letter_audit(&message, failure, r.attempts),
+                        .dead_letter_audit(&message, &failure, r.attempts),
                 );
-                dead.push(failure.clone());
-                failed_origins.push((r.partition, r.offset));
+                dead.push(((r.partition, r.offset), failure));
             }
             resolved.push((r.partition, r.offset));
         }
         let dropped = self.restorer.drop_replayed(&mut outgoing);
         let dead: Vec<RecordFailure> = dead
             .into_iter()
-            .zip(failed_origins)
-            .filter(|(_, origin)| !dropped.dead_letters.contains(origin))
-            .map(|(failure, _)| failure)
+            .filter(|(origin, _)| !dropped.dead_letters.contains(origin))
+            .map(|(_, failure)| failure)
             .collect();
         // Only positions that moved since the partition's last launched step.
         let commits: Vec<(i32, Commit)> = match self.ledger.lock() {

@@ -13,7 +13,7 @@ use medallion_contracts::columnar::{BatchDecoder, BatchEncoder, DecodedBatch};
 use medallion_contracts::registry::{RegistryClient, RegistryError};
 use rdkafka::message::Message;
 
-use super::stage::{with_meta, Collected, Collector, OutputEvent, Stage};
+use super::stage::{with_meta, Collector, OutputEvent, Stage};
 use super::telemetry::Telemetry;
 use super::topology::Topology;
 use crate::clock::now_ms;
@@ -52,6 +52,23 @@ impl Outgoing {
             key: self.key.as_deref(),
             value: self.value.as_ref(),
             headers: self.headers.as_ref(),
+        }
+    }
+}
+
+#[cfg(test)]
+impl Outgoing {
+    /// An empty record for `topic`, from no input message (tests set what they look at).
+    pub(super) fn empty(topic: &str) -> Self {
+        Outgoing {
+            topic: topic.into(),
+            partition: None,
+            key: None,
+            value: bytes::Bytes::new(),
+            headers: None,
+            source: None,
+            event_key: None,
+            dead_origin: None,
         }
     }
 }
@@ -336,9 +353,8 @@ impl Planner {
         input: RecordBatch,
         rows: &[usize],
     ) -> Result<Transformed, StageError> {
-        let mut out = Collector::new();
-        stage.process(input, &mut out).await?;
-        let output = out.into_collected();
+        let mut output = Collector::new();
+        stage.process(input, &mut output).await?;
         let produced = output.rows.as_ref().map_or(0, RecordBatch::num_rows);
         if output.source_rows.len() != produced {
             return Err(StageError::Transform(format!(
@@ -389,7 +405,7 @@ impl Planner {
     /// dropping it would lose data.
     fn encode_rows(
         &mut self,
-        output: &Collected,
+        output: &Collector,
         sources: &[Option<usize>],
         dead: &mut Vec<(usize, RecordFailure)>,
     ) -> Result<Vec<Option<bytes::Bytes>>, StageError> {
@@ -435,7 +451,7 @@ impl Planner {
     fn output_records(
         &self,
         batch: &[Inbound],
-        output: &Collected,
+        output: &Collector,
         sources: &[Option<usize>],
         encoded: Vec<Option<bytes::Bytes>>,
         outgoing: &mut Vec<Outgoing>,

@@ -372,14 +372,9 @@ mod tests {
 
     fn outgoing(topic: &str, event_key: Option<u128>, dead_origin: Option<(i32, i64)>) -> Outgoing {
         Outgoing {
-            topic: topic.into(),
-            partition: None,
-            key: None,
-            value: bytes::Bytes::new(),
-            headers: None,
-            source: None,
             event_key,
             dead_origin,
+            ..Outgoing::empty(topic)
         }
     }
 

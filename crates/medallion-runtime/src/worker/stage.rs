@@ -60,19 +60,6 @@ pub fn with_meta(
 /// stage collects as it goes and leaves its own state as it was.
 #[derive(Debug, Default)]
 pub struct Collector {
-    rows: Option<RecordBatch>,
-    source_rows: Vec<Option<u32>>,
-    row_headers: Vec<(u32, String, Vec<u8>)>,
-    events: Vec<OutputEvent>,
-    side: Vec<SideRecord>,
-    rejected: Vec<(u32, RecordFailure)>,
-    deferred: Vec<u32>,
-    resolved: Vec<Resolved>,
-}
-
-/// What a collector holds, for the runtime.
-#[derive(Debug, Default)]
-pub(super) struct Collected {
     pub(super) rows: Option<RecordBatch>,
     pub(super) source_rows: Vec<Option<u32>>,
     pub(super) row_headers: Vec<(u32, String, Vec<u8>)>,
@@ -188,19 +175,6 @@ impl Collector {
 
     pub fn resolved(&self) -> &[Resolved] {
         &self.resolved
-    }
-
-    pub(super) fn into_collected(self) -> Collected {
-        Collected {
-            rows: self.rows,
-            source_rows: self.source_rows,
-            row_headers: self.row_headers,
-            events: self.events,
-            side: self.side,
-            rejected: self.rejected,
-            deferred: self.deferred,
-            resolved: self.resolved,
-        }
     }
 }
 
@@ -364,7 +338,7 @@ mod tests {
             failure: None,
             attempts: 1,
         });
-        let c = out.into_collected();
+        let c = out;
         assert_eq!(c.rejected.len(), 1);
         assert_eq!(c.deferred, [4]);
         assert_eq!(c.events[0].key, "7");

@@ -16,7 +16,6 @@ pub struct Progress {
     pub consumed: AtomicU64,
     pub produced: AtomicU64,
     pub duplicates: AtomicU64,
-    pub replayed: AtomicU64,
     pub dead_lettered: AtomicU64,
 }
 
@@ -65,7 +64,6 @@ impl Tally {
         self.progress.consumed.fetch_add(b.consumed, Relaxed);
         self.progress.produced.fetch_add(produced, Relaxed);
         self.progress.duplicates.fetch_add(b.duplicates, Relaxed);
-        self.progress.replayed.fetch_add(b.replayed, Relaxed);
         if let Some(topic) = self.output_topic.as_ref().filter(|_| produced > 0) {
             metrics::counter!(m::RECORDS_OUT_TOTAL, "stage" => self.group.clone(), "topic" => topic.clone()).increment(produced);
         }

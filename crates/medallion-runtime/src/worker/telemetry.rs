@@ -322,14 +322,8 @@ mod tests {
 
     fn outgoing(topic: &str, source: Option<usize>) -> Outgoing {
         Outgoing {
-            topic: topic.into(),
-            partition: None,
-            key: None,
-            value: bytes::Bytes::new(),
-            headers: None,
             source,
-            event_key: None,
-            dead_origin: None,
+            ..Outgoing::empty(topic)
         }
     }
 
