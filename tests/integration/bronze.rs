@@ -38,7 +38,11 @@ pub struct Pipeline {
 
 impl Pipeline {
     pub async fn start() -> Pipeline {
-        let broker = broker().expect("broker starts");
+        Self::start_on(broker().expect("broker starts")).await
+    }
+
+    /// A pipeline on `broker`.
+    pub async fn start_on(broker: Service) -> Pipeline {
         let registry = registry().expect("registry starts");
         let (contracts, topics) = contracts().expect("contracts");
         medallion_runtime::admin::apply_topics(
@@ -180,6 +184,35 @@ impl Pipeline {
             .await
             .map_err(|(e, _)| e)
             .expect("delivered");
+    }
+
+    /// Produces `records` (key, value) to `topic` at an even pace from `started` over `over`,
+    /// `chunk` records at a time, every one acknowledged (the task fails otherwise).
+    pub fn produce_paced(
+        &self,
+        topic: &'static str,
+        records: Vec<(String, Vec<u8>)>,
+        started: std::time::Instant,
+        over: Duration,
+    ) -> tokio::task::JoinHandle<()> {
+        const CHUNK: usize = 400;
+        let producer = self.producer.clone();
+        tokio::spawn(async move {
+            let total = records.len().max(1);
+            for (i, chunk) in records.chunks(CHUNK).enumerate() {
+                let due = started + over.mul_f64((i * CHUNK) as f64 / total as f64);
+                tokio::time::sleep_until(due.into()).await;
+                let sends = chunk.iter().map(|(key, value)| {
+                    producer.send(
+                        FutureRecord::to(topic).key(key).payload(value),
+                        Duration::from_secs(60),
+                    )
+                });
+                for sent in futures::future::join_all(sends).await {
+                    sent.map_err(|(e, _)| e).expect("produced");
+                }
+            }
+        })
     }
 
     /// Decodes bronze output records to JSON (writer schema = the bronze contract).

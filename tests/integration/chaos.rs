@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 use medallion_contracts::sample::{SampleEvents, SplitMix};
 use medallion_tests::{read_until, WorkerProcess};
 use rdkafka::message::{Message, OwnedMessage};
-use rdkafka::producer::FutureRecord;
 use serde_json::Value as Json;
 
 use crate::bronze::{now_ms, Pipeline};
@@ -218,24 +217,9 @@ async fn sigkills_of_every_stage_lose_nothing_repeat_nothing_and_keep_gold_exact
 
     // Produce at a pace that keeps the stream flowing while the kills happen.
     let producing_for = Duration::from_secs(30).max(Duration::from_millis(n as u64 / 2));
-    let producer = p.producer.clone();
     let total = records.len();
     let started = Instant::now();
-    let production = tokio::spawn(async move {
-        for (i, chunk) in records.chunks(500).enumerate() {
-            let due = started + producing_for.mul_f64((i * 500) as f64 / total as f64);
-            tokio::time::sleep_until(due.into()).await;
-            let sends = chunk.iter().map(|(key, value)| {
-                producer.send(
-                    FutureRecord::to(RAW).key(key).payload(value),
-                    Duration::from_secs(30),
-                )
-            });
-            for sent in futures::future::join_all(sends).await {
-                sent.map_err(|(e, _)| e).expect("produced");
-            }
-        }
-    });
+    let production = p.produce_paced(RAW, records, started, producing_for);
 
     // Kill a random stage that has died fewer than three times, at random moments spread over
     // the production (every 2.5 s on average in the default size), until each has died three

@@ -1,8 +1,8 @@
 //! Per-worker HTTP: `/metrics` (Prometheus text), `/healthz` (the processing loop is alive),
-//! `/readyz` (partitions assigned and the registry answered).
+//! `/readyz` (the worker can make progress: see [`Condition`]).
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,11 +12,62 @@ use axum::routing::get;
 use axum::Router;
 use metrics_exporter_prometheus::PrometheusHandle;
 
-/// Shared health state, written by the worker loop.
-#[derive(Debug, Default)]
+/// Why a worker cannot make progress now: each is a reason `/readyz` answers 503 and, but
+/// for [`Condition::NoPartitions`], a `medallion_worker_degraded{reason}` of 1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Condition {
+    /// The group has given this worker no partition (yet).
+    NoPartitions,
+    /// The schema registry does not answer; consumption is paused.
+    RegistryUnavailable,
+    /// Requests to the broker fail or go unanswered (refused, reset, black-holed).
+    BrokerUnreachable,
+    /// The broker refused records; they are being sent again and consumption is paused.
+    DeliveriesRefused,
+    /// Records are out and none has been acknowledged for a while.
+    DeliveriesStalled,
+}
+
+impl Condition {
+    pub const ALL: [Condition; 5] = [
+        Condition::NoPartitions,
+        Condition::RegistryUnavailable,
+        Condition::BrokerUnreachable,
+        Condition::DeliveriesRefused,
+        Condition::DeliveriesStalled,
+    ];
+
+    /// The `reason` label of `medallion_worker_degraded`.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Condition::NoPartitions => "no_partitions",
+            Condition::RegistryUnavailable => "registry_unavailable",
+            Condition::BrokerUnreachable => "broker_unreachable",
+            Condition::DeliveriesRefused => "deliveries_refused",
+            Condition::DeliveriesStalled => "deliveries_stalled",
+        }
+    }
+
+    fn describe(self) -> &'static str {
+        match self {
+            Condition::NoPartitions => "no partitions assigned",
+            Condition::RegistryUnavailable => "schema registry not answering",
+            Condition::BrokerUnreachable => "broker unreachable",
+            Condition::DeliveriesRefused => "broker refusing records (sending them again)",
+            Condition::DeliveriesStalled => "records unacknowledged by the broker",
+        }
+    }
+
+    fn bit(self) -> u8 {
+        1 << self as u8
+    }
+}
+
+/// Shared health state, written by the worker loop, its rebalance hooks and its broker probe.
+#[derive(Debug)]
 pub struct Health {
-    assigned: AtomicBool,
-    registry_ok: AtomicBool,
+    /// The [`Condition`]s that hold, one bit each.
+    conditions: AtomicU8,
     last_beat_ms: AtomicU64,
 }
 
@@ -28,9 +79,16 @@ fn now_ms() -> u64 {
 const STALL: Duration = Duration::from_secs(120);
 
 impl Health {
+    /// A worker starting: no partitions yet, the registry not reached yet.
     pub fn new() -> Arc<Self> {
-        let health = Arc::new(Self::default());
+        let health = Arc::new(Self {
+            conditions: AtomicU8::new(
+                Condition::NoPartitions.bit() | Condition::RegistryUnavailable.bit(),
+            ),
+            last_beat_ms: AtomicU64::new(0),
+        });
         health.beat();
+        health.publish();
         health
     }
 
@@ -39,22 +97,57 @@ impl Health {
         self.last_beat_ms.store(now_ms(), Ordering::Relaxed);
     }
 
+    /// `condition` holds (`true`) or no longer does.
+    pub fn set(&self, condition: Condition, holds: bool) {
+        let before = if holds {
+            self.conditions.fetch_or(condition.bit(), Ordering::Relaxed)
+        } else {
+            self.conditions
+                .fetch_and(!condition.bit(), Ordering::Relaxed)
+        };
+        if (before & condition.bit() != 0) != holds {
+            self.publish();
+        }
+    }
+
     pub fn set_assigned(&self, assigned: bool) {
-        self.assigned.store(assigned, Ordering::Relaxed);
-        self.publish();
+        self.set(Condition::NoPartitions, !assigned);
     }
 
     pub fn set_registry_ok(&self, ok: bool) {
-        self.registry_ok.store(ok, Ordering::Relaxed);
-        self.publish();
+        self.set(Condition::RegistryUnavailable, !ok);
+    }
+
+    /// The conditions that hold now.
+    pub fn conditions(&self) -> Vec<Condition> {
+        let bits = self.conditions.load(Ordering::Relaxed);
+        Condition::ALL
+            .into_iter()
+            .filter(|c| bits & c.bit() != 0)
+            .collect()
     }
 
     fn publish(&self) {
-        metrics::gauge!(crate::metrics::WORKER_READY).set(if self.is_ready() { 1.0 } else { 0.0 });
+        let holding = self.conditions();
+        metrics::gauge!(crate::metrics::WORKER_READY).set(if holding.is_empty() {
+            1.0
+        } else {
+            0.0
+        });
+        for condition in Condition::ALL {
+            if condition != Condition::NoPartitions {
+                metrics::gauge!(crate::metrics::WORKER_DEGRADED, "reason" => condition.reason())
+                    .set(if holding.contains(&condition) {
+                        1.0
+                    } else {
+                        0.0
+                    });
+            }
+        }
     }
 
     pub fn is_ready(&self) -> bool {
-        self.assigned.load(Ordering::Relaxed) && self.registry_ok.load(Ordering::Relaxed)
+        self.conditions.load(Ordering::Relaxed) == 0
     }
 
     pub fn is_alive(&self) -> bool {
@@ -82,20 +175,16 @@ async fn healthz(State(state): State<AppState>) -> (StatusCode, &'static str) {
     }
 }
 
-async fn readyz(State(state): State<AppState>) -> (StatusCode, &'static str) {
-    if state.health.is_ready() {
-        (StatusCode::OK, "ready\n")
-    } else if !state.health.registry_ok.load(Ordering::Relaxed) {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "schema registry not reachable yet\n",
-        )
-    } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "no partitions assigned yet\n",
-        )
+async fn readyz(State(state): State<AppState>) -> (StatusCode, String) {
+    let holding = state.health.conditions();
+    if holding.is_empty() {
+        return (StatusCode::OK, "ready\n".into());
     }
+    let reasons: Vec<&str> = holding.iter().map(|c| c.describe()).collect();
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!("not ready: {}\n", reasons.join("; ")),
+    )
 }
 
 /// Binds `listen` and serves until the process ends. Returns the bound address.
@@ -117,4 +206,84 @@ pub async fn serve(
         }
     });
     Ok(addr)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ready_only_when_no_condition_holds_and_each_reason_is_named() {
+        let health = Health::new();
+        assert!(!health.is_ready(), "a starting worker is not ready");
+        assert_eq!(
+            health.conditions(),
+            [Condition::NoPartitions, Condition::RegistryUnavailable]
+        );
+        health.set_registry_ok(true);
+        health.set_assigned(true);
+        assert!(health.is_ready());
+        health.set(Condition::BrokerUnreachable, true);
+        health.set(Condition::DeliveriesStalled, true);
+        assert!(!health.is_ready());
+        assert_eq!(
+            health.conditions(),
+            [Condition::BrokerUnreachable, Condition::DeliveriesStalled]
+        );
+        health.set(Condition::BrokerUnreachable, false);
+        health.set(Condition::BrokerUnreachable, false);
+        assert_eq!(health.conditions(), [Condition::DeliveriesStalled]);
+        health.set(Condition::DeliveriesStalled, false);
+        assert!(health.is_ready());
+        let reasons: Vec<&str> = Condition::ALL.iter().map(|c| c.reason()).collect();
+        assert_eq!(
+            reasons,
+            [
+                "no_partitions",
+                "registry_unavailable",
+                "broker_unreachable",
+                "deliveries_refused",
+                "deliveries_stalled"
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn readyz_says_why_not_and_metrics_show_the_reason() {
+        let metrics = crate::metrics::install();
+        let health = Health::new();
+        health.set_registry_ok(true);
+        health.set_assigned(true);
+        let addr = serve(
+            "127.0.0.1:0".parse().expect("addr"),
+            health.clone(),
+            metrics,
+        )
+        .await
+        .expect("serves");
+        let get = |path: &str| {
+            let url = format!("http://{addr}{path}");
+            async move {
+                let r = reqwest::get(url).await.expect("answers");
+                (r.status().as_u16(), r.text().await.expect("body"))
+            }
+        };
+        assert_eq!(get("/readyz").await, (200, "ready\n".to_string()));
+        health.set(Condition::BrokerUnreachable, true);
+        let (status, body) = get("/readyz").await;
+        assert_eq!(
+            (status, body.as_str()),
+            (503, "not ready: broker unreachable\n")
+        );
+        let (_, page) = get("/metrics").await;
+        assert!(
+            page.lines()
+                .any(|l| l.starts_with(crate::metrics::WORKER_DEGRADED)
+                    && l.contains("reason=\"broker_unreachable\"")
+                    && l.ends_with(" 1")),
+            "{page}"
+        );
+        health.set(Condition::BrokerUnreachable, false);
+        assert_eq!(get("/readyz").await.0, 200);
+    }
 }

@@ -35,6 +35,9 @@ pub const DEDUP_WINDOW_EVENTS: &str = "medallion_dedup_window_events";
 pub const DEDUP_WINDOW_BYTES: &str = "medallion_dedup_window_bytes";
 /// 1 while the worker holds a partition assignment and the registry answered.
 pub const WORKER_READY: &str = "medallion_worker_ready";
+/// 1 while the worker cannot make progress for `reason` (broker_unreachable,
+/// registry_unavailable, deliveries_refused, deliveries_stalled), else 0.
+pub const WORKER_DEGRADED: &str = "medallion_worker_degraded";
 
 /// Data-quality expectation outcomes, by stage, expectation, action and result (pass|fail).
 pub const EXPECTATION_RESULTS_TOTAL: &str = "medallion_expectation_results_total";
@@ -75,7 +78,7 @@ pub const CONSUMPTION_PAUSED: &str = "medallion_consumption_paused";
 pub const CONSUMER_ERRORS_TOTAL: &str = "medallion_consumer_errors_total";
 
 /// Every name above.
-pub const ALL: [&str; 32] = [
+pub const ALL: [&str; 33] = [
     KAFKA_CONSUMER_LAG,
     KAFKA_MESSAGES_IN_TOTAL,
     KAFKA_BYTES_IN_TOTAL,
@@ -90,6 +93,7 @@ pub const ALL: [&str; 32] = [
     DEDUP_WINDOW_EVENTS,
     DEDUP_WINDOW_BYTES,
     WORKER_READY,
+    WORKER_DEGRADED,
     EXPECTATION_RESULTS_TOTAL,
     DRIFT_TOTAL,
     STATE_ENTITIES,

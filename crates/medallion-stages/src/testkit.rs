@@ -113,6 +113,8 @@ pub struct Output {
     pub side: Vec<medallion_runtime::worker::SideRecord>,
     pub row_headers: Vec<(u32, String, Vec<u8>)>,
     pub events: Vec<medallion_runtime::worker::OutputEvent>,
+    /// (output row, n) counted as the row's record lands, summed by row.
+    pub delivered_counts: Vec<(u32, u64)>,
 }
 
 /// Runs `stage` on one batch and returns what it collected.
@@ -131,5 +133,6 @@ pub async fn process<S: medallion_runtime::worker::Stage>(
         side: out.side_records().to_vec(),
         row_headers: out.row_headers().to_vec(),
         events: out.events().to_vec(),
+        delivered_counts: out.delivered_counts(),
     })
 }

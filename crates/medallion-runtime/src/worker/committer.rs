@@ -118,6 +118,9 @@ pub(super) struct WorkerContext {
     pub(super) drain_timeout: Duration,
     /// Partitions revoked since the last batch, for the stage to drop their state.
     pub(super) revoked: Arc<Mutex<Vec<i32>>>,
+    /// Partitions revoked since the batch source last looked: records of theirs it holds
+    /// were read before the revocation and are dropped (see [`super::source::BatchSource`]).
+    pub(super) revoked_unseen: Mutex<Vec<i32>>,
 }
 
 impl WorkerContext {
@@ -161,6 +164,26 @@ impl WorkerContext {
             tracing::debug!(error = %e, "commit before revoke");
         }
     }
+
+    /// Partitions lost, not handed over: the group went on without this worker (its session
+    /// timed out, during a broker outage say), so nothing may be committed for them and their
+    /// flights are not waited for here. Waiting would hold the rebalance, and with it the
+    /// rejoin, for as long as the broker takes to acknowledge (up to the produce timeout); a
+    /// commit would wait for a coordinator and then be refused. Their next owner reads them
+    /// again from the last commit and drops what was already produced; when that is this
+    /// worker, its flights land before it rebuilds them ([`super::StageWorker`]'s
+    /// `sync_partitions`).
+    fn lose(&self, gone: &[i32]) {
+        tracing::warn!(
+            partitions = ?gone,
+            "assignment lost (the group's session expired): released without a commit; rejoining"
+        );
+        if let Ok(mut ledger) = self.ledger.lock() {
+            for p in gone {
+                ledger.revoke(*p);
+            }
+        }
+    }
 }
 
 impl ClientContext for WorkerContext {}
@@ -173,7 +196,11 @@ impl ConsumerContext for WorkerContext {
                 .iter()
                 .map(|e| e.partition())
                 .collect();
-            self.drain(consumer, &gone);
+            if consumer.assignment_lost() {
+                self.lose(&gone);
+            } else {
+                self.drain(consumer, &gone);
+            }
             if let Ok(mut positions) = self.positions.lock() {
                 positions.retain(|p, _| !gone.contains(p));
             }
@@ -181,6 +208,9 @@ impl ConsumerContext for WorkerContext {
                 for p in &gone {
                     assigned.remove(p);
                 }
+            }
+            if let Ok(mut unseen) = self.revoked_unseen.lock() {
+                unseen.extend(&gone);
             }
             if let Ok(mut revoked) = self.revoked.lock() {
                 revoked.extend(gone);
@@ -343,7 +373,7 @@ mod tests {
                 },
                 "consumer",
                 WorkerContext {
-                    health: Arc::new(Health::default()),
+                    health: Health::new(),
                     assigned: Arc::default(),
                     topic: "in".into(),
                     positions: positions.clone(),
@@ -351,6 +381,7 @@ mod tests {
                     flights: producer.flights(),
                     drain_timeout: Duration::from_secs(1),
                     revoked: Arc::default(),
+                    revoked_unseen: Mutex::default(),
                 },
             )
             .expect("consumer");

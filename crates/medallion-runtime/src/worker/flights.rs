@@ -55,6 +55,10 @@ pub(super) struct Landing {
     pub(super) flights: Vec<Flight>,
 }
 
+/// The longest wait before refused records go again: the broker is back within it, however
+/// long it was away (the record retry schedule goes on to 8 s and 32 s).
+const MAX_RESEND_WAIT: Duration = Duration::from_secs(2);
+
 /// Why the worker takes no input now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Blocked {
@@ -68,6 +72,11 @@ pub(super) struct FlightTracker {
     producer: BatchProducer,
     ledger: Arc<Mutex<Ledger>>,
     in_flight: BTreeMap<FlightId, Flight>,
+    /// Flights with records the broker refused, each with when they go again (and the id the
+    /// ledger knows them by).
+    resend: Vec<(Instant, FlightId, Flight)>,
+    /// When a flight last landed, or work went out with nothing out before.
+    last_progress: Instant,
     limits: InFlightLimits,
     policy: RetryPolicy,
     group: String,
@@ -94,6 +103,8 @@ impl FlightTracker {
             producer,
             ledger,
             in_flight: BTreeMap::new(),
+            resend: Vec::new(),
+            last_progress: Instant::now(),
             limits,
             policy,
             group,
@@ -110,6 +121,9 @@ impl FlightTracker {
         commits: Vec<(i32, Commit)>,
         booking: Booking,
     ) -> FlightId {
+        if !self.busy() {
+            self.last_progress = Instant::now();
+        }
         let outputs_before = Arc::new(self.outputs_acked());
         let indexes: Vec<usize> = (0..outgoing.len()).collect();
         let flight = self
@@ -136,16 +150,19 @@ impl FlightTracker {
     }
 
     /// Takes every flight that landed and advances the ledger over it. A flight with records
-    /// the broker refused is not landed: its refused records go again, with backoff (the
-    /// broker is unavailable; no new input is taken meanwhile), and the ledger waits on the
-    /// new flight instead.
+    /// the broker refused is not landed: its refused records go again after a backoff (the
+    /// broker is unavailable; no new input is taken meanwhile, see [`Self::blocked`]), and the
+    /// ledger waits on the new flight instead. The backoff is not waited here: the worker keeps
+    /// serving its consumer (a rebalance, a shutdown) while it runs.
     pub(super) async fn land(&mut self) -> Landing {
+        self.resend_due().await;
         let mut landing = Landing::default();
         for l in self.producer.take_landed() {
             let Some(mut flight) = self.in_flight.remove(&l.flight) else {
                 continue;
             };
             if l.failures.indexes.is_empty() {
+                self.last_progress = Instant::now();
                 if let Ok(mut ledger) = self.ledger.lock() {
                     landing.moved.extend(ledger.landed(l.flight));
                 }
@@ -154,27 +171,41 @@ impl FlightTracker {
             }
             flight.retries += 1;
             metrics::counter!(m::RETRIES_TOTAL, "stage" => self.group.clone(), "reason" => "broker_unavailable").increment(1);
-            let wait = self.policy.wait_forever(flight.retries);
+            let wait = self
+                .policy
+                .wait_forever(flight.retries)
+                .min(MAX_RESEND_WAIT);
             tracing::warn!(
                 error = ?l.failures.first_error,
                 records = l.failures.indexes.len(),
                 ?wait,
                 "delivery failed; the broker is unavailable: pausing consumption and sending them again"
             );
-            tokio::time::sleep(wait).await;
             flight.indexes = l.failures.indexes;
+            self.resend.push((Instant::now() + wait, l.flight, flight));
+        }
+        landing.moved.sort_unstable();
+        landing.moved.dedup();
+        landing
+    }
+
+    /// Sends again the refused records whose backoff is over.
+    async fn resend_due(&mut self) {
+        let now = Instant::now();
+        let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.resend)
+            .into_iter()
+            .partition(|(at, _, _)| *at <= now);
+        self.resend = later;
+        for (_, old, flight) in due {
             let retry = self
                 .producer
                 .launch(&flight.indexes, |i| flight.outgoing[i].record())
                 .await;
             if let Ok(mut ledger) = self.ledger.lock() {
-                ledger.relaunched(l.flight, retry);
+                ledger.relaunched(old, retry);
             }
             self.in_flight.insert(retry, flight);
         }
-        landing.moved.sort_unstable();
-        landing.moved.dedup();
-        landing
     }
 
     /// Waits (up to `timeout`) for every flight to land; returns what landed meanwhile.
@@ -185,27 +216,39 @@ impl FlightTracker {
             let landing = self.land().await;
             all.moved.extend(landing.moved);
             all.flights.extend(landing.flights);
-            if self.in_flight.is_empty() {
+            if !self.busy() {
                 break;
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 tracing::warn!(
-                    flights = self.in_flight.len(),
+                    flights = self.in_flight.len() + self.resend.len(),
                     "records still unacknowledged; committing before them"
                 );
                 break;
             }
-            let _ = tokio::time::timeout(left, self.producer.landing()).await;
+            let next_resend = self
+                .resend
+                .iter()
+                .map(|(at, _, _)| at.saturating_duration_since(Instant::now()))
+                .min()
+                .unwrap_or(left);
+            let _ = tokio::time::timeout(left.min(next_resend), self.producer.landing()).await;
         }
         all.moved.sort_unstable();
         all.moved.dedup();
         all
     }
 
+    /// How long flights have been out with none landing (`None` when nothing is out): the
+    /// broker takes no records while this grows.
+    pub(super) fn stalled_for(&self) -> Option<Duration> {
+        self.busy().then(|| self.last_progress.elapsed())
+    }
+
     /// Whether the worker must wait for landings before it takes more input, and why.
     pub(super) fn blocked(&self) -> Option<Blocked> {
-        if self.in_flight.values().any(|f| f.retries > 0) {
+        if !self.resend.is_empty() || self.in_flight.values().any(|f| f.retries > 0) {
             return Some(Blocked::Resending);
         }
         let records: usize = self.in_flight.values().map(|f| f.indexes.len()).sum();
@@ -215,7 +258,7 @@ impl FlightTracker {
 
     /// Whether any flight is out.
     pub(super) fn busy(&self) -> bool {
-        !self.in_flight.is_empty()
+        !self.in_flight.is_empty() || !self.resend.is_empty()
     }
 
     /// Resolves when a landed flight is there to take.

@@ -26,7 +26,7 @@ use rdkafka::message::Message;
 
 use crate::config::WorkerConfig;
 use crate::error::{RecordFailure, SetupError, StageError};
-use crate::http::Health;
+use crate::http::{Condition, Health};
 use crate::kafka::{BatchProducer, KafkaConnection, Placement, Role};
 use crate::metrics as m;
 use crate::record::Inbound;
@@ -101,6 +101,26 @@ pub enum WorkerError {
     Recovery(#[from] crate::recovery::RecoveryError),
 }
 
+/// Flights out this long with none landing make the worker not ready
+/// ([`Condition::DeliveriesStalled`]): a healthy broker acknowledges within a second or two.
+const DELIVERY_STALL: Duration = Duration::from_secs(10);
+
+/// A step of the loop this long keeps the worker from its consumer (rebalances wait on a
+/// poll): it is logged with what it waited on.
+const SLOW_STEP: Duration = Duration::from_secs(5);
+
+/// Logs `step`, begun at `since`, if it took [`SLOW_STEP`] or more.
+fn slow(step: &'static str, since: Instant) {
+    let took = since.elapsed();
+    if took >= SLOW_STEP {
+        tracing::warn!(
+            step,
+            seconds = took.as_secs_f64(),
+            "a step of the worker loop took long"
+        );
+    }
+}
+
 /// A stage and the parts that run it.
 pub struct StageWorker<S: Stage> {
     stage: S,
@@ -121,6 +141,20 @@ pub struct StageWorker<S: Stage> {
     placement: Placement,
     limits: InFlightLimits,
     shape: BatchShape,
+    /// How long the worker waits for its flights to land before it commits without them
+    /// (shutdown, an error, a revocation) or rebuilds a partition: the produce timeout.
+    drain_timeout: Duration,
+}
+
+/// Tasks that run beside the loop (lag, broker probe), stopped when it ends however it ends.
+struct Background(Vec<tokio::task::JoinHandle<()>>);
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        for task in &self.0 {
+            task.abort();
+        }
+    }
 }
 
 /// The parts that hold the Kafka clients, built when the worker starts.
@@ -152,32 +186,52 @@ impl<S: Stage> StageWorker<S> {
         config: &WorkerConfig<C>,
         shutdown: impl Future<Output = ()>,
     ) -> Result<RunTotals, WorkerError> {
-        let drain_timeout = Duration::from_millis(u64::from(config.kafka.produce_timeout_ms));
+        let drain_timeout = self.drain_timeout;
         let Clients {
             mut source,
             mut flights,
             committer,
         } = self.start(config, drain_timeout).await?;
         let lag = Arc::new(Lag::new(committer.consumer().clone(), self.topo.clone()));
-        let measuring = tokio::spawn(lag.clone().run());
+        let background = Background(vec![
+            tokio::spawn(lag.clone().run()),
+            tokio::spawn(telemetry::probe_broker(
+                committer.consumer().clone(),
+                self.topo.input_topic.clone(),
+                self.health.clone(),
+            )),
+        ]);
         let paused = metrics::gauge!(m::CONSUMPTION_PAUSED, "stage" => self.topo.group.clone());
         tokio::pin!(shutdown);
         loop {
             self.health.beat();
+            let landing = Instant::now();
             self.land(flights.land().await, &committer);
+            slow("taking landed flights", landing);
             // Backpressure: with too much in flight, or refused records going again, the worker
-            // waits for landings before it takes more input.
+            // waits for landings before it takes another batch (still polling: see `hold`).
             let blocked = flights.blocked();
-            paused.set(if blocked == Some(Blocked::Resending) {
-                1.0
-            } else {
-                0.0
-            });
+            let resending = blocked == Some(Blocked::Resending);
+            paused.set(if resending { 1.0 } else { 0.0 });
+            self.health.set(Condition::DeliveriesRefused, resending);
+            self.health.set(
+                Condition::DeliveriesStalled,
+                flights.stalled_for().is_some_and(|d| d >= DELIVERY_STALL),
+            );
             let polled = tokio::select! {
                 _ = &mut shutdown => break,
                 _ = flights.landing(), if flights.busy() => continue,
-                _ = tokio::time::sleep(Duration::from_millis(500)), if blocked.is_some() => continue,
-                polled = source.next(), if blocked.is_none() => polled,
+                polled = async {
+                    if blocked.is_some() {
+                        source.hold(Duration::from_millis(500)).await;
+                        None
+                    } else {
+                        Some(source.next().await)
+                    }
+                } => match polled {
+                    Some(polled) => polled,
+                    None => continue,
+                },
             };
             let step = match polled {
                 Polled::Batch(batch) => self.process_batch(batch, &mut flights, &committer).await,
@@ -190,7 +244,7 @@ impl<S: Stage> StageWorker<S> {
                 return Err(e);
             }
         }
-        measuring.abort();
+        drop(background);
         tracing::info!("shutting down: settling work in flight, committing and leaving the group");
         let settled = self.settle(true, &mut flights).await;
         self.land(flights.drain(drain_timeout).await, &committer);
@@ -226,6 +280,7 @@ impl<S: Stage> StageWorker<S> {
                     flights: producer.flights(),
                     drain_timeout,
                     revoked: self.revoked.clone(),
+                    revoked_unseen: Mutex::default(),
                 },
             )?);
         let outputs_at_start = self.restorer.outputs_now().await?;
@@ -261,7 +316,8 @@ impl<S: Stage> StageWorker<S> {
     ) -> Result<(), WorkerError> {
         let started = Instant::now();
         telemetry::count_input(&self.topo, &batch);
-        self.sync_partitions(committer).await?;
+        self.sync_partitions(flights, committer).await?;
+        slow("setting up assigned partitions", started);
         // Records of a partition revoked while the batch was polled belong to its next owner.
         if let Ok(ledger) = self.ledger.lock() {
             batch.retain(|m| ledger.contains(m.partition()));
@@ -269,7 +325,9 @@ impl<S: Stage> StageWorker<S> {
         if batch.is_empty() {
             return Ok(());
         }
+        let planning = Instant::now();
         let mut plan = self.plan_with_retry(&batch).await?;
+        slow("planning a batch", planning);
         let telemetry = self
             .planner
             .batch_telemetry(&batch, &plan, started.elapsed());
@@ -292,7 +350,9 @@ impl<S: Stage> StageWorker<S> {
                 .collect(),
             event_times: plan.event_times,
         };
+        let launching = Instant::now();
         flights.launch(plan.outgoing, commits, booking).await;
+        slow("handing a batch to the producer", launching);
         metrics::histogram!(m::BATCH_DURATION_SECONDS, "stage" => self.topo.group.clone())
             .record(started.elapsed().as_secs_f64());
         if let Ok(ledger) = self.ledger.lock() {
@@ -302,8 +362,14 @@ impl<S: Stage> StageWorker<S> {
     }
 
     /// Tells the stage about partitions it lost, and sets up those assigned and not yet in the
-    /// ledger, from what was committed for them.
-    async fn sync_partitions(&mut self, committer: &Committer) -> Result<(), WorkerError> {
+    /// ledger, from what was committed for them. Every flight lands first: a partition this
+    /// worker lost and got back may have records of its own still in flight, and the rebuild
+    /// must see them on the output to not produce them again.
+    async fn sync_partitions(
+        &mut self,
+        flights: &mut FlightTracker,
+        committer: &Committer,
+    ) -> Result<(), WorkerError> {
         self.apply_revocations();
         let assigned = self.assigned.lock().map(|a| a.clone()).unwrap_or_default();
         let mut fresh: Vec<i32> = match self.ledger.lock() {
@@ -317,6 +383,9 @@ impl<S: Stage> StageWorker<S> {
             return Ok(());
         }
         fresh.sort_unstable();
+        if flights.busy() {
+            self.land(flights.drain(self.drain_timeout).await, committer);
+        }
         let committed = committer.committed(&fresh).await?;
         self.restorer
             .restore(committed, &self.ledger, &mut self.planner, &mut self.stage)

@@ -41,6 +41,8 @@ pub(super) struct Outgoing {
     pub(super) event_key: Option<u128>,
     /// (input partition, offset) of the record a dead letter holds.
     pub(super) dead_origin: Option<(i32, i64)>,
+    /// Counters to grow when it lands (see [`Collector::count_delivered`]).
+    pub(super) counts: Vec<(metrics::Counter, u64)>,
 }
 
 impl Outgoing {
@@ -69,6 +71,7 @@ impl Outgoing {
             source: None,
             event_key: None,
             dead_origin: None,
+            counts: Vec::new(),
         }
     }
 }
@@ -87,6 +90,7 @@ impl From<SideRecord> for Outgoing {
             headers: side.headers,
             source: None,
             dead_origin: None,
+            counts: Vec::new(),
         }
     }
 }
@@ -277,6 +281,7 @@ impl Planner {
             source: None,
             event_key: None,
             dead_origin: Some((origin.partition, origin.offset)),
+            counts: Vec::new(),
         }
     }
 
@@ -467,6 +472,15 @@ impl Planner {
                 .or_default()
                 .push((key.clone(), value.clone()));
         }
+        let mut row_counts: HashMap<u32, Vec<(metrics::Counter, u64)>> = HashMap::new();
+        for (counter, counted) in &output.delivered_counts {
+            for (row, n) in counted {
+                row_counts
+                    .entry(*row)
+                    .or_default()
+                    .push((counter.clone(), *n));
+            }
+        }
         let times = rows
             .column_by_name("timestamp")
             .and_then(|c| c.as_primitive_opt::<TimestampMillisecondType>().cloned());
@@ -509,6 +523,7 @@ impl Planner {
                 source,
                 event_key: key,
                 dead_origin: None,
+                counts: row_counts.remove(&(row as u32)).unwrap_or_default(),
             });
         }
         event_times

@@ -416,3 +416,52 @@ fn the_output_key_comes_from_a_top_level_or_nested_field() {
     let orgs = batch.column(1).as_primitive::<Int64Type>();
     assert_eq!(orgs.value(0), 7);
 }
+
+/// Counts one per character of each row's value, to be counted as the row lands.
+struct Counting {
+    counter: metrics::Counter,
+}
+
+impl Stage for Counting {
+    async fn process(&mut self, input: RecordBatch, out: &mut Collector) -> Result<(), StageError> {
+        let rows = values(&input);
+        out.emit_one_to_one(payload_columns(&input))?;
+        let counted = rows
+            .iter()
+            .enumerate()
+            .filter(|(_, v)| *v != "none")
+            .map(|(row, v)| (row as u32, v.len() as u64))
+            .collect();
+        out.count_delivered(self.counter.clone(), counted);
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn what_a_row_counts_travels_with_its_record_and_only_with_it() {
+    let mut planner = planner();
+    let batch = batch(&[("e1", "abc"), ("e2", "none"), ("e1", "abc"), ("e3", "de")]);
+    let mut stage = Counting {
+        counter: metrics::Counter::noop(),
+    };
+    let plan = plan(&mut planner, &mut stage, &batch).await;
+    let counts: Vec<(String, Vec<u64>)> = to("out", &plan)
+        .iter()
+        .zip(decoded_values(&to("out", &plan)))
+        .map(|(o, value)| (value, o.counts.iter().map(|(_, n)| *n).collect()))
+        .collect();
+    // The duplicate of e1 never reached the stage; "none" counts nothing.
+    assert_eq!(
+        counts,
+        [
+            ("abc".to_string(), vec![3]),
+            ("none".to_string(), vec![]),
+            ("de".to_string(), vec![2])
+        ]
+    );
+    assert!(plan
+        .outgoing
+        .iter()
+        .filter(|o| o.topic != "out")
+        .all(|o| o.counts.is_empty()));
+}

@@ -186,6 +186,7 @@ where
             records: config.batch.max_in_flight_records,
             bytes: config.batch.max_in_flight_bytes,
         },
+        drain_timeout: Duration::from_millis(u64::from(config.kafka.produce_timeout_ms)),
         shape: BatchShape {
             max_records: config.batch.max_records,
             linger: Duration::from_millis(config.batch.linger_ms),

@@ -7,8 +7,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::FutureExt;
-use rdkafka::consumer::StreamConsumer;
+use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
+use rdkafka::message::Message;
 
 use super::committer::WorkerContext;
 use crate::metrics as m;
@@ -70,9 +71,10 @@ impl BatchSource {
                 Err(_) => return Polled::Idle,
                 Ok(Err(e)) => self.error(&e).await,
                 Ok(Ok(message)) => {
+                    let record = Inbound::copy_of(&message);
+                    drop(message);
                     self.errors_in_a_row = 0;
-                    self.pending.push(Inbound::copy_of(&message));
-                    self.deadline = Some(Instant::now() + self.shape.linger);
+                    self.take(record);
                 }
             }
         }
@@ -91,7 +93,11 @@ impl BatchSource {
                 }
             };
             match next {
-                Ok(Ok(message)) => self.pending.push(Inbound::copy_of(&message)),
+                Ok(Ok(message)) => {
+                    let record = Inbound::copy_of(&message);
+                    drop(message);
+                    self.take(record);
+                }
                 Ok(Err(e)) => {
                     // The batch so far is good; the error is dealt with before it goes.
                     self.error(&e).await;
@@ -102,6 +108,53 @@ impl BatchSource {
         }
         self.deadline = None;
         Polled::Batch(std::mem::take(&mut self.pending))
+    }
+
+    /// While the worker takes no new batch (work in flight at its limit, refused records going
+    /// again): keeps polling for up to `wait`, because librdkafka hands over rebalances (a
+    /// revocation, an assignment lost in a broker outage) only to a poll, and the group waits
+    /// for them. Records that arrive meanwhile are kept, at most one batch, for the next
+    /// [`Self::next`]; with a full batch held it only waits. Cancel-safe like [`Self::next`].
+    pub(super) async fn hold(&mut self, wait: Duration) {
+        let until = Instant::now() + wait;
+        while self.pending.len() < self.shape.max_records {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            match tokio::time::timeout(left, self.consumer.recv()).await {
+                Err(_) => return,
+                Ok(Err(e)) => self.error(&e).await,
+                Ok(Ok(message)) => {
+                    let record = Inbound::copy_of(&message);
+                    drop(message);
+                    self.errors_in_a_row = 0;
+                    self.take(record);
+                }
+            }
+        }
+        tokio::time::sleep_until(until.into()).await;
+    }
+
+    /// Adds `message` to the batch being assembled. Records held of a partition revoked since
+    /// the last message (the poll that returned this one served the revocation) are dropped
+    /// first: they belong to the partition's next owner, which reads them again from the last
+    /// commit, and if that is this worker, after it rebuilt the partition, in order.
+    fn take(&mut self, record: Inbound) {
+        let gone = self
+            .consumer
+            .context()
+            .revoked_unseen
+            .lock()
+            .map(|mut r| std::mem::take(&mut *r))
+            .unwrap_or_default();
+        if !gone.is_empty() {
+            self.pending.retain(|m| !gone.contains(&m.partition()));
+        }
+        if self.pending.is_empty() {
+            self.deadline = Some(Instant::now() + self.shape.linger);
+        }
+        self.pending.push(record);
     }
 
     /// Counts and logs a consumer error, then waits: consecutive errors back off along the

@@ -68,6 +68,8 @@ pub struct Collector {
     pub(super) rejected: Vec<(u32, RecordFailure)>,
     pub(super) deferred: Vec<u32>,
     pub(super) resolved: Vec<Resolved>,
+    /// Counters the runtime increments when output rows land: (counter, [(output row, n)]).
+    pub(super) delivered_counts: Vec<(metrics::Counter, Vec<(u32, u64)>)>,
 }
 
 impl Collector {
@@ -110,6 +112,16 @@ impl Collector {
     pub fn header(&mut self, output_row: u32, key: impl Into<String>, value: impl Into<Vec<u8>>) {
         self.row_headers
             .push((output_row, key.into(), value.into()));
+    }
+
+    /// Counts an outcome that an output row carries (fields encrypted, say): `counter` grows by
+    /// `n` for each `(output row, n)` when that row's record lands, and not when the row is
+    /// not produced (a replay a previous owner produced, a row the output schema refuses), so
+    /// the counter counts what reached the topic once.
+    pub fn count_delivered(&mut self, counter: metrics::Counter, rows: Vec<(u32, u64)>) {
+        if !rows.is_empty() {
+            self.delivered_counts.push((counter, rows));
+        }
     }
 
     /// An output-topic event derived from state (a closed window, an alert), as JSON in the
@@ -175,6 +187,17 @@ impl Collector {
 
     pub fn resolved(&self) -> &[Resolved] {
         &self.resolved
+    }
+
+    /// What [`Self::count_delivered`] asked for, summed by output row.
+    pub fn delivered_counts(&self) -> Vec<(u32, u64)> {
+        let mut by_row = std::collections::BTreeMap::new();
+        for (_, rows) in &self.delivered_counts {
+            for (row, n) in rows {
+                *by_row.entry(*row).or_default() += n;
+            }
+        }
+        by_row.into_iter().collect()
     }
 }
 

@@ -56,6 +56,11 @@ impl Tally {
             Some(topic) => flight.outgoing.iter().filter(|o| &o.topic == topic).count() as u64,
             None => 0,
         };
+        for outgoing in &flight.outgoing {
+            for (counter, n) in &outgoing.counts {
+                counter.increment(*n);
+            }
+        }
         let b = flight.booking;
         self.totals.consumed += b.consumed;
         self.totals.produced += produced;

@@ -1,5 +1,5 @@
 //! What the worker reports besides its output: `etl.execution` per batch and partition,
-//! `audit.events` per dead letter, and the consumer lag.
+//! `audit.events` per dead letter, the consumer lag, and whether the broker answers.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -15,6 +15,7 @@ use super::planner::{Outgoing, Plan};
 use super::topology::Topology;
 use crate::clock::now_ms;
 use crate::error::RecordFailure;
+use crate::http::{Condition, Health};
 use crate::metrics as m;
 use crate::outbound::JsonEncoder;
 use crate::record::Inbound;
@@ -195,6 +196,53 @@ pub(super) fn dedup_gauges(group: &str, ledger: &Ledger) {
         });
     metrics::gauge!(m::DEDUP_WINDOW_EVENTS, "stage" => group.to_string()).set(events as f64);
     metrics::gauge!(m::DEDUP_WINDOW_BYTES, "stage" => group.to_string()).set(bytes as f64);
+}
+
+/// How long a probe waits for the broker's answer.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+/// How often the broker is probed.
+const PROBE_EVERY: Duration = Duration::from_millis(500);
+/// Probes that must fail in a row before the broker counts as unreachable: a single reset
+/// connection fails one, and librdkafka reconnects within milliseconds.
+const PROBE_FAILURES: u32 = 2;
+
+/// Asks the broker for the input topic's metadata every [`PROBE_EVERY`], on the consumer's own
+/// connections, and keeps [`Condition::BrokerUnreachable`] told: set after
+/// [`PROBE_FAILURES`] failed or unanswered requests in a row (a refused connection fails at
+/// once, a black-holed one after [`PROBE_TIMEOUT`]), cleared by the first answer. So readiness
+/// turns false within ~1–3 s of an outage's start and true within ~1 s of its end.
+pub(super) async fn probe_broker(
+    consumer: Arc<StreamConsumer<WorkerContext>>,
+    topic: String,
+    health: Arc<Health>,
+) {
+    let mut failures = 0u32;
+    loop {
+        let (consumer, topic) = (consumer.clone(), topic.clone());
+        let answered = tokio::task::spawn_blocking(move || {
+            consumer
+                .fetch_metadata(Some(&topic), PROBE_TIMEOUT)
+                .map(|_| ())
+        })
+        .await;
+        match answered {
+            Ok(Ok(())) => {
+                if failures >= PROBE_FAILURES {
+                    tracing::info!("the broker answers again");
+                }
+                failures = 0;
+            }
+            Ok(Err(error)) => {
+                failures += 1;
+                if failures == PROBE_FAILURES {
+                    tracing::warn!(%error, "the broker does not answer; not ready until it does");
+                }
+            }
+            Err(_) => failures += 1,
+        }
+        health.set(Condition::BrokerUnreachable, failures >= PROBE_FAILURES);
+        tokio::time::sleep(PROBE_EVERY).await;
+    }
 }
 
 /// `kafka_consumer_lag{group,topic,partition}`: high watermark minus committed offset, never

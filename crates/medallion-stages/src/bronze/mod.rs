@@ -13,7 +13,7 @@ use medallion_runtime::audit::{AuditEncoder, AuditFields};
 use medallion_runtime::error::{RecordFailure, SetupError, StageError};
 use medallion_runtime::metrics as m;
 use medallion_runtime::pii::{Keyring, PiiConfig, KEY_ID_HEADER};
-use medallion_runtime::worker::{meta, Collector, SideRecord, Stage, StageSetup};
+use medallion_runtime::worker::{meta, Collector, Stage, StageSetup};
 use serde::{Deserialize, Serialize};
 
 use crate::feeds;
@@ -319,15 +319,12 @@ impl Bronze {
         })
     }
 
-    /// Encrypts the personal data of `batch`: the key id goes in a header of each record that
-    /// had some, and each encryption is recorded on `audit.events`.
-    #[allow(clippy::type_complexity)]
-    fn protect(
-        &self,
-        batch: RecordBatch,
-    ) -> Result<(RecordBatch, Vec<(u32, String, Vec<u8>)>, Vec<SideRecord>), StageError> {
+    /// Encrypts the personal data of `batch` (the rows `out` is about to get): the key id goes
+    /// in a header of each record that had some, each encryption is recorded on
+    /// `audit.events`, and the fields are counted as their records land.
+    fn protect(&self, batch: RecordBatch, out: &mut Collector) -> Result<RecordBatch, StageError> {
         if self.pii_fields.is_empty() || batch.num_rows() == 0 {
-            return Ok((batch, Vec::new(), Vec::new()));
+            return Ok(batch);
         }
         let (batch, touched) = self
             .keyring
@@ -346,23 +343,20 @@ impl Bronze {
             .ok_or_else(|| StageError::Transform("no org_id column".into()))?;
         let key_id = self.keyring.active_id().to_string();
         let now = medallion_runtime::clock::now_ms();
-        let mut headers = Vec::new();
-        let mut fields = 0u64;
+        // Rows are numbered after those `out` already has.
+        let base = out.rows().map_or(0, |r| r.num_rows()) as u32;
+        let mut fields = Vec::new();
         // One audit record per org of the batch part, listing its sealed events and fields.
         let mut by_org: std::collections::BTreeMap<i64, Vec<usize>> = Default::default();
         for (row, paths) in touched.iter().enumerate() {
             if paths.is_empty() {
                 continue;
             }
-            fields += paths.len() as u64;
-            headers.push((
-                row as u32,
-                KEY_ID_HEADER.to_string(),
-                key_id.clone().into_bytes(),
-            ));
+            let output_row = base + row as u32;
+            fields.push((output_row, paths.len() as u64));
+            out.header(output_row, KEY_ID_HEADER, key_id.clone().into_bytes());
             by_org.entry(orgs.value(row)).or_default().push(row);
         }
-        let mut side = Vec::with_capacity(by_org.len());
         for (org, rows) in by_org {
             let (first, last) = (rows[0], rows[rows.len() - 1]);
             let subjects: Vec<(&str, &[String])> = rows
@@ -399,11 +393,13 @@ impl Bronze {
                 ],
                 subjects: &subjects,
             };
-            side.push(self.audit.record_fields(&action, now));
+            out.side(self.audit.record_fields(&action, now));
         }
-        metrics::counter!(m::PII_FIELDS_ENCRYPTED_TOTAL, "stage" => GROUP, "key_id" => key_id)
-            .increment(fields);
-        Ok((batch, headers, side))
+        out.count_delivered(
+            metrics::counter!(m::PII_FIELDS_ENCRYPTED_TOTAL, "stage" => GROUP, "key_id" => key_id),
+            fields,
+        );
+        Ok(batch)
     }
 
     /// Sets each payload variant of the plan's output null where the input's was. A
@@ -522,15 +518,8 @@ impl Stage for Bronze {
             1 => accepted.remove(0),
             _ => arrow::compute::concat_batches(&self.output_schema, &accepted)?,
         };
-        let (batch, row_headers, side) = self.protect(batch)?;
-        out.emit_rows(batch, source_rows)?;
-        for (row, key, value) in row_headers {
-            out.header(row, key, value);
-        }
-        for record in side {
-            out.side(record);
-        }
-        Ok(())
+        let batch = self.protect(batch, out)?;
+        out.emit_rows(batch, source_rows)
     }
 }
 

@@ -193,6 +193,13 @@ async fn personal_data_leaves_bronze_encrypted_with_its_key_named_and_audited() 
             header.map(|(_, _, v)| v.as_slice()),
             any.then_some(b"k1".as_slice())
         );
+        // Its fields are counted when its record lands, not before.
+        let counted = output
+            .delivered_counts
+            .iter()
+            .find(|(r, _)| *r as usize == row)
+            .map(|(_, n)| *n);
+        assert_eq!(counted, any.then_some(paths.len() as u64), "{row}");
         protected += usize::from(any);
         if any {
             paths.sort_unstable();
