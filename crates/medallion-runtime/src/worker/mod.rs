@@ -314,6 +314,11 @@ impl<S: Stage> StageWorker<S> {
         flights: &mut FlightTracker,
         committer: &Committer,
     ) -> Result<(), WorkerError> {
+        // Records polled before the assignment was lost are the next owner's (see
+        // `BatchSource::take`): read again from the last commit, by whoever gets them.
+        if committer.consumer().assignment_lost() {
+            return Ok(());
+        }
         let started = Instant::now();
         telemetry::count_input(&self.topo, &batch);
         self.sync_partitions(flights, committer).await?;

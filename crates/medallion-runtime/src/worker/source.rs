@@ -151,6 +151,22 @@ impl BatchSource {
         if !gone.is_empty() {
             self.pending.retain(|m| !gone.contains(&m.partition()));
         }
+        // The group went on without this worker (its session expired in a broker outage):
+        // every record fetched before is its next owner's, and the revocation that says so
+        // waits in the queue behind them. They are passed over, not planned, so it is reached
+        // at once instead of after working through everything fetched. Looked up every 256
+        // records while the assignment holds, at every record once it is lost.
+        if self.pending.len().is_multiple_of(256) && self.consumer.assignment_lost() {
+            if !self.pending.is_empty() {
+                tracing::info!(
+                    records = self.pending.len(),
+                    "assignment lost: records fetched before it are left to the next owner"
+                );
+            }
+            self.pending.clear();
+            self.deadline = None;
+            return;
+        }
         if self.pending.is_empty() {
             self.deadline = Some(Instant::now() + self.shape.linger);
         }

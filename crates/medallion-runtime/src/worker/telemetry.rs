@@ -277,6 +277,11 @@ impl Lag {
         let consumer = self.consumer.clone();
         let topic = self.topo.input_topic.clone();
         let measured = tokio::task::spawn_blocking(move || -> Vec<(i32, i64, i64)> {
+            // An assignment the group took away is not asked about: the offset fetches would
+            // queue at a coordinator that no longer knows the member.
+            if consumer.assignment_lost() {
+                return Vec::new();
+            }
             let Ok(assignment) = consumer.assignment() else {
                 return Vec::new();
             };
