@@ -406,7 +406,9 @@ async fn commit_confirmed(
     if let Some(mut elem) = done.find_partition(dlq_topic, partition) {
         elem.set_metadata(metadata);
     }
-    for _ in 0..20 {
+    // A loaded broker has taken seconds to show a commit it acknowledged: ask for up to 15 s.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while std::time::Instant::now() < deadline {
         consumer.commit(&done, CommitMode::Sync)?;
         let mut ask = TopicPartitionList::new();
         ask.add_partition(dlq_topic, partition);
@@ -417,7 +419,7 @@ async fn commit_confirmed(
         {
             return Ok(());
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
     Err(CaptureError::File {
         path: dlq_topic.to_string(),
