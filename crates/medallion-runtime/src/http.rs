@@ -26,15 +26,18 @@ pub enum Condition {
     DeliveriesRefused,
     /// Records are out and none has been acknowledged for a while.
     DeliveriesStalled,
+    /// The group went on without this worker (its session expired); it has not rejoined yet.
+    AssignmentLost,
 }
 
 impl Condition {
-    pub const ALL: [Condition; 5] = [
+    pub const ALL: [Condition; 6] = [
         Condition::NoPartitions,
         Condition::RegistryUnavailable,
         Condition::BrokerUnreachable,
         Condition::DeliveriesRefused,
         Condition::DeliveriesStalled,
+        Condition::AssignmentLost,
     ];
 
     /// The `reason` label of `medallion_worker_degraded`.
@@ -45,6 +48,7 @@ impl Condition {
             Condition::BrokerUnreachable => "broker_unreachable",
             Condition::DeliveriesRefused => "deliveries_refused",
             Condition::DeliveriesStalled => "deliveries_stalled",
+            Condition::AssignmentLost => "assignment_lost",
         }
     }
 
@@ -55,6 +59,7 @@ impl Condition {
             Condition::BrokerUnreachable => "broker unreachable",
             Condition::DeliveriesRefused => "broker refusing records (sending them again)",
             Condition::DeliveriesStalled => "records unacknowledged by the broker",
+            Condition::AssignmentLost => "the group's session expired; not rejoined yet",
         }
     }
 
@@ -243,7 +248,8 @@ mod tests {
                 "registry_unavailable",
                 "broker_unreachable",
                 "deliveries_refused",
-                "deliveries_stalled"
+                "deliveries_stalled",
+                "assignment_lost"
             ]
         );
     }

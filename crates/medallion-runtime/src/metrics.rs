@@ -36,7 +36,7 @@ pub const DEDUP_WINDOW_BYTES: &str = "medallion_dedup_window_bytes";
 /// 1 while the worker holds a partition assignment and the registry answered.
 pub const WORKER_READY: &str = "medallion_worker_ready";
 /// 1 while the worker cannot make progress for `reason` (broker_unreachable,
-/// registry_unavailable, deliveries_refused, deliveries_stalled), else 0.
+/// registry_unavailable, deliveries_refused, deliveries_stalled, assignment_lost), else 0.
 pub const WORKER_DEGRADED: &str = "medallion_worker_degraded";
 
 /// Data-quality expectation outcomes, by stage, expectation, action and result (pass|fail).

@@ -218,6 +218,10 @@ impl<S: Stage> StageWorker<S> {
                 Condition::DeliveriesStalled,
                 flights.stalled_for().is_some_and(|d| d >= DELIVERY_STALL),
             );
+            self.health.set(
+                Condition::AssignmentLost,
+                committer.consumer().assignment_lost(),
+            );
             let polled = tokio::select! {
                 _ = &mut shutdown => break,
                 _ = flights.landing(), if flights.busy() => continue,
