@@ -191,7 +191,7 @@ impl<S: Stage> StageWorker<S> {
             mut source,
             mut flights,
             committer,
-        } = self.start(config, drain_timeout).await?;
+        } = self.start(config).await?;
         let lag = Arc::new(Lag::new(committer.consumer().clone(), self.topo.clone()));
         let background = Background(vec![
             tokio::spawn(lag.clone().run()),
@@ -258,11 +258,7 @@ impl<S: Stage> StageWorker<S> {
 
     /// Builds the producer, the consumer (with the rebalance hooks) and the parts that use
     /// them, notes where the outputs stand and subscribes.
-    async fn start<C>(
-        &mut self,
-        config: &WorkerConfig<C>,
-        drain_timeout: Duration,
-    ) -> Result<Clients, WorkerError> {
+    async fn start<C>(&mut self, config: &WorkerConfig<C>) -> Result<Clients, WorkerError> {
         let producer = BatchProducer::new(&self.kafka.config(Role::Producer {
             message_timeout_ms: u64::from(config.kafka.produce_timeout_ms),
         }))?
@@ -282,7 +278,7 @@ impl<S: Stage> StageWorker<S> {
                     positions: positions.clone(),
                     ledger: self.ledger.clone(),
                     flights: producer.flights(),
-                    drain_timeout,
+                    drain_timeout: self.drain_timeout,
                     revoked: self.revoked.clone(),
                     revoked_unseen: Mutex::default(),
                 },

@@ -67,12 +67,10 @@ impl BatchSource {
     /// stays in the batch being assembled and comes with the next call.
     pub(super) async fn next(&mut self) -> Polled {
         while self.pending.is_empty() {
-            match tokio::time::timeout(self.shape.idle_after, self.consumer.recv()).await {
-                Err(_) => return Polled::Idle,
-                Ok(Err(e)) => self.error(&e).await,
-                Ok(Ok(message)) => {
-                    let record = Inbound::copy_of(&message);
-                    drop(message);
+            match self.poll_one(self.shape.idle_after).await {
+                Ok(None) => return Polled::Idle,
+                Err(e) => self.error(&e).await,
+                Ok(Some(record)) => {
                     self.errors_in_a_row = 0;
                     self.take(record);
                 }
@@ -122,12 +120,10 @@ impl BatchSource {
             if left.is_zero() {
                 return;
             }
-            match tokio::time::timeout(left, self.consumer.recv()).await {
-                Err(_) => return,
-                Ok(Err(e)) => self.error(&e).await,
-                Ok(Ok(message)) => {
-                    let record = Inbound::copy_of(&message);
-                    drop(message);
+            match self.poll_one(left).await {
+                Ok(None) => return,
+                Err(e) => self.error(&e).await,
+                Ok(Some(record)) => {
                     self.errors_in_a_row = 0;
                     self.take(record);
                 }
@@ -136,7 +132,15 @@ impl BatchSource {
         tokio::time::sleep_until(until.into()).await;
     }
 
-    /// Adds `message` to the batch being assembled. Records held of a partition revoked since
+    /// The next record within `within` (`None` when none came), copied out of the consumer.
+    async fn poll_one(&self, within: Duration) -> Result<Option<Inbound>, KafkaError> {
+        match tokio::time::timeout(within, self.consumer.recv()).await {
+            Err(_) => Ok(None),
+            Ok(polled) => polled.map(|message| Some(Inbound::copy_of(&message))),
+        }
+    }
+
+    /// Adds `record` to the batch being assembled. Records held of a partition revoked since
     /// the last message (the poll that returned this one served the revocation) are dropped
     /// first: they belong to the partition's next owner, which reads them again from the last
     /// commit, and if that is this worker, after it rebuilt the partition, in order.
