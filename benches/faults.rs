@@ -17,7 +17,9 @@
 //! false during every fault of 5 s or more; nothing lost or repeated.
 //!
 //! `cargo bench -p medallion-stages --bench faults`; `MEDALLION_FAULT_EVENTS` sets the backlog
-//! of each run (default 600,000).
+//! of each run (default 600,000); `MEDALLION_FAULTS` keeps the faults whose name contains one of
+//! its comma-separated words (`refuse`, `blackhole`, `resets`); `MEDALLION_FAULT_WORKER_LOG`
+//! is the worker's `RUST_LOG` (default `warn`).
 
 use std::time::{Duration, Instant};
 
@@ -121,12 +123,20 @@ async fn run() {
     let proxy = std::sync::Arc::new(proxy);
     let registry = registry().expect("registry");
     let (contracts, topics) = contracts().expect("contracts");
-    let faults = [
+    let only = std::env::var("MEDALLION_FAULTS").unwrap_or_default();
+    let faults: Vec<Fault> = [
         Fault::BlackHole(5.7),
         Fault::BlackHole(9.2),
         Fault::Refuse(10.0),
         Fault::Resets(5),
-    ];
+    ]
+    .into_iter()
+    .filter(|f| {
+        let name = format!("{f:?}").to_lowercase();
+        only.is_empty() || only.split(',').any(|w| name.contains(w.trim()))
+    })
+    .collect();
+    let log = std::env::var("MEDALLION_FAULT_WORKER_LOG").unwrap_or_else(|_| "warn".into());
     let kafka =
         medallion_runtime::kafka::KafkaConnection::plain(&broker.address).expect("connection");
     println!("| fault | moves again s | full rate s | target s | longest stall s | not ready s | readiness noticed | exact | worker CPU s | peak RSS MiB |");
@@ -152,6 +162,7 @@ async fn run() {
                 ("MEDALLION__NAMING__PREFIX", prefix.clone()),
                 ("MEDALLION__KAFKA__SESSION_TIMEOUT_MS", "10000".into()),
                 ("MEDALLION__BATCH__MAX_RECORDS", "5000".into()),
+                ("RUST_LOG", log.clone()),
             ]),
         )
         .expect("worker starts");

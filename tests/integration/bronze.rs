@@ -119,6 +119,52 @@ impl Pipeline {
             .expect("delivered");
     }
 
+    /// Reads `topic` until the connector events its records stand for ([`source_id`]) are
+    /// exactly `expected`, decoding them as they arrive (the check is not quadratic), then
+    /// `quiet` more. On `Err`, the reason and a short read of what is there, for the caller's
+    /// assertions to say what differs.
+    pub async fn read_sources(
+        &self,
+        topic: &str,
+        expected: &BTreeSet<String>,
+        quiet: Duration,
+        within: Duration,
+    ) -> Result<Vec<Json>, (String, Vec<Json>)> {
+        let mut seen = BTreeSet::new();
+        let out = medallion_tests::read_until(
+            &self.broker.address,
+            topic,
+            |m| {
+                if let Some(last) = m.last() {
+                    seen.extend(
+                        self.decode(topic, std::slice::from_ref(last))
+                            .iter()
+                            .map(|e| source_id(topic, e)),
+                    );
+                }
+                seen.len() >= expected.len() && seen == *expected
+            },
+            quiet,
+            within,
+        )
+        .await;
+        match out {
+            Ok(out) => Ok(self.decode(topic, &out)),
+            Err(e) => {
+                let short = medallion_tests::read_until(
+                    &self.broker.address,
+                    topic,
+                    |m| m.len() >= expected.len(),
+                    Duration::from_secs(3),
+                    Duration::from_secs(60),
+                )
+                .await
+                .unwrap_or_default();
+                Err((format!("{topic}: {e}"), self.decode(topic, &short)))
+            }
+        }
+    }
+
     /// Decodes records of `topic` to JSON.
     pub fn decode(&self, topic: &str, messages: &[OwnedMessage]) -> Vec<Json> {
         let contract = self.contract(topic);
@@ -1331,4 +1377,22 @@ async fn a_worker_started_before_its_topics_exist_carries_on_and_starts_when_the
         .collect();
     assert_eq!(got, want);
     assert_eq!(out.len(), events.len());
+}
+
+/// The connector event a record of `topic` stands for: its own event id in bronze (and the
+/// input), the bronze event's in silver (whose event id is derived from it).
+pub fn source_id(topic: &str, e: &Json) -> String {
+    if topic.ends_with("silver.data.processed") {
+        e["payload"]["bronze_event_id"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    } else {
+        id_of(e)
+    }
+}
+
+/// A decoded record's own event id.
+pub fn id_of(e: &Json) -> String {
+    e["event_id"].as_str().unwrap_or_default().to_string()
 }

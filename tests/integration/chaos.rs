@@ -15,7 +15,7 @@ use medallion_tests::{read_until, WorkerProcess};
 use rdkafka::message::{Message, OwnedMessage};
 use serde_json::Value as Json;
 
-use crate::bronze::{now_ms, Pipeline};
+use crate::bronze::{id_of, now_ms, source_id, Pipeline};
 use crate::stages::{GOLD_BIN, SILVER_BIN};
 
 const RAW: &str = "connector.data.raw";
@@ -56,23 +56,6 @@ impl Chaotic {
         self.process.kill();
         self.kills += 1;
         self.process = (self.start)();
-    }
-}
-
-fn id_of(e: &Json) -> String {
-    e["event_id"].as_str().unwrap_or_default().to_string()
-}
-
-/// The connector event a record stands for: its own id in bronze, the bronze event's in
-/// silver (whose event id is derived from it).
-fn source_id(topic: &str, e: &Json) -> String {
-    if topic == SILVER {
-        e["payload"]["bronze_event_id"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string()
-    } else {
-        id_of(e)
     }
 }
 
@@ -247,42 +230,13 @@ async fn sigkills_of_every_stage_lose_nothing_repeat_nothing_and_keep_gold_exact
     let read_ids = |topic: &'static str| {
         let (p, expected) = (&p, &expected);
         async move {
-            // Decoded as they arrive, so the check is not quadratic.
-            let mut seen = BTreeSet::new();
-            let out = read_until(
-                &p.broker.address,
-                topic,
-                |m| {
-                    if let Some(last) = m.last() {
-                        seen.extend(
-                            p.decode(topic, std::slice::from_ref(last))
-                                .iter()
-                                .map(|e| source_id(topic, e)),
-                        );
-                    }
-                    seen.len() >= expected.len() && seen == *expected
-                },
-                Duration::from_secs(5),
-                drain,
-            )
-            .await;
             // Short of the condition, what is there (the assertions below say what differs).
-            let out = match out {
-                Ok(out) => out,
-                Err(e) => {
-                    eprintln!("{topic}: {e}");
-                    read_until(
-                        &p.broker.address,
-                        topic,
-                        |m| m.len() >= expected.len(),
-                        Duration::from_secs(3),
-                        Duration::from_secs(60),
-                    )
-                    .await
-                    .unwrap_or_default()
-                }
-            };
-            p.decode(topic, &out)
+            p.read_sources(topic, expected, Duration::from_secs(5), drain)
+                .await
+                .unwrap_or_else(|(e, short)| {
+                    eprintln!("{e}");
+                    short
+                })
         }
     };
     let bronze = read_ids(BRONZE).await;

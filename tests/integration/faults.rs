@@ -14,7 +14,7 @@ use medallion_tests::faults::{broker_behind_proxy, Fault, FaultProxy};
 use medallion_tests::{metric_sum, read_topic, read_until};
 use serde_json::Value as Json;
 
-use crate::bronze::{now_ms, Pipeline};
+use crate::bronze::{id_of, now_ms, Pipeline};
 use crate::stages::SILVER_BIN;
 
 const RAW: &str = "connector.data.raw";
@@ -75,10 +75,6 @@ fn sample_readiness(
         }
     });
     (samples, task)
-}
-
-fn id_of(e: &Json) -> String {
-    e["event_id"].as_str().unwrap_or_default().to_string()
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -142,39 +138,16 @@ async fn bronze_and_silver_lose_nothing_and_repeat_nothing_through_refusals_blac
     production.await.expect("production");
 
     let within = Duration::from_secs(240);
-    let read = |topic: &'static str, source: fn(&Json) -> String| {
+    let read = |topic: &'static str| {
         let (p, expected) = (&p, &expected);
         async move {
-            let mut seen = BTreeSet::new();
-            let out = read_until(
-                &p.broker.address,
-                topic,
-                |m| {
-                    if let Some(last) = m.last() {
-                        seen.extend(
-                            p.decode(topic, std::slice::from_ref(last))
-                                .iter()
-                                .map(source),
-                        );
-                    }
-                    seen == *expected
-                },
-                Duration::from_secs(4),
-                within,
-            )
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
-            p.decode(topic, &out)
+            p.read_sources(topic, expected, Duration::from_secs(4), within)
+                .await
+                .unwrap_or_else(|(e, _)| panic!("{e}"))
         }
     };
-    let bronze_out = read(BRONZE, id_of).await;
-    let silver_out = read(SILVER, |e| {
-        e["payload"]["bronze_event_id"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string()
-    })
-    .await;
+    let bronze_out = read(BRONZE).await;
+    let silver_out = read(SILVER).await;
     assert_eq!(bronze_out.len(), expected.len(), "no event twice in bronze");
     assert_eq!(silver_out.len(), expected.len(), "no event twice in silver");
     let dlq = read_topic(

@@ -408,23 +408,30 @@ async fn commit_confirmed(
     }
     // A loaded broker has taken seconds to show a commit it acknowledged: ask for up to 15 s.
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let mut seen = String::from("nothing");
     while std::time::Instant::now() < deadline {
         consumer.commit(&done, CommitMode::Sync)?;
         let mut ask = TopicPartitionList::new();
         ask.add_partition(dlq_topic, partition);
         let held = consumer.committed_offsets(ask, Duration::from_secs(10))?;
-        if held
-            .find_partition(dlq_topic, partition)
-            .is_some_and(|e| e.offset() == Offset::Offset(commit) && e.metadata() == metadata)
-        {
-            return Ok(());
+        if let Some(e) = held.find_partition(dlq_topic, partition) {
+            if e.offset() == Offset::Offset(commit) && e.metadata() == metadata {
+                return Ok(());
+            }
+            seen = format!(
+                "{:?} with metadata {:?} ({:?})",
+                e.offset(),
+                e.metadata(),
+                e.error()
+            );
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     Err(CaptureError::File {
         path: dlq_topic.to_string(),
         message: format!(
-            "partition {partition}: the group does not hold the commit of offset {commit}"
+            "partition {partition}: the group does not hold the commit of offset {commit} \
+             with metadata {metadata:?}; it holds {seen}"
         ),
     })
 }

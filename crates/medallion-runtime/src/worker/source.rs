@@ -1,14 +1,14 @@
 //! The batch source: polls the input topic and assembles batches of up to `batch.max_records`
 //! records, closed `batch.linger_ms` after their first record. Consumer errors (a failed fetch,
-//! a topic not there yet, a broker away) are counted and survived with backoff; librdkafka
-//! reconnects and refetches by itself.
+//! a topic not there yet, a broker away) are counted and survived, with a short backoff for the
+//! ones that are not the broker's absence; librdkafka reconnects and refetches by itself.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::FutureExt;
 use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::error::KafkaError;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message;
 
 use super::committer::WorkerContext;
@@ -177,23 +177,71 @@ impl BatchSource {
         self.pending.push(record);
     }
 
-    /// Counts and logs a consumer error, then waits: consecutive errors back off along the
-    /// retry schedule (at most 5 s) so a lasting one does not spin.
+    /// Counts and logs a consumer error, then waits when waiting helps. A poll must come back
+    /// soon whatever the error: librdkafka hands over a rebalance only to a poll, and after an
+    /// outage the queue holds the errors reported during it ahead of the revocation. So a
+    /// broker that cannot be reached (librdkafka reconnects by itself, and the next poll
+    /// waits for the next event anyway) costs no wait at all; any other error backs off along
+    /// the retry schedule, at most [`MAX_ERROR_WAIT`], so a lasting one does not spin.
     async fn error(&mut self, error: &KafkaError) {
-        let code = error
-            .rdkafka_error_code()
-            .map_or_else(|| "client".to_string(), |c| format!("{c:?}"));
-        metrics::counter!(m::CONSUMER_ERRORS_TOTAL, "stage" => self.group.clone(), "error" => code)
+        let code = error.rdkafka_error_code();
+        let label = code.map_or_else(|| "client".to_string(), |c| format!("{c:?}"));
+        metrics::counter!(m::CONSUMER_ERRORS_TOTAL, "stage" => self.group.clone(), "error" => label)
             .increment(1);
         self.errors_in_a_row += 1;
         let in_a_row = self.errors_in_a_row;
-        let wait = self
-            .policy
-            .wait_forever(in_a_row)
-            .min(Duration::from_secs(5));
-        if in_a_row == 1 || in_a_row.is_multiple_of(20) {
+        let wait = error_wait(code, &self.policy, in_a_row);
+        if in_a_row == 1 || in_a_row.is_multiple_of(100) {
             tracing::warn!(%error, in_a_row, ?wait, "consumer error; carrying on");
         }
-        tokio::time::sleep(wait).await;
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+        }
+    }
+}
+
+/// The longest a consumer error holds the next poll.
+const MAX_ERROR_WAIT: Duration = Duration::from_secs(1);
+
+/// How long to wait after the `in_a_row`-th consumer error in a row, of code `code`.
+fn error_wait(code: Option<RDKafkaErrorCode>, policy: &RetryPolicy, in_a_row: usize) -> Duration {
+    use RDKafkaErrorCode as C;
+    match code {
+        Some(
+            C::BrokerTransportFailure
+            | C::AllBrokersDown
+            | C::Resolve
+            | C::OperationTimedOut
+            | C::RequestTimedOut
+            | C::NetworkException,
+        ) => Duration::ZERO,
+        _ => policy.wait_forever(in_a_row).min(MAX_ERROR_WAIT),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unreachable_broker_never_holds_the_poll_and_no_error_holds_it_long() {
+        let policy = RetryPolicy::default();
+        for n in [1, 2, 50, 10_000] {
+            for code in [
+                RDKafkaErrorCode::AllBrokersDown,
+                RDKafkaErrorCode::BrokerTransportFailure,
+                RDKafkaErrorCode::RequestTimedOut,
+            ] {
+                assert_eq!(error_wait(Some(code), &policy, n), Duration::ZERO);
+            }
+            let other = error_wait(Some(RDKafkaErrorCode::UnknownTopicOrPartition), &policy, n);
+            assert!(!other.is_zero() && other <= MAX_ERROR_WAIT, "{other:?}");
+            assert!(error_wait(None, &policy, n) <= MAX_ERROR_WAIT);
+        }
+        assert_eq!(
+            error_wait(None, &policy, 1),
+            Duration::from_millis(500),
+            "the first wait follows the retry schedule"
+        );
     }
 }
