@@ -50,7 +50,7 @@ use ledger::{Commit, Ledger};
 use planner::{Outgoing, Plan, Planner};
 use restore::Restorer;
 use source::{BatchShape, BatchSource, Polled};
-use tally::Tally;
+use tally::{CountedThrough, Tally};
 use telemetry::Lag;
 use topology::Topology;
 
@@ -144,6 +144,8 @@ pub struct StageWorker<S: Stage> {
     /// How long the worker waits for its flights to land before it commits without them
     /// (shutdown, an error, a revocation) or rebuilds a partition: the produce timeout.
     drain_timeout: Duration,
+    /// What this process has counted, so a duplicate read again is not counted twice.
+    counted: CountedThrough,
 }
 
 /// Tasks that run beside the loop (lag, broker probe), stopped when it ends however it ends.
@@ -339,10 +341,21 @@ impl<S: Stage> StageWorker<S> {
         plan.outgoing.extend(telemetry);
         let dropped = self.restorer.drop_replayed(&mut plan.outgoing);
         let commits = self.book_plan(&batch, &plan);
+        // A duplicate this process dropped (and counted) before, read again: a replay.
+        let again = plan
+            .duplicates
+            .iter()
+            .filter(|i| {
+                let m = &batch[**i];
+                self.counted.already(m.partition(), m.offset())
+            })
+            .count() as u64;
+        self.counted
+            .book(batch.iter().map(|m| (m.partition(), m.offset())));
         let booking = Booking {
             consumed: batch.len() as u64,
-            duplicates: plan.duplicates,
-            replayed: dropped.total(),
+            duplicates: plan.duplicates.len() as u64 - again,
+            replayed: dropped.total() + again,
             // A dead letter a previous owner already wrote is a replay, not a second one.
             dead: plan
                 .dead

@@ -105,7 +105,8 @@ pub(super) struct Plan {
     pub(super) dead: Vec<(usize, RecordFailure)>,
     /// Event keys to remember once delivered, by partition.
     pub(super) remember: Vec<(i32, u128)>,
-    pub(super) duplicates: u64,
+    /// Message indexes of the records dropped as duplicates.
+    pub(super) duplicates: Vec<usize>,
     /// Event timestamps (ms) of produced outputs, for the latency histogram.
     pub(super) event_times: Vec<i64>,
 }
@@ -127,7 +128,7 @@ struct Kept {
     mask: Vec<bool>,
     rows: Vec<usize>,
     keys: Vec<Option<u128>>,
-    duplicates: u64,
+    duplicates: Vec<usize>,
 }
 
 impl Planner {
@@ -595,7 +596,7 @@ fn dedup(
         mask: Vec::with_capacity(keys.len()),
         rows: Vec::with_capacity(keys.len()),
         keys: Vec::with_capacity(keys.len()),
-        duplicates: 0,
+        duplicates: Vec::new(),
     };
     for (&index, key) in decoded.rows.iter().zip(&keys) {
         let duplicate = key.is_some_and(|k| {
@@ -606,7 +607,7 @@ fn dedup(
         });
         kept.mask.push(!duplicate);
         if duplicate {
-            kept.duplicates += 1;
+            kept.duplicates.push(index);
         } else {
             kept.rows.push(index);
             kept.keys.push(*key);

@@ -18,7 +18,7 @@ use super::planner::Planner;
 use super::restore::Restorer;
 use super::source::BatchShape;
 use super::stage::{stage_input_schema, Stage, StageSetup};
-use super::tally::Tally;
+use super::tally::{CountedThrough, Tally};
 use super::telemetry::Telemetry;
 use super::topology::topology;
 use super::{StageWorker, WorkerError};
@@ -187,6 +187,7 @@ where
             bytes: config.batch.max_in_flight_bytes,
         },
         drain_timeout: Duration::from_millis(u64::from(config.kafka.produce_timeout_ms)),
+        counted: CountedThrough::default(),
         shape: BatchShape {
             max_records: config.batch.max_records,
             linger: Duration::from_millis(config.batch.linger_ms),

@@ -1,7 +1,7 @@
 //! What a worker counts: run totals, live progress and the outcome metrics, booked once per
 //! landed flight (a record is counted when the broker has it, not when it is planned).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
@@ -29,6 +29,31 @@ pub struct RunTotals {
     /// Outputs and dead letters not produced again after a restart or rebalance.
     pub replayed: u64,
     pub dead_lettered: BTreeMap<String, u64>,
+}
+
+/// The highest input offset, per partition, whose outcome this process has booked. Kept
+/// across revocations: a record at or below it that is read again (its partition given back
+/// after a lost session or a rebalance, and consumed again from the last commit) was counted
+/// already, so dropping it as a duplicate again is a replay, not a second duplicate. A record
+/// another process counted before it crashed is not known here and is counted again.
+#[derive(Debug, Default)]
+pub(super) struct CountedThrough(HashMap<i32, i64>);
+
+impl CountedThrough {
+    /// Whether the outcome of the record at `offset` of `partition` was counted already.
+    pub(super) fn already(&self, partition: i32, offset: i64) -> bool {
+        self.0
+            .get(&partition)
+            .is_some_and(|&through| offset <= through)
+    }
+
+    /// Notes records whose outcomes are booked.
+    pub(super) fn book(&mut self, records: impl IntoIterator<Item = (i32, i64)>) {
+        for (partition, offset) in records {
+            let through = self.0.entry(partition).or_insert(offset);
+            *through = (*through).max(offset);
+        }
+    }
 }
 
 pub(super) struct Tally {
@@ -97,5 +122,22 @@ impl Tally {
         self.progress
             .dead_lettered
             .fetch_add(failures.len() as u64, Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod counted_tests {
+    use super::CountedThrough;
+
+    #[test]
+    fn a_record_read_again_up_to_the_highest_booked_offset_was_counted_already() {
+        let mut counted = CountedThrough::default();
+        assert!(!counted.already(0, 0), "nothing booked yet");
+        counted.book([(0, 5), (0, 9), (1, 3)]);
+        counted.book([(0, 7)]);
+        assert!(counted.already(0, 0) && counted.already(0, 9));
+        assert!(!counted.already(0, 10), "past what was booked");
+        assert!(counted.already(1, 3) && !counted.already(1, 4));
+        assert!(!counted.already(2, 0), "another partition");
     }
 }

@@ -406,7 +406,7 @@ mod tests {
             deferred: Vec::new(),
             dead: vec![(1, failure)],
             remember: Vec::new(),
-            duplicates: 0,
+            duplicates: Vec::new(),
             event_times: Vec::new(),
         };
         let out = telemetry.batch(&topo, &batch, &plan, Duration::from_millis(3));
