@@ -23,4 +23,5 @@ pub mod pii;
 pub mod record;
 pub mod recovery;
 pub mod retry;
+pub mod store;
 pub mod worker;
