@@ -969,7 +969,10 @@ impl Silver {
             };
             let outcome = self.merge.apply(row.partition, &key, incoming, hash);
             match &outcome {
-                state::Outcome::Stored(stored) => {
+                // A redelivered event writes its state again: the write made the first time
+                // may not have reached the changelog (its batch failed after the merge, or the
+                // worker stopped before it landed), and the changelog is the source of truth.
+                state::Outcome::Stored(stored) | state::Outcome::Replayed(stored) => {
                     side.push(medallion_runtime::changelog::update(
                         &self.changelog,
                         row.partition,
@@ -991,7 +994,6 @@ impl Silver {
                     first_drift.get_or_insert_with(|| key.clone());
                     side.push(self.drift_audit(&row, current, now.value(i))?);
                 }
-                state::Outcome::Replayed(_) => {}
             }
             changes.push(outcome.change().as_str());
             entity_source.push(row.source_system.to_string());

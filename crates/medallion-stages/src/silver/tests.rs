@@ -213,6 +213,43 @@ mod stage {
     }
 
     #[tokio::test]
+    async fn a_redelivered_event_gets_its_first_decision_and_writes_its_state_again() {
+        let mut stage = silver(SilverConfig::default()).await.expect("plans");
+        let events = [
+            case("e1", 7, "CASE-1", 2_000, "v5", "alice"),
+            case("e2", 7, "CASE-2", 3_000, "v5", "bob"),
+        ];
+        let (batch, _) = input_batch(&contract("bronze/data-cleaned.avsc"), &events, 0, 0, NOW);
+        let first = crate::testkit::process(&mut stage, batch.clone())
+            .await
+            .expect("processes");
+        let again = crate::testkit::process(&mut stage, batch)
+            .await
+            .expect("processes again");
+        let state_writes = |out: &crate::testkit::Output| -> Vec<(Option<Vec<u8>>, Vec<u8>)> {
+            out.side
+                .iter()
+                .filter(|s| s.partition == Some(0))
+                .map(|s| (s.key.clone(), s.value.clone()))
+                .collect()
+        };
+        assert_eq!(state_writes(&first).len(), 2);
+        assert_eq!(
+            state_writes(&again),
+            state_writes(&first),
+            "the same state written again: a write lost the first time is made good"
+        );
+        let changes = |out: &crate::testkit::Output| -> Vec<String> {
+            output_json(&contract("silver/data-processed.avsc"), &out.batch)
+                .iter()
+                .map(|r| r["payload"]["change"].as_str().unwrap_or("").to_string())
+                .collect()
+        };
+        assert_eq!(changes(&first), ["CREATED", "CREATED"]);
+        assert_eq!(changes(&again), changes(&first), "the first decision again");
+    }
+
+    #[tokio::test]
     async fn fail_batch_halts_and_a_bad_expression_is_named() {
         let halting = SilverConfig {
             expectations: Some(vec![Expectation {
