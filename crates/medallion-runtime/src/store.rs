@@ -28,6 +28,10 @@ pub enum StoreError {
         #[source]
         source: fjall::Error,
     },
+    #[error(
+        "state store {dir} is in use by another process (each worker needs a state.dir of its own)"
+    )]
+    InUse { dir: String },
     #[error("state store {path}: {source}")]
     Io {
         path: String,
@@ -65,6 +69,9 @@ pub struct StateStore {
     keyspace: Keyspace,
     options: StoreOptions,
     found: Found,
+    /// Held for as long as the store is open: an exclusive lock on `<dir>.lock`, so a second
+    /// process cannot open the same files (the engine itself does not guard against it).
+    _lock: std::fs::File,
 }
 
 const IDENTITY: &str = "IDENTITY";
@@ -75,6 +82,7 @@ impl StateStore {
     /// Opens the store in `options.dir`, creating it; a foreign or damaged one is wiped first.
     pub fn open(options: StoreOptions) -> Result<Self, StoreError> {
         let dir = &options.dir;
+        let lock = lock(dir)?;
         let identity_path = dir.join(IDENTITY);
         let mut found = match std::fs::read_to_string(&identity_path) {
             Ok(id) if id.trim_end() == options.identity => Found::Reopened,
@@ -107,6 +115,7 @@ impl StateStore {
             keyspace,
             options,
             found,
+            _lock: lock,
         })
     }
 
@@ -250,6 +259,29 @@ impl Table {
             n += 1;
         }
         Ok(n)
+    }
+}
+
+/// Takes the exclusive lock of the store in `dir`, beside it so a wipe keeps it.
+fn lock(dir: &Path) -> Result<std::fs::File, StoreError> {
+    let mut name = dir.as_os_str().to_owned();
+    name.push(".lock");
+    let path = PathBuf::from(name);
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(io(parent))?;
+    }
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(io(&path))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(StoreError::InUse {
+            dir: dir.display().to_string(),
+        }),
+        Err(std::fs::TryLockError::Error(e)) => Err(io(&path)(e)),
     }
 }
 

@@ -140,6 +140,22 @@ fn another_owners_store_is_discarded_and_so_is_one_that_will_not_open() {
 }
 
 #[test]
+fn one_process_at_a_time_opens_a_store() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let first = StateStore::open(options(dir.path(), "silver")).expect("opens");
+    let second = StateStore::open(options(dir.path(), "silver"));
+    let Err(StoreError::InUse { dir: named }) = second else {
+        panic!("a second opener is refused");
+    };
+    assert!(named.ends_with("state"), "{named}");
+    assert!(StoreError::InUse { dir: named }
+        .to_string()
+        .contains("needs a state.dir of its own"));
+    drop(first);
+    StateStore::open(options(dir.path(), "silver")).expect("free again once closed");
+}
+
+#[test]
 fn clear_empties_the_table_and_forgets_its_checkpoint() {
     let dir = tempfile::tempdir().expect("temp dir");
     let store = StateStore::open(options(dir.path(), "silver")).expect("opens");
