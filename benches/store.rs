@@ -1,4 +1,4 @@
-//! The local state store (`medallion_runtime::store`, fjall) on silver's shapes of key and
+//! The local state store (`medallion-store`, fjall) on silver's shapes of key and
 //! value: entity keys `<org>/<type>/<id>`, merge-state values of ~70 bytes. Per iteration, a
 //! fresh store of 200,000 keys:
 //!
@@ -11,7 +11,7 @@
 //! `cargo bench -p medallion-benches --bench store`.
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
-use medallion_runtime::store::{Change, StateStore, StoreOptions, Table};
+use medallion_store::{Change, StateStore, StoreOptions, Table};
 
 const KEYS: u64 = 200_000;
 

@@ -23,5 +23,6 @@ pub mod pii;
 pub mod record;
 pub mod recovery;
 pub mod retry;
-pub mod store;
+/// Keyed stage state on local disk.
+pub use medallion_store as store;
 pub mod worker;

@@ -376,5 +376,4 @@ fn io(path: &Path) -> impl Fn(std::io::Error) -> StoreError + '_ {
 }
 
 #[cfg(test)]
-#[path = "store_tests.rs"]
 mod tests;
