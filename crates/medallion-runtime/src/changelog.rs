@@ -216,18 +216,7 @@ mod tests {
             update("state.changelog", 0, b"b", Vec::new()),
             update("state.changelog", 1, b"other", b"x".to_vec()),
         ];
-        for u in &updates {
-            let record = rdkafka::producer::FutureRecord::to(&u.topic)
-                .partition(u.partition.expect("a changelog update names its partition"))
-                .key(u.key.as_deref().unwrap_or_default())
-                .payload(&u.value);
-            send_queued(&producer, record)
-                .await
-                .expect("queued")
-                .await
-                .expect("not cancelled")
-                .expect("delivered");
-        }
+        send(&producer, &updates).await;
         let state = restore(&kafka, "state.changelog", 0)
             .await
             .expect("restored");
@@ -246,6 +235,7 @@ mod tests {
         assert_eq!(err.partition, 0);
     }
 
+    /// Produces `updates` one at a time, each acknowledged before the next.
     async fn send(producer: &FutureProducer, updates: &[SideRecord]) {
         for u in updates {
             let record = rdkafka::producer::FutureRecord::to(&u.topic)
