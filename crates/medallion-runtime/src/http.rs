@@ -28,16 +28,20 @@ pub enum Condition {
     DeliveriesStalled,
     /// The group went on without this worker (its session expired); it has not rejoined yet.
     AssignmentLost,
+    /// Partitions are assigned whose state (dedup window, what was produced after the last
+    /// commit, the stage's own state) is still being rebuilt: nothing of them is processed yet.
+    Restoring,
 }
 
 impl Condition {
-    pub const ALL: [Condition; 6] = [
+    pub const ALL: [Condition; 7] = [
         Condition::NoPartitions,
         Condition::RegistryUnavailable,
         Condition::BrokerUnreachable,
         Condition::DeliveriesRefused,
         Condition::DeliveriesStalled,
         Condition::AssignmentLost,
+        Condition::Restoring,
     ];
 
     /// The `reason` label of `medallion_worker_degraded`.
@@ -49,6 +53,7 @@ impl Condition {
             Condition::DeliveriesRefused => "deliveries_refused",
             Condition::DeliveriesStalled => "deliveries_stalled",
             Condition::AssignmentLost => "assignment_lost",
+            Condition::Restoring => "restoring_state",
         }
     }
 
@@ -60,6 +65,7 @@ impl Condition {
             Condition::DeliveriesRefused => "broker refusing records (sending them again)",
             Condition::DeliveriesStalled => "records unacknowledged by the broker",
             Condition::AssignmentLost => "the group's session expired; not rejoined yet",
+            Condition::Restoring => "restoring the state of assigned partitions",
         }
     }
 
@@ -249,8 +255,17 @@ mod tests {
                 "broker_unreachable",
                 "deliveries_refused",
                 "deliveries_stalled",
-                "assignment_lost"
+                "assignment_lost",
+                "restoring_state"
             ]
+        );
+        // Assigned but still rebuilding: not ready yet.
+        health.set(Condition::Restoring, true);
+        assert!(!health.is_ready());
+        assert_eq!(health.conditions(), [Condition::Restoring]);
+        assert_eq!(
+            Condition::Restoring.describe(),
+            "restoring the state of assigned partitions"
         );
     }
 

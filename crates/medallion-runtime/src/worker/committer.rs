@@ -224,6 +224,11 @@ impl ConsumerContext for WorkerContext {
             .map(|tpl| tpl.elements().iter().map(|e| e.partition()).collect())
             .unwrap_or_default();
         self.health.set_assigned(!current.is_empty());
+        // Newly assigned partitions are rebuilt before anything of them is processed; the
+        // worker loop clears this once they are (`sync_partitions`).
+        if !current.is_empty() {
+            self.health.set(crate::http::Condition::Restoring, true);
+        }
         tracing::info!(partitions = ?current, "assignment changed");
         if let Ok(mut assigned) = self.assigned.lock() {
             *assigned = current;

@@ -241,7 +241,15 @@ impl<S: Stage> StageWorker<S> {
             };
             let step = match polled {
                 Polled::Batch(batch) => self.process_batch(batch, &mut flights, &committer).await,
-                Polled::Idle => self.settle(false, &mut flights).await,
+                // An idle worker restores what it was assigned too, so it is ready (and takes
+                // the first record at once) without waiting for one.
+                // A failure here is tried again at the next poll (the worker stays not ready).
+                Polled::Idle => {
+                    if let Err(e) = self.sync_partitions(&mut flights, &committer).await {
+                        tracing::warn!(error = %e, "restoring assigned partitions failed; trying again");
+                    }
+                    self.settle(false, &mut flights).await
+                }
             };
             if let Err(e) = step {
                 // What earlier batches delivered is committed; nothing of this one.
@@ -398,6 +406,7 @@ impl<S: Stage> StageWorker<S> {
             Err(_) => Vec::new(),
         };
         if fresh.is_empty() {
+            self.health.set(Condition::Restoring, false);
             return Ok(());
         }
         fresh.sort_unstable();
@@ -407,7 +416,15 @@ impl<S: Stage> StageWorker<S> {
         let committed = committer.committed(&fresh).await?;
         self.restorer
             .restore(committed, &self.ledger, &mut self.planner, &mut self.stage)
-            .await
+            .await?;
+        // Ready again unless the group assigned more meanwhile (the next call restores them).
+        let assigned = self.assigned.lock().map(|a| a.clone()).unwrap_or_default();
+        let more = match self.ledger.lock() {
+            Ok(ledger) => assigned.iter().any(|p| !ledger.contains(*p)),
+            Err(_) => false,
+        };
+        self.health.set(Condition::Restoring, more);
+        Ok(())
     }
 
     /// The ledger learns what the batch consumed, remembers its event ids (before the next

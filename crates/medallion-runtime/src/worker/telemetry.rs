@@ -318,10 +318,23 @@ impl Lag {
 
     /// The lag where the group stopped: the last measured high watermarks against the offsets
     /// just committed, without asking the broker again (a shutdown does not wait on it).
+    /// A partition not measured yet (the worker stopped within its first seconds) is asked
+    /// for once, within a second for all of them together.
     pub(super) fn publish_final(&self, committed: &BTreeMap<i32, i64>) {
         let highs = self.highs.lock().map(|h| h.clone()).unwrap_or_default();
+        let budget = std::time::Instant::now() + Duration::from_secs(1);
         for (partition, offset) in committed {
-            if let Some(high) = highs.get(partition) {
+            let high = highs.get(partition).copied().or_else(|| {
+                let left = budget.saturating_duration_since(std::time::Instant::now());
+                if left.is_zero() {
+                    return None;
+                }
+                self.consumer
+                    .fetch_watermarks(&self.topo.input_topic, *partition, left)
+                    .ok()
+                    .map(|(_, high)| high)
+            });
+            if let Some(high) = high {
                 self.publish(*partition, high - offset);
             }
         }
