@@ -26,6 +26,8 @@ use std::time::{Duration, Instant};
 use medallion_tests::faults::{broker_behind_proxy, Fault};
 use medallion_tests::{contracts, metric_sum, read_topic, registry, WorkerProcess};
 
+// Shared with the other benchmarks, which use the rest of it.
+#[allow(dead_code)]
 mod support;
 use support::now_ms;
 

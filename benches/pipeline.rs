@@ -13,6 +13,9 @@
 //!    p99 < 1 s).
 //! 3. Peak RSS of each worker (goal < 256 MiB).
 //!
+//! `MEDALLION_PIPELINE_NEW_LEADS=1` makes the backlog lead events only, every one a new lead
+//! (its own lead id): silver's state then grows with every event, the case for its store.
+//!
 //! Gold runs with 10 s windows and 2 s lateness here, so the latency phase closes windows
 //! every 10 s.
 //!
@@ -108,7 +111,12 @@ async fn run() {
     // Phase 1: the backlog, event times 2 ms apart an hour ago.
     let base_ms = now_ms() - 3_600_000;
     let templates = support::templates(&raw.schema, ids[RAW], base_ms);
-    let records = support::stream(&templates, n, base_ms);
+    let records = if std::env::var_os("MEDALLION_PIPELINE_NEW_LEADS").is_some() {
+        let leads = support::lead_templates(&raw.schema, ids[RAW], base_ms);
+        support::new_lead_stream(&leads, n, base_ms)
+    } else {
+        support::stream(&templates, n, base_ms)
+    };
     let produced = Instant::now();
     support::produce(&kafka, RAW, &records).await;
     drop(records);

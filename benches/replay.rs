@@ -20,6 +20,8 @@ use std::time::{Duration, Instant};
 use medallion_runtime::ops::capture::{read_capture, CaptureWriter};
 use medallion_tests::{broker, contracts, metric_sum, registry, WorkerProcess};
 
+// Shared with the other benchmarks, which use the rest of it.
+#[allow(dead_code)]
 mod support;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::Message;

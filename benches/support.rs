@@ -81,6 +81,51 @@ pub fn templates(raw: &apache_avro::Schema, id: u32, base_ms: i64) -> Vec<(Strin
         .collect()
 }
 
+/// Lead events only: a lead id is a UUID, so a copy can be made a new lead by rewriting it in
+/// place. Each with where its lead id sits in the frame.
+pub fn lead_templates(
+    raw: &apache_avro::Schema,
+    id: u32,
+    base_ms: i64,
+) -> Vec<(String, Vec<u8>, usize)> {
+    let mut sample = medallion_contracts::sample::SampleEvents::new(77, 16, base_ms);
+    let mut out = Vec::new();
+    while out.len() < 1_000 {
+        let e = sample.next_event();
+        let Some(lead) = e["payload"]["lead_created"]["lead_id"].as_str() else {
+            continue;
+        };
+        let framed = medallion_contracts::json::to_framed(&e, raw, id).expect("frame");
+        let at = framed
+            .windows(lead.len())
+            .position(|w| w == lead.as_bytes())
+            .expect("the lead id in the frame");
+        out.push((e["org_id"].to_string(), framed, at));
+    }
+    out
+}
+
+/// `n` events of `templates` as captured records, every one a new lead (its own lead id),
+/// event times 2 ms apart from `base_ms`.
+pub fn new_lead_stream(
+    templates: &[(String, Vec<u8>, usize)],
+    n: usize,
+    base_ms: i64,
+) -> Vec<medallion_runtime::ops::capture::Captured> {
+    let plain: Vec<(String, Vec<u8>)> = templates
+        .iter()
+        .map(|(k, v, _)| (k.clone(), v.clone()))
+        .collect();
+    let mut records = stream(&plain, n, base_ms);
+    for (i, r) in records.iter_mut().enumerate() {
+        let at = templates[i % templates.len()].2;
+        if let Some(value) = r.value.as_mut() {
+            value[at + 24..at + 36].copy_from_slice(format!("{i:012x}").as_bytes());
+        }
+    }
+    records
+}
+
 /// Event `i` of a stream: a copy of template `i % len` with its own event id and event time
 /// `t` (ms).
 pub fn event(templates: &[(String, Vec<u8>)], i: usize, t: i64) -> (&str, Vec<u8>) {

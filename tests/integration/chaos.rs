@@ -4,6 +4,12 @@
 //! in bronze or silver, every gold window once with the totals an independent computation of
 //! silver's output gives, and the DLQ exactly the bad records put in.
 //!
+//! silver keeps its state on disk (`state.dir`): its first restart resumes its store from the
+//! checkpoints, its second starts with the store deleted, its third on a fresh disk (a replica
+//! moved to another node); at the end it is killed once more, its store deleted, and events
+//! naming other orgs' entities must still be refused (`tenant_mismatch`), the owner table
+//! rebuilt from its topic.
+//!
 //! `MEDALLION_CHAOS_EVENTS` sets the stream's size (default 20,000; the closing note of the
 //! change that added this test reports a 1M-event run).
 
@@ -36,14 +42,15 @@ fn events_wanted() -> usize {
 /// One stage worker that can be killed and brought back.
 struct Chaotic {
     name: &'static str,
-    start: Box<dyn Fn() -> WorkerProcess>,
+    /// Starts the worker, given how many times it was killed before.
+    start: Box<dyn Fn(usize) -> WorkerProcess>,
     process: WorkerProcess,
     kills: usize,
 }
 
 impl Chaotic {
-    fn new(name: &'static str, start: Box<dyn Fn() -> WorkerProcess>) -> Self {
-        let process = start();
+    fn new(name: &'static str, start: Box<dyn Fn(usize) -> WorkerProcess>) -> Self {
+        let process = start(0);
         Self {
             name,
             start,
@@ -55,7 +62,7 @@ impl Chaotic {
     fn kill_and_restart(&mut self) {
         self.process.kill();
         self.kills += 1;
-        self.process = (self.start)();
+        self.process = (self.start)(self.kills);
     }
 }
 
@@ -169,10 +176,39 @@ async fn sigkills_of_every_stage_lose_nothing_repeat_nothing_and_keep_gold_exact
         )
     };
     let env = move || vec![log()];
+    // silver's state directories: the first disk, and the one it moves to.
+    let disks = tempfile::tempdir().expect("temp dir");
+    let (disk, moved) = (disks.path().join("node-a"), disks.path().join("node-b"));
+    let silver_env = {
+        let (disk, moved) = (disk.clone(), moved.clone());
+        move |kills: usize| {
+            let dir = match kills {
+                // Killed twice: the store is gone when it comes back.
+                2 => {
+                    let store = disk.join("silver-processor");
+                    assert!(store.join("IDENTITY").exists(), "a store on the first disk");
+                    std::fs::remove_dir_all(&store).expect("store deleted");
+                    &disk
+                }
+                // Killed three times and more: it runs on another node's empty disk.
+                k if k >= 3 => &moved,
+                _ => &disk,
+            };
+            vec![
+                log(),
+                ("MEDALLION__STATE__DIR", dir.display().to_string()),
+                // Checkpoints often, so restarts resume from one.
+                (
+                    "MEDALLION__STATE__CHECKPOINT_INTERVAL_MS",
+                    "500".to_string(),
+                ),
+            ]
+        }
+    };
     let mut stages = vec![
         Chaotic::new("bronze", {
             let (b, r) = (p.broker.address.clone(), p.registry.address.clone());
-            Box::new(move || {
+            Box::new(move |_| {
                 WorkerProcess::start(
                     env!("CARGO_BIN_EXE_bronze-processor"),
                     &b,
@@ -184,11 +220,13 @@ async fn sigkills_of_every_stage_lose_nothing_repeat_nothing_and_keep_gold_exact
         }),
         Chaotic::new("silver", {
             let (b, r) = (p.broker.address.clone(), p.registry.address.clone());
-            Box::new(move || WorkerProcess::start(SILVER_BIN, &b, &r, &env()).expect("silver"))
+            Box::new(move |kills| {
+                WorkerProcess::start(SILVER_BIN, &b, &r, &silver_env(kills)).expect("silver")
+            })
         }),
         Chaotic::new("gold", {
             let (b, r) = (p.broker.address.clone(), p.registry.address.clone());
-            Box::new(move || WorkerProcess::start(GOLD_BIN, &b, &r, &env()).expect("gold"))
+            Box::new(move |_| WorkerProcess::start(GOLD_BIN, &b, &r, &env()).expect("gold"))
         }),
     ];
     for s in &stages {
@@ -369,6 +407,69 @@ async fn sigkills_of_every_stage_lose_nothing_repeat_nothing_and_keep_gold_exact
         gold.len(),
         "no gold record twice by event id"
     );
+
+    // silver killed once more and its store deleted; meanwhile events of one org name
+    // another org's entities. The owner table comes back from its topic and refuses each.
+    let silver = &mut stages[1];
+    silver.process.kill();
+    let store = moved.join("silver-processor");
+    assert!(
+        store.join("IDENTITY").exists(),
+        "a store on the second disk"
+    );
+    std::fs::remove_dir_all(&store).expect("store deleted");
+    let orgs: Vec<i64> = orgs.into_iter().collect();
+    let mut foreign_ids = BTreeSet::new();
+    for (i, owner) in orgs.iter().enumerate() {
+        let intruder = orgs[(i + 1) % orgs.len()];
+        let owned = valid
+            .iter()
+            .find(|e| e["org_id"] == *owner)
+            .expect("an event of the org");
+        // The owner's event under the intruder's org, with an id and a time of its own.
+        let fresh = generator.next_event();
+        let mut e = owned.clone();
+        e["org_id"] = intruder.into();
+        e["event_id"] = fresh["event_id"].clone();
+        e["timestamp"] = fresh["timestamp"].clone();
+        foreign_ids.insert(e["event_id"].as_str().unwrap_or_default().to_string());
+        p.send(intruder.to_string(), &p.frame(&e)).await;
+    }
+    silver.process = WorkerProcess::start(
+        SILVER_BIN,
+        &p.broker.address,
+        &p.registry.address,
+        &[("MEDALLION__STATE__DIR", moved.display().to_string())],
+    )
+    .expect("silver");
+    let refused = read_until(
+        &p.broker.address,
+        "bronze.data.cleaned.dlq",
+        |m| m.len() >= foreign_ids.len(),
+        Duration::from_secs(3),
+        Duration::from_secs(180),
+    )
+    .await
+    .expect("the foreign events refused");
+    let refused_ids: BTreeSet<String> = p
+        .decode(BRONZE, &refused)
+        .iter()
+        .map(|e| source_id(BRONZE, e))
+        .collect();
+    assert_eq!(refused_ids, foreign_ids, "each foreign event refused, once");
+    assert_eq!(refused.len(), foreign_ids.len());
+    for m in &refused {
+        let reason = m
+            .headers()
+            .and_then(|h| {
+                medallion_runtime::dlq::header_value(
+                    h,
+                    medallion_runtime::dlq::header::ERROR_REASON,
+                )
+            })
+            .unwrap_or_default();
+        assert_eq!(reason, "tenant_mismatch");
+    }
 }
 
 /// (org, metric, window start) of a gold record.

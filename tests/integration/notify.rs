@@ -95,6 +95,10 @@ async fn alerts_reach_every_channel_once_or_the_dlq_across_failures_and_a_restar
     )
     .expect("config");
     let env = [
+        (
+            "RUST_LOG",
+            "warn,medallion_stages::notify=info,medallion_runtime::worker=info".to_string(),
+        ),
         ("MEDALLION_CONFIG", config.display().to_string()),
         ("TEST_HOOK_SECRET", SECRET.to_string()),
     ];

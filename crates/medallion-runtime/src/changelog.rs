@@ -98,16 +98,21 @@ pub struct Restored {
 /// Changelog records applied to the table at a time.
 const RESTORE_CHUNK: usize = 10_000;
 
-/// Brings `table` up to date with changelog `topic` partition `partition`: from the table's
+/// Brings `table` up to date with changelog `topic` partition `partition`, from the table's
 /// checkpoint when it lies within the partition, else from the start into an emptied table (a
 /// checkpoint past the end is another changelog's, one before the log start has lost records).
 /// Records stream into the table in chunks; the checkpoint is written once the end is reached
 /// and the files hold it, so a restore cut short starts again where the last checkpoint was.
+///
+/// The end is where the read meets the partition's end, not the high watermark a broker lists:
+/// some Kafka-protocol brokers list one short of the end after a batch of several records.
+/// A checkpoint past the listed end is read from the listed end (the records in between are
+/// applied again, which leaves the same values) and is kept if the partition reaches it.
 pub async fn restore_into(
     kafka: &KafkaConnection,
     topic: &str,
     partition: i32,
-    mut table: crate::store::Table,
+    table: crate::store::Table,
 ) -> Result<(crate::store::Table, Restored), RestoreIntoError> {
     let kafka = kafka.clone();
     let topic = topic.to_string();
@@ -118,56 +123,33 @@ pub async fn restore_into(
     let store_error = move |source| RestoreIntoError::Store { partition, source };
     let work = tokio::task::spawn_blocking(move || {
         let marks = crate::kafka::io::watermarks(&kafka, &topic).map_err(read_error)?;
-        let (low, high) = marks
+        let (low, listed) = marks
             .get(&partition)
             .copied()
             .ok_or_else(|| read_error(ReadError::NoPartitions(topic.clone())))?;
-        let (from, rebuilt) = match table.checkpoint() {
-            Some(c) if c >= low && c <= high => (c, false),
-            _ => {
-                table.clear().map_err(store_error)?;
-                (low, true)
-            }
-        };
-        let mut applied = 0u64;
-        if from < high {
-            let mut chunk: Vec<crate::store::Change> = Vec::with_capacity(RESTORE_CHUNK);
-            let mut failed = None;
-            read_stretches(
-                &kafka,
-                &topic,
-                &[Stretch {
-                    partition,
-                    from,
-                    until: Some(high),
-                }],
-                RESTORE_WITHIN,
-                |message| {
-                    let Some(key) = message.key() else {
-                        return;
-                    };
-                    let value = message.payload().filter(|v| !v.is_empty());
-                    chunk.push((key.to_vec(), value.map(<[u8]>::to_vec)));
-                    applied += 1;
-                    if chunk.len() >= RESTORE_CHUNK && failed.is_none() {
-                        if let Err(e) = table.apply(std::mem::take(&mut chunk)) {
-                            failed = Some(e);
-                        }
-                    }
-                },
-            )
-            .map_err(read_error)?;
-            if let Some(e) = failed {
-                return Err(store_error(e));
-            }
-            table.apply(chunk).map_err(store_error)?;
+        let checkpoint = table.checkpoint().filter(|c| *c >= low);
+        let mut rebuilt = checkpoint.is_none();
+        if rebuilt {
+            table.clear().map_err(store_error)?;
         }
-        table.write_checkpoint(high).map_err(store_error)?;
+        let mut from = checkpoint.map_or(low, |c| c.min(listed));
+        let (mut applied, mut end) = apply_to_end(&kafka, &topic, partition, from, &table)
+            .map_err(|e| e.into_error(partition))?;
+        if checkpoint.is_some_and(|c| c > end) {
+            tracing::warn!(topic = %topic, partition, checkpoint = ?checkpoint, end,
+                "state checkpoint past the changelog's end (another changelog's); rebuilt");
+            table.clear().map_err(store_error)?;
+            rebuilt = true;
+            from = low;
+            (applied, end) = apply_to_end(&kafka, &topic, partition, low, &table)
+                .map_err(|e| e.into_error(partition))?;
+        }
+        table.write_checkpoint(end).map_err(store_error)?;
         Ok((
             table,
             Restored {
                 from,
-                to: high,
+                to: end,
                 applied,
                 rebuilt,
             },
@@ -180,6 +162,69 @@ pub async fn restore_into(
             source: Box::new(ReadError::Interrupted(e.to_string())),
         })),
     }
+}
+
+/// Why [`apply_to_end`] stopped.
+enum ApplyError {
+    Read(ReadError),
+    Store(crate::store::StoreError),
+}
+
+impl ApplyError {
+    fn into_error(self, partition: i32) -> RestoreIntoError {
+        match self {
+            ApplyError::Read(source) => RestoreIntoError::Read(RestoreError {
+                partition,
+                source: Box::new(source),
+            }),
+            ApplyError::Store(source) => RestoreIntoError::Store { partition, source },
+        }
+    }
+}
+
+/// Applies the partition's records from `from` to its end to `table`, in chunks; returns how
+/// many were applied and the offset after the last one (`from` if there were none).
+fn apply_to_end(
+    kafka: &KafkaConnection,
+    topic: &str,
+    partition: i32,
+    from: i64,
+    table: &crate::store::Table,
+) -> Result<(u64, i64), ApplyError> {
+    let mut chunk: Vec<crate::store::Change> = Vec::with_capacity(RESTORE_CHUNK);
+    let mut failed = None;
+    let mut applied = 0u64;
+    let mut end = from;
+    read_stretches(
+        kafka,
+        topic,
+        &[Stretch {
+            partition,
+            from,
+            until: None,
+        }],
+        RESTORE_WITHIN,
+        |message| {
+            end = end.max(message.offset() + 1);
+            let Some(key) = message.key() else {
+                return;
+            };
+            let value = message.payload().filter(|v| !v.is_empty());
+            chunk.push((key.to_vec(), value.map(<[u8]>::to_vec)));
+            applied += 1;
+            if chunk.len() >= RESTORE_CHUNK && failed.is_none() {
+                if let Err(e) = table.apply(std::mem::take(&mut chunk)) {
+                    failed = Some(e);
+                }
+            }
+        },
+    )
+    .map_err(ApplyError::Read)?;
+    if let Some(e) = failed {
+        return Err(ApplyError::Store(e));
+    }
+    table.apply(chunk).map_err(ApplyError::Store)?;
+    Ok((applied, end))
 }
 
 /// A changelog update for input partition `partition`.

@@ -34,6 +34,9 @@ pub struct WorkerConfig<S> {
     /// Names of this deployment's topics and consumer groups.
     #[serde(default)]
     pub naming: NamingConfig,
+    /// Where a stateful stage keeps its state on disk, and how much memory it may use.
+    #[serde(default)]
+    pub state: StateConfig,
     /// The stage's own settings.
     pub stage: S,
 }
@@ -136,6 +139,65 @@ pub struct NamingConfig {
     pub prefix: String,
 }
 
+/// The local state store of a stateful stage (silver's merge state and owner table,
+/// notification-sender's delivery ledger). The changelog topics stay the source of truth;
+/// the store is a copy on disk, checkpointed against them, so a restart on the same disk reads
+/// only their tail.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StateConfig {
+    /// The store's base directory: the worker keeps its store in `<dir>/<group>`, and one
+    /// process at a time may use it. Unset: a directory of its own under the system's temp
+    /// directory, removed at exit, so every start rebuilds its state from the changelogs.
+    pub dir: Option<PathBuf>,
+    /// The store's block cache, MiB.
+    pub cache_mib: u64,
+    /// The store's write buffers (all tables together), MiB.
+    pub write_buffer_mib: u64,
+    /// Entries kept decoded in memory in front of the store (recently used ones).
+    pub hot_entries: usize,
+    /// How often a partition whose state changed records the changelog offset its files hold:
+    /// a restart on this disk reads the changelog from there.
+    pub checkpoint_interval_ms: u64,
+}
+
+impl Default for StateConfig {
+    fn default() -> Self {
+        Self {
+            dir: None,
+            cache_mib: 32,
+            write_buffer_mib: 32,
+            hot_entries: 50_000,
+            checkpoint_interval_ms: 5_000,
+        }
+    }
+}
+
+impl StateConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        for (name, value) in [
+            ("state.cache_mib", self.cache_mib),
+            ("state.write_buffer_mib", self.write_buffer_mib),
+            ("state.checkpoint_interval_ms", self.checkpoint_interval_ms),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::Invalid(format!("{name} must be at least 1")));
+            }
+        }
+        if self.hot_entries == 0 {
+            return Err(ConfigError::Invalid(
+                "state.hot_entries must be at least 1".into(),
+            ));
+        }
+        if self.dir.as_ref().is_some_and(|d| d.as_os_str().is_empty()) {
+            return Err(ConfigError::Invalid(
+                "state.dir is empty (leave it out for a temporary store)".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
 impl KafkaConfig {
     /// The connection every client of the worker is built from; refuses a property the runtime
     /// owns.
@@ -184,6 +246,7 @@ impl<S: Default> Default for WorkerConfig<S> {
                 id: "medallion".into(),
             },
             naming: NamingConfig::default(),
+            state: StateConfig::default(),
             stage: S::default(),
         }
     }
@@ -259,6 +322,7 @@ impl<S: Default + Serialize + DeserializeOwned> WorkerConfig<S> {
                 "dedup.window_per_partition must be at least 1".into(),
             ));
         }
+        self.state.validate()?;
         if !(self.registry.url.starts_with("http://") || self.registry.url.starts_with("https://"))
         {
             return Err(ConfigError::Invalid(format!(
@@ -385,6 +449,30 @@ mod tests {
             .expect_err("bad url")
             .to_string();
         assert!(err.contains("registry.url"), "{err}");
+    }
+
+    #[test]
+    fn the_state_section_is_read_and_checked() {
+        let config = WorkerConfig::<StageSettings>::load(None).expect("defaults");
+        assert_eq!(config.state, StateConfig::default());
+        assert_eq!(config.state.dir, None);
+        let (_dir, path) = write("state:\n  dir: /var/lib/medallion\n  cache_mib: 64\n");
+        let config = WorkerConfig::<StageSettings>::load(Some(&path)).expect("valid");
+        assert_eq!(config.state.dir, Some(PathBuf::from("/var/lib/medallion")));
+        assert_eq!(config.state.cache_mib, 64);
+        assert_eq!(config.state.hot_entries, 50_000);
+        for (text, named) in [
+            ("state:\n  cache_mib: 0\n", "state.cache_mib"),
+            ("state:\n  hot_entries: 0\n", "state.hot_entries"),
+            ("state:\n  dir: ''\n", "state.dir"),
+            ("state:\n  cache: 1\n", "cache"),
+        ] {
+            let (_dir, path) = write(text);
+            let err = WorkerConfig::<StageSettings>::load(Some(&path))
+                .expect_err(text)
+                .to_string();
+            assert!(err.contains(named), "{text}: {err}");
+        }
     }
 }
 

@@ -94,6 +94,10 @@ pub enum StageError {
     /// committing the batch rather than guess.
     #[error("internal error: {0}")]
     Internal(String),
+    /// The local state store failed (a full disk, an I/O error): the worker stops without
+    /// committing the batch; the store is rebuilt from the changelogs if it cannot be reopened.
+    #[error("state store: {0}")]
+    Store(String),
     /// A partition's state could not be read back (its changelog, a marker in a store).
     #[error("restoring partition {partition}: {source}")]
     Restore {
@@ -134,6 +138,7 @@ impl StageError {
             StageError::Arrow(_) | StageError::DataFusion(_) => "transform_failed",
             StageError::Internal(_) => "internal_error",
             StageError::Restore { .. } => "restore_failed",
+            StageError::Store(_) => "state_store_failed",
         }
     }
 
@@ -141,7 +146,10 @@ impl StageError {
     pub fn stops_the_worker(&self) -> bool {
         matches!(
             self,
-            StageError::Halt(_) | StageError::Internal(_) | StageError::Restore { .. }
+            StageError::Halt(_)
+                | StageError::Internal(_)
+                | StageError::Restore { .. }
+                | StageError::Store(_)
         )
     }
 
@@ -157,7 +165,8 @@ impl StageError {
             | StageError::Arrow(_)
             | StageError::DataFusion(_)
             | StageError::Internal(_)
-            | StageError::Restore { .. } => false,
+            | StageError::Restore { .. }
+            | StageError::Store(_) => false,
         }
     }
 }

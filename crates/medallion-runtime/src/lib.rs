@@ -23,6 +23,7 @@ pub mod pii;
 pub mod record;
 pub mod recovery;
 pub mod retry;
+pub mod state;
 /// Keyed stage state on local disk.
 pub use medallion_store as store;
 pub mod worker;

@@ -27,6 +27,7 @@ pub fn offline_setup(group: &str, input_schema: SchemaRef, output_schema: Schema
         input_topic: spec.consumes[0].clone(),
         output_topic: spec.produces.first().cloned(),
         retry: Default::default(),
+        state: Default::default(),
         topics,
     }
 }

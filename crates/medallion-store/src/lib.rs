@@ -65,13 +65,14 @@ pub enum Found {
 }
 
 /// The state store of one worker.
+#[derive(Clone)]
 pub struct StateStore {
     keyspace: Keyspace,
     options: StoreOptions,
     found: Found,
     /// Held for as long as the store is open: an exclusive lock on `<dir>.lock`, so a second
     /// process cannot open the same files (the engine itself does not guard against it).
-    _lock: std::fs::File,
+    _lock: std::sync::Arc<std::fs::File>,
 }
 
 const IDENTITY: &str = "IDENTITY";
@@ -115,7 +116,7 @@ impl StateStore {
             keyspace,
             options,
             found,
-            _lock: lock,
+            _lock: std::sync::Arc::new(lock),
         })
     }
 
@@ -125,12 +126,22 @@ impl StateStore {
 
     /// The table of state `name` for input partition `partition`.
     pub fn table(&self, name: &str, partition: i32) -> Result<Table, StoreError> {
-        let table = table_name(name, partition);
+        self.open_table(format!("{}_{partition}", clean_name(name)))
+    }
+
+    /// The one table of state `name`, fed by every partition of a topic (checkpoints per
+    /// source partition: [`Table::source_checkpoint`]).
+    pub fn global_table(&self, name: &str) -> Result<Table, StoreError> {
+        self.open_table(format!("{}_all", clean_name(name)))
+    }
+
+    fn open_table(&self, table: String) -> Result<Table, StoreError> {
         let handle = self
             .keyspace
             .open_partition(&table, PartitionCreateOptions::default())
             .map_err(engine(&self.options.dir))?;
         Ok(Table {
+            _lock: self._lock.clone(),
             keyspace: self.keyspace.clone(),
             handle,
             checkpoint_path: self.options.dir.join(CHECKPOINTS).join(&table),
@@ -144,10 +155,18 @@ impl StateStore {
     pub fn disk_bytes(&self) -> u64 {
         self.keyspace.disk_space()
     }
+
+    pub fn dir(&self) -> &Path {
+        &self.options.dir
+    }
 }
 
-/// One table: the state of one input partition.
+/// One table: the state of one input partition, or a global table. A handle: clones share
+/// the same table.
+#[derive(Clone)]
 pub struct Table {
+    /// The store's lock, held while any table of it is in use.
+    _lock: std::sync::Arc<std::fs::File>,
     keyspace: Keyspace,
     handle: PartitionHandle,
     checkpoint_path: PathBuf,
@@ -234,8 +253,9 @@ impl Table {
 
     /// Empties the table and forgets its checkpoint, for a rebuild (deletes in batches of
     /// 10,000 keys, so memory stays bounded whatever the table holds).
-    pub fn clear(&mut self) -> Result<(), StoreError> {
+    pub fn clear(&self) -> Result<(), StoreError> {
         self.forget_checkpoint()?;
+        self.forget_source_checkpoints()?;
         loop {
             let keys: Vec<Vec<u8>> = self
                 .handle
@@ -249,6 +269,61 @@ impl Table {
             }
             self.apply(keys.into_iter().map(|k| (k, None)))?;
         }
+    }
+
+    /// The offset of source partition `source` that the table's files hold, for a table fed
+    /// by several partitions of one topic (a global table): as [`Self::checkpoint`], one per
+    /// source.
+    pub fn source_checkpoint(&self, source: i32) -> Option<i64> {
+        let name = self.source_name(source);
+        let text = std::fs::read_to_string(self.source_path(source)).ok()?;
+        let parsed = parse_checkpoint(&text, &self.identity, &name);
+        if parsed.is_none() {
+            tracing::warn!(table = %name, "checkpoint foreign or damaged; the table is rebuilt");
+        }
+        parsed
+    }
+
+    /// As [`Self::write_checkpoint`], for source partition `source`.
+    pub fn write_source_checkpoint(&self, source: i32, offset: i64) -> Result<(), StoreError> {
+        self.keyspace
+            .persist(PersistMode::SyncAll)
+            .map_err(engine(&self.dir))?;
+        write_atomically(
+            &self.source_path(source),
+            checkpoint_text(&self.identity, &self.source_name(source), offset).as_bytes(),
+        )
+    }
+
+    fn source_name(&self, source: i32) -> String {
+        format!("{}@{source}", self.name)
+    }
+
+    fn source_path(&self, source: i32) -> PathBuf {
+        self.checkpoint_path
+            .with_file_name(self.source_name(source))
+    }
+
+    fn forget_source_checkpoints(&self) -> Result<(), StoreError> {
+        let Some(dir) = self.checkpoint_path.parent() else {
+            return Ok(());
+        };
+        let prefix = format!("{}@", self.name);
+        let entries = std::fs::read_dir(dir).map_err(io(dir))?;
+        for entry in entries {
+            let entry = entry.map_err(io(dir))?;
+            if entry.file_name().to_string_lossy().starts_with(&prefix) {
+                let path = entry.path();
+                std::fs::remove_file(&path).map_err(io(&path))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// About how many keys the table holds (cheap; counts a key written twice twice until
+    /// the engine compacts it).
+    pub fn approximate_len(&self) -> u64 {
+        self.handle.approximate_len() as u64
     }
 
     /// Number of keys (a full scan: for tests and reports).
@@ -294,9 +369,8 @@ fn open_keyspace(options: &StoreOptions) -> Result<Keyspace, StoreError> {
 }
 
 /// fjall table names: letters, digits, `_` and `-`.
-fn table_name(name: &str, partition: i32) -> String {
-    let clean: String = name
-        .chars()
+fn clean_name(name: &str) -> String {
+    name.chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() || c == '-' {
                 c
@@ -304,8 +378,7 @@ fn table_name(name: &str, partition: i32) -> String {
                 '_'
             }
         })
-        .collect();
-    format!("{clean}_{partition}")
+        .collect()
 }
 
 fn checkpoint_text(identity: &str, table: &str, offset: i64) -> String {

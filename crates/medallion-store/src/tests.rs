@@ -159,7 +159,7 @@ fn one_process_at_a_time_opens_a_store() {
 fn clear_empties_the_table_and_forgets_its_checkpoint() {
     let dir = tempfile::tempdir().expect("temp dir");
     let store = StateStore::open(options(dir.path(), "silver")).expect("opens");
-    let mut t = store.table("owners", 2).expect("table");
+    let t = store.table("owners", 2).expect("table");
     for i in 0..1000u32 {
         t.put(&i.to_be_bytes(), b"x").expect("put");
     }
@@ -169,6 +169,40 @@ fn clear_empties_the_table_and_forgets_its_checkpoint() {
     assert_eq!(t.checkpoint(), None);
     t.put(b"after", b"1").expect("usable after clearing");
     assert_eq!(t.get(b"after").expect("get"), Some(b"1".to_vec()));
+}
+
+#[test]
+fn a_global_table_keeps_one_checkpoint_per_source_partition() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    {
+        let store = StateStore::open(options(dir.path(), "silver")).expect("opens");
+        let t = store.global_table("entity-owners").expect("table");
+        t.put(b"case/C-1", b"7|e1").expect("put");
+        t.write_source_checkpoint(0, 12).expect("checkpoint 0");
+        t.write_source_checkpoint(3, 40).expect("checkpoint 3");
+        // A per-partition table of the same name is another table with other checkpoints.
+        let p0 = store.table("entity-owners", 0).expect("table");
+        assert_eq!(p0.checkpoint(), None);
+        assert_eq!(p0.get(b"case/C-1").expect("get"), None);
+    }
+    let store = StateStore::open(options(dir.path(), "silver")).expect("reopens");
+    let t = store.global_table("entity-owners").expect("table");
+    assert_eq!(t.source_checkpoint(0), Some(12));
+    assert_eq!(t.source_checkpoint(3), Some(40));
+    assert_eq!(t.source_checkpoint(1), None);
+    assert_eq!(t.get(b"case/C-1").expect("get"), Some(b"7|e1".to_vec()));
+    // A source checkpoint copied onto another source does not vouch for it.
+    let checkpoints = dir.path().join("state").join("checkpoints");
+    std::fs::copy(
+        checkpoints.join("entity-owners_all@0"),
+        checkpoints.join("entity-owners_all@1"),
+    )
+    .expect("copied");
+    assert_eq!(t.source_checkpoint(1), None);
+    t.clear().expect("cleared");
+    assert_eq!(t.source_checkpoint(0), None);
+    assert_eq!(t.source_checkpoint(3), None);
+    assert_eq!(t.get(b"case/C-1").expect("get"), None);
 }
 
 fn walk(dir: &Path) -> Vec<PathBuf> {

@@ -53,37 +53,39 @@ fn topics() -> TopicConfig {
 }
 
 /// Each worker config in the ConfigMap is accepted by the worker's own config type.
-fn check_worker_config(group: &str, text: &str) {
+/// Loads `text` as `group`'s config; returns its `state.dir`.
+fn check_worker_config(group: &str, text: &str) -> Option<PathBuf> {
     let path = std::env::temp_dir().join(format!(
         "medallion-deploy-{group}-{}.yaml",
         std::process::id()
     ));
     std::fs::write(&path, text).expect("write");
     use medallion_stages::*;
+    let state = |c: &medallion_runtime::config::StateConfig| c.dir.clone();
     let loaded = match group {
-        "bronze-processor" => {
-            WorkerConfig::<bronze::BronzeConfig>::load(Some(&path)).map(|c| c.http.listen)
-        }
-        "silver-processor" => {
-            WorkerConfig::<silver::SilverConfig>::load(Some(&path)).map(|c| c.http.listen)
-        }
-        "gold-processor" => {
-            WorkerConfig::<gold::GoldConfig>::load(Some(&path)).map(|c| c.http.listen)
-        }
-        "rule-evaluator" => {
-            WorkerConfig::<rules::RulesConfig>::load(Some(&path)).map(|c| c.http.listen)
-        }
-        "notification-sender" => {
-            WorkerConfig::<notify::NotifyConfig>::load(Some(&path)).map(|c| c.http.listen)
-        }
+        "bronze-processor" => WorkerConfig::<bronze::BronzeConfig>::load(Some(&path))
+            .map(|c| (c.http.listen, state(&c.state))),
+        "silver-processor" => WorkerConfig::<silver::SilverConfig>::load(Some(&path))
+            .map(|c| (c.http.listen, state(&c.state))),
+        "gold-processor" => WorkerConfig::<gold::GoldConfig>::load(Some(&path))
+            .map(|c| (c.http.listen, state(&c.state))),
+        "rule-evaluator" => WorkerConfig::<rules::RulesConfig>::load(Some(&path))
+            .map(|c| (c.http.listen, state(&c.state))),
+        "notification-sender" => WorkerConfig::<notify::NotifyConfig>::load(Some(&path))
+            .map(|c| (c.http.listen, state(&c.state))),
         "audit-writer" => WorkerConfig::<audit_writer::AuditWriterConfig>::load(Some(&path))
-            .map(|c| c.http.listen),
+            .map(|c| (c.http.listen, state(&c.state))),
         other => panic!("no config type for {other}"),
     };
     let _ = std::fs::remove_file(&path);
-    let listen = loaded.unwrap_or_else(|e| panic!("{group}'s config is rejected: {e}"));
+    let (listen, state_dir) =
+        loaded.unwrap_or_else(|e| panic!("{group}'s config is rejected: {e}"));
     assert_eq!(listen.port(), 9464, "{group}");
+    state_dir
 }
+
+/// The groups that keep state in the local store: StatefulSets with a volume of their own.
+const STATEFUL: [&str; 2] = ["silver-processor", "notification-sender"];
 
 #[test]
 fn the_overlays_build_and_match_the_workers() {
@@ -95,7 +97,19 @@ fn the_overlays_build_and_match_the_workers() {
     let default_port = WorkerConfig::<()>::default().http.listen.port();
     for overlay in ["local", "production"] {
         let docs = kustomize(overlay);
-        let deployments = of_kind(&docs, "Deployment");
+        let mut deployments = of_kind(&docs, "Deployment");
+        let stateful_sets = of_kind(&docs, "StatefulSet");
+        assert_eq!(
+            stateful_sets.keys().map(String::as_str).collect::<Vec<_>>(),
+            STATEFUL
+                .iter()
+                .copied()
+                .collect::<std::collections::BTreeSet<_>>()
+                .into_iter()
+                .collect::<Vec<_>>(),
+            "{overlay}: the stateful groups run as StatefulSets"
+        );
+        deployments.extend(stateful_sets.iter().map(|(k, v)| (k.clone(), *v)));
         let services = of_kind(&docs, "Service");
         let budgets = of_kind(&docs, "PodDisruptionBudget");
         let scalers = of_kind(&docs, "ScaledObject");
@@ -103,7 +117,7 @@ fn the_overlays_build_and_match_the_workers() {
         assert_eq!(
             deployments.len(),
             topics.consumer_groups.len(),
-            "{overlay}: one Deployment per group"
+            "{overlay}: one Deployment or StatefulSet per group"
         );
         assert_eq!(of_kind(&docs, "ServiceMonitor").len(), 1);
         for (group, spec) in &topics.consumer_groups {
@@ -186,7 +200,32 @@ fn the_overlays_build_and_match_the_workers() {
                 .iter()
                 .find_map(|m| m["data"][&key].as_str())
                 .unwrap_or_else(|| panic!("{overlay}: no {key} in a ConfigMap"));
-            check_worker_config(group, text);
+            let state_dir = check_worker_config(group, text);
+            if STATEFUL.contains(&group.as_str()) {
+                // The store on the pod's own volume, where the config puts it.
+                let dir = state_dir.unwrap_or_else(|| panic!("{group}: no state.dir"));
+                let mounts = c["volumeMounts"].as_array().expect("mounts");
+                let mount = mounts
+                    .iter()
+                    .find(|m| m["mountPath"].as_str() == dir.to_str())
+                    .unwrap_or_else(|| panic!("{group}: nothing mounted at {}", dir.display()));
+                let claims = d["spec"]["volumeClaimTemplates"]
+                    .as_array()
+                    .expect("volumeClaimTemplates");
+                assert!(
+                    claims.iter().any(|t| t["metadata"]["name"] == mount["name"]
+                        && t["spec"]["resources"]["requests"]["storage"].is_string()),
+                    "{group}: the state volume is not a claim of its own"
+                );
+                assert_eq!(
+                    d["spec"]["serviceName"],
+                    format!("{group}-metrics"),
+                    "{group}: governing Service"
+                );
+                assert_eq!(scaler["spec"]["scaleTargetRef"]["kind"], "StatefulSet");
+            } else {
+                assert_eq!(state_dir, None, "{group} keeps no state on disk");
+            }
         }
         // topic-config.yaml in the ConfigMap is the repository's.
         let shipped = config_maps

@@ -259,22 +259,38 @@ pub struct TopicFollower {
 }
 
 impl TopicFollower {
-    /// Starts following `topic`; `what` names the reader in a client error.
+    /// Starts following `topic` from its beginning; `what` names the reader in a client error.
     pub fn start(
         kafka: &KafkaConnection,
         topic: &str,
         what: &'static str,
     ) -> Result<Self, ReadError> {
+        Self::start_at(kafka, topic, what, &HashMap::new())
+    }
+
+    /// Starts following `topic` from offset `from[p]` in each partition `p` it names, from
+    /// the beginning in the others (blocking while it fetches the watermarks).
+    pub fn start_at(
+        kafka: &KafkaConnection,
+        topic: &str,
+        what: &'static str,
+        from: &HashMap<i32, i64>,
+    ) -> Result<Self, ReadError> {
         let consumer: StreamConsumer<ReaderContext> = reader(kafka, topic, what, false)?;
         let mut tpl = TopicPartitionList::new();
         let mut remaining = HashMap::new();
         for partition in partition_ids(&consumer, topic)? {
-            tpl.add_partition_offset(topic, partition, Offset::Beginning)
-                .map_err(ReadError::kafka(topic, "assigning"))?;
+            let start = from.get(&partition).copied();
+            tpl.add_partition_offset(
+                topic,
+                partition,
+                start.map_or(Offset::Beginning, Offset::Offset),
+            )
+            .map_err(ReadError::kafka(topic, "assigning"))?;
             let (low, high) = consumer
                 .fetch_watermarks(topic, partition, Duration::from_secs(10))
                 .map_err(ReadError::kafka(topic, "fetching watermarks"))?;
-            if high > low {
+            if high > start.unwrap_or(low).max(low) {
                 remaining.insert(partition, high);
             }
         }

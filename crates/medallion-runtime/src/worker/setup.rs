@@ -150,6 +150,7 @@ where
         input_topic: topo.input_topic.clone(),
         output_topic: topo.output.as_ref().map(|o| o.topic.clone()),
         retry: policy.clone(),
+        state: config.state.clone(),
     })
     .await?;
     let topo = Arc::new(topo);

@@ -240,9 +240,20 @@ pub struct StageSetup {
     pub output_topic: Option<String>,
     /// The worker's backoff for transient failures (0.5 s, 2 s, 8 s, 32 s), for stage-owned retries.
     pub retry: RetryPolicy,
+    /// Where a stateful stage keeps its state ([`Self::open_store`]).
+    pub state: crate::config::StateConfig,
 }
 
 impl StageSetup {
+    /// Opens the group's local state store (`state.dir`), bound to the group and its changelog
+    /// and global-table topics: a store that holds anything else is discarded.
+    pub fn open_store(&self) -> Result<crate::store::StateStore, SetupError> {
+        let mut identity = vec![self.group.clone()];
+        identity.extend(self.topics.changelog_of(&self.group).map(str::to_string));
+        identity.extend(self.topics.global_table_of(&self.group).map(str::to_string));
+        crate::state::open_store(&self.state, &self.group, &identity.join(" "))
+    }
+
     /// The output topic, or an error naming the group if it is a sink.
     pub fn output(&self) -> Result<&str, SetupError> {
         self.output_topic.as_deref().ok_or_else(|| {

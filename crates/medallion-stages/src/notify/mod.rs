@@ -2,7 +2,8 @@
 //! by org and severity to the configured channels and delivers to every channel on its own,
 //! so a slow or dead endpoint only delays its own alerts. The runtime commits an alert's
 //! offset once every channel has it or it is dead-lettered; a delivery ledger (a compacted
-//! changelog) keeps a restart from notifying a healthy endpoint twice.
+//! changelog, kept in the local state store) keeps a restart from notifying a healthy endpoint
+//! twice.
 
 mod channel;
 #[cfg(test)]
@@ -16,9 +17,9 @@ use arrow::array::RecordBatch;
 use medallion_contracts::columnar::BatchEncoder;
 use medallion_runtime::audit::AuditAction;
 use medallion_runtime::error::{RecordFailure, SetupError, StageError};
-use medallion_runtime::kafka::KafkaConnection;
 use medallion_runtime::metrics as m;
 use medallion_runtime::retry::RetryPolicy;
+use medallion_runtime::state::{KeyedState, StateValue};
 use medallion_runtime::worker::{meta, Collector, Resolved, SideRecord, Stage, StageSetup};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value as Json};
@@ -227,8 +228,8 @@ enum Entry {
     DeadLettered(i64),
 }
 
-impl Entry {
-    fn encode(self) -> Vec<u8> {
+impl StateValue for Entry {
+    fn encode(&self) -> Vec<u8> {
         match self {
             Entry::Delivered => b"delivered".to_vec(),
             Entry::DeadLettered(offset) => format!("dead@{offset}").into_bytes(),
@@ -276,8 +277,9 @@ pub struct Notify {
     alert_columns: usize,
     audit: medallion_runtime::audit::AuditEncoder,
     ledger_topic: String,
-    kafka: KafkaConnection,
-    ledger: HashMap<i32, HashMap<String, Entry>>,
+    /// What was delivered or dead-lettered, per (alert, channel): the state store's copy of
+    /// the ledger changelog.
+    ledger: KeyedState<Entry>,
     pending: BTreeMap<(i32, i64), Pending>,
     done_tx: mpsc::UnboundedSender<Done>,
     done_rx: mpsc::UnboundedReceiver<Done>,
@@ -337,9 +339,13 @@ impl Notify {
             alert_schema: contract.schema.clone(),
             alert_columns,
             audit,
+            ledger: KeyedState::new(
+                setup.open_store()?,
+                setup.kafka.clone(),
+                ledger_topic.clone(),
+                &setup.state,
+            ),
             ledger_topic,
-            kafka: setup.kafka.clone(),
-            ledger: HashMap::new(),
             pending: BTreeMap::new(),
             done_tx,
             done_rx,
@@ -404,7 +410,7 @@ impl Notify {
     }
 
     /// Folds finished deliveries into their alerts; alerts with every channel done resolve.
-    fn collect(&mut self, done: Done, out: &mut Collector) {
+    fn collect(&mut self, done: Done, out: &mut Collector) -> Result<(), StageError> {
         let key = (done.partition, done.offset);
         let entry = match &done.outcome {
             Outcome::Delivered { .. } => Entry::Delivered,
@@ -422,12 +428,14 @@ impl Notify {
             ledger_key.as_bytes(),
             entry.encode(),
         ));
-        self.ledger
-            .entry(done.partition)
-            .or_default()
-            .insert(ledger_key, entry);
+        // A delivery that finishes after its partition was revoked: its record is read again
+        // by the next owner, which finds this ledger update in the changelog.
+        if self.ledger.is_assigned(done.partition) {
+            self.ledger
+                .put(done.partition, ledger_key.as_bytes(), entry)?;
+        }
         let Some(pending) = self.pending.get_mut(&key) else {
-            return;
+            return Ok(());
         };
         if let Outcome::Failed { failure, attempts } = done.outcome {
             pending.failures.push((failure, attempts));
@@ -438,6 +446,7 @@ impl Notify {
                 out.resolve(resolve(key, pending.failures));
             }
         }
+        Ok(())
     }
 }
 
@@ -517,12 +526,14 @@ impl Stage for Notify {
             let body = Arc::new(
                 serde_json::to_vec(&body_json).map_err(|e| StageError::Encode(e.to_string()))?,
             );
-            let ledger = self.ledger.entry(partition).or_default();
             let mut pending = Pending::default();
             for name in &routed {
-                let skip = match ledger.get(&ledger_key(&event_id, name)) {
+                let known = self
+                    .ledger
+                    .get(partition, ledger_key(&event_id, name).as_bytes())?;
+                let skip = match known {
                     Some(Entry::Delivered) => true,
-                    Some(Entry::DeadLettered(at)) => *at == offset,
+                    Some(Entry::DeadLettered(at)) => at == offset,
                     None => false,
                 };
                 if skip {
@@ -569,19 +580,12 @@ impl Stage for Notify {
         partition: i32,
         _committed_metadata: Option<String>,
     ) -> Result<(), StageError> {
-        let restored =
-            medallion_runtime::changelog::restore(&self.kafka, &self.ledger_topic, partition)
-                .await?;
-        let ledger = restored
-            .into_iter()
-            .filter_map(|(k, v)| Some((String::from_utf8(k).ok()?, Entry::decode(&v)?)))
-            .collect();
-        self.ledger.insert(partition, ledger);
+        self.ledger.assign(partition).await?;
         Ok(())
     }
 
     fn revoke(&mut self, partition: i32) {
-        self.ledger.remove(&partition);
+        self.ledger.revoke(partition);
         let gone: Vec<(i32, i64)> = self
             .pending
             .range((partition, i64::MIN)..=(partition, i64::MAX))
@@ -599,14 +603,14 @@ impl Stage for Notify {
 
     async fn settle(&mut self, closing: bool, out: &mut Collector) -> Result<(), StageError> {
         while let Ok(done) = self.done_rx.try_recv() {
-            self.collect(done, out);
+            self.collect(done, out)?;
         }
         if closing && !self.pending.is_empty() {
             let deadline =
                 tokio::time::Instant::now() + Duration::from_millis(self.config.shutdown_grace_ms);
             while !self.pending.is_empty() {
                 match tokio::time::timeout_at(deadline, self.done_rx.recv()).await {
-                    Ok(Some(done)) => self.collect(done, out),
+                    Ok(Some(done)) => self.collect(done, out)?,
                     _ => break,
                 }
             }
@@ -619,6 +623,7 @@ impl Stage for Notify {
                     .for_each(tokio::task::AbortHandle::abort);
             }
         }
+        self.ledger.after_batch();
         metrics::gauge!(m::NOTIFICATIONS_IN_FLIGHT, "stage" => GROUP)
             .set(self.pending.len() as f64);
         Ok(())

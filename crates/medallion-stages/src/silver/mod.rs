@@ -180,7 +180,6 @@ pub struct Silver {
     merge: Merge,
     changelog: String,
     audit: medallion_runtime::audit::AuditEncoder,
-    kafka: medallion_runtime::kafka::KafkaConnection,
     /// Which org owns each entity id (`None` without a broker, in unit tests).
     owners: Option<owners::OwnerTable>,
 }
@@ -194,9 +193,15 @@ impl Silver {
             .topics
             .global_table_of(&setup.group)
             .map(|topic| (setup.kafka.clone(), topic.to_string()));
+        let state = setup.state.clone();
         let mut stage = Self::with_audit(setup, config, audit).await?;
         if let Some((kafka, topic)) = owners {
-            stage.owners = Some(owners::OwnerTable::start(kafka, topic));
+            let table = stage
+                .merge
+                .store()
+                .global_table(&topic)
+                .map_err(|e| SetupError::config("state.dir", e))?;
+            stage.owners = Some(owners::OwnerTable::start(kafka, topic, table, &state));
         }
         Ok(stage)
     }
@@ -268,8 +273,15 @@ impl Silver {
                 ))
             })?
             .to_string();
+        let store = setup.open_store()?;
+        let state = medallion_runtime::state::KeyedState::new(
+            store,
+            setup.kafka.clone(),
+            changelog.clone(),
+            &setup.state,
+        );
         Ok(Self {
-            merge: Merge::new(config.authoritative_source),
+            merge: Merge::new(config.authoritative_source, state),
             expectations,
             conformance,
             plan,
@@ -277,7 +289,6 @@ impl Silver {
             output_schema: setup.output_schema,
             changelog,
             audit,
-            kafka: setup.kafka.clone(),
             owners: None,
         })
     }
@@ -628,21 +639,16 @@ impl Stage for Silver {
         partition: i32,
         _committed_metadata: Option<String>,
     ) -> Result<(), StageError> {
-        let entries =
-            medallion_runtime::changelog::restore(&self.kafka, &self.changelog, partition).await?;
-        let restored = self.merge.restore(partition, entries);
-        tracing::info!(
-            partition,
-            entities = restored,
-            "silver state restored from changelog"
-        );
-        metrics::gauge!(m::STATE_ENTITIES, "stage" => GROUP).set(self.merge.len() as f64);
+        self.merge.assign(partition).await?;
+        metrics::gauge!(m::STATE_ENTITIES, "stage" => GROUP)
+            .set(self.merge.approximate_len() as f64);
         Ok(())
     }
 
     fn revoke(&mut self, partition: i32) {
-        self.merge.drop_partition(partition);
-        metrics::gauge!(m::STATE_ENTITIES, "stage" => GROUP).set(self.merge.len() as f64);
+        self.merge.revoke(partition);
+        metrics::gauge!(m::STATE_ENTITIES, "stage" => GROUP)
+            .set(self.merge.approximate_len() as f64);
     }
 
     async fn process(&mut self, input: RecordBatch, out: &mut Collector) -> Result<(), StageError> {
@@ -915,7 +921,9 @@ impl Silver {
                     .owners
                     .lock()
                     .map(|mut o| o.decide(&owner_key, row.org_id, row.event_id))
-                    .map_err(|_| StageError::Internal("entity owner table lock poisoned".into()))?;
+                    .map_err(|_| {
+                        StageError::Internal("entity owner table lock poisoned".into())
+                    })??;
                 match decision {
                     owners::Decision::Owned => {}
                     owners::Decision::Claim(claim) => {
@@ -967,7 +975,7 @@ impl Silver {
                 change: Change::Created,
                 hash: None,
             };
-            let outcome = self.merge.apply(row.partition, &key, incoming, hash);
+            let outcome = self.merge.apply(row.partition, &key, incoming, hash)?;
             match &outcome {
                 // A redelivered event writes its state again: the write made the first time
                 // may not have reached the changelog (its batch failed after the merge, or the
@@ -1017,7 +1025,9 @@ impl Silver {
             source_rows.push(Some(row_id));
             keep.push(true);
         }
-        metrics::gauge!(m::STATE_ENTITIES, "stage" => GROUP).set(self.merge.len() as f64);
+        self.merge.after_batch();
+        metrics::gauge!(m::STATE_ENTITIES, "stage" => GROUP)
+            .set(self.merge.approximate_len() as f64);
         self.report(n as u64, &failed, drift, first_drift);
         let out = self.output_batch(
             batch,

@@ -9,6 +9,10 @@
 //! nobody owns claims it (a side record, acknowledged before its offset is committed); an
 //! event for an entity another org owns is rejected (`tenant_mismatch`) and audited.
 //!
+//! The table lives in the local state store (one global table, with a checkpoint per topic
+//! partition), not in memory: a replica that restarts on its disk reads only the claims made
+//! since its checkpoints, and memory holds recently used claims only.
+//!
 //! Two replicas can claim one entity for two orgs before either reads the other's claim. The
 //! log still decides: the replica whose claim came second learns it lost when it reads the
 //! first, audits the event it accepted in between (`tenant.conflict`) and writes the winner's
@@ -17,10 +21,12 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use medallion_runtime::kafka::io::{ReadError, TopicFollower};
 use medallion_runtime::kafka::KafkaConnection;
+use medallion_runtime::state::HotCache;
+use medallion_runtime::store::{StoreError, Table};
 use rdkafka::message::Message;
 
 /// One org's claim on an entity.
@@ -69,20 +75,45 @@ pub struct Lost {
     pub mine: Claim,
 }
 
-/// The table as this replica knows it.
-#[derive(Debug, Default)]
+/// The table as this replica knows it: the first claim of each entity in the global table of
+/// the local state store (with recently used claims in memory), this replica's own claims not
+/// read back yet, and the claims it lost.
 pub struct Owners {
     /// The first claim in the log, per entity.
-    table: HashMap<String, Claim>,
+    table: Table,
+    hot: HotCache<Claim>,
     /// Claims this replica made that it has not read back yet.
     mine: HashMap<String, Claim>,
     lost: Vec<Lost>,
 }
 
 impl Owners {
-    /// A claim read from the log, in log order.
-    pub fn read(&mut self, key: String, claim: Claim) {
-        match self.table.get(&key) {
+    pub fn new(table: Table, hot_entries: usize) -> Self {
+        Self {
+            table,
+            hot: HotCache::new(hot_entries),
+            mine: HashMap::new(),
+            lost: Vec::new(),
+        }
+    }
+
+    fn owner(&mut self, key: &str) -> Result<Option<Claim>, StoreError> {
+        if let Some(claim) = self.hot.get(key.as_bytes()) {
+            return Ok(Some(claim));
+        }
+        let claim = self
+            .table
+            .get(key.as_bytes())?
+            .and_then(|v| Claim::decode(&v));
+        if let Some(c) = &claim {
+            self.hot.insert(key.as_bytes(), c.clone());
+        }
+        Ok(claim)
+    }
+
+    /// A claim read from the log, in log order (reading the same claims again changes nothing).
+    pub fn read(&mut self, key: String, claim: Claim) -> Result<(), StoreError> {
+        match self.owner(&key)? {
             Some(owner) => {
                 // A later claim by another org: ours, if it was ours, lost the race.
                 if owner.org_id != claim.org_id && self.mine.get(&key).is_some_and(|m| *m == claim)
@@ -90,7 +121,7 @@ impl Owners {
                     if let Some(mine) = self.mine.remove(&key) {
                         self.lost.push(Lost {
                             key,
-                            winner: owner.clone(),
+                            winner: owner,
                             mine,
                         });
                     }
@@ -106,19 +137,27 @@ impl Owners {
                         });
                     }
                 }
-                self.table.insert(key, claim);
+                self.table.put(key.as_bytes(), &claim.encode())?;
+                self.hot.insert(key.as_bytes(), claim);
             }
         }
+        Ok(())
     }
 
     /// What an event of `org_id` may do to the entity at `key`.
-    pub fn decide(&mut self, key: &str, org_id: i64, event_id: &str) -> Decision {
-        let known = self.table.get(key).or_else(|| self.mine.get(key));
-        match known {
+    pub fn decide(
+        &mut self,
+        key: &str,
+        org_id: i64,
+        event_id: &str,
+    ) -> Result<Decision, StoreError> {
+        let known = match self.owner(key)? {
+            Some(owner) => Some(owner),
+            None => self.mine.get(key).cloned(),
+        };
+        Ok(match known {
             Some(owner) if owner.org_id == org_id => Decision::Owned,
-            Some(owner) => Decision::Mismatch {
-                owner: owner.clone(),
-            },
+            Some(owner) => Decision::Mismatch { owner },
             None => {
                 let claim = Claim {
                     org_id,
@@ -127,20 +166,12 @@ impl Owners {
                 self.mine.insert(key.to_string(), claim.clone());
                 Decision::Claim(claim)
             }
-        }
+        })
     }
 
     /// The claims this replica lost since the last call.
     pub fn take_lost(&mut self) -> Vec<Lost> {
         std::mem::take(&mut self.lost)
-    }
-
-    pub fn len(&self) -> usize {
-        self.table.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.table.is_empty()
     }
 }
 
@@ -151,18 +182,45 @@ pub struct OwnerTable {
     pub topic: String,
     pub owners: Arc<Mutex<Owners>>,
     pub ready: Arc<AtomicBool>,
+    /// Claims read from the topic since the process started (all partitions).
+    pub read: Arc<std::sync::atomic::AtomicU64>,
+    table: Table,
+    checkpoint_every: Duration,
+    /// Stops the reader when the last handle is dropped (`None` in the reader's own copy).
+    _reader: Option<Arc<Reader>>,
+}
+
+/// The reader task, aborted on drop.
+struct Reader(tokio::task::JoinHandle<()>);
+
+impl Drop for Reader {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 impl OwnerTable {
-    /// Starts reading `topic` from its beginning, for as long as the process runs.
-    pub fn start(kafka: KafkaConnection, topic: String) -> Self {
-        let table = Self {
+    /// Follows `topic` into `table` for as long as the process runs: from the table's
+    /// checkpoints when the disk holds them (the tail only), else from the beginning into
+    /// the emptied table.
+    pub fn start(
+        kafka: KafkaConnection,
+        topic: String,
+        table: Table,
+        state: &medallion_runtime::config::StateConfig,
+    ) -> Self {
+        let owners = Owners::new(table.clone(), state.hot_entries);
+        let mut owner_table = Self {
             topic,
-            owners: Arc::new(Mutex::new(Owners::default())),
+            owners: Arc::new(Mutex::new(owners)),
             ready: Arc::new(AtomicBool::new(false)),
+            read: Default::default(),
+            table,
+            checkpoint_every: Duration::from_millis(state.checkpoint_interval_ms),
+            _reader: None,
         };
-        let reader = table.clone();
-        tokio::spawn(async move {
+        let reader = owner_table.clone();
+        let task = tokio::spawn(async move {
             loop {
                 if let Err(e) = reader.read(&kafka).await {
                     tracing::warn!(error = %e, topic = %reader.topic, "entity owner table reader failed; restarting in 2 s");
@@ -170,7 +228,8 @@ impl OwnerTable {
                 tokio::time::sleep(Duration::from_secs(2)).await;
             }
         });
-        table
+        owner_table._reader = Some(Arc::new(Reader(task)));
+        owner_table
     }
 
     /// Waits until the table holds every claim the topic had when reading started.
@@ -185,33 +244,113 @@ impl OwnerTable {
         }
     }
 
-    /// Follows the table's topic from its beginning; returns only when a read fails.
-    async fn read(&self, kafka: &KafkaConnection) -> Result<(), ReadError> {
-        let mut follower = TopicFollower::start(kafka, &self.topic, "entity owner reader")?;
+    /// Where to start each partition: its checkpoint, when every partition has one within
+    /// its log; otherwise the table is emptied and every partition read from its beginning
+    /// (a claim is placed by key, but which partition a key lands on is the producer's).
+    fn starts(&self, kafka: &KafkaConnection) -> Result<HashMap<i32, i64>, OwnerError> {
+        let marks = medallion_runtime::kafka::io::watermarks(kafka, &self.topic)?;
+        let mut starts = HashMap::new();
+        for (&partition, &(low, high)) in &marks {
+            match self.table.source_checkpoint(partition) {
+                Some(c) if c >= low && c <= high => {
+                    starts.insert(partition, c);
+                }
+                _ if high == low => {}
+                _ => {
+                    tracing::info!(topic = %self.topic, partition, "entity owner table rebuilt from the beginning");
+                    self.table.clear()?;
+                    return Ok(HashMap::new());
+                }
+            }
+        }
+        tracing::info!(topic = %self.topic, partitions = starts.len(), "entity owner table resumed from its checkpoints");
+        Ok(starts)
+    }
+
+    /// Follows the table's topic; returns only when a read fails.
+    async fn read(&self, kafka: &KafkaConnection) -> Result<(), OwnerError> {
+        let starts = {
+            let me = self.clone();
+            let kafka = kafka.clone();
+            tokio::task::spawn_blocking(move || me.starts(&kafka))
+                .await
+                .map_err(|e| OwnerError::Read(ReadError::Interrupted(e.to_string())))??
+        };
+        let mut follower =
+            TopicFollower::start_at(kafka, &self.topic, "entity owner reader", &starts)?;
         if follower.caught_up() {
             self.ready.store(true, Ordering::Release);
         }
+        // The next offset of each partition read since the last checkpoint.
+        let mut read_to: HashMap<i32, i64> = HashMap::new();
+        let mut last_checkpoint = Instant::now();
+        let mut checkpointing: Option<tokio::task::JoinHandle<()>> = None;
         loop {
-            let message = follower.next().await?;
-            if let (Some(key), Some(claim)) = (
-                message.key().and_then(|k| std::str::from_utf8(k).ok()),
-                message.payload().and_then(Claim::decode),
-            ) {
-                if let Ok(mut owners) = self.owners.lock() {
-                    owners.read(key.to_string(), claim);
+            // Waits for a claim at most until the next checkpoint is due, so a table that has
+            // gone quiet still records how far it read.
+            if let Ok(message) = tokio::time::timeout(self.checkpoint_every, follower.next()).await
+            {
+                let message = message?;
+                if let (Some(key), Some(claim)) = (
+                    message.key().and_then(|k| std::str::from_utf8(k).ok()),
+                    message.payload().and_then(Claim::decode),
+                ) {
+                    let mut owners = self.owners.lock().map_err(|_| OwnerError::Poisoned)?;
+                    owners.read(key.to_string(), claim)?;
                 }
+                self.read.fetch_add(1, Ordering::Relaxed);
+                read_to.insert(message.partition(), message.offset() + 1);
             }
-            drop(message);
             if follower.caught_up() {
                 self.ready.store(true, Ordering::Release);
+            }
+            let idle = checkpointing.as_ref().is_none_or(|c| c.is_finished());
+            if idle && last_checkpoint.elapsed() >= self.checkpoint_every && !read_to.is_empty() {
+                // Every claim before these offsets is in the table: record them.
+                let table = self.table.clone();
+                let marks = std::mem::take(&mut read_to);
+                let topic = self.topic.clone();
+                checkpointing = Some(tokio::task::spawn_blocking(move || {
+                    for (partition, offset) in marks {
+                        if let Err(error) = table.write_source_checkpoint(partition, offset) {
+                            tracing::warn!(%error, %topic, partition, "entity owner checkpoint not written");
+                        }
+                    }
+                }));
+                last_checkpoint = Instant::now();
             }
         }
     }
 }
 
+/// Why the owner table's reader stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum OwnerError {
+    #[error(transparent)]
+    Read(#[from] ReadError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("entity owner table lock poisoned")]
+    Poisoned,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn owners() -> (tempfile::TempDir, Owners) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store =
+            medallion_runtime::store::StateStore::open(medallion_runtime::store::StoreOptions {
+                dir: dir.path().join("state"),
+                identity: "silver-processor".into(),
+                cache_bytes: 1 << 20,
+                write_buffer_bytes: 1 << 20,
+            })
+            .expect("store");
+        let table = store.global_table("owners").expect("table");
+        (dir, Owners::new(table, 4))
+    }
 
     fn claim(org: i64, event: &str) -> Claim {
         Claim {
@@ -222,23 +361,26 @@ mod tests {
 
     #[test]
     fn the_first_claim_owns_and_another_org_is_refused() {
-        let mut owners = Owners::default();
+        let (_dir, mut owners) = owners();
         let key = owner_key("case", "C-1");
         assert_eq!(
-            owners.decide(&key, 7, "e1"),
+            owners.decide(&key, 7, "e1").expect("decides"),
             Decision::Claim(claim(7, "e1"))
         );
         // Until the claim is read back, this replica goes by its own claim.
-        assert_eq!(owners.decide(&key, 7, "e2"), Decision::Owned);
         assert_eq!(
-            owners.decide(&key, 8, "e3"),
+            owners.decide(&key, 7, "e2").expect("decides"),
+            Decision::Owned
+        );
+        assert_eq!(
+            owners.decide(&key, 8, "e3").expect("decides"),
             Decision::Mismatch {
                 owner: claim(7, "e1")
             }
         );
-        owners.read(key.clone(), claim(7, "e1"));
+        owners.read(key.clone(), claim(7, "e1")).expect("reads");
         assert_eq!(
-            owners.decide(&key, 8, "e4"),
+            owners.decide(&key, 8, "e4").expect("decides"),
             Decision::Mismatch {
                 owner: claim(7, "e1")
             }
@@ -253,14 +395,14 @@ mod tests {
     #[test]
     fn a_claim_that_came_second_in_the_log_is_lost_and_reported_once() {
         // Replica of org 8 claims first locally, but org 7's claim is first in the log.
-        let mut owners = Owners::default();
+        let (_dir, mut owners) = owners();
         let key = owner_key("case", "C-2");
         assert_eq!(
-            owners.decide(&key, 8, "b1"),
+            owners.decide(&key, 8, "b1").expect("decides"),
             Decision::Claim(claim(8, "b1"))
         );
-        owners.read(key.clone(), claim(7, "a1"));
-        owners.read(key.clone(), claim(8, "b1"));
+        owners.read(key.clone(), claim(7, "a1")).expect("reads");
+        owners.read(key.clone(), claim(8, "b1")).expect("reads");
         assert_eq!(
             owners.take_lost(),
             vec![Lost {
@@ -271,24 +413,175 @@ mod tests {
         );
         assert!(owners.take_lost().is_empty());
         assert_eq!(
-            owners.decide(&key, 8, "b2"),
+            owners.decide(&key, 8, "b2").expect("decides"),
             Decision::Mismatch {
                 owner: claim(7, "a1")
             }
         );
         // The winner's claim written again (compaction) changes nothing.
-        owners.read(key.clone(), claim(7, "a1"));
+        owners.read(key.clone(), claim(7, "a1")).expect("reads");
         assert!(owners.take_lost().is_empty());
-        assert_eq!(owners.len(), 1);
     }
 
     #[test]
     fn another_replicas_lost_claim_is_not_ours_to_report() {
-        let mut owners = Owners::default();
+        let (_dir, mut owners) = owners();
         let key = owner_key("case", "C-3");
-        owners.read(key.clone(), claim(7, "a1"));
-        owners.read(key.clone(), claim(8, "b1"));
+        owners.read(key.clone(), claim(7, "a1")).expect("reads");
+        owners.read(key.clone(), claim(8, "b1")).expect("reads");
         assert!(owners.take_lost().is_empty());
-        assert_eq!(owners.decide(&key, 7, "a2"), Decision::Owned);
+        assert_eq!(
+            owners.decide(&key, 7, "a2").expect("decides"),
+            Decision::Owned
+        );
+    }
+
+    async fn send_claim(producer: &rdkafka::producer::FutureProducer, key: &str, c: Claim) {
+        let value = c.encode();
+        let record = rdkafka::producer::FutureRecord::to("owners")
+            .key(key)
+            .payload(&value);
+        medallion_runtime::kafka::io::send_queued(producer, record)
+            .await
+            .expect("queued")
+            .await
+            .expect("not cancelled")
+            .expect("delivered");
+    }
+
+    async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+        for _ in 0..500 {
+            if done() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("timed out waiting for {what}");
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_replica_restarting_on_its_disk_reads_only_the_claims_after_its_checkpoints() {
+        let cluster = rdkafka::mocking::MockCluster::new(1).expect("mock cluster");
+        cluster.create_topic("owners", 3, 1).expect("topic");
+        let kafka = KafkaConnection::plain(&cluster.bootstrap_servers()).expect("connection");
+        let producer = medallion_runtime::kafka::producer(&kafka).expect("producer");
+        for i in 0..30 {
+            send_claim(
+                &producer,
+                &owner_key("case", &format!("C-{i}")),
+                claim(7, &format!("a{i}")),
+            )
+            .await;
+        }
+        // A later claim of another org does not take C-0.
+        send_claim(&producer, &owner_key("case", "C-0"), claim(8, "b0")).await;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let state = medallion_runtime::config::StateConfig {
+            checkpoint_interval_ms: 50,
+            hot_entries: 4,
+            ..Default::default()
+        };
+        // A dropped table's reader lets go of the store a moment after.
+        let open = || async {
+            for _ in 0..100 {
+                match medallion_runtime::store::StateStore::open(
+                    medallion_runtime::store::StoreOptions {
+                        dir: dir.path().join("state"),
+                        identity: "silver-processor owners".into(),
+                        cache_bytes: 1 << 20,
+                        write_buffer_bytes: 1 << 20,
+                    },
+                ) {
+                    Ok(store) => return store,
+                    Err(medallion_runtime::store::StoreError::InUse { .. }) => {
+                        tokio::time::sleep(Duration::from_millis(20)).await
+                    }
+                    Err(e) => panic!("store: {e}"),
+                }
+            }
+            panic!("the store stayed in use");
+        };
+        let decide = |table: &OwnerTable, key: &str, org: i64| {
+            table
+                .owners
+                .lock()
+                .expect("lock")
+                .decide(key, org, "probe")
+                .expect("decides")
+        };
+        {
+            let store = open().await;
+            let table = OwnerTable::start(
+                kafka.clone(),
+                "owners".into(),
+                store.global_table("owners").expect("table"),
+                &state,
+            );
+            table.wait_ready().await;
+            assert_eq!(table.read.load(Ordering::Relaxed), 31);
+            assert_eq!(
+                decide(&table, &owner_key("case", "C-0"), 8),
+                Decision::Mismatch {
+                    owner: claim(7, "a0")
+                }
+            );
+            let t = store.global_table("owners").expect("table");
+            wait_until("checkpoints of every partition", || {
+                (0..3)
+                    .map(|p| t.source_checkpoint(p).unwrap_or(0))
+                    .sum::<i64>()
+                    == 31
+            })
+            .await;
+        }
+        // Claims made while the replica was away.
+        send_claim(&producer, &owner_key("case", "C-100"), claim(9, "c1")).await;
+        let store = open().await;
+        let table = OwnerTable::start(
+            kafka.clone(),
+            "owners".into(),
+            store.global_table("owners").expect("table"),
+            &state,
+        );
+        table.wait_ready().await;
+        assert_eq!(
+            table.read.load(Ordering::Relaxed),
+            1,
+            "only the tail is read"
+        );
+        assert_eq!(
+            decide(&table, &owner_key("case", "C-0"), 8),
+            Decision::Mismatch {
+                owner: claim(7, "a0")
+            }
+        );
+        assert_eq!(
+            decide(&table, &owner_key("case", "C-29"), 7),
+            Decision::Owned
+        );
+        assert_eq!(
+            decide(&table, &owner_key("case", "C-100"), 9),
+            Decision::Owned
+        );
+        // Checkpoints gone (a damaged disk): the table is read again from the beginning.
+        drop(table);
+        drop(store);
+        std::fs::remove_dir_all(dir.path().join("state").join("checkpoints")).expect("removed");
+        std::fs::create_dir_all(dir.path().join("state").join("checkpoints")).expect("made");
+        let store = open().await;
+        let table = OwnerTable::start(
+            kafka,
+            "owners".into(),
+            store.global_table("owners").expect("table"),
+            &state,
+        );
+        table.wait_ready().await;
+        assert_eq!(table.read.load(Ordering::Relaxed), 32);
+        assert_eq!(
+            decide(&table, &owner_key("case", "C-0"), 8),
+            Decision::Mismatch {
+                owner: claim(7, "a0")
+            }
+        );
     }
 }

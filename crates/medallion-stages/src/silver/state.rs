@@ -1,6 +1,8 @@
 //! Latest-`updated_at`-wins merge state per entity, by input partition.
 
-use std::collections::HashMap;
+use medallion_runtime::changelog::Restored;
+use medallion_runtime::error::StageError;
+use medallion_runtime::state::{KeyedState, StateValue};
 
 /// What an event did to its entity.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -105,43 +107,57 @@ impl Outcome {
     }
 }
 
-/// The merge state of every assigned partition.
-#[derive(Debug)]
+/// The merge state of every assigned partition, on the local state store.
 pub struct Merge {
     authoritative: String,
-    partitions: HashMap<i32, HashMap<String, EntityState>>,
+    state: KeyedState<EntityState>,
+}
+
+impl StateValue for EntityState {
+    fn encode(&self) -> Vec<u8> {
+        EntityState::encode(self)
+    }
+
+    fn decode(bytes: &[u8]) -> Option<Self> {
+        EntityState::decode(bytes)
+    }
 }
 
 impl Merge {
-    pub fn new(authoritative: String) -> Self {
+    pub fn new(authoritative: String, state: KeyedState<EntityState>) -> Self {
         Self {
             authoritative,
-            partitions: HashMap::new(),
+            state,
         }
     }
 
-    /// Replaces the state of `partition` with changelog entries; returns how many were read.
-    pub fn restore(&mut self, partition: i32, entries: HashMap<Vec<u8>, Vec<u8>>) -> usize {
-        let state: HashMap<String, EntityState> = entries
-            .into_iter()
-            .filter_map(|(k, v)| Some((String::from_utf8(k).ok()?, EntityState::decode(&v)?)))
-            .collect();
-        let n = state.len();
-        self.partitions.insert(partition, state);
-        n
+    pub fn store(&self) -> &medallion_runtime::store::StateStore {
+        self.state.store()
     }
 
-    pub fn drop_partition(&mut self, partition: i32) {
-        self.partitions.remove(&partition);
+    /// Brings `partition`'s state up to date with its changelog.
+    pub async fn assign(&mut self, partition: i32) -> Result<Restored, StageError> {
+        self.state.assign(partition).await
     }
 
-    /// Entities held, all partitions together.
-    pub fn len(&self) -> usize {
-        self.partitions.values().map(HashMap::len).sum()
+    /// Takes `partition` as the disk holds it (tests without a broker).
+    #[cfg(test)]
+    pub fn adopt(&mut self, partition: i32) -> Result<(), StageError> {
+        self.state.adopt(partition)
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
+    pub fn revoke(&mut self, partition: i32) {
+        self.state.revoke(partition);
+    }
+
+    /// About how many entities the assigned partitions hold.
+    pub fn approximate_len(&self) -> u64 {
+        self.state.approximate_len()
+    }
+
+    /// Checkpoints the partitions written, when due (never waits).
+    pub fn after_batch(&mut self) {
+        self.state.after_batch();
     }
 
     /// Latest `updated_at` wins; on a tie the authoritative source wins over another source,
@@ -154,16 +170,16 @@ impl Merge {
         key: &str,
         mut incoming: EntityState,
         hash: impl FnOnce() -> Option<String>,
-    ) -> Outcome {
-        let state = self.partitions.entry(partition).or_default();
-        let Some(current) = state.get(key) else {
+    ) -> Result<Outcome, StageError> {
+        let Some(current) = self.state.get(partition, key.as_bytes())? else {
             incoming.change = Change::Created;
             incoming.hash = hash();
-            state.insert(key.to_string(), incoming.clone());
-            return Outcome::Stored(incoming);
+            self.state
+                .put(partition, key.as_bytes(), incoming.clone())?;
+            return Ok(Outcome::Stored(incoming));
         };
         if current.event_id == incoming.event_id {
-            return Outcome::Replayed(current.clone());
+            return Ok(Outcome::Replayed(current));
         }
         let newer = match incoming.updated_at.cmp(&current.updated_at) {
             std::cmp::Ordering::Greater => true,
@@ -174,11 +190,12 @@ impl Merge {
             }
         };
         if !newer {
-            return Outcome::Stale(current.clone());
+            return Ok(Outcome::Stale(current));
         }
         incoming.change = Change::Updated;
         incoming.hash = hash();
-        state.insert(key.to_string(), incoming.clone());
-        Outcome::Stored(incoming)
+        self.state
+            .put(partition, key.as_bytes(), incoming.clone())?;
+        Ok(Outcome::Stored(incoming))
     }
 }

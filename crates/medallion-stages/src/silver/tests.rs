@@ -1,6 +1,41 @@
 //! Merge rules (the broker tests in `tests/` cover the stage end to end).
 
+use std::path::Path;
+
+use medallion_runtime::state::KeyedState;
+
 use super::state::{entity_key, Change, EntityState, Merge, Outcome};
+
+/// A merge over a store in `dir`, with partitions `partitions` taken as the disk holds them.
+fn merge_in(dir: &Path, partitions: &[i32]) -> Merge {
+    let store =
+        medallion_runtime::store::StateStore::open(medallion_runtime::store::StoreOptions {
+            dir: dir.join("state"),
+            identity: "silver-processor".into(),
+            cache_bytes: 1 << 20,
+            write_buffer_bytes: 1 << 20,
+        })
+        .expect("store");
+    let kafka =
+        medallion_runtime::kafka::KafkaConnection::plain("127.0.0.1:9").expect("connection");
+    let state = KeyedState::new(
+        store,
+        kafka,
+        "silver-processor.changelog",
+        &Default::default(),
+    );
+    let mut merge = Merge::new("v4".into(), state);
+    for p in partitions {
+        merge.adopt(*p).expect("adopt");
+    }
+    merge
+}
+
+fn merge() -> (tempfile::TempDir, Merge) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let merge = merge_in(dir.path(), &[0, 3]);
+    (dir, merge)
+}
 
 fn event(id: &str, updated_at: i64, source: &str) -> EntityState {
     EntityState {
@@ -34,21 +69,26 @@ fn state_written_before_the_hash_still_decodes() {
 
 #[test]
 fn latest_updated_at_wins_and_older_updates_are_stale() {
-    let mut merge = Merge::new("v4".into());
+    let (_dir, mut merge) = merge();
     let key = entity_key(7, "case", "CASE-1");
     assert_eq!(
         merge
             .apply(0, &key, event("a", 100, "v5"), || None)
+            .expect("applies")
             .change(),
         Change::Created
     );
     assert_eq!(
         merge
             .apply(0, &key, event("b", 200, "v5"), || None)
+            .expect("applies")
             .change(),
         Change::Updated
     );
-    match merge.apply(0, &key, event("c", 150, "v4"), || None) {
+    match merge
+        .apply(0, &key, event("c", 150, "v4"), || None)
+        .expect("applies")
+    {
         Outcome::Stale(current) => assert_eq!(current.event_id, "b"),
         other => panic!("expected stale, got {other:?}"),
     }
@@ -56,6 +96,7 @@ fn latest_updated_at_wins_and_older_updates_are_stale() {
     assert_eq!(
         merge
             .apply(0, &key, event("d", 201, "v5"), || None)
+            .expect("applies")
             .change(),
         Change::Updated
     );
@@ -63,20 +104,26 @@ fn latest_updated_at_wins_and_older_updates_are_stale() {
 
 #[test]
 fn ties_go_to_the_authoritative_source() {
-    let mut merge = Merge::new("v4".into());
+    let (_dir, mut merge) = merge();
     let key = entity_key(7, "case", "CASE-2");
-    merge.apply(0, &key, event("a", 100, "v4"), || None);
+    merge
+        .apply(0, &key, event("a", 100, "v4"), || None)
+        .expect("applies");
     assert_eq!(
         merge
             .apply(0, &key, event("b", 100, "v5"), || None)
+            .expect("applies")
             .change(),
         Change::Stale
     );
     let other = entity_key(7, "case", "CASE-3");
-    merge.apply(0, &other, event("c", 100, "v5"), || None);
+    merge
+        .apply(0, &other, event("c", 100, "v5"), || None)
+        .expect("applies");
     assert_eq!(
         merge
             .apply(0, &other, event("d", 100, "v4"), || None)
+            .expect("applies")
             .change(),
         Change::Updated
     );
@@ -84,22 +131,22 @@ fn ties_go_to_the_authoritative_source() {
 
 #[test]
 fn a_redelivered_event_gets_its_first_decision_and_state_round_trips() {
-    let mut merge = Merge::new("v4".into());
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut merge = merge_in(dir.path(), &[3]);
     let key = entity_key(1, "lead", "l-1");
-    let first = merge.apply(3, &key, event("a", 100, "crm"), || None);
+    let first = merge
+        .apply(3, &key, event("a", 100, "crm"), || None)
+        .expect("applies");
     let Outcome::Stored(stored) = first else {
         panic!("stored")
     };
-    let mut restored = Merge::new("v4".into());
-    restored.restore(
-        3,
-        [(key.clone().into_bytes(), stored.encode())]
-            .into_iter()
-            .collect(),
-    );
-    assert_eq!(restored.len(), 1);
+    drop(merge);
+    // The store reopened holds what was merged.
+    let mut restored = merge_in(dir.path(), &[3]);
     assert_eq!(
-        restored.apply(3, &key, event("a", 100, "crm"), || None),
+        restored
+            .apply(3, &key, event("a", 100, "crm"), || None)
+            .expect("applies"),
         Outcome::Replayed(stored)
     );
 }
@@ -142,12 +189,14 @@ mod stage {
         let audit = contract("audit/events.avsc");
         let audit = medallion_runtime::audit::AuditEncoder::new("audit.events", &audit.text, 5)
             .expect("audit encoder");
-        Silver::with_audit(
+        let mut stage = Silver::with_audit(
             offline_setup(GROUP, input_schema, output_schema),
             config,
             audit,
         )
-        .await
+        .await?;
+        stage.merge.adopt(0).expect("partition 0");
+        Ok(stage)
     }
 
     #[tokio::test]
