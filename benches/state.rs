@@ -11,6 +11,8 @@
 //!    this process (`changelog::restore_into`, the worker's own code path): entries per second
 //!    (goal ≥ 300k/s); and silver started on an empty directory: seconds to its first output.
 //!
+//! `MEDALLION_STATE_WORKER_LOG` sets the workers' `RUST_LOG`.
+//!
 //! `cargo bench -p medallion-stages --bench state`; `MEDALLION_TEST_BOOTSTRAP` /
 //! `MEDALLION_TEST_REGISTRY_URL` use external services.
 
@@ -123,7 +125,11 @@ fn silver(bootstrap: &str, registry: &str, dir: &std::path::Path) -> WorkerProce
         &[
             ("MEDALLION__BATCH__MAX_RECORDS", "5000".to_string()),
             ("MEDALLION__STATE__DIR", dir.display().to_string()),
-            ("RUST_LOG", "warn,medallion_runtime::state=info".to_string()),
+            (
+                "RUST_LOG",
+                std::env::var("MEDALLION_STATE_WORKER_LOG")
+                    .unwrap_or_else(|_| "warn,medallion_runtime::state=info".to_string()),
+            ),
         ],
     )
     .expect("silver starts")

@@ -122,11 +122,8 @@ pub async fn restore_into(
     };
     let store_error = move |source| RestoreIntoError::Store { partition, source };
     let work = tokio::task::spawn_blocking(move || {
-        let marks = crate::kafka::io::watermarks(&kafka, &topic).map_err(read_error)?;
-        let (low, listed) = marks
-            .get(&partition)
-            .copied()
-            .ok_or_else(|| read_error(ReadError::NoPartitions(topic.clone())))?;
+        let (low, listed) = crate::kafka::io::partition_watermarks(&kafka, &topic, partition)
+            .map_err(read_error)?;
         let checkpoint = table.checkpoint().filter(|c| *c >= low);
         let mut rebuilt = checkpoint.is_none();
         if rebuilt {

@@ -165,9 +165,9 @@ impl Default for StateConfig {
     fn default() -> Self {
         Self {
             dir: None,
-            cache_mib: 32,
-            write_buffer_mib: 32,
-            hot_entries: 50_000,
+            cache_mib: 16,
+            write_buffer_mib: 16,
+            hot_entries: 20_000,
             checkpoint_interval_ms: 5_000,
         }
     }
@@ -460,7 +460,7 @@ mod tests {
         let config = WorkerConfig::<StageSettings>::load(Some(&path)).expect("valid");
         assert_eq!(config.state.dir, Some(PathBuf::from("/var/lib/medallion")));
         assert_eq!(config.state.cache_mib, 64);
-        assert_eq!(config.state.hot_entries, 50_000);
+        assert_eq!(config.state.hot_entries, 20_000);
         for (text, named) in [
             ("state:\n  cache_mib: 0\n", "state.cache_mib"),
             ("state:\n  hot_entries: 0\n", "state.hot_entries"),

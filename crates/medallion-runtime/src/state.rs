@@ -173,6 +173,9 @@ pub struct KeyedState<V> {
     cache: HotCache<V>,
     /// The cache key being looked up (partition, then key), reused.
     scratch: Vec<u8>,
+    /// Writes not yet in the store, per partition: read before the cache, applied as one
+    /// atomic batch per partition at the end of the stage's batch ([`Self::after_batch`]).
+    pending: HashMap<i32, HashMap<Box<[u8]>, V>>,
     every: Duration,
     parts: HashMap<i32, Part>,
     last_round: Instant,
@@ -200,6 +203,7 @@ impl<V: StateValue> KeyedState<V> {
             changelog: changelog.into(),
             cache: HotCache::new(config.hot_entries),
             scratch: Vec::new(),
+            pending: HashMap::new(),
             every: Duration::from_millis(config.checkpoint_interval_ms),
             parts: HashMap::new(),
             last_round: Instant::now(),
@@ -274,6 +278,10 @@ impl<V: StateValue> KeyedState<V> {
     }
 
     pub fn revoke(&mut self, partition: i32) {
+        if let Err(error) = self.flush_partition(partition) {
+            tracing::warn!(%error, changelog = %self.changelog, partition,
+                "writes of a revoked partition not stored (the changelog has them)");
+        }
         if let Some(part) = self.parts.remove(&partition) {
             part.revoked.store(true, Ordering::Release);
         }
@@ -299,6 +307,9 @@ impl<V: StateValue> KeyedState<V> {
 
     /// The value of `key` in `partition`.
     pub fn get(&mut self, partition: i32, key: &[u8]) -> Result<Option<V>, StageError> {
+        if let Some(v) = self.pending.get(&partition).and_then(|p| p.get(key)) {
+            return Ok(Some(v.clone()));
+        }
         self.set_scratch(partition, key);
         if let Some(v) = self.cache.get(&self.scratch) {
             return Ok(Some(v));
@@ -319,13 +330,33 @@ impl<V: StateValue> KeyedState<V> {
         self.scratch.extend_from_slice(key);
     }
 
-    /// Sets `key` in `partition` (the stage produces the changelog update).
+    /// Sets `key` in `partition` (the stage produces the changelog update); it reaches the
+    /// store at the end of the batch.
     pub fn put(&mut self, partition: i32, key: &[u8], value: V) -> Result<(), StageError> {
-        self.part(partition)?.table.put(key, &value.encode())?;
-        self.set_scratch(partition, key);
-        self.cache.insert(&self.scratch, value);
-        if let Some(part) = self.parts.get_mut(&partition) {
-            part.dirty = true;
+        self.part(partition)?;
+        self.pending
+            .entry(partition)
+            .or_default()
+            .insert(key.into(), value);
+        Ok(())
+    }
+
+    /// Applies `partition`'s pending writes to its table, as one batch, and to the cache.
+    fn flush_partition(&mut self, partition: i32) -> Result<(), StageError> {
+        let Some(writes) = self.pending.remove(&partition).filter(|w| !w.is_empty()) else {
+            return Ok(());
+        };
+        let Some(part) = self.parts.get_mut(&partition) else {
+            return Ok(());
+        };
+        part.table
+            .apply(writes.iter().map(|(k, v)| (k.to_vec(), Some(v.encode()))))?;
+        part.dirty = true;
+        for (key, value) in writes {
+            self.scratch.clear();
+            self.scratch.extend_from_slice(&partition.to_be_bytes());
+            self.scratch.extend_from_slice(&key);
+            self.cache.insert(&self.scratch, value);
         }
         Ok(())
     }
@@ -335,16 +366,21 @@ impl<V: StateValue> KeyedState<V> {
         self.parts.values().map(|p| p.table.approximate_len()).sum()
     }
 
-    /// Starts a checkpoint of the partitions written since the last one, if one is due and
-    /// none is under way. Call it after each batch; it never waits.
-    pub fn after_batch(&mut self) {
+    /// Stores the batch's writes, then starts a checkpoint of the partitions written since the
+    /// last one, if one is due and none is under way. Call it after each batch; it never waits
+    /// for the broker.
+    pub fn after_batch(&mut self) -> Result<(), StageError> {
+        let written: Vec<i32> = self.pending.keys().copied().collect();
+        for partition in written {
+            self.flush_partition(partition)?;
+        }
         if self.round.as_ref().is_some_and(|r| !r.is_finished()) {
-            return;
+            return Ok(());
         }
         self.round = None;
         self.forget_revoked();
         if self.last_round.elapsed() < self.every || !self.parts.values().any(|p| p.dirty) {
-            return;
+            return Ok(());
         }
         let marks = match &self.marks {
             Some(m) => m.clone(),
@@ -361,7 +397,7 @@ impl<V: StateValue> KeyedState<V> {
                 }
                 Err(error) => {
                     tracing::warn!(%error, changelog = %self.changelog, "no checkpoint taken");
-                    return;
+                    return Ok(());
                 }
             },
         };
@@ -380,6 +416,7 @@ impl<V: StateValue> KeyedState<V> {
         self.round = Some(tokio::task::spawn_blocking(move || {
             checkpoint_round(&marks, &topic, due)
         }));
+        Ok(())
     }
 
     /// Waits for a checkpoint under way, if any.
@@ -497,7 +534,7 @@ mod tests {
 
     async fn checkpoint(state: &mut KeyedState<String>) {
         tokio::time::sleep(Duration::from_millis(5)).await;
-        state.after_batch();
+        state.after_batch().expect("stored");
         state.finish_round().await;
     }
 
@@ -568,7 +605,7 @@ mod tests {
         state.assign(0).await.expect("assigned");
         write(&mut state, &producer, 0, "a", "1").await;
         tokio::time::sleep(Duration::from_millis(5)).await;
-        state.after_batch();
+        state.after_batch().expect("stored");
         state.revoke(0);
         state.finish_round().await;
         // Whether the round fetched the end before or after the revocation, its checkpoint is
@@ -579,7 +616,7 @@ mod tests {
         assert_eq!((restored.to, restored.rebuilt), (1, true));
         assert_eq!(state.get(0, b"a").expect("get").as_deref(), Some("1"));
         // Nothing written since: no new round.
-        state.after_batch();
+        state.after_batch().expect("nothing to store");
         assert!(state.round.is_none());
     }
 

@@ -138,7 +138,7 @@ impl StateStore {
     fn open_table(&self, table: String) -> Result<Table, StoreError> {
         let handle = self
             .keyspace
-            .open_partition(&table, PartitionCreateOptions::default())
+            .open_partition(&table, table_options(&self.options))
             .map_err(engine(&self.options.dir))?;
         Ok(Table {
             _lock: self._lock.clone(),
@@ -360,12 +360,28 @@ fn lock(dir: &Path) -> Result<std::fs::File, StoreError> {
     }
 }
 
+/// The engine's settings. Writes are not pushed to the operating system one by one: a
+/// checkpoint makes them durable first ([`Table::write_checkpoint`]), and what a crash loses
+/// after the last checkpoint is read again from the changelog. One flush and one compaction
+/// worker: the stage's own threads need the cores more.
 fn open_keyspace(options: &StoreOptions) -> Result<Keyspace, StoreError> {
     Config::new(&options.dir)
         .cache_size(options.cache_bytes)
         .max_write_buffer_size(options.write_buffer_bytes)
+        .manual_journal_persist(true)
+        .flush_workers(1)
+        .compaction_workers(1)
         .open()
         .map_err(engine(&options.dir))
+}
+
+/// Each table's memtable: a quarter of all write buffers, between 1 and 16 MiB, so a store with
+/// many tables still flushes before it holds much more than its write buffers.
+fn table_options(options: &StoreOptions) -> PartitionCreateOptions {
+    let memtable = (options.write_buffer_bytes / 4).clamp(1 << 20, 16 << 20);
+    PartitionCreateOptions::default()
+        .manual_journal_persist(true)
+        .max_memtable_size(memtable as u32)
 }
 
 /// fjall table names: letters, digits, `_` and `-`.

@@ -118,6 +118,26 @@ pub fn watermarks(
     Ok(out)
 }
 
+/// The (low, high) watermarks of one partition of `topic` (blocking).
+pub fn partition_watermarks(
+    kafka: &KafkaConnection,
+    topic: &str,
+    partition: i32,
+) -> Result<(i64, i64), ReadError> {
+    let consumer: BaseConsumer<ReaderContext> = reader(kafka, topic, "watermark reader", false)?;
+    consumer
+        .fetch_watermarks(topic, partition, Duration::from_secs(10))
+        .map_err(|e| match e {
+            KafkaError::MetadataFetch(RDKafkaErrorCode::UnknownPartition) => {
+                ReadError::NoPartition {
+                    topic: topic.to_string(),
+                    partition,
+                }
+            }
+            e => ReadError::kafka(topic, "fetching watermarks")(e),
+        })
+}
+
 /// A stretch of one partition: from `from` up to `until` (exclusive), or with `None` to the end
 /// of the partition as it is when the read reaches it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

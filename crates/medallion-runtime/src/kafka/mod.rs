@@ -197,10 +197,16 @@ impl KafkaConnection {
             // A reader to the end learns it is there when a fetch comes back empty: not after
             // the 500 ms a broker may hold an empty fetch by default (a worker's partition
             // rebuild makes several such reads).
+            // Readers restore and follow state topics beside a worker's own consumer: 16 MiB
+            // of prefetch each instead of 64 MiB keeps a stateful worker's memory bounded.
             Role::Reader {
                 until_end: true, ..
-            } => default("fetch.wait.max.ms", "20"),
-            Role::Admin | Role::Reader { .. } => {}
+            } => {
+                default("fetch.wait.max.ms", "20");
+                default("queued.max.messages.kbytes", "16384");
+            }
+            Role::Reader { .. } => default("queued.max.messages.kbytes", "16384"),
+            Role::Admin => {}
         }
         match role {
             Role::StageConsumer {

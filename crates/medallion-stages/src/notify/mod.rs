@@ -623,7 +623,7 @@ impl Stage for Notify {
                     .for_each(tokio::task::AbortHandle::abort);
             }
         }
-        self.ledger.after_batch();
+        self.ledger.after_batch()?;
         metrics::gauge!(m::NOTIFICATIONS_IN_FLIGHT, "stage" => GROUP)
             .set(self.pending.len() as f64);
         Ok(())

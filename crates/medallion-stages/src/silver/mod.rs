@@ -651,6 +651,11 @@ impl Stage for Silver {
             .set(self.merge.approximate_len() as f64);
     }
 
+    /// Idle: the state written by the last batches gets its checkpoint too.
+    async fn settle(&mut self, _closing: bool, _out: &mut Collector) -> Result<(), StageError> {
+        self.merge.after_batch()
+    }
+
     async fn process(&mut self, input: RecordBatch, out: &mut Collector) -> Result<(), StageError> {
         if let Some(table) = &self.owners {
             table.wait_ready().await;
@@ -1025,7 +1030,7 @@ impl Silver {
             source_rows.push(Some(row_id));
             keep.push(true);
         }
-        self.merge.after_batch();
+        self.merge.after_batch()?;
         metrics::gauge!(m::STATE_ENTITIES, "stage" => GROUP)
             .set(self.merge.approximate_len() as f64);
         self.report(n as u64, &failed, drift, first_drift);

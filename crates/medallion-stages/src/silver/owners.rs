@@ -82,6 +82,8 @@ pub struct Owners {
     /// The first claim in the log, per entity.
     table: Table,
     hot: HotCache<Claim>,
+    /// First claims read and not yet in the table ([`Self::flush`] stores them as one batch).
+    unstored: HashMap<String, Claim>,
     /// Claims this replica made that it has not read back yet.
     mine: HashMap<String, Claim>,
     lost: Vec<Lost>,
@@ -92,12 +94,16 @@ impl Owners {
         Self {
             table,
             hot: HotCache::new(hot_entries),
+            unstored: HashMap::new(),
             mine: HashMap::new(),
             lost: Vec::new(),
         }
     }
 
     fn owner(&mut self, key: &str) -> Result<Option<Claim>, StoreError> {
+        if let Some(claim) = self.unstored.get(key) {
+            return Ok(Some(claim.clone()));
+        }
         if let Some(claim) = self.hot.get(key.as_bytes()) {
             return Ok(Some(claim));
         }
@@ -137,9 +143,30 @@ impl Owners {
                         });
                     }
                 }
-                self.table.put(key.as_bytes(), &claim.encode())?;
-                self.hot.insert(key.as_bytes(), claim);
+                self.unstored.insert(key, claim);
             }
+        }
+        Ok(())
+    }
+
+    /// Claims read and not yet stored.
+    pub fn unstored(&self) -> usize {
+        self.unstored.len()
+    }
+
+    /// Stores the claims read since the last call, as one batch.
+    pub fn flush(&mut self) -> Result<(), StoreError> {
+        if self.unstored.is_empty() {
+            return Ok(());
+        }
+        let claims = std::mem::take(&mut self.unstored);
+        self.table.apply(
+            claims
+                .iter()
+                .map(|(k, c)| (k.as_bytes().to_vec(), Some(c.encode()))),
+        )?;
+        for (key, claim) in claims {
+            self.hot.insert(key.as_bytes(), claim);
         }
         Ok(())
     }
@@ -291,15 +318,24 @@ impl OwnerTable {
             if let Ok(message) = tokio::time::timeout(self.checkpoint_every, follower.next()).await
             {
                 let message = message?;
+                let mut owners = self.owners.lock().map_err(|_| OwnerError::Poisoned)?;
                 if let (Some(key), Some(claim)) = (
                     message.key().and_then(|k| std::str::from_utf8(k).ok()),
                     message.payload().and_then(Claim::decode),
                 ) {
-                    let mut owners = self.owners.lock().map_err(|_| OwnerError::Poisoned)?;
                     owners.read(key.to_string(), claim)?;
+                }
+                if owners.unstored() >= STORE_EVERY {
+                    owners.flush()?;
                 }
                 self.read.fetch_add(1, Ordering::Relaxed);
                 read_to.insert(message.partition(), message.offset() + 1);
+            } else {
+                // Quiet: what was read goes to the store now.
+                self.owners
+                    .lock()
+                    .map_err(|_| OwnerError::Poisoned)?
+                    .flush()?;
             }
             if follower.caught_up() {
                 self.ready.store(true, Ordering::Release);
@@ -307,6 +343,10 @@ impl OwnerTable {
             let idle = checkpointing.as_ref().is_none_or(|c| c.is_finished());
             if idle && last_checkpoint.elapsed() >= self.checkpoint_every && !read_to.is_empty() {
                 // Every claim before these offsets is in the table: record them.
+                self.owners
+                    .lock()
+                    .map_err(|_| OwnerError::Poisoned)?
+                    .flush()?;
                 let table = self.table.clone();
                 let marks = std::mem::take(&mut read_to);
                 let topic = self.topic.clone();
@@ -322,6 +362,9 @@ impl OwnerTable {
         }
     }
 }
+
+/// Claims read are stored in batches of this many (and whenever the topic goes quiet).
+const STORE_EVERY: usize = 5_000;
 
 /// Why the owner table's reader stopped.
 #[derive(Debug, thiserror::Error)]

@@ -155,9 +155,9 @@ impl Merge {
         self.state.approximate_len()
     }
 
-    /// Checkpoints the partitions written, when due (never waits).
-    pub fn after_batch(&mut self) {
-        self.state.after_batch();
+    /// Stores the batch's writes and checkpoints the partitions written, when due.
+    pub fn after_batch(&mut self) -> Result<(), StageError> {
+        self.state.after_batch()
     }
 
     /// Latest `updated_at` wins; on a tie the authoritative source wins over another source,

@@ -140,6 +140,7 @@ fn a_redelivered_event_gets_its_first_decision_and_state_round_trips() {
     let Outcome::Stored(stored) = first else {
         panic!("stored")
     };
+    merge.after_batch().expect("stored");
     drop(merge);
     // The store reopened holds what was merged.
     let mut restored = merge_in(dir.path(), &[3]);
