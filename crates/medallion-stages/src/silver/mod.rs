@@ -659,6 +659,7 @@ impl Stage for Silver {
     async fn process(&mut self, input: RecordBatch, out: &mut Collector) -> Result<(), StageError> {
         if let Some(table) = &self.owners {
             table.wait_ready().await;
+            table.wait_confirmed().await?;
         }
         let input = number_rows(&self.plan_input, &input)?;
         let results = self.plan.run(input).await?;

@@ -23,6 +23,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use medallion_runtime::error::StageError;
 use medallion_runtime::kafka::io::{ReadError, TopicFollower};
 use medallion_runtime::kafka::KafkaConnection;
 use medallion_runtime::state::HotCache;
@@ -196,6 +197,11 @@ impl Owners {
         })
     }
 
+    /// Claims this replica made and has not read back yet.
+    pub fn unconfirmed(&self) -> usize {
+        self.mine.len()
+    }
+
     /// The claims this replica lost since the last call.
     pub fn take_lost(&mut self) -> Vec<Lost> {
         std::mem::take(&mut self.lost)
@@ -268,6 +274,31 @@ impl OwnerTable {
             if waited.is_multiple_of(500) {
                 tracing::warn!(topic = %self.topic, "still reading the entity owner table before deciding ownership");
             }
+        }
+    }
+
+    /// Waits while this replica has more than [`MAX_UNCONFIRMED`] claims not read back yet:
+    /// they are held in memory until the reader reaches them, so a reader behind the stage
+    /// would otherwise let memory grow with every new entity.
+    pub async fn wait_confirmed(&self) -> Result<(), StageError> {
+        let mut waited = 0u32;
+        loop {
+            let unconfirmed = self
+                .owners
+                .lock()
+                .map_err(|_| StageError::Internal("entity owner table lock poisoned".into()))?
+                .unconfirmed();
+            if unconfirmed <= MAX_UNCONFIRMED {
+                return Ok(());
+            }
+            if waited == 0 {
+                tracing::debug!(
+                    unconfirmed,
+                    "waiting for the entity owner reader to catch up"
+                );
+            }
+            waited += 1;
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
 
@@ -362,6 +393,9 @@ impl OwnerTable {
         }
     }
 }
+
+/// Claims of this replica not read back yet beyond which the stage waits for the reader.
+pub const MAX_UNCONFIRMED: usize = 50_000;
 
 /// Claims read are stored in batches of this many (and whenever the topic goes quiet).
 const STORE_EVERY: usize = 5_000;
