@@ -164,6 +164,16 @@ struct Part {
     dirty: bool,
 }
 
+impl Part {
+    fn new(table: Table) -> Self {
+        Self {
+            table,
+            revoked: Arc::new(AtomicBool::new(false)),
+            dirty: false,
+        }
+    }
+}
+
 /// The keyed state of every assigned partition of one stage state (named by its changelog).
 pub struct KeyedState<V> {
     store: StateStore,
@@ -219,10 +229,6 @@ impl<V: StateValue> KeyedState<V> {
         &self.store
     }
 
-    pub fn changelog(&self) -> &str {
-        &self.changelog
-    }
-
     /// Brings `partition`'s table up to date with its changelog; the stage may decide on the
     /// partition once this returns.
     pub async fn assign(&mut self, partition: i32) -> Result<Restored, StageError> {
@@ -251,14 +257,7 @@ impl<V: StateValue> KeyedState<V> {
             seconds = started.elapsed().as_secs_f64(),
             "state restored from the changelog into the state store"
         );
-        self.parts.insert(
-            partition,
-            Part {
-                table,
-                revoked: Arc::new(AtomicBool::new(false)),
-                dirty: false,
-            },
-        );
+        self.parts.insert(partition, Part::new(table));
         Ok(restored)
     }
 
@@ -266,14 +265,7 @@ impl<V: StateValue> KeyedState<V> {
     /// for a stage run without a broker (tests, tools), never for a worker's assignment.
     pub fn adopt(&mut self, partition: i32) -> Result<(), StageError> {
         let table = self.store.table(&self.changelog, partition)?;
-        self.parts.insert(
-            partition,
-            Part {
-                table,
-                revoked: Arc::new(AtomicBool::new(false)),
-                dirty: false,
-            },
-        );
+        self.parts.insert(partition, Part::new(table));
         Ok(())
     }
 
@@ -353,9 +345,7 @@ impl<V: StateValue> KeyedState<V> {
             .apply(writes.iter().map(|(k, v)| (k.to_vec(), Some(v.encode()))))?;
         part.dirty = true;
         for (key, value) in writes {
-            self.scratch.clear();
-            self.scratch.extend_from_slice(&partition.to_be_bytes());
-            self.scratch.extend_from_slice(&key);
+            self.set_scratch(partition, &key);
             self.cache.insert(&self.scratch, value);
         }
         Ok(())

@@ -155,10 +155,6 @@ impl StateStore {
     pub fn disk_bytes(&self) -> u64 {
         self.keyspace.disk_space()
     }
-
-    pub fn dir(&self) -> &Path {
-        &self.options.dir
-    }
 }
 
 /// One table: the state of one input partition, or a global table. A handle: clones share

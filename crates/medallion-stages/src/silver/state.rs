@@ -1,6 +1,5 @@
 //! Latest-`updated_at`-wins merge state per entity, by input partition.
 
-use medallion_runtime::changelog::Restored;
 use medallion_runtime::error::StageError;
 use medallion_runtime::state::{KeyedState, StateValue};
 
@@ -136,8 +135,8 @@ impl Merge {
     }
 
     /// Brings `partition`'s state up to date with its changelog.
-    pub async fn assign(&mut self, partition: i32) -> Result<Restored, StageError> {
-        self.state.assign(partition).await
+    pub async fn assign(&mut self, partition: i32) -> Result<(), StageError> {
+        self.state.assign(partition).await.map(|_| ())
     }
 
     /// Takes `partition` as the disk holds it (tests without a broker).
