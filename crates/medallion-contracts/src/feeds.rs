@@ -447,11 +447,13 @@ pub fn canonical_hash(entity_id: &str, attributes: &[Option<&str>], updated_at: 
     }
     hasher.update([0x1f]);
     hasher.update(updated_at.to_string().as_bytes());
-    hasher
-        .finalize()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(64);
+    for b in hasher.finalize() {
+        out.push(char::from(HEX[usize::from(b >> 4)]));
+        out.push(char::from(HEX[usize::from(b & 0xf)]));
+    }
+    out
 }
 
 impl Normalize {

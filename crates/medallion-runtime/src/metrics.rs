@@ -43,7 +43,8 @@ pub const WORKER_DEGRADED: &str = "medallion_worker_degraded";
 pub const EXPECTATION_RESULTS_TOTAL: &str = "medallion_expectation_results_total";
 /// Updates older than the entity's current state (drift), by stage and entity type.
 pub const DRIFT_TOTAL: &str = "medallion_drift_detected_total";
-/// Entities held in a stage's merge state, by stage.
+/// Entities in a stage's merge state on this worker's disk (about: an entity written twice counts
+/// twice until the store compacts it), by stage.
 pub const STATE_ENTITIES: &str = "medallion_state_entities";
 /// Events that arrived after their window closed, by stage.
 pub const LATE_EVENTS_TOTAL: &str = "medallion_late_events_total";

@@ -132,6 +132,14 @@ fn another_owners_store_is_discarded_and_so_is_one_that_will_not_open() {
     assert_eq!(t.checkpoint(), None, "a rebuilt store has no checkpoint");
     assert_eq!(t.count().expect("count"), 0);
 
+    // A store of the earlier layout (one tree per table; its identity names no layout) is
+    // not read as this one.
+    drop((t, store));
+    std::fs::write(state.join(IDENTITY), "another-group").expect("identity of old");
+    let store = StateStore::open(options(dir.path(), "another-group")).expect("opens");
+    assert_eq!(store.found(), Found::Discarded);
+    let t = store.table("merge", 0).expect("table");
+
     // A directory with files but no identity is not trusted either.
     drop((t, store));
     std::fs::remove_file(state.join(IDENTITY)).expect("identity removed");
@@ -160,13 +168,30 @@ fn clear_empties_the_table_and_forgets_its_checkpoint() {
     let dir = tempfile::tempdir().expect("temp dir");
     let store = StateStore::open(options(dir.path(), "silver")).expect("opens");
     let t = store.table("owners", 2).expect("table");
+    // The partitions either side share the engine tree, under their own prefixes.
+    let before = store.table("owners", 1).expect("table");
+    let after = store.table("owners", 3).expect("table");
     for i in 0..1000u32 {
         t.put(&i.to_be_bytes(), b"x").expect("put");
+        before.put(&i.to_be_bytes(), b"b").expect("put");
+        after.put(&i.to_be_bytes(), b"a").expect("put");
     }
     t.write_checkpoint(1000).expect("checkpoint");
+    before.write_checkpoint(7).expect("checkpoint");
     t.clear().expect("cleared");
     assert_eq!(t.count().expect("count"), 0);
     assert_eq!(t.checkpoint(), None);
+    assert_eq!(
+        before.count().expect("count"),
+        1000,
+        "a neighbour keeps its keys"
+    );
+    assert_eq!(after.count().expect("count"), 1000);
+    assert_eq!(before.checkpoint(), Some(7), "and its checkpoint");
+    assert_eq!(
+        after.get(&5u32.to_be_bytes()).expect("get"),
+        Some(b"a".to_vec())
+    );
     t.put(b"after", b"1").expect("usable after clearing");
     assert_eq!(t.get(b"after").expect("get"), Some(b"1".to_vec()));
 }
@@ -238,6 +263,10 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
+fn table_of(store: &StateStore, partition: i32) -> Table {
+    store.table("t", partition).expect("table")
+}
+
 fn key(k: u8) -> Vec<u8> {
     // Two prefixes, so prefix scans have something to tell apart.
     format!("{}/{k:03}", k % 2).into_bytes()
@@ -255,6 +284,10 @@ proptest! {
         let mut checkpoint = None;
         let mut store = StateStore::open(options(dir.path(), "p")).expect("opens");
         let mut table = store.table("t", 0).expect("table");
+        // The next partition's table of the same state: untouched by anything done to table 0.
+        let neighbour: BTreeMap<Vec<u8>, Vec<u8>> =
+            (0..=255u8).step_by(3).map(|k| (key(k), b"n".to_vec())).collect();
+        table_of(&store, 1).apply(neighbour.iter().map(|(k, v)| (k.clone(), Some(v.clone())))).expect("applied");
         for op in ops {
             match op {
                 Op::Put(k, v) => {
@@ -295,5 +328,6 @@ proptest! {
         let model_odd: BTreeMap<_, _> =
             model.iter().filter(|(k, _)| k.starts_with(b"1/")).map(|(k, v)| (k.clone(), v.clone())).collect();
         prop_assert_eq!(odd, model_odd);
+        prop_assert_eq!(contents(&table_of(&store, 1)), neighbour);
     }
 }

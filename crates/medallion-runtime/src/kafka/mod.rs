@@ -189,6 +189,13 @@ impl KafkaConnection {
             // benchmark's stages as fast (16 MiB halved gold's rate: its records are larger).
             Role::StageConsumer { .. } => {
                 default("queued.max.messages.kbytes", "32768");
+                // librdkafka also keeps up to 100,000 messages per partition queued, each with
+                // a few hundred bytes of bookkeeping the kbytes bound does not count: 10,000
+                // is still several batches of every partition.
+                default("queued.min.messages", "10000");
+                // A partition over either bound waits this long before its next fetch: 1 s by
+                // default, which a queue this short empties well before.
+                default("fetch.queue.backoff.ms", "20");
                 // An input topic created after the worker started (or partitions added) is
                 // seen within 10 s rather than librdkafka's 5 min.
                 default("topic.metadata.refresh.interval.ms", "10000");
@@ -199,13 +206,21 @@ impl KafkaConnection {
             // rebuild makes several such reads).
             // Readers restore and follow state topics beside a worker's own consumer: 16 MiB
             // of prefetch each instead of 64 MiB keeps a stateful worker's memory bounded.
+            // State topics carry small records (an owner claim is ~100 bytes): the message count,
+            // not the kbytes, bounds their bookkeeping (16 MiB of claims queued took ~35 MiB).
             Role::Reader {
                 until_end: true, ..
             } => {
                 default("fetch.wait.max.ms", "20");
                 default("queued.max.messages.kbytes", "16384");
+                default("queued.min.messages", "2000");
+                default("fetch.queue.backoff.ms", "20");
             }
-            Role::Reader { .. } => default("queued.max.messages.kbytes", "16384"),
+            Role::Reader { .. } => {
+                default("queued.max.messages.kbytes", "16384");
+                default("queued.min.messages", "2000");
+                default("fetch.queue.backoff.ms", "20");
+            }
             Role::Admin => {}
         }
         match role {
@@ -388,6 +403,12 @@ mod tests {
         assert_eq!(consumer.get("group.id"), Some("g"));
         assert_eq!(consumer.get("enable.auto.offset.store"), Some("false"));
         assert_eq!(consumer.get("queued.max.messages.kbytes"), Some("32768"));
+        // Prefetch bounded in messages too, and a full queue not left a second unfilled.
+        assert_eq!(consumer.get("queued.min.messages"), Some("10000"));
+        assert_eq!(consumer.get("fetch.queue.backoff.ms"), Some("20"));
+        let reader = kafka.config(roles[3]);
+        assert_eq!(reader.get("queued.min.messages"), Some("2000"));
+        assert_eq!(reader.get("fetch.queue.backoff.ms"), Some("20"));
         for role in roles {
             assert_eq!(
                 kafka.config(role).get("reconnect.backoff.max.ms"),

@@ -92,16 +92,15 @@ impl Restorer {
         stage: &mut S,
     ) -> Result<(), WorkerError> {
         self.recover_with_retry(&assigned, ledger, planner).await?;
-        for a in assigned {
-            stage
-                .assign(a.partition, a.metadata)
-                .await
-                .map_err(|source| WorkerError::Restore {
-                    partition: a.partition,
-                    source,
-                })?;
-        }
-        Ok(())
+        stage
+            .assign_all(
+                assigned
+                    .into_iter()
+                    .map(|a| (a.partition, a.metadata))
+                    .collect(),
+            )
+            .await
+            .map_err(|(partition, source)| WorkerError::Restore { partition, source })
     }
 
     /// [`Self::recover`], retried along the retry schedule while the broker or registry is

@@ -290,6 +290,23 @@ pub trait Stage: Send + 'static {
         async { Ok(()) }
     }
 
+    /// [`Self::assign`] for all the partitions of one assignment, each with its committed
+    /// metadata; an error names its partition. By default one after the other; a stage whose
+    /// restore mostly waits on the broker restores them together.
+    fn assign_all(
+        &mut self,
+        assigned: Vec<(i32, Option<String>)>,
+    ) -> impl Future<Output = Result<(), (i32, StageError)>> + Send {
+        async move {
+            for (partition, metadata) in assigned {
+                self.assign(partition, metadata)
+                    .await
+                    .map_err(|e| (partition, e))?;
+            }
+            Ok(())
+        }
+    }
+
     /// The partition went to another replica: drop its state.
     fn revoke(&mut self, _partition: i32) {}
 

@@ -584,6 +584,14 @@ impl Stage for Notify {
         Ok(())
     }
 
+    async fn assign_all(
+        &mut self,
+        assigned: Vec<(i32, Option<String>)>,
+    ) -> Result<(), (i32, StageError)> {
+        let partitions: Vec<i32> = assigned.iter().map(|(p, _)| *p).collect();
+        self.ledger.assign_all(&partitions).await.map(|_| ())
+    }
+
     fn revoke(&mut self, partition: i32) {
         self.ledger.revoke(partition);
         let gone: Vec<(i32, i64)> = self

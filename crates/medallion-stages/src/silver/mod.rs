@@ -637,9 +637,19 @@ impl Stage for Silver {
     async fn assign(
         &mut self,
         partition: i32,
-        _committed_metadata: Option<String>,
+        committed_metadata: Option<String>,
     ) -> Result<(), StageError> {
-        self.merge.assign(partition).await?;
+        self.assign_all(vec![(partition, committed_metadata)])
+            .await
+            .map_err(|(_, e)| e)
+    }
+
+    async fn assign_all(
+        &mut self,
+        assigned: Vec<(i32, Option<String>)>,
+    ) -> Result<(), (i32, StageError)> {
+        let partitions: Vec<i32> = assigned.iter().map(|(p, _)| *p).collect();
+        self.merge.assign_all(&partitions).await?;
         metrics::gauge!(m::STATE_ENTITIES, "stage" => GROUP)
             .set(self.merge.approximate_len() as f64);
         Ok(())

@@ -120,6 +120,14 @@ impl Owners {
 
     /// A claim read from the log, in log order (reading the same claims again changes nothing).
     pub fn read(&mut self, key: String, claim: Claim) -> Result<(), StoreError> {
+        // Our own claim coming back, with no other claim of its entity read since it was made:
+        // when it was made the entity had no owner (`decide` looked), and every claim read
+        // since would have taken it out of `mine`. So it is the first, without a lookup.
+        if self.mine.get(&key) == Some(&claim) {
+            self.mine.remove(&key);
+            self.unstored.insert(key, claim);
+            return Ok(());
+        }
         match self.owner(&key)? {
             Some(owner) => {
                 // A later claim by another org: ours, if it was ours, lost the race.

@@ -134,9 +134,9 @@ impl Merge {
         self.state.store()
     }
 
-    /// Brings `partition`'s state up to date with its changelog.
-    pub async fn assign(&mut self, partition: i32) -> Result<(), StageError> {
-        self.state.assign(partition).await.map(|_| ())
+    /// Brings the state of `partitions` up to date with its changelog, several at a time.
+    pub async fn assign_all(&mut self, partitions: &[i32]) -> Result<(), (i32, StageError)> {
+        self.state.assign_all(partitions).await.map(|_| ())
     }
 
     /// Takes `partition` as the disk holds it (tests without a broker).
