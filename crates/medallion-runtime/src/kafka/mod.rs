@@ -208,15 +208,10 @@ impl KafkaConnection {
             // of prefetch each instead of 64 MiB keeps a stateful worker's memory bounded.
             // State topics carry small records (an owner claim is ~100 bytes): the message count,
             // not the kbytes, bounds their bookkeeping (16 MiB of claims queued took ~35 MiB).
-            Role::Reader {
-                until_end: true, ..
-            } => {
-                default("fetch.wait.max.ms", "20");
-                default("queued.max.messages.kbytes", "16384");
-                default("queued.min.messages", "2000");
-                default("fetch.queue.backoff.ms", "20");
-            }
-            Role::Reader { .. } => {
+            Role::Reader { until_end, .. } => {
+                if until_end {
+                    default("fetch.wait.max.ms", "20");
+                }
                 default("queued.max.messages.kbytes", "16384");
                 default("queued.min.messages", "2000");
                 default("fetch.queue.backoff.ms", "20");
@@ -409,6 +404,17 @@ mod tests {
         let reader = kafka.config(roles[3]);
         assert_eq!(reader.get("queued.min.messages"), Some("2000"));
         assert_eq!(reader.get("fetch.queue.backoff.ms"), Some("20"));
+        assert_eq!(reader.get("fetch.wait.max.ms"), Some("20"));
+        let follower = kafka.config(Role::Reader {
+            group: "r",
+            until_end: false,
+        });
+        assert_eq!(follower.get("queued.min.messages"), Some("2000"));
+        assert_eq!(
+            follower.get("fetch.wait.max.ms"),
+            None,
+            "a follower may wait"
+        );
         for role in roles {
             assert_eq!(
                 kafka.config(role).get("reconnect.backoff.max.ms"),
