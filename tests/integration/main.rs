@@ -6,6 +6,7 @@ mod bronze;
 mod chaos;
 mod contracts;
 mod drift;
+mod fairness;
 mod faults;
 mod feeds;
 mod isolation;

@@ -37,6 +37,9 @@ pub struct WorkerConfig<S> {
     /// Where a stateful stage keeps its state on disk, and how much memory it may use.
     #[serde(default)]
     pub state: StateConfig,
+    /// How the orgs that share a partition share the worker.
+    #[serde(default)]
+    pub fairness: FairnessConfig,
     /// The stage's own settings.
     pub stage: S,
 }
@@ -173,6 +176,71 @@ impl Default for StateConfig {
     }
 }
 
+/// How the orgs of a partition share the worker: records are queued per org and batches cut by
+/// deficit round robin, so one org's backlog does not hold up the others (see the runtime's
+/// `worker::fair`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FairnessConfig {
+    /// Off: each partition is taken in log order.
+    pub enabled: bool,
+    /// Records an org may take per turn of the round robin (times its weight).
+    pub quantum: usize,
+    /// Records queued for one org before the worker reads past its records (a reader of its
+    /// own brings them back as its queue drains).
+    pub org_read_ahead: usize,
+    /// Records queued for one partition before reading it pauses.
+    pub read_ahead_records: usize,
+    /// Bytes queued for one partition before reading it pauses, MiB.
+    pub read_ahead_mib: usize,
+    /// How far (in offsets) a partition may be read past its lowest record not done. Unset:
+    /// `dedup.window_per_partition`, so that where the broker keeps no commit metadata, a
+    /// restart's replay of what was done past its commit stays within what dedup drops.
+    pub max_skip_ahead: Option<i64>,
+    /// Weights of orgs by org id (default 1): an org of weight 3 gets three quanta a turn.
+    pub weights: std::collections::BTreeMap<String, u32>,
+}
+
+impl Default for FairnessConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            quantum: 100,
+            org_read_ahead: 1_000,
+            read_ahead_records: 5_000,
+            read_ahead_mib: 4,
+            max_skip_ahead: None,
+            weights: std::collections::BTreeMap::new(),
+        }
+    }
+}
+
+impl FairnessConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        for (name, value) in [
+            ("fairness.quantum", self.quantum),
+            ("fairness.org_read_ahead", self.org_read_ahead),
+            ("fairness.read_ahead_records", self.read_ahead_records),
+            ("fairness.read_ahead_mib", self.read_ahead_mib),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::Invalid(format!("{name} must be at least 1")));
+            }
+        }
+        if self.max_skip_ahead.is_some_and(|m| m < 1) {
+            return Err(ConfigError::Invalid(
+                "fairness.max_skip_ahead must be at least 1".into(),
+            ));
+        }
+        if let Some((org, _)) = self.weights.iter().find(|(_, w)| **w == 0) {
+            return Err(ConfigError::Invalid(format!(
+                "fairness.weights: the weight of `{org}` must be at least 1"
+            )));
+        }
+        Ok(())
+    }
+}
+
 impl StateConfig {
     fn validate(&self) -> Result<(), ConfigError> {
         for (name, value) in [
@@ -247,6 +315,7 @@ impl<S: Default> Default for WorkerConfig<S> {
             },
             naming: NamingConfig::default(),
             state: StateConfig::default(),
+            fairness: FairnessConfig::default(),
             stage: S::default(),
         }
     }
@@ -323,6 +392,7 @@ impl<S: Default + Serialize + DeserializeOwned> WorkerConfig<S> {
             ));
         }
         self.state.validate()?;
+        self.fairness.validate()?;
         if !(self.registry.url.starts_with("http://") || self.registry.url.starts_with("https://"))
         {
             return Err(ConfigError::Invalid(format!(

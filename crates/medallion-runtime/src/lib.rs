@@ -20,6 +20,7 @@ pub mod metrics;
 pub mod ops;
 pub mod outbound;
 pub mod pii;
+pub mod progress;
 pub mod record;
 pub mod recovery;
 pub mod retry;

@@ -77,9 +77,22 @@ pub const PII_FIELDS_ENCRYPTED_TOTAL: &str = "medallion_pii_fields_encrypted_tot
 pub const CONSUMPTION_PAUSED: &str = "medallion_consumption_paused";
 /// Errors the consumer reported and the worker survived (fetch, metadata), by stage and error.
 pub const CONSUMER_ERRORS_TOTAL: &str = "medallion_consumer_errors_total";
+/// Records read and waiting for a batch, by stage and partition (the fair scheduler's queues).
+pub const FAIR_QUEUED_RECORDS: &str = "medallion_fair_queued_records";
+/// Orgs whose records the head of a partition passes over (their queue is full; a catch-up
+/// reader brings them at their share), by stage and partition.
+pub const FAIR_ORGS_PASSED_OVER: &str = "medallion_fair_orgs_passed_over";
+/// Records queued for an org that is passed over, by stage and org: only such orgs are
+/// named (0 once it caught up), so it appears only once an org was read past (not in [`ALL`]).
+pub const FAIR_ORG_QUEUED_RECORDS: &str = "medallion_fair_org_queued_records";
+/// Offsets between a partition's lowest record not done and where its head reads, by stage
+/// and partition: how far the worker went past a backlog.
+pub const FAIR_SKIP_AHEAD: &str = "medallion_fair_skip_ahead";
+/// Records passed over at a restart because the committed progress says they were done.
+pub const FAIR_PASSED_DONE_TOTAL: &str = "medallion_fair_passed_done_total";
 
 /// Every name above.
-pub const ALL: [&str; 33] = [
+pub const ALL: [&str; 37] = [
     KAFKA_CONSUMER_LAG,
     KAFKA_MESSAGES_IN_TOTAL,
     KAFKA_BYTES_IN_TOTAL,
@@ -113,11 +126,15 @@ pub const ALL: [&str; 33] = [
     PII_FIELDS_ENCRYPTED_TOTAL,
     CONSUMPTION_PAUSED,
     CONSUMER_ERRORS_TOTAL,
+    FAIR_QUEUED_RECORDS,
+    FAIR_ORGS_PASSED_OVER,
+    FAIR_SKIP_AHEAD,
+    FAIR_PASSED_DONE_TOTAL,
 ];
 
 /// The counters above: exported at 0 from the start, so every name is scrapeable and `rate()`
 /// sees the first increment.
-pub const COUNTERS: [&str; 19] = [
+pub const COUNTERS: [&str; 20] = [
     CONSUMER_ERRORS_TOTAL,
     KAFKA_MESSAGES_IN_TOTAL,
     KAFKA_BYTES_IN_TOTAL,
@@ -137,6 +154,7 @@ pub const COUNTERS: [&str; 19] = [
     AUDIT_ROWS_WRITTEN_TOTAL,
     AUDIT_FILES_WRITTEN_TOTAL,
     PII_FIELDS_ENCRYPTED_TOTAL,
+    FAIR_PASSED_DONE_TOTAL,
 ];
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();

@@ -74,12 +74,26 @@ fn parse_offsets(text: &str) -> Option<BTreeMap<i32, i64>> {
 
 /// Commit metadata holding `snapshot` and the stage's own metadata.
 pub fn wrap(snapshot: &Snapshot, stage: Option<&str>) -> String {
+    wrap_progress(snapshot, None, stage)
+}
+
+/// Commit metadata holding `snapshot`, what is done beyond the offset (an encoded
+/// [`crate::progress::Progress`]) and the stage's own metadata.
+pub fn wrap_progress(snapshot: &Snapshot, progress: Option<&str>, stage: Option<&str>) -> String {
+    let done = progress.map(|p| format!(";done={p}")).unwrap_or_default();
     format!(
-        "{VERSION}|out={};dlq={}|{}",
+        "{VERSION}|out={};dlq={}{done}|{}",
         format_offsets(&snapshot.output),
         format_offsets(&snapshot.dlq),
         stage.unwrap_or_default()
     )
+}
+
+/// The encoded progress in committed `metadata`, if any.
+pub fn progress_text(metadata: &str) -> Option<&str> {
+    let rest = metadata.strip_prefix(VERSION)?.strip_prefix('|')?;
+    let (line, _) = rest.split_once('|').unwrap_or((rest, ""));
+    line.split(';').find_map(|part| part.strip_prefix("done="))
 }
 
 /// The snapshot and the stage's metadata in committed `metadata`. Metadata written before
@@ -93,12 +107,13 @@ pub fn unwrap(metadata: &str) -> (Option<Snapshot>, Option<String>) {
         return (None, stage(metadata));
     };
     let (line, stage_part) = rest.split_once('|').unwrap_or((rest, ""));
-    let snapshot = line.split_once(';').and_then(|(out, dlq)| {
+    let mut parts = line.split(';');
+    let snapshot = (|| {
         Some(Snapshot {
-            output: parse_offsets(out.strip_prefix("out=")?)?,
-            dlq: parse_offsets(dlq.strip_prefix("dlq=")?)?,
+            output: parse_offsets(parts.next()?.strip_prefix("out=")?)?,
+            dlq: parse_offsets(parts.next()?.strip_prefix("dlq=")?)?,
         })
-    });
+    })();
     (snapshot, stage(stage_part))
 }
 
@@ -293,11 +308,24 @@ mod tests {
             unwrap(&text),
             (Some(snapshot.clone()), Some("wm=5;pos=9".into()))
         );
-        assert_eq!(unwrap(&wrap(&snapshot, None)), (Some(snapshot), None));
+        assert_eq!(
+            unwrap(&wrap(&snapshot, None)),
+            (Some(snapshot.clone()), None)
+        );
         assert_eq!(unwrap("wm=5;pos=9"), (None, Some("wm=5;pos=9".into())));
         assert_eq!(unwrap(""), (None, None));
         let empty = Snapshot::default();
         assert_eq!(unwrap(&wrap(&empty, None)), (Some(empty), None));
+        // What is done beyond the offset rides along without disturbing the rest.
+        let with = wrap_progress(&snapshot, Some("3.9.YQ:5.0badf00d"), Some("wm=5"));
+        assert_eq!(unwrap(&with), (Some(snapshot.clone()), Some("wm=5".into())));
+        assert_eq!(progress_text(&with), Some("3.9.YQ:5.0badf00d"));
+        assert_eq!(progress_text(&text), None);
+        assert_eq!(
+            progress_text("done=1.2..3"),
+            None,
+            "only in a snapshot line"
+        );
         // A damaged snapshot line is no snapshot; the stage's part survives.
         assert_eq!(
             unwrap("medallion/1|out=x;dlq=|wm=1"),

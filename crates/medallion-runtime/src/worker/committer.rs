@@ -44,8 +44,13 @@ fn store_frontiers<C: ConsumerContext, K: Consumer<C>>(
             continue;
         };
         let offset = frontier.commit.offset;
-        let metadata = Some(crate::recovery::wrap(
+        let progress = frontier
+            .progress
+            .as_ref()
+            .map(|p| p.encode(topic, partition));
+        let metadata = Some(crate::recovery::wrap_progress(
             &frontier.outputs,
+            progress.as_deref(),
             frontier.commit.metadata.as_deref(),
         ));
         let unchanged = positions
@@ -245,6 +250,8 @@ pub(super) struct Assigned {
     pub(super) snapshot: Option<crate::recovery::Snapshot>,
     /// The stage's own commit metadata.
     pub(super) metadata: Option<String>,
+    /// What was done beyond that offset, as recorded (not yet checked against the log).
+    pub(super) progress: Option<crate::progress::Progress>,
 }
 
 /// The worker's consumer, seen as the place offsets are stored and committed.
@@ -296,11 +303,25 @@ impl Committer {
                     .as_ref()
                     .map(|e| crate::recovery::unwrap(e.metadata()))
                     .unwrap_or((None, None));
+                let progress = elem
+                    .as_ref()
+                    .and_then(|e| crate::recovery::progress_text(e.metadata()))
+                    .and_then(|text| {
+                        let decoded = crate::progress::Progress::decode(text, &self.topic, partition);
+                        if decoded.is_none() {
+                            tracing::warn!(partition, "committed progress is damaged or foreign: its records are read again");
+                        }
+                        decoded
+                    })
+                    // A record of progress that starts below the committed offset belongs to
+                    // another commit.
+                    .filter(|p| offset.is_some_and(|o| p.base == o));
                 Assigned {
                     partition,
                     offset,
                     snapshot,
                     metadata,
+                    progress,
                 }
             })
             .collect())
@@ -356,7 +377,7 @@ mod tests {
     use crate::dedup::DedupWindow;
     use crate::kafka::{BatchProducer, KafkaConnection, Role};
     use crate::recovery::Snapshot;
-    use crate::worker::ledger::Commit;
+    use crate::worker::ledger::{Booked, Commit};
 
     /// A committer over a consumer of `topic` (2 partitions on a mock cluster), partitions
     /// assigned by hand.
@@ -415,9 +436,14 @@ mod tests {
             }
             l.consumed(0, 9);
             l.consumed(1, 4);
-            let commit = |offset, metadata: Option<&str>| Commit {
-                offset,
-                metadata: metadata.map(str::to_string),
+            let commit = |offset, metadata: Option<&str>| {
+                Booked::position(
+                    Commit {
+                        offset,
+                        metadata: metadata.map(str::to_string),
+                    },
+                    offset,
+                )
             };
             l.launched(1, 0, commit(10, Some("stage-state")), outputs.clone());
             l.launched(2, 1, commit(5, None), outputs.clone());

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::ledger::{Commit, Ledger};
+use super::ledger::{Booked, Ledger};
 use super::planner::Outgoing;
 use crate::error::RecordFailure;
 use crate::kafka::{BatchProducer, FlightId};
@@ -118,7 +118,7 @@ impl FlightTracker {
     pub(super) async fn launch(
         &mut self,
         outgoing: Vec<Outgoing>,
-        commits: Vec<(i32, Commit)>,
+        commits: Vec<(i32, Booked)>,
         booking: Booking,
     ) -> FlightId {
         if !self.busy() {

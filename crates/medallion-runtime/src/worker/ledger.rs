@@ -13,8 +13,12 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 
+use rdkafka::message::Message;
+
+use super::fair::{Claim, Org};
 use crate::dedup::DedupWindow;
 use crate::kafka::FlightId;
+use crate::progress::Progress;
 use crate::record::Inbound;
 use crate::recovery::Snapshot;
 
@@ -26,18 +30,47 @@ pub(super) struct Commit {
     pub(super) metadata: Option<String>,
 }
 
-/// The commit point of a partition: the offset, the stage's metadata and where the outputs
-/// stood before anything after that offset was produced.
+/// What a step of a partition covers, as the worker booked it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Booked {
+    pub(super) commit: Commit,
+    /// The lowest offset not taken into a batch when it was booked (what the stage was asked
+    /// to position itself at); a commit below it is the stage's own hold.
+    pub(super) floor: i64,
+    /// Per org, the first offset of the records it carries.
+    pub(super) open: Vec<(Org, i64)>,
+    /// The highest offset it carries.
+    pub(super) reach: Option<i64>,
+}
+
+impl Booked {
+    /// A step carrying no record of the partition, only its position.
+    pub(super) fn position(commit: Commit, floor: i64) -> Self {
+        Self {
+            commit,
+            floor,
+            open: Vec::new(),
+            reach: None,
+        }
+    }
+}
+
+/// The commit point of a partition: the offset, the stage's metadata, what is done beyond the
+/// offset, and where the outputs stood before anything not claimed done was produced.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct Frontier {
     pub(super) commit: Commit,
     pub(super) outputs: Arc<Snapshot>,
+    pub(super) progress: Option<Progress>,
 }
 
 #[derive(Debug)]
 struct Step {
     flight: FlightId,
     commit: Commit,
+    floor: i64,
+    open: Vec<(Org, i64)>,
+    seq: u64,
     /// The acknowledged output positions just before the flight was launched.
     outputs_before: Arc<Snapshot>,
     landed: bool,
@@ -59,8 +92,20 @@ pub(super) struct PartitionLedger {
     landed: Option<Commit>,
     /// Where the outputs stood before the first step after `landed` was launched.
     outputs_after_landed: Arc<Snapshot>,
+    /// The launch sequence of that step.
+    outputs_after_landed_seq: u64,
     deferred: BTreeMap<i64, Deferred>,
     pub(super) window: DedupWindow,
+    /// The floor the landed commit was booked at.
+    landed_floor: Option<i64>,
+    /// The lowest offset not taken into a batch yet.
+    floor: Option<i64>,
+    /// What the scheduler last knew of the partition beyond its floor.
+    claim: Option<Claim>,
+    /// Steps that carried a record past every earlier step's: (reach, launch sequence,
+    /// outputs before it), reach increasing. The earliest step that carried a record at or
+    /// past an offset is found here.
+    highs: VecDeque<(i64, u64, Arc<Snapshot>)>,
 }
 
 impl PartitionLedger {
@@ -70,8 +115,13 @@ impl PartitionLedger {
             steps: VecDeque::new(),
             landed: None,
             outputs_after_landed: Arc::new(Snapshot::default()),
+            outputs_after_landed_seq: 0,
             deferred: BTreeMap::new(),
             window,
+            landed_floor: None,
+            floor: None,
+            claim: None,
+            highs: VecDeque::new(),
         }
     }
 
@@ -81,12 +131,19 @@ impl PartitionLedger {
         while self.steps.front().is_some_and(|s| s.landed) {
             if let Some(step) = self.steps.pop_front() {
                 self.landed = Some(step.commit);
+                self.landed_floor = Some(step.floor);
                 moved = true;
+            }
+        }
+        if let Some(landed) = &self.landed {
+            while self.highs.front().is_some_and(|h| h.0 < landed.offset) {
+                self.highs.pop_front();
             }
         }
         if moved {
             if let Some(next) = self.steps.front() {
                 self.outputs_after_landed = next.outputs_before.clone();
+                self.outputs_after_landed_seq = next.seq;
             }
         }
         moved
@@ -99,6 +156,7 @@ pub(super) struct Ledger {
     partitions: BTreeMap<i32, PartitionLedger>,
     /// The partitions each unlanded flight has a step or a release in.
     flights: HashMap<FlightId, Vec<i32>>,
+    steps: u64,
 }
 
 impl Ledger {
@@ -137,27 +195,60 @@ impl Ledger {
     }
 
     /// The next offset to consume, once a record of `partition` was consumed.
+    #[cfg(test)]
     pub(super) fn next_offset(&self, partition: i32) -> Option<i64> {
         self.partitions.get(&partition).and_then(|p| p.next_offset)
     }
 
-    /// `flight` carries what was derived from `partition` up to `commit`.
+    /// The lowest offset of `partition` not taken into a batch yet, as the scheduler last
+    /// said (records are taken out of log order: the next offset consumed is not it).
+    pub(super) fn set_floor(&mut self, partition: i32, floor: i64) {
+        if let Some(p) = self.partitions.get_mut(&partition) {
+            p.floor = Some(floor);
+        }
+    }
+
+    /// What the stage is positioned at: the floor, or before any, the next offset consumed.
+    pub(super) fn position_offset(&self, partition: i32) -> Option<i64> {
+        let p = self.partitions.get(&partition)?;
+        p.floor.or(p.next_offset)
+    }
+
+    /// What the scheduler knows of `partition` beyond its floor now (see [`Claim`]).
+    pub(super) fn claimed(&mut self, partition: i32, claim: Claim) {
+        if let Some(p) = self.partitions.get_mut(&partition) {
+            p.claim = Some(claim);
+        }
+    }
+
+    /// `flight` carries what was derived from `partition` up to `booked.commit`.
     pub(super) fn launched(
         &mut self,
         flight: FlightId,
         partition: i32,
-        commit: Commit,
+        booked: Booked,
         outputs_before: Arc<Snapshot>,
     ) {
         let Some(p) = self.partitions.get_mut(&partition) else {
             return;
         };
+        self.steps += 1;
+        let seq = self.steps;
         if p.steps.is_empty() {
             p.outputs_after_landed = outputs_before.clone();
+            p.outputs_after_landed_seq = seq;
+        }
+        if let Some(reach) = booked.reach {
+            if p.highs.back().is_none_or(|h| reach > h.0) {
+                p.highs.push_back((reach, seq, outputs_before.clone()));
+            }
         }
         p.steps.push_back(Step {
             flight,
-            commit,
+            commit: booked.commit,
+            floor: booked.floor,
+            open: booked.open,
+            seq,
             outputs_before,
             landed: false,
         });
@@ -270,16 +361,49 @@ impl Ledger {
     }
 
     /// What may be committed for `partition`: the commit of its landed prefix, held back to
-    /// the first record whose outcome has not landed. `None` before anything landed.
+    /// the first record whose outcome has not landed, with what is done beyond it (none when
+    /// the stage holds its commit back itself: it reads those records again to rebuild its
+    /// state). The outputs snapshot precedes every output of a record not claimed done.
+    /// `None` before anything landed.
     pub(super) fn frontier(&self, partition: i32) -> Option<Frontier> {
         let p = self.partitions.get(&partition)?;
         let mut commit = p.landed.clone()?;
+        let held_by_stage = p.landed_floor.is_some_and(|f| commit.offset < f);
         if let Some(&first) = p.deferred.keys().next() {
             commit.offset = commit.offset.min(first);
         }
+        let progress = match (&p.claim, held_by_stage) {
+            (Some(claim), false) => {
+                let mut open = claim.open.clone();
+                let steps = p.steps.iter().filter(|s| !s.landed);
+                let waiting =
+                    steps
+                        .flat_map(|s| s.open.iter().cloned())
+                        .chain(p.deferred.values().map(|d| {
+                            let org = d.message.key().map(<[u8]>::to_vec).unwrap_or_default();
+                            (org, d.message.offset())
+                        }));
+                for (org, from) in waiting {
+                    let e = open.entry(org).or_insert(from);
+                    *e = (*e).min(from);
+                }
+                Some(Progress::new(commit.offset, claim.through, open))
+                    .filter(Progress::claims_anything)
+            }
+            _ => None,
+        };
+        // Records from here on are read again: the outputs are scanned from before the first
+        // step that carried any of them, or the first step not landed, whichever came first.
+        let unclaimed = progress.as_ref().map_or(commit.offset, |g| g.through);
+        let idx = p.highs.partition_point(|h| h.0 < unclaimed);
+        let outputs = match p.highs.get(idx) {
+            Some(h) if h.1 < p.outputs_after_landed_seq => h.2.clone(),
+            _ => p.outputs_after_landed.clone(),
+        };
         Some(Frontier {
             commit,
-            outputs: p.outputs_after_landed.clone(),
+            outputs,
+            progress,
         })
     }
 }
@@ -301,11 +425,14 @@ mod tests {
         )
     }
 
-    fn commit(offset: i64) -> Commit {
-        Commit {
+    fn commit(offset: i64) -> Booked {
+        Booked::position(
+            Commit {
+                offset,
+                metadata: None,
+            },
             offset,
-            metadata: None,
-        }
+        )
     }
 
     fn ledger(partitions: &[i32]) -> Ledger {
@@ -429,6 +556,90 @@ mod tests {
             None,
             "an unassigned partition is not tracked"
         );
+    }
+
+    fn step(commit_at: i64, floor: i64, open: &[(&str, i64)], reach: i64) -> Booked {
+        Booked {
+            commit: Commit {
+                offset: commit_at,
+                metadata: None,
+            },
+            floor,
+            open: open
+                .iter()
+                .map(|(o, f)| (o.as_bytes().to_vec(), *f))
+                .collect(),
+            reach: Some(reach),
+        }
+    }
+
+    fn claim(floor: i64, through: i64, open: &[(&str, i64)]) -> Claim {
+        Claim {
+            floor,
+            through,
+            open: open
+                .iter()
+                .map(|(o, f)| (o.as_bytes().to_vec(), *f))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn the_frontier_claims_what_landed_past_the_commit_and_nothing_still_in_flight() {
+        let mut l = ledger(&[0]);
+        // Org a is held back at 10 (passed over); b's records 50.. and c's 70.. went out.
+        l.claimed(0, claim(10, 100, &[("a", 10)]));
+        l.launched(1, 0, step(10, 10, &[("b", 50)], 60), snapshot(0));
+        l.launched(2, 0, step(10, 10, &[("c", 70)], 80), snapshot(5));
+        l.landed(1);
+        let f = l.frontier(0).expect("landed");
+        assert_eq!(f.commit.offset, 10);
+        let done = f.progress.expect("progress");
+        assert_eq!((done.base, done.through), (10, 100));
+        assert!(done.is_done(b"b", 55), "b's flight landed");
+        assert!(!done.is_done(b"c", 75), "c's flight is still out");
+        assert!(!done.is_done(b"a", 20), "a is held back");
+        assert!(done.is_done(b"z", 99) && !done.is_done(b"z", 100));
+        // Read again from the commit: c's records, whose outputs came after flight 2 left.
+        assert_eq!(f.outputs, snapshot(5));
+        l.landed(2);
+        let done = l.frontier(0).and_then(|f| f.progress).expect("progress");
+        assert!(done.is_done(b"c", 75));
+        assert_eq!(done.open.len(), 1);
+    }
+
+    #[test]
+    fn a_stage_holding_its_commit_back_gets_no_progress_and_the_outputs_of_every_record_past_it() {
+        let mut l = ledger(&[0]);
+        l.claimed(0, claim(40, 50, &[]));
+        // The stage keeps its commit at 5 (an open window) though everything below 40 was taken.
+        l.launched(1, 0, step(5, 40, &[("a", 0)], 39), snapshot(0));
+        l.launched(2, 0, step(5, 50, &[("a", 40)], 49), snapshot(7));
+        l.landed(1);
+        l.landed(2);
+        let f = l.frontier(0).expect("landed");
+        assert_eq!((f.commit.offset, f.progress), (5, None));
+        assert_eq!(
+            f.outputs,
+            snapshot(0),
+            "records from 5 are read again: their outputs from flight 1 on are scanned"
+        );
+    }
+
+    #[test]
+    fn records_taken_out_of_order_are_scanned_for_from_the_first_flight_that_carried_one() {
+        // No claim (where no progress can be recorded): the commit is held at 20 by org a,
+        // while b's records 30..60 went out first, in flight 1.
+        let mut l = ledger(&[0]);
+        l.launched(1, 0, step(20, 20, &[("b", 30)], 60), snapshot(0));
+        l.launched(2, 0, step(61, 61, &[("a", 20)], 29), snapshot(3));
+        l.landed(1);
+        let f = l.frontier(0).expect("landed");
+        assert_eq!((f.commit.offset, f.outputs), (20, snapshot(0)));
+        l.landed(2);
+        let f = l.frontier(0).expect("landed");
+        assert_eq!(f.commit.offset, 61);
+        assert_eq!(f.progress, None);
     }
 
     proptest::proptest! {

@@ -1,6 +1,7 @@
 //! The stage worker. One record's way, each step a part with its own file:
 //!
-//! 1. [`source::BatchSource`] polls the input and cuts batches;
+//! 1. [`source::BatchSource`] reads the input into the [`fair`] scheduler, which cuts batches
+//!    across the orgs of each partition by deficit round robin;
 //! 2. [`restore::Restorer`] sets up partitions newly assigned (dedup window, what a previous
 //!    owner produced after its last commit, the stage's state) before any of their records is
 //!    planned;
@@ -33,6 +34,7 @@ use crate::record::Inbound;
 use crate::retry::RetryPolicy;
 
 mod committer;
+mod fair;
 mod flights;
 mod ledger;
 mod planner;
@@ -45,11 +47,12 @@ mod telemetry;
 mod topology;
 
 use committer::{Committer, Positions, WorkerContext};
+use fair::FairShape;
 use flights::{Blocked, Booking, FlightTracker, InFlightLimits, Landing};
-use ledger::{Commit, Ledger};
+use ledger::{Booked, Commit, Ledger};
 use planner::{Outgoing, Plan, Planner};
 use restore::Restorer;
-use source::{BatchShape, BatchSource, Polled};
+use source::{BatchShape, BatchSource, Cut, Polled};
 use tally::{CountedThrough, Tally};
 use telemetry::Lag;
 use topology::Topology;
@@ -141,6 +144,7 @@ pub struct StageWorker<S: Stage> {
     placement: Placement,
     limits: InFlightLimits,
     shape: BatchShape,
+    fair: FairShape,
     /// How long the worker waits for its flights to land before it commits without them
     /// (shutdown, an error, a revocation) or rebuilds a partition: the produce timeout.
     drain_timeout: Duration,
@@ -240,12 +244,30 @@ impl<S: Stage> StageWorker<S> {
                 },
             };
             let step = match polled {
-                Polled::Batch(batch) => self.process_batch(batch, &mut flights, &committer).await,
+                Polled::Batch(cut) => {
+                    self.process_batch(cut, &mut flights, &mut source, &committer)
+                        .await
+                }
+                // Records of partitions not set up yet: set them up (a failure is tried again
+                // at the next poll, the worker not ready meanwhile).
+                Polled::Unready => {
+                    if let Err(e) = self
+                        .sync_partitions(&mut flights, &mut source, &committer)
+                        .await
+                    {
+                        tracing::warn!(error = %e, "restoring assigned partitions failed; trying again");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                    Ok(())
+                }
                 // An idle worker restores what it was assigned too, so it is ready (and takes
                 // the first record at once) without waiting for one.
                 // A failure here is tried again at the next poll (the worker stays not ready).
                 Polled::Idle => {
-                    if let Err(e) = self.sync_partitions(&mut flights, &committer).await {
+                    if let Err(e) = self
+                        .sync_partitions(&mut flights, &mut source, &committer)
+                        .await
+                    {
                         tracing::warn!(error = %e, "restoring assigned partitions failed; trying again");
                     }
                     self.settle(false, &mut flights).await
@@ -298,7 +320,10 @@ impl<S: Stage> StageWorker<S> {
         Ok(Clients {
             source: BatchSource::new(
                 consumer.clone(),
+                self.kafka.clone(),
+                self.topo.input_topic.clone(),
                 self.shape,
+                self.fair.clone(),
                 self.policy.clone(),
                 self.topo.group.clone(),
             ),
@@ -320,8 +345,9 @@ impl<S: Stage> StageWorker<S> {
     /// it) → let the stage settle what is due.
     async fn process_batch(
         &mut self,
-        mut batch: Vec<Inbound>,
+        cut: Cut,
         flights: &mut FlightTracker,
+        source: &mut BatchSource,
         committer: &Committer,
     ) -> Result<(), WorkerError> {
         // Records polled before the assignment was lost are the next owner's (see
@@ -329,9 +355,22 @@ impl<S: Stage> StageWorker<S> {
         if committer.consumer().assignment_lost() {
             return Ok(());
         }
+        let Cut {
+            records: mut batch,
+            floors,
+            claims,
+        } = cut;
         let started = Instant::now();
         telemetry::count_input(&self.topo, &batch);
-        self.sync_partitions(flights, committer).await?;
+        self.sync_partitions(flights, source, committer).await?;
+        if let Ok(mut ledger) = self.ledger.lock() {
+            for &(partition, floor) in &floors {
+                ledger.set_floor(partition, floor);
+            }
+            for (partition, claim) in claims {
+                ledger.claimed(partition, claim);
+            }
+        }
         slow("setting up assigned partitions", started);
         // Records of a partition revoked while the batch was polled belong to its next owner.
         if let Ok(ledger) = self.ledger.lock() {
@@ -358,8 +397,13 @@ impl<S: Stage> StageWorker<S> {
                 self.counted.already(m.partition(), m.offset())
             })
             .count() as u64;
-        self.counted
-            .book(batch.iter().map(|m| (m.partition(), m.offset())));
+        // Records are taken out of log order: what lies below a partition's floor was taken
+        // (and counted), what lies above it may not have been.
+        self.counted.book(
+            floors
+                .iter()
+                .map(|(partition, floor)| (*partition, floor - 1)),
+        );
         let booking = Booking {
             consumed: batch.len() as u64,
             duplicates: plan.duplicates.len() as u64 - again,
@@ -394,6 +438,7 @@ impl<S: Stage> StageWorker<S> {
     async fn sync_partitions(
         &mut self,
         flights: &mut FlightTracker,
+        source: &mut BatchSource,
         committer: &Committer,
     ) -> Result<(), WorkerError> {
         self.apply_revocations();
@@ -407,16 +452,54 @@ impl<S: Stage> StageWorker<S> {
         };
         if fresh.is_empty() {
             self.health.set(Condition::Restoring, false);
+            // Records of a partition set up already (read before the source learnt it), or
+            // of one no longer assigned (its next owner reads them).
+            for p in source.unready_partitions() {
+                if self.ledger.lock().is_ok_and(|l| l.contains(p)) {
+                    source.ready(p, None);
+                } else {
+                    source.discard(p);
+                }
+            }
+            // A partition set up here that the source let go of (its assignment was feared
+            // lost) is taken on again, so it reads again.
+            let known: Vec<i32> = self
+                .ledger
+                .lock()
+                .map(|l| l.partitions().collect())
+                .unwrap_or_default();
+            for p in known {
+                if !source.has(p) {
+                    source.ready(p, None);
+                }
+            }
             return Ok(());
         }
         fresh.sort_unstable();
         if flights.busy() {
             self.land(flights.drain(self.drain_timeout).await, committer);
         }
-        let committed = committer.committed(&fresh).await?;
+        let mut committed = committer.committed(&fresh).await?;
+        self.check_progress(&mut committed).await;
+        let done: Vec<(i32, Option<crate::progress::Progress>)> = committed
+            .iter()
+            .map(|a| (a.partition, a.progress.clone()))
+            .collect();
         self.restorer
             .restore(committed, &self.ledger, &mut self.planner, &mut self.stage)
             .await?;
+        for (partition, progress) in done {
+            if let Some(p) = &progress {
+                tracing::info!(
+                    partition,
+                    committed = p.base,
+                    through = p.through,
+                    orgs_open = p.open.len(),
+                    "records done past the committed offset are passed over"
+                );
+            }
+            source.ready(partition, progress);
+        }
         // Ready again unless the group assigned more meanwhile (the next call restores them).
         let assigned = self.assigned.lock().map(|a| a.clone()).unwrap_or_default();
         let more = match self.ledger.lock() {
@@ -427,18 +510,63 @@ impl<S: Stage> StageWorker<S> {
         Ok(())
     }
 
+    /// Checks recorded progress against the log: one that reaches past a partition's end
+    /// is another incarnation's, and its records are read again instead (dedup drops what was
+    /// done). A failure to ask the broker drops every record of progress: the same.
+    async fn check_progress(&self, committed: &mut [committer::Assigned]) {
+        if committed.iter().all(|a| a.progress.is_none()) {
+            return;
+        }
+        let kafka = self.kafka.clone();
+        let topic = self.topo.input_topic.clone();
+        let marks =
+            tokio::task::spawn_blocking(move || crate::recovery::watermarks(&kafka, &topic))
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .unwrap_or_default();
+        for a in committed.iter_mut() {
+            let fits = marks
+                .get(&a.partition)
+                .is_some_and(|(_, high)| a.progress.as_ref().is_some_and(|p| p.fits(*high)));
+            if a.progress.is_some() && !fits {
+                tracing::warn!(
+                    partition = a.partition,
+                    "recorded progress does not fit the log: its records are read again"
+                );
+                a.progress = None;
+            }
+        }
+    }
+
     /// The ledger learns what the batch consumed, remembers its event ids (before the next
     /// batch is planned, so a duplicate across batches is dropped) and holds what the stage
-    /// deferred. Returns the stage's position now for each partition of the batch: what its
-    /// flight makes committable.
-    fn book_plan(&self, batch: &[Inbound], plan: &Plan) -> Vec<(i32, Commit)> {
+    /// deferred. Returns the stage's position now for each partition of the batch, with the
+    /// orgs and offsets it carries: what its flight makes committable.
+    fn book_plan(&self, batch: &[Inbound], plan: &Plan) -> Vec<(i32, Booked)> {
         let Ok(mut ledger) = self.ledger.lock() else {
             return Vec::new();
         };
         let mut touched = Vec::new();
+        // Per partition: each org's first offset in the batch, and the highest offset.
+        let mut carried: std::collections::BTreeMap<
+            i32,
+            (std::collections::HashMap<fair::Org, i64>, i64),
+        > = std::collections::BTreeMap::new();
         for message in batch {
             ledger.consumed(message.partition(), message.offset());
             touched.push(message.partition());
+            let entry = carried
+                .entry(message.partition())
+                .or_insert_with(|| (std::collections::HashMap::new(), message.offset()));
+            entry.1 = entry.1.max(message.offset());
+            let org = message.key().unwrap_or_default();
+            match entry.0.get_mut(org) {
+                Some(first) => *first = (*first).min(message.offset()),
+                None => {
+                    entry.0.insert(org.to_vec(), message.offset());
+                }
+            }
         }
         for (partition, key) in &plan.remember {
             if let Some(p) = ledger.get_mut(*partition) {
@@ -452,6 +580,15 @@ impl<S: Stage> StageWorker<S> {
         touched.sort_unstable();
         touched.dedup();
         positions_of(&self.stage, &ledger, touched.into_iter())
+            .into_iter()
+            .map(|(p, mut booked)| {
+                if let Some((open, reach)) = carried.remove(&p) {
+                    booked.open = open.into_iter().collect();
+                    booked.reach = Some(reach);
+                }
+                (p, booked)
+            })
+            .collect()
     }
 
     /// Stores the frontiers a landing moved and books its flights.
@@ -580,10 +717,10 @@ impl<S: Stage> StageWorker<S> {
             .map(|(_, failure)| failure)
             .collect();
         // Only positions that moved since the partition's last launched step.
-        let commits: Vec<(i32, Commit)> = match self.ledger.lock() {
+        let commits: Vec<(i32, Booked)> = match self.ledger.lock() {
             Ok(ledger) => positions_of(&self.stage, &ledger, ledger.partitions())
                 .into_iter()
-                .filter(|(p, commit)| ledger.last_commit(*p) != Some(commit))
+                .filter(|(p, booked)| ledger.last_commit(*p) != Some(&booked.commit))
                 .collect(),
             Err(_) => Vec::new(),
         };
@@ -619,17 +756,18 @@ impl<S: Stage> StageWorker<S> {
     }
 }
 
-/// The stage's commit for each of `partitions` (consumed from) as things stand now.
+/// The stage's commit for each of `partitions` (consumed from) as things stand now: asked at
+/// the lowest offset not taken into a batch.
 fn positions_of<S: Stage>(
     stage: &S,
     ledger: &Ledger,
     partitions: impl Iterator<Item = i32>,
-) -> Vec<(i32, Commit)> {
+) -> Vec<(i32, Booked)> {
     partitions
         .filter_map(|p| {
-            let next = ledger.next_offset(p)?;
+            let next = ledger.position_offset(p)?;
             let (offset, metadata) = stage.position(p, next);
-            Some((p, Commit { offset, metadata }))
+            Some((p, Booked::position(Commit { offset, metadata }, next)))
         })
         .collect()
 }

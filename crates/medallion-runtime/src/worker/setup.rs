@@ -12,6 +12,7 @@ use medallion_contracts::{ContractSet, TopicConfig};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use super::fair::FairShape;
 use super::flights::InFlightLimits;
 use super::ledger::Ledger;
 use super::planner::Planner;
@@ -153,6 +154,11 @@ where
         state: config.state.clone(),
     })
     .await?;
+    let fair = FairShape::from_config(&config.fairness, config.dedup.window_per_partition);
+    let fair = FairShape {
+        enabled: fair.enabled && !stage.needs_log_order(),
+        ..fair
+    };
     let topo = Arc::new(topo);
     Ok(StageWorker {
         stage,
@@ -194,5 +200,6 @@ where
             linger: Duration::from_millis(config.batch.linger_ms),
             idle_after: Duration::from_millis(500),
         },
+        fair,
     })
 }

@@ -1,28 +1,65 @@
-//! The batch source: polls the input topic and assembles batches of up to `batch.max_records`
-//! records, closed `batch.linger_ms` after their first record. Consumer errors (a failed fetch,
-//! a topic not there yet, a broker away) are counted and survived, with a short backoff for the
-//! ones that are not the broker's absence; librdkafka reconnects and refetches by itself.
+//! The batch source: reads the input topic into the fair [`Scheduler`] and cuts batches of up
+//! to `batch.max_records` records from it, `batch.linger_ms` after the first record waiting.
+//!
+//! Two readers feed the scheduler: the group consumer (the *head*, each partition in log
+//! order) and, while an org of a partition is passed over for having filled its queue, a
+//! *catch-up* reader of that partition (a consumer of its own, assigned by hand) that reads the
+//! org's records again from the log at the pace its queue drains (see [`super::fair`]). Only
+//! the partition whose read-ahead is full is paused.
+//!
+//! Records of a partition the worker has not set up yet wait (their partition paused once
+//! many) until it is: what was done beyond its committed offset must be known first
+//! ([`BatchSource::ready`]). Consumer errors (a failed fetch, a topic not there yet, a broker
+//! away) are counted and survived, with a short backoff for the ones that are not the broker's
+//! absence; librdkafka reconnects and refetches by itself.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::FutureExt;
-use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message;
+use rdkafka::{Offset, TopicPartitionList};
 
 use super::committer::WorkerContext;
+use super::fair::{Claim, FairShape, Readers, Scheduler};
+use crate::kafka::{KafkaConnection, ReaderContext};
 use crate::metrics as m;
+use crate::progress::Progress;
 use crate::record::Inbound;
 use crate::retry::RetryPolicy;
 
 /// What a poll yielded.
 #[derive(Debug)]
 pub(super) enum Polled {
-    Batch(Vec<Inbound>),
+    Batch(Cut),
+    /// Records of partitions not set up yet wait for [`BatchSource::ready`].
+    Unready,
     /// No record arrived within the idle interval.
     Idle,
 }
+
+/// A batch and what the scheduler knew when it was cut.
+#[derive(Debug)]
+pub(super) struct Cut {
+    pub(super) records: Vec<Inbound>,
+    /// Every partition's lowest offset not taken into a batch.
+    pub(super) floors: Vec<(i32, i64)>,
+    /// What is known beyond the floors (at most every [`CLAIM_EVERY`]).
+    pub(super) claims: Vec<(i32, Claim)>,
+}
+
+/// How often the claims beyond the floors are taken along with a batch: an older claim only
+/// says less.
+const CLAIM_EVERY: Duration = Duration::from_millis(200);
+
+/// Records read from a reader in one go before the scheduler is looked at again.
+const PUMP: usize = 2_048;
+
+/// How long a wait for the head may last while the catch-up reader has records to bring.
+const CATCH_UP_TICK: Duration = Duration::from_millis(5);
 
 /// How batches are cut.
 #[derive(Debug, Clone, Copy)]
@@ -35,116 +72,331 @@ pub(super) struct BatchShape {
 
 pub(super) struct BatchSource {
     consumer: Arc<StreamConsumer<WorkerContext>>,
+    kafka: KafkaConnection,
+    topic: String,
     shape: BatchShape,
     policy: RetryPolicy,
     group: String,
-    /// The batch being assembled and when it closes: held here, so [`Self::next`] can be
-    /// cancelled without losing a record it took.
-    pending: Vec<Inbound>,
+    scheduler: Scheduler,
+    /// Records of partitions not set up yet, in the order read, and how many per partition.
+    unready: Vec<Inbound>,
+    unready_counts: BTreeMap<i32, usize>,
+    /// Partitions whose head this source paused.
+    head_paused: BTreeSet<i32>,
+    /// The catch-up reader, made when first needed, and what it was told: partition →
+    /// (epoch, paused).
+    catch_up: Option<BaseConsumer<ReaderContext>>,
+    catching_up: BTreeMap<i32, (u64, bool)>,
+    /// When the oldest record waiting in the scheduler makes a batch due.
     deadline: Option<Instant>,
+    last_claim: Option<Instant>,
+    /// Orgs named in the per-org gauge at the last publish.
+    named_orgs: std::collections::HashSet<String>,
     errors_in_a_row: usize,
+    read: usize,
 }
 
 impl BatchSource {
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn new(
         consumer: Arc<StreamConsumer<WorkerContext>>,
+        kafka: KafkaConnection,
+        topic: String,
         shape: BatchShape,
+        fair: FairShape,
         policy: RetryPolicy,
         group: String,
     ) -> Self {
         Self {
             consumer,
+            kafka,
+            topic,
             shape,
             policy,
             group,
-            pending: Vec::new(),
+            scheduler: Scheduler::new(fair),
+            unready: Vec::new(),
+            unready_counts: BTreeMap::new(),
+            head_paused: BTreeSet::new(),
+            catch_up: None,
+            catching_up: BTreeMap::new(),
             deadline: None,
+            last_claim: None,
+            named_orgs: std::collections::HashSet::new(),
             errors_in_a_row: 0,
+            read: 0,
         }
     }
 
-    /// The next batch, or [`Polled::Idle`]. Cancel-safe: a record taken before a cancellation
-    /// stays in the batch being assembled and comes with the next call.
+    /// The next batch, [`Polled::Unready`] or [`Polled::Idle`]. Cancel-safe: every record
+    /// taken is held by the scheduler and comes with a later call.
     pub(super) async fn next(&mut self) -> Polled {
-        while self.pending.is_empty() {
-            match self.poll_one(self.shape.idle_after).await {
-                Ok(None) => return Polled::Idle,
-                Err(e) => self.error(&e).await,
-                Ok(Some(record)) => {
-                    self.errors_in_a_row = 0;
-                    self.take(record);
-                }
+        let idle_at = Instant::now() + self.shape.idle_after;
+        loop {
+            self.pump_catch_up();
+            self.pump_head().await;
+            self.apply_revoked();
+            self.steer();
+            if !self.unready.is_empty() {
+                return Polled::Unready;
             }
-        }
-        let deadline = self.deadline.unwrap_or_else(Instant::now);
-        while self.pending.len() < self.shape.max_records {
-            // A message already fetched is taken without arming a timer; the clock is read
-            // every 256 messages so a steady stream still closes the batch on time.
-            if self.pending.len().is_multiple_of(256) && Instant::now() >= deadline {
-                break;
+            let queued = self.scheduler.queued();
+            let now = Instant::now();
+            // Records the catch-up reader queued make a batch due as the head's do.
+            if queued > 0 && self.deadline.is_none() {
+                self.deadline = Some(now + self.shape.linger);
             }
-            let next = match self.consumer.recv().now_or_never() {
-                Some(polled) => Ok(polled),
-                None => {
-                    let left = deadline.saturating_duration_since(Instant::now());
-                    tokio::time::timeout(left, self.consumer.recv()).await
-                }
+            if queued >= self.shape.max_records
+                || (queued > 0 && self.deadline.is_some_and(|d| now >= d))
+            {
+                return Polled::Batch(self.cut(now));
+            }
+            if queued == 0 && now >= idle_at {
+                return Polled::Idle;
+            }
+            let until = if queued > 0 {
+                self.deadline.unwrap_or(now)
+            } else {
+                idle_at
             };
-            match next {
-                Ok(Ok(message)) => {
-                    let record = Inbound::copy_of(&message);
-                    drop(message);
-                    self.take(record);
-                }
-                Ok(Err(e)) => {
-                    // The batch so far is good; the error is dealt with before it goes.
-                    self.error(&e).await;
-                    break;
-                }
-                Err(_) => break,
+            let mut wait = until.saturating_duration_since(now);
+            if self.catch_up_wants_reading() {
+                wait = wait.min(CATCH_UP_TICK);
             }
+            self.wait_head(wait).await;
         }
-        self.deadline = None;
-        Polled::Batch(std::mem::take(&mut self.pending))
     }
 
     /// While the worker takes no new batch (work in flight at its limit, refused records going
-    /// again): keeps polling for up to `wait`, because librdkafka hands over rebalances (a
+    /// again): keeps reading for up to `wait`, because librdkafka hands over rebalances (a
     /// revocation, an assignment lost in a broker outage) only to a poll, and the group waits
-    /// for them. Records that arrive meanwhile are kept, at most one batch, for the next
-    /// [`Self::next`]; with a full batch held it only waits. Cancel-safe like [`Self::next`].
+    /// for them. What is read is queued within the read-ahead. Cancel-safe like
+    /// [`Self::next`].
     pub(super) async fn hold(&mut self, wait: Duration) {
         let until = Instant::now() + wait;
-        while self.pending.len() < self.shape.max_records {
+        loop {
+            self.pump_catch_up();
+            self.pump_head().await;
+            self.apply_revoked();
+            self.steer();
             let left = until.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return;
             }
-            match self.poll_one(left).await {
-                Ok(None) => return,
-                Err(e) => self.error(&e).await,
-                Ok(Some(record)) => {
+            let tick = if self.catch_up_wants_reading() {
+                left.min(CATCH_UP_TICK)
+            } else {
+                left
+            };
+            self.wait_head(tick).await;
+        }
+    }
+
+    /// Partitions with records waiting to be set up.
+    pub(super) fn unready_partitions(&self) -> Vec<i32> {
+        self.unready_counts.keys().copied().collect()
+    }
+
+    /// `partition` is set up: what `done` says was done beyond its committed offset is passed
+    /// over, and the records waiting for it are queued.
+    pub(super) fn ready(&mut self, partition: i32, done: Option<Progress>) {
+        self.apply_revoked();
+        if !self.scheduler.has(partition) {
+            self.scheduler.assign(partition, done);
+            // A pause this source set before the partition last went (librdkafka keeps it
+            // across a rebalance) must not outlive it.
+            self.head_paused.remove(&partition);
+            let mut tpl = TopicPartitionList::new();
+            tpl.add_partition(&self.topic, partition);
+            if let Err(e) = self.consumer.resume(&tpl) {
+                tracing::debug!(partition, error = %e, "resuming a newly set up partition");
+            }
+        }
+        if self.unready_counts.remove(&partition).is_none() {
+            return;
+        }
+        let (mine, rest): (Vec<Inbound>, Vec<Inbound>) = std::mem::take(&mut self.unready)
+            .into_iter()
+            .partition(|m| m.partition() == partition);
+        self.unready = rest;
+        for record in mine {
+            self.offer(record);
+        }
+    }
+
+    /// Drops the records waiting of `partition`, no longer assigned.
+    pub(super) fn discard(&mut self, partition: i32) {
+        self.forget(partition);
+    }
+
+    fn cut(&mut self, now: Instant) -> Cut {
+        let records = self.scheduler.cut(self.shape.max_records);
+        self.deadline = (self.scheduler.queued() > 0).then_some(now);
+        let partitions: Vec<i32> = self.scheduler.partitions().collect();
+        let floors = partitions
+            .iter()
+            .filter_map(|p| Some((*p, self.scheduler.floor(*p)?)))
+            .collect();
+        let claims = if self.last_claim.is_none_or(|t| now >= t + CLAIM_EVERY) {
+            self.last_claim = Some(now);
+            partitions
+                .iter()
+                .filter_map(|p| Some((*p, self.scheduler.claim(*p)?)))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let passed = self.scheduler.take_passed();
+        if passed > 0 {
+            metrics::counter!(m::FAIR_PASSED_DONE_TOTAL, "stage" => self.group.clone())
+                .increment(passed);
+        }
+        self.publish(&partitions);
+        Cut {
+            records,
+            floors,
+            claims,
+        }
+    }
+
+    /// Queue depths and passed-over orgs, per partition; an org is named only while it is
+    /// passed over (bounded by the orgs flooding at once), and set to 0 once it caught up.
+    fn publish(&mut self, partitions: &[i32]) {
+        let mut named = std::collections::HashSet::new();
+        for &p in partitions {
+            let flows = self.scheduler.flows(p);
+            for (org, queued, passed_over) in &flows {
+                if *passed_over {
+                    let org = String::from_utf8_lossy(org).into_owned();
+                    metrics::gauge!(m::FAIR_ORG_QUEUED_RECORDS, "stage" => self.group.clone(), "org" => org.clone())
+                        .set(*queued as f64);
+                    named.insert(org);
+                }
+            }
+            let queued: usize = flows.iter().map(|f| f.1).sum();
+            let passed_over = flows.iter().filter(|f| f.2).count();
+            let partition = p.to_string();
+            metrics::gauge!(m::FAIR_QUEUED_RECORDS, "stage" => self.group.clone(), "partition" => partition.clone())
+                .set(queued as f64);
+            metrics::gauge!(m::FAIR_ORGS_PASSED_OVER, "stage" => self.group.clone(), "partition" => partition.clone())
+                .set(passed_over as f64);
+            let behind = match (self.scheduler.head(p), self.scheduler.floor(p)) {
+                (Some(h), Some(f)) => (h - f) as f64,
+                _ => 0.0,
+            };
+            metrics::gauge!(m::FAIR_SKIP_AHEAD, "stage" => self.group.clone(), "partition" => partition)
+                .set(behind);
+        }
+        for org in self.named_orgs.difference(&named) {
+            metrics::gauge!(m::FAIR_ORG_QUEUED_RECORDS, "stage" => self.group.clone(), "org" => org.clone())
+                .set(0.0);
+        }
+        self.named_orgs = named;
+    }
+
+    /// Takes what the head has ready, without waiting.
+    async fn pump_head(&mut self) {
+        for _ in 0..PUMP {
+            match self.consumer.recv().now_or_never() {
+                None => return,
+                Some(Ok(message)) => {
                     self.errors_in_a_row = 0;
+                    let record = Inbound::copy_of(&message);
+                    drop(message);
                     self.take(record);
+                }
+                Some(Err(e)) => {
+                    self.error(&e).await;
+                    return;
                 }
             }
         }
-        tokio::time::sleep_until(until.into()).await;
     }
 
-    /// The next record within `within` (`None` when none came), copied out of the consumer.
-    async fn poll_one(&self, within: Duration) -> Result<Option<Inbound>, KafkaError> {
-        match tokio::time::timeout(within, self.consumer.recv()).await {
-            Err(_) => Ok(None),
-            Ok(polled) => polled.map(|message| Some(Inbound::copy_of(&message))),
+    /// Waits up to `wait` for the head's next record.
+    async fn wait_head(&mut self, wait: Duration) {
+        if wait.is_zero() {
+            return;
+        }
+        match tokio::time::timeout(wait, self.consumer.recv()).await {
+            Err(_) => {}
+            Ok(Ok(message)) => {
+                self.errors_in_a_row = 0;
+                let record = Inbound::copy_of(&message);
+                drop(message);
+                self.take(record);
+            }
+            Ok(Err(e)) => self.error(&e).await,
         }
     }
 
-    /// Adds `record` to the batch being assembled. Records held of a partition revoked since
-    /// the last message (the poll that returned this one served the revocation) are dropped
-    /// first: they belong to the partition's next owner, which reads them again from the last
-    /// commit, and if that is this worker, after it rebuilt the partition, in order.
+    /// Takes what the catch-up reader has ready, without waiting.
+    fn pump_catch_up(&mut self) {
+        if self.catching_up.is_empty() {
+            return;
+        }
+        let Some(reader) = self.catch_up.as_ref() else {
+            return;
+        };
+        let mut records = Vec::new();
+        for _ in 0..PUMP {
+            match reader.poll(Duration::ZERO) {
+                None => break,
+                Some(Ok(message)) => records.push(Inbound::copy_of(&message)),
+                Some(Err(e)) => {
+                    metrics::counter!(m::CONSUMER_ERRORS_TOTAL, "stage" => self.group.clone(), "error" => "catch_up")
+                        .increment(1);
+                    tracing::debug!(error = %e, "catch-up reader error; carrying on");
+                    break;
+                }
+            }
+        }
+        for record in records {
+            if self.catching_up.contains_key(&record.partition()) {
+                self.scheduler.offer_catch_up(record);
+            }
+        }
+    }
+
+    /// The catch-up reader has a partition to read that is not paused.
+    fn catch_up_wants_reading(&self) -> bool {
+        self.catching_up.values().any(|(_, paused)| !paused)
+    }
+
+    /// Adds a record from the head: queued, or held until its partition is set up. Records
+    /// held of a partition revoked since the last message (the poll that returned this one
+    /// served the revocation) are dropped first: they belong to the partition's next owner,
+    /// which reads them again from the last commit.
     fn take(&mut self, record: Inbound) {
+        self.apply_revoked();
+        // The group went on without this worker (its session expired in a broker outage):
+        // every record fetched before is its next owner's, and the revocation that says so
+        // waits in the queue behind them. They are passed over, so it is reached at once
+        // instead of after working through everything fetched. Looked up every 256 records
+        // while the assignment holds, at every record once it is lost.
+        self.read += 1;
+        if self.read.is_multiple_of(256) && self.consumer.assignment_lost() {
+            let held = self.scheduler.queued() + self.unready.len();
+            if held > 0 {
+                tracing::info!(
+                    records = held,
+                    "assignment lost: records fetched before it are left to the next owner"
+                );
+            }
+            let all: Vec<i32> = self.scheduler.partitions().collect();
+            for p in all {
+                self.forget(p);
+            }
+            self.unready.clear();
+            self.unready_counts.clear();
+            return;
+        }
+        self.offer(record);
+    }
+
+    /// Forgets the partitions revoked since the last look (the revocation was served by the
+    /// last poll).
+    fn apply_revoked(&mut self) {
         let gone = self
             .consumer
             .context()
@@ -152,29 +404,180 @@ impl BatchSource {
             .lock()
             .map(|mut r| std::mem::take(&mut *r))
             .unwrap_or_default();
-        if !gone.is_empty() {
-            self.pending.retain(|m| !gone.contains(&m.partition()));
+        for p in gone {
+            self.forget(p);
         }
-        // The group went on without this worker (its session expired in a broker outage):
-        // every record fetched before is its next owner's, and the revocation that says so
-        // waits in the queue behind them. They are passed over, not planned, so it is reached
-        // at once instead of after working through everything fetched. Looked up every 256
-        // records while the assignment holds, at every record once it is lost.
-        if self.pending.len().is_multiple_of(256) && self.consumer.assignment_lost() {
-            if !self.pending.is_empty() {
-                tracing::info!(
-                    records = self.pending.len(),
-                    "assignment lost: records fetched before it are left to the next owner"
-                );
-            }
-            self.pending.clear();
-            self.deadline = None;
-            return;
-        }
-        if self.pending.is_empty() {
+    }
+
+    fn offer(&mut self, record: Inbound) {
+        if self.scheduler.queued() == 0 {
             self.deadline = Some(Instant::now() + self.shape.linger);
         }
-        self.pending.push(record);
+        if !self.scheduler.has(record.partition()) {
+            *self.unready_counts.entry(record.partition()).or_default() += 1;
+            self.unready.push(record);
+            return;
+        }
+        self.scheduler.offer(record);
+    }
+
+    /// Drops everything of `partition` (revoked).
+    fn forget(&mut self, partition: i32) {
+        tracing::debug!(
+            partition,
+            queued = self.scheduler.queued(),
+            "partition let go"
+        );
+        self.scheduler.revoke(partition);
+        if self.unready_counts.remove(&partition).is_some() {
+            self.unready.retain(|m| m.partition() != partition);
+        }
+        // librdkafka keeps a pause across rebalances, and a partition still assigned (the
+        // assignment was only feared lost) must deliver again to be set up again.
+        if self.head_paused.remove(&partition) {
+            let mut tpl = TopicPartitionList::new();
+            tpl.add_partition(&self.topic, partition);
+            if let Err(e) = self.consumer.resume(&tpl) {
+                tracing::debug!(partition, error = %e, "resuming a forgotten partition");
+            }
+        }
+    }
+
+    /// Whether `partition` is set up in the scheduler.
+    pub(super) fn has(&self, partition: i32) -> bool {
+        self.scheduler.has(partition)
+    }
+
+    /// Pauses and resumes the head of each partition and points the catch-up reader where
+    /// the scheduler wants it.
+    fn steer(&mut self) {
+        let mut wants: BTreeMap<i32, Readers> = BTreeMap::new();
+        let partitions: Vec<i32> = self.scheduler.partitions().collect();
+        for p in partitions {
+            wants.insert(p, self.scheduler.readers(p));
+        }
+        // A partition not set up yet reads on until a read-ahead's worth waits.
+        let limit = self.scheduler.shape().read_ahead_records.max(1);
+        for (p, n) in &self.unready_counts {
+            wants.entry(*p).or_default().head_paused = *n >= limit;
+        }
+        let mut pause = TopicPartitionList::new();
+        let mut resume = TopicPartitionList::new();
+        for (p, want) in &wants {
+            let paused = self.head_paused.contains(p);
+            if want.head_paused && !paused {
+                pause.add_partition(&self.topic, *p);
+            } else if !want.head_paused && paused {
+                resume.add_partition(&self.topic, *p);
+            }
+        }
+        let stale: Vec<i32> = self
+            .head_paused
+            .iter()
+            .filter(|p| !wants.contains_key(p))
+            .copied()
+            .collect();
+        for p in stale {
+            self.head_paused.remove(&p);
+        }
+        if pause.count() > 0 {
+            match self.consumer.pause(&pause) {
+                Ok(()) => {
+                    for e in pause.elements() {
+                        self.head_paused.insert(e.partition());
+                    }
+                }
+                Err(e) => tracing::debug!(error = %e, "pausing a partition"),
+            }
+        }
+        if resume.count() > 0 {
+            match self.consumer.resume(&resume) {
+                Ok(()) => {
+                    for e in resume.elements() {
+                        self.head_paused.remove(&e.partition());
+                    }
+                }
+                Err(e) => tracing::debug!(error = %e, "resuming a partition"),
+            }
+        }
+        self.steer_catch_up(&wants);
+    }
+
+    fn steer_catch_up(&mut self, wants: &BTreeMap<i32, Readers>) {
+        let desired: BTreeMap<i32, (u64, i64, bool)> = wants
+            .iter()
+            .filter_map(|(p, w)| w.catch_up.map(|c| (*p, (c.epoch, c.from, c.paused))))
+            .collect();
+        let reassign = desired.len() != self.catching_up.len()
+            || desired
+                .iter()
+                .any(|(p, (epoch, _, _))| self.catching_up.get(p).map(|c| c.0) != Some(*epoch));
+        if reassign {
+            if self.catch_up.is_none() && !desired.is_empty() {
+                match crate::kafka::io::reader(&self.kafka, &self.topic, "catch-up reader", false) {
+                    Ok(reader) => self.catch_up = Some(reader),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "catch-up reader could not be made; trying again");
+                        return;
+                    }
+                }
+            }
+            let Some(reader) = self.catch_up.as_ref() else {
+                self.catching_up.clear();
+                return;
+            };
+            let mut tpl = TopicPartitionList::new();
+            for (p, (_, from, _)) in &desired {
+                if let Err(e) = tpl.add_partition_offset(&self.topic, *p, Offset::Offset(*from)) {
+                    tracing::warn!(error = %e, "catch-up assignment");
+                    return;
+                }
+            }
+            if let Err(e) = reader.assign(&tpl) {
+                tracing::warn!(error = %e, "catch-up reader could not be assigned; trying again");
+                return;
+            }
+            // librdkafka keeps a partition's pause across assignments: every partition starts
+            // unpaused, and those that should wait are paused again below.
+            if tpl.count() > 0 {
+                if let Err(e) = reader.resume(&tpl) {
+                    tracing::debug!(error = %e, "resuming the catch-up reader");
+                }
+            }
+            tracing::debug!(catching_up = ?desired, "catch-up reader assigned");
+            self.catching_up = desired
+                .iter()
+                .map(|(p, (epoch, _, _))| (*p, (*epoch, false)))
+                .collect();
+        }
+        let Some(reader) = self.catch_up.as_ref() else {
+            return;
+        };
+        let mut pause = TopicPartitionList::new();
+        let mut resume = TopicPartitionList::new();
+        for (p, (_, _, want_paused)) in &desired {
+            let Some(state) = self.catching_up.get(p) else {
+                continue;
+            };
+            if *want_paused && !state.1 {
+                pause.add_partition(&self.topic, *p);
+            } else if !*want_paused && state.1 {
+                resume.add_partition(&self.topic, *p);
+            }
+        }
+        let mut flip = |tpl: &TopicPartitionList, paused: bool| {
+            for e in tpl.elements() {
+                if let Some(state) = self.catching_up.get_mut(&e.partition()) {
+                    state.1 = paused;
+                }
+            }
+        };
+        if pause.count() > 0 && reader.pause(&pause).is_ok() {
+            flip(&pause, true);
+        }
+        if resume.count() > 0 && reader.resume(&resume).is_ok() {
+            flip(&resume, false);
+        }
     }
 
     /// Counts and logs a consumer error, then waits when waiting helps. A poll must come back

@@ -310,6 +310,14 @@ pub trait Stage: Send + 'static {
     /// The partition went to another replica: drop its state.
     fn revoke(&mut self, _partition: i32) {}
 
+    /// Whether the stage must see each partition in log order. By default not: only each
+    /// org's order is kept, and the worker shares itself fairly among the orgs of a partition.
+    /// A stage whose state orders a partition as a whole (an event-time watermark per
+    /// partition) says so, and the worker reads it in log order whatever `fairness` says.
+    fn needs_log_order(&self) -> bool {
+        false
+    }
+
     /// The offset to commit for `partition` after a batch, and metadata to commit with it.
     /// By default everything consumed (`next_offset`); a stage holding open state may commit
     /// less, so the records that built the state are read again after a restart.

@@ -4,9 +4,13 @@
 //! (drift) events are not counted. Per batch, DataFusion SQL computes the partial aggregates
 //! (count, sum, min, max per window and entity); the stage merges them into its open windows.
 //!
-//! Watermark per partition = max event time seen − allowed lateness. A window is emitted once,
-//! when the watermark passes its end; an event whose window is already closed is `late` and
-//! goes to the DLQ.
+//! Watermark per org (of a partition) = the org's max event time seen − allowed lateness. A
+//! window is emitted once, when its org's watermark passes its end; an event whose window is
+//! already closed is `late` and goes to the DLQ. Per org, because the runtime shares a partition
+//! fairly among its orgs: an org held back behind its own backlog arrives after the others'
+//! newer events, and those must not close its windows. An org that sends nothing for
+//! `idle_close_ms` (wall clock) is brought up to the partition's newest watermark, so its last
+//! windows close as they did when the watermark was the partition's.
 //!
 //! Exactly-once totals without a state store: the committed offset of a partition is the first
 //! offset still feeding an open window, and the commit carries the watermark and the position
@@ -45,6 +49,9 @@ pub struct GoldConfig {
     pub window_ms: i64,
     /// How far behind the latest event time a window stays open.
     pub allowed_lateness_ms: i64,
+    /// An org without events for this long (wall clock) has its watermark brought up to its
+    /// partition's newest, closing its open windows. Unset: `window_ms + allowed_lateness_ms`.
+    pub idle_close_ms: Option<u64>,
 }
 
 impl Default for GoldConfig {
@@ -52,6 +59,7 @@ impl Default for GoldConfig {
         Self {
             window_ms: 60_000,
             allowed_lateness_ms: 10_000,
+            idle_close_ms: None,
         }
     }
 }
@@ -100,8 +108,12 @@ type WindowKey = (i64, String, i64);
 /// Windowing state of one partition.
 #[derive(Debug, Default)]
 struct PartitionState {
-    /// Max event time seen − lateness; `None` before the first event.
-    watermark: Option<i64>,
+    /// Per org: its max event time seen − lateness, and when (wall clock) it last had an event.
+    orgs: HashMap<i64, (i64, std::time::Instant)>,
+    /// The partition's max event time seen − lateness.
+    newest: Option<i64>,
+    /// Restored from the commit: every org's watermark was at least this.
+    floor: Option<i64>,
     /// Records below this offset were processed before the restart that restored this state.
     replay_until: i64,
     windows: BTreeMap<WindowKey, Window>,
@@ -119,10 +131,30 @@ impl PartitionState {
             }
         }
         Some(Self {
-            watermark,
+            floor: watermark,
+            newest: watermark,
             replay_until: pos?,
-            windows: BTreeMap::new(),
+            ..Self::default()
         })
+    }
+
+    /// `org`'s watermark: its own, never below the restored floor; `None` before anything.
+    fn watermark(&self, org: i64) -> Option<i64> {
+        let own = self.orgs.get(&org).map(|(wm, _)| *wm);
+        match (own, self.floor) {
+            (Some(o), Some(f)) => Some(o.max(f)),
+            (o, f) => o.or(f),
+        }
+    }
+
+    /// What every org's watermark is at least (for the commit).
+    fn lowest(&self) -> Option<i64> {
+        // Each org's is at least the floor.
+        self.orgs
+            .keys()
+            .filter_map(|o| self.watermark(*o))
+            .min()
+            .or(self.floor)
     }
 }
 
@@ -195,7 +227,10 @@ impl Gold {
             .ok_or_else(|| StageError::Transform("no payload.change".into()))?;
         let change = arrow::compute::cast(change, &DataType::Utf8)?;
         let change = change.as_string::<i32>();
+        let orgs = arrow::compute::cast(&col("org_id")?, &DataType::Int64)?;
+        let orgs = orgs.as_primitive::<Int64Type>();
         let lateness = self.config.allowed_lateness_ms;
+        let now = std::time::Instant::now();
         let mut fates = Vec::with_capacity(input.num_rows());
         for i in 0..input.num_rows() {
             if change.value(i) == "STALE" {
@@ -204,8 +239,9 @@ impl Gold {
             }
             let t = times.value(i);
             let end = self.window_end(t);
+            let org = orgs.value(i);
             let state = self.partitions.entry(partitions.value(i)).or_default();
-            let closed = state.watermark.is_some_and(|wm| end <= wm);
+            let closed = state.watermark(org).is_some_and(|wm| end <= wm);
             let fate = if closed && offsets.value(i) < state.replay_until {
                 Fate::Skip
             } else if closed {
@@ -215,7 +251,13 @@ impl Gold {
             };
             if fate == Fate::Count {
                 let candidate = t - lateness;
-                state.watermark = Some(state.watermark.map_or(candidate, |wm| wm.max(candidate)));
+                let own = state
+                    .watermark(org)
+                    .map_or(candidate, |wm| wm.max(candidate));
+                state.orgs.insert(org, (own, now));
+                state.newest = Some(state.newest.map_or(candidate, |n| n.max(candidate)));
+            } else if let Some(entry) = state.orgs.get_mut(&org) {
+                entry.1 = now;
             }
             fates.push(fate);
         }
@@ -295,16 +337,30 @@ impl Gold {
         Ok(())
     }
 
-    /// Emits (and forgets) every window whose end the watermark has passed.
+    /// Brings orgs idle for `idle_close_ms` up to their partition's newest watermark.
+    fn close_idle(&mut self) {
+        let idle = std::time::Duration::from_millis(self.config.idle_close_ms.unwrap_or(
+            u64::try_from(self.config.window_ms + self.config.allowed_lateness_ms).unwrap_or(0),
+        ));
+        for state in self.partitions.values_mut() {
+            let Some(newest) = state.newest else { continue };
+            for (wm, last) in state.orgs.values_mut() {
+                if *wm < newest && last.elapsed() >= idle {
+                    *wm = newest;
+                }
+            }
+        }
+    }
+
+    /// Emits (and forgets) every window whose end its org's watermark has passed.
     fn close(&mut self) -> Vec<OutputEvent> {
         let mut closed: Vec<(i32, WindowKey, Window)> = Vec::new();
         for (p, state) in &mut self.partitions {
-            let Some(wm) = state.watermark else { continue };
             let w = self.config.window_ms;
             let done: Vec<WindowKey> = state
                 .windows
                 .keys()
-                .filter(|(_, _, start)| start + w <= wm)
+                .filter(|(org, _, start)| state.watermark(*org).is_some_and(|wm| start + w <= wm))
                 .cloned()
                 .collect();
             for key in done {
@@ -369,7 +425,7 @@ impl Stage for Gold {
             .unwrap_or_default();
         tracing::info!(
             partition,
-            watermark = ?state.watermark,
+            watermark = ?state.floor,
             replay_until = state.replay_until,
             "gold partition assigned"
         );
@@ -379,6 +435,12 @@ impl Stage for Gold {
 
     fn revoke(&mut self, partition: i32) {
         self.partitions.remove(&partition);
+    }
+
+    /// The watermark is per partition: taken out of log order, an org held back behind
+    /// another's backlog would find its windows closed by the others' later events.
+    fn needs_log_order(&self) -> bool {
+        true
     }
 
     fn position(&self, partition: i32, next_offset: i64) -> (i64, Option<String>) {
@@ -393,7 +455,7 @@ impl Stage for Gold {
             .unwrap_or(next_offset)
             .min(next_offset);
         let pos = next_offset.max(state.replay_until);
-        let metadata = match state.watermark {
+        let metadata = match state.lowest() {
             Some(wm) => format!("wm={wm};pos={pos}"),
             None => format!("pos={pos}"),
         };
@@ -424,6 +486,14 @@ impl Stage for Gold {
             let partials = self.plan.run(input).await?;
             self.merge(&partials)?;
         }
+        for OutputEvent { key, event } in self.close() {
+            out.emit_event(key, event);
+        }
+        Ok(())
+    }
+
+    async fn settle(&mut self, _closing: bool, out: &mut Collector) -> Result<(), StageError> {
+        self.close_idle();
         for OutputEvent { key, event } in self.close() {
             out.emit_event(key, event);
         }

@@ -40,6 +40,7 @@ async fn gold() -> Gold {
         GoldConfig {
             window_ms: MINUTE,
             allowed_lateness_ms: 10_000,
+            idle_close_ms: None,
         },
     )
     .await
@@ -112,11 +113,13 @@ fn stream() -> Vec<Json> {
         silver("c", 8, 30_000, "C9", 1.0, "CREATED"),
         silver("d", 7, 50_000, "C1", 3.0, "UPDATED"),
         silver("s", 7, 55_000, "C1", 100.0, "STALE"),
-        // Watermark 65 s - 10 s = 55 s: the first window [0, 60 s) stays open.
+        // Org 7's watermark 65 s - 10 s = 55 s: its first window [0, 60 s) stays open.
         silver("e", 7, 65_000, "C3", 5.0, "CREATED"),
-        // Watermark 75 s - 10 s = 65 s: closes [0, 60 s).
+        // Org 8's watermark 65 s closes org 8's [0, 60 s) only: watermarks are per org.
         silver("f", 8, 75_000, "C9", 6.0, "UPDATED"),
-        // In the closed window: late.
+        // Org 7's own watermark 65 s closes its [0, 60 s).
+        silver("i", 7, 75_000, "C3", 7.0, "UPDATED"),
+        // In org 7's closed window: late.
         silver("g", 7, 59_000, "C1", 9.0, "UPDATED"),
         silver("h", 7, 130_000, "C4", 1.0, "CREATED"),
     ]
@@ -126,18 +129,16 @@ fn stream() -> Vec<Json> {
 async fn windows_close_once_on_the_watermark_and_late_events_are_rejected() {
     let mut stage = gold().await;
     let (emitted, rejected) = feed(&mut stage, &stream(), 0).await;
-    assert_eq!(rejected, vec![(7, LATE.to_string())]);
+    assert_eq!(rejected, vec![(8, LATE.to_string())]);
     let got = summary(&emitted);
     let want = vec![
         (7, "case.severity".to_string(), 0, 3, 9.0, 2.0, 4.0, 2),
         (7, "events.case".to_string(), 0, 3, 3.0, 1.0, 1.0, 2),
         (8, "case.severity".to_string(), 0, 1, 1.0, 1.0, 1.0, 1),
         (8, "events.case".to_string(), 0, 1, 1.0, 1.0, 1.0, 1),
-        // Watermark 120 s closes [60 s, 120 s).
-        (7, "case.severity".to_string(), MINUTE, 1, 5.0, 5.0, 5.0, 1),
-        (7, "events.case".to_string(), MINUTE, 1, 1.0, 1.0, 1.0, 1),
-        (8, "case.severity".to_string(), MINUTE, 1, 6.0, 6.0, 6.0, 1),
-        (8, "events.case".to_string(), MINUTE, 1, 1.0, 1.0, 1.0, 1),
+        // Org 7's watermark 120 s closes its [60 s, 120 s); org 8's (at 65 s) stays open.
+        (7, "case.severity".to_string(), MINUTE, 2, 12.0, 5.0, 7.0, 1),
+        (7, "events.case".to_string(), MINUTE, 2, 2.0, 1.0, 1.0, 1),
     ];
     assert_eq!(got, want);
     let first = &emitted[0];
@@ -159,23 +160,89 @@ async fn a_restart_from_the_committed_position_re_emits_nothing_different() {
     let mut reference = gold().await;
     let (all, _) = feed(&mut reference, &events, 0).await;
 
-    // Crash after the first 7 events: restart from what would have been committed.
+    // Crash after the first 8 events: restart from what would have been committed.
     let mut first = gold().await;
-    let (before, _) = feed(&mut first, &events[..7], 0).await;
-    let (commit, metadata) = first.position(0, 7);
+    let (before, _) = feed(&mut first, &events[..8], 0).await;
+    let (commit, metadata) = first.position(0, 8);
     assert!(
-        commit < 7,
+        commit < 8,
         "open windows hold the commit back (committed {commit})"
     );
     let mut second = gold().await;
     second.assign(0, metadata).await.expect("restores");
     let (after, rejected) = feed(&mut second, &events[commit as usize..], commit).await;
-    assert_eq!(rejected, vec![(7 - commit as u32, LATE.to_string())]);
+    assert_eq!(rejected, vec![(8 - commit as u32, LATE.to_string())]);
     let mut combined = summary(&before);
     combined.extend(summary(&after));
     assert_eq!(
         combined,
         summary(&all),
         "each window once, with the same totals"
+    );
+}
+
+#[tokio::test]
+async fn an_org_held_back_behind_its_backlog_loses_no_event_to_late_and_an_idle_org_closes() {
+    let mut stage = gold().await;
+    // Org 8's newer events come first (its records were not held back); org 7's older ones,
+    // held back behind its own backlog, after them.
+    let mut events = vec![
+        silver("n1", 8, 600_000, "C1", 1.0, "CREATED"),
+        silver("n2", 8, 700_000, "C1", 1.0, "UPDATED"),
+    ];
+    for i in 0..5 {
+        events.push(silver(
+            &format!("o{i}"),
+            7,
+            10_000 * i,
+            "C2",
+            1.0,
+            "CREATED",
+        ));
+    }
+    let (emitted, rejected) = feed(&mut stage, &events, 0).await;
+    assert!(rejected.is_empty(), "nothing late: {rejected:?}");
+    let orgs: Vec<i64> = emitted
+        .iter()
+        .map(|e| e["org_id"].as_i64().unwrap_or(0))
+        .collect();
+    assert!(
+        orgs.iter().all(|o| *o == 8),
+        "org 7's window is still open: {orgs:?}"
+    );
+
+    // Idle (wall clock) past idle_close_ms: org 7 follows the partition and its window closes.
+    let mut stage = Gold::new(
+        offline_setup(
+            GROUP,
+            input_batch(
+                &contract("silver/data-processed.avsc"),
+                &events[..1],
+                0,
+                0,
+                0,
+            )
+            .1,
+            arrow_schema(&contract("gold/data-ready.avsc")),
+        ),
+        GoldConfig {
+            window_ms: MINUTE,
+            allowed_lateness_ms: 10_000,
+            idle_close_ms: Some(0),
+        },
+    )
+    .await
+    .expect("plans");
+    feed(&mut stage, &events, 0).await;
+    let mut out = medallion_runtime::worker::Collector::new();
+    stage.settle(false, &mut out).await.expect("settles");
+    let closed: Vec<i64> = out
+        .events()
+        .iter()
+        .map(|e| e.event["org_id"].as_i64().unwrap_or(0))
+        .collect();
+    assert!(
+        closed.contains(&7),
+        "the idle org's window closed: {closed:?}"
     );
 }

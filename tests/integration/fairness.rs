@@ -1,0 +1,132 @@
+//! Orgs that share a partition share the worker: one org's backlog ahead of the others in the
+//! log does not hold them up (bronze-processor as its own process, on a real broker).
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use medallion_tests::{metric_sum, read_topic};
+use rdkafka::message::{Message, OwnedMessage};
+use rdkafka::producer::FutureRecord;
+use serde_json::json;
+
+use crate::bronze::{ids_of, sample, Pipeline};
+
+const RAW: &str = "connector.data.raw";
+const BRONZE: &str = "bronze.data.cleaned";
+const FLOOD_ORG: i64 = 100;
+const SMALL_ORGS: [i64; 5] = [211, 322, 433, 544, 655];
+
+/// Produces `flood` events of one org and then four events of each small org, all to one
+/// partition; runs bronze over that backlog; returns how many of the flooding org's outputs
+/// were produced before the last small-org output, and whether each org's events came out in
+/// the order sent.
+async fn flood_then_small(fair: bool, flood: usize) -> (usize, bool) {
+    let p = Pipeline::start().await;
+    let mut events = sample(61, flood + 4 * SMALL_ORGS.len());
+    for (i, e) in events.iter_mut().enumerate() {
+        let org = if i < flood {
+            FLOOD_ORG
+        } else {
+            SMALL_ORGS[(i - flood) % SMALL_ORGS.len()]
+        };
+        e["org_id"] = json!(org);
+    }
+    let pending: Vec<_> = events
+        .iter()
+        .map(|e| {
+            let key = e["org_id"].to_string();
+            p.producer
+                .send_result(
+                    FutureRecord::to(RAW)
+                        .partition(0)
+                        .key(&key)
+                        .payload(&p.frame(e)),
+                )
+                .map_err(|(e, _)| e)
+                .expect("queued")
+        })
+        .collect();
+    for delivery in pending {
+        delivery.await.expect("not cancelled").expect("delivered");
+    }
+    let worker = p.worker(&[
+        ("MEDALLION__FAIRNESS__ENABLED", fair.to_string()),
+        ("MEDALLION__FAIRNESS__ORG_READ_AHEAD", "500".into()),
+        ("MEDALLION__BATCH__MAX_RECORDS", "500".into()),
+    ]);
+    let out = read_topic(
+        &p.broker.address,
+        BRONZE,
+        events.len(),
+        Duration::from_secs(2),
+        Duration::from_secs(240),
+    )
+    .await
+    .expect("bronze output");
+    let ids = ids_of(&p, &out);
+    let unique: BTreeSet<&String> = ids.iter().collect();
+    assert_eq!(
+        (ids.len(), unique.len()),
+        (events.len(), events.len()),
+        "every event exactly once"
+    );
+    let org_of = |m: &OwnedMessage| -> String {
+        String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned()
+    };
+    let produced_at = |m: &OwnedMessage| m.timestamp().to_millis().unwrap_or(i64::MAX);
+    let last_small = out
+        .iter()
+        .filter(|m| org_of(m) != FLOOD_ORG.to_string())
+        .map(produced_at)
+        .max()
+        .expect("small-org outputs");
+    let flood_before = out
+        .iter()
+        .filter(|m| org_of(m) == FLOOD_ORG.to_string() && produced_at(m) < last_small)
+        .count();
+    let metrics = worker.metrics().await.expect("metrics");
+    if fair {
+        assert!(
+            metric_sum(&metrics, "medallion_fair_queued_records") >= 0.0,
+            "the scheduler's queues are exported"
+        );
+    }
+    // Each org's events in the order sent (outputs of one org share a partition).
+    let in_order = std::iter::once(FLOOD_ORG).chain(SMALL_ORGS).all(|org| {
+        let sent: Vec<&str> = events
+            .iter()
+            .filter(|e| e["org_id"] == json!(org))
+            .map(|e| e["event_id"].as_str().unwrap_or_default())
+            .collect();
+        let came: Vec<&str> = out
+            .iter()
+            .zip(&ids)
+            .filter(|(m, _)| org_of(m) == org.to_string())
+            .map(|(_, id)| id.as_str())
+            .collect();
+        sent == came
+    });
+    eprintln!(
+        "fair={fair}: {flood_before} of {flood} flood outputs before the last small-org output"
+    );
+    (flood_before, in_order)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_orgs_backlog_does_not_hold_up_the_orgs_behind_it_on_its_partition() {
+    const FLOOD: usize = 20_000;
+    let (before, in_order) = flood_then_small(true, FLOOD).await;
+    assert!(in_order, "each org's events come out in the order sent");
+    assert!(
+        before < FLOOD / 2,
+        "the small orgs were done after {before} of the flooding org's {FLOOD} records"
+    );
+
+    // Taken in log order instead, they wait for the whole backlog.
+    let (before, in_order) = flood_then_small(false, FLOOD).await;
+    assert!(in_order);
+    assert!(
+        before >= FLOOD * 9 / 10,
+        "in log order the small orgs come after the backlog ({before} of {FLOOD} before them)"
+    );
+}
