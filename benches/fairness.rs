@@ -190,6 +190,9 @@ async fn one(mode: Mode, backlog: usize, seconds: u64, warmup: u64) -> Outcome {
         "MEDALLION__FAIRNESS__ENABLED".into(),
         (mode != Mode::LogOrder).to_string(),
     ));
+    if let Ok(log) = std::env::var("MEDALLION_BENCH_LOG") {
+        env.push(("RUST_LOG".into(), log));
+    }
     env.push((
         "MEDALLION__FAIRNESS__MAX_SKIP_AHEAD".into(),
         (backlog as i64 * 4 + 1_000_000).to_string(),

@@ -10,6 +10,9 @@
 //! naming other orgs' entities must still be refused (`tenant_mismatch`), the owner table
 //! rebuilt from its topic.
 //!
+//! Halfway through, one org floods: a burst half the stream's size, which the workers' fair
+//! scheduling reads past and brings back from the log while the other orgs go on.
+//!
 //! `MEDALLION_CHAOS_EVENTS` sets the stream's size (default 20,000; the closing note of the
 //! change that added this test reports a 1M-event run).
 
@@ -31,6 +34,10 @@ const GOLD: &str = "gold.data.ready";
 /// Gold's default window and lateness.
 const WINDOW: i64 = 60_000;
 const ORGS: usize = 6;
+
+fn json_org(org: i64) -> Json {
+    Json::from(org)
+}
 
 fn events_wanted() -> usize {
     std::env::var("MEDALLION_CHAOS_EVENTS")
@@ -145,18 +152,49 @@ async fn sigkills_of_every_stage_lose_nothing_repeat_nothing_and_keep_gold_exact
             poison.insert(bad);
         }
     }
+    // A flood: halfway through, one org sends a burst half the stream's size at once (its own
+    // events, in event-time order from there), so the workers read past it and bring it back
+    // from the log while the others go on; gold must lose none of its events to `late`.
+    // The flooding org is one the stream does not have (its own events' times rise from there
+    // as the others' do, so it is not late against itself).
+    let middle = records.len() / 2;
+    let flood_from = valid[valid.len() / 2]["timestamp"].as_i64().unwrap_or(0);
+    let mut flooder = SampleEvents::new(98, ORGS + 1, flood_from);
+    let flood_org = json_org(100 + 111 * ORGS as i64);
+    let mut flood: Vec<Json> = Vec::with_capacity(n / 2);
+    while flood.len() < n / 2 {
+        let mut e = flooder.next_event();
+        if e["org_id"] == flood_org {
+            // 10 ms apart: a burst, and all of it in the past (bronze refuses the future).
+            e["timestamp"] = (flood_from + 10 * flood.len() as i64).into();
+            flood.push(e);
+        }
+    }
+    let flood_records: Vec<(String, Vec<u8>)> = flood
+        .iter()
+        .map(|e| (e["org_id"].to_string(), p.frame(e)))
+        .collect();
+    records.splice(middle..middle, flood_records);
+    valid.extend(flood);
     // One later event per org closes every window of the stream in gold.
     let last_t = valid
-        .last()
-        .map_or(0, |e| e["timestamp"].as_i64().unwrap_or(0));
+        .iter()
+        .filter_map(|e| e["timestamp"].as_i64())
+        .max()
+        .unwrap_or(0);
     let flush_t = last_t + 2 * WINDOW;
     let cutoff = flush_t - flush_t.rem_euclid(WINDOW);
     let orgs: BTreeSet<i64> = valid.iter().filter_map(|e| e["org_id"].as_i64()).collect();
     for org in &orgs {
         // An event of that org's own: an entity id moved to another org is refused
         // (tenant_mismatch).
+        let source = if Json::from(*org) == flood_org {
+            &mut flooder
+        } else {
+            &mut generator
+        };
         let mut e = loop {
-            let e = generator.next_event();
+            let e = source.next_event();
             if e["org_id"] == *org {
                 break e;
             }
@@ -373,9 +411,27 @@ async fn sigkills_of_every_stage_lose_nothing_repeat_nothing_and_keep_gold_exact
         .collect();
     assert_eq!(dead.len(), poison.len(), "no dead letter twice");
     assert_eq!(dead.into_iter().collect::<BTreeSet<_>>(), poison);
+    let reasons = |dlq: &[OwnedMessage]| -> BTreeMap<String, usize> {
+        let mut by = BTreeMap::new();
+        for m in dlq {
+            let reason = m
+                .headers()
+                .and_then(|h| {
+                    medallion_runtime::dlq::header_value(
+                        h,
+                        medallion_runtime::dlq::header::ERROR_REASON,
+                    )
+                })
+                .unwrap_or_default();
+            *by.entry(reason).or_default() += 1;
+        }
+        by
+    };
     assert!(
         silver_dlq.is_empty() && gold_dlq.is_empty(),
-        "no DLQ downstream"
+        "no DLQ downstream: silver {:?}, gold {:?}",
+        reasons(&silver_dlq),
+        reasons(&gold_dlq)
     );
     // Every gold window once, with the independent totals.
     let mut got: BTreeMap<(i64, String, i64), Vec<(i64, f64)>> = BTreeMap::new();

@@ -130,3 +130,86 @@ async fn an_orgs_backlog_does_not_hold_up_the_orgs_behind_it_on_its_partition() 
         "in log order the small orgs come after the backlog ({before} of {FLOOD} before them)"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_killed_while_reading_past_a_backlog_loses_and_repeats_nothing() {
+    const FLOOD: usize = 20_000;
+    let p = Pipeline::start().await;
+    let mut events = sample(62, FLOOD + 4 * SMALL_ORGS.len());
+    for (i, e) in events.iter_mut().enumerate() {
+        let org = if i < FLOOD {
+            FLOOD_ORG
+        } else {
+            SMALL_ORGS[(i - FLOOD) % SMALL_ORGS.len()]
+        };
+        e["org_id"] = json!(org);
+    }
+    let pending: Vec<_> = events
+        .iter()
+        .map(|e| {
+            let key = e["org_id"].to_string();
+            p.producer
+                .send_result(
+                    FutureRecord::to(RAW)
+                        .partition(0)
+                        .key(&key)
+                        .payload(&p.frame(e)),
+                )
+                .map_err(|(e, _)| e)
+                .expect("queued")
+        })
+        .collect();
+    for delivery in pending {
+        delivery.await.expect("not cancelled").expect("delivered");
+    }
+    let env = [
+        ("MEDALLION__FAIRNESS__ORG_READ_AHEAD", "500".to_string()),
+        ("MEDALLION__BATCH__MAX_RECORDS", "500".to_string()),
+    ];
+    let mut worker = p.worker(&env);
+    // Killed twice while the flooding org is being caught up.
+    for wanted in [3_000usize, 9_000] {
+        read_topic(
+            &p.broker.address,
+            BRONZE,
+            wanted,
+            Duration::ZERO,
+            Duration::from_secs(120),
+        )
+        .await
+        .expect("some output");
+        worker.kill();
+        worker = p.worker(&env);
+    }
+    let out = read_topic(
+        &p.broker.address,
+        BRONZE,
+        events.len(),
+        Duration::from_secs(3),
+        Duration::from_secs(240),
+    )
+    .await
+    .unwrap_or_default();
+    let ids = ids_of(&p, &out);
+    let got: BTreeSet<&str> = ids.iter().map(String::as_str).collect();
+    let missing: Vec<&str> = events
+        .iter()
+        .filter_map(|e| e["event_id"].as_str())
+        .filter(|id| !got.contains(id))
+        .collect();
+    let first_missing: Vec<usize> = events
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| e["event_id"].as_str().is_some_and(|id| !got.contains(id)))
+        .map(|(i, _)| i)
+        .take(10)
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} of {} lost, first at positions {first_missing:?}",
+        missing.len(),
+        events.len()
+    );
+    assert_eq!(ids.len(), events.len(), "none twice");
+    drop(worker);
+}
