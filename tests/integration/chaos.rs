@@ -188,7 +188,7 @@ async fn sigkills_of_every_stage_lose_nothing_repeat_nothing_and_keep_gold_exact
     for org in &orgs {
         // An event of that org's own: an entity id moved to another org is refused
         // (tenant_mismatch).
-        let source = if Json::from(*org) == flood_org {
+        let source = if flood_org == *org {
             &mut flooder
         } else {
             &mut generator
