@@ -203,14 +203,6 @@ impl BatchSource {
         self.apply_revoked();
         if !self.scheduler.has(partition) {
             self.scheduler.assign(partition, done);
-            // A pause this source set before the partition last went (librdkafka keeps it
-            // across a rebalance) must not outlive it.
-            self.head_paused.remove(&partition);
-            let mut tpl = TopicPartitionList::new();
-            tpl.add_partition(&self.topic, partition);
-            if let Err(e) = self.consumer.resume(&tpl) {
-                tracing::debug!(partition, error = %e, "resuming a newly set up partition");
-            }
         }
         if self.unready_counts.remove(&partition).is_none() {
             return;
@@ -332,7 +324,11 @@ impl BatchSource {
 
     /// Takes what the catch-up reader has ready, without waiting.
     fn pump_catch_up(&mut self) {
-        if self.catching_up.is_empty() {
+        // The reader is not paused (a pause right after an assignment was seen never to
+        // resume): while an org it reads for has a full queue, it is simply not polled, and
+        // librdkafka's own prefetch (`queued.min.messages` / `queued.max.messages.kbytes` of a
+        // reader) bounds what waits.
+        if self.catching_up.is_empty() || self.catching_up.values().any(|(_, paused)| *paused) {
             return;
         }
         let Some(reader) = self.catch_up.as_ref() else {
@@ -358,9 +354,9 @@ impl BatchSource {
         }
     }
 
-    /// The catch-up reader has a partition to read that is not paused.
+    /// The catch-up reader has partitions to read and none waits for a queue to drain.
     fn catch_up_wants_reading(&self) -> bool {
-        self.catching_up.values().any(|(_, paused)| !paused)
+        !self.catching_up.is_empty() && self.catching_up.values().all(|(_, paused)| !paused)
     }
 
     /// Adds a record from the head: queued, or held until its partition is set up. Records
@@ -537,46 +533,16 @@ impl BatchSource {
                 tracing::warn!(error = %e, "catch-up reader could not be assigned; trying again");
                 return;
             }
-            // librdkafka keeps a partition's pause across assignments: every partition starts
-            // unpaused, and those that should wait are paused again below.
-            if tpl.count() > 0 {
-                if let Err(e) = reader.resume(&tpl) {
-                    tracing::debug!(error = %e, "resuming the catch-up reader");
-                }
-            }
             tracing::debug!(catching_up = ?desired, "catch-up reader assigned");
             self.catching_up = desired
                 .iter()
                 .map(|(p, (epoch, _, _))| (*p, (*epoch, false)))
                 .collect();
         }
-        let Some(reader) = self.catch_up.as_ref() else {
-            return;
-        };
-        let mut pause = TopicPartitionList::new();
-        let mut resume = TopicPartitionList::new();
-        for (p, (_, _, want_paused)) in &desired {
-            let Some(state) = self.catching_up.get(p) else {
-                continue;
-            };
-            if *want_paused && !state.1 {
-                pause.add_partition(&self.topic, *p);
-            } else if !*want_paused && state.1 {
-                resume.add_partition(&self.topic, *p);
+        for (p, (_, _, paused)) in &desired {
+            if let Some(state) = self.catching_up.get_mut(p) {
+                state.1 = *paused;
             }
-        }
-        let mut flip = |tpl: &TopicPartitionList, paused: bool| {
-            for e in tpl.elements() {
-                if let Some(state) = self.catching_up.get_mut(&e.partition()) {
-                    state.1 = paused;
-                }
-            }
-        };
-        if pause.count() > 0 && reader.pause(&pause).is_ok() {
-            flip(&pause, true);
-        }
-        if resume.count() > 0 && reader.resume(&resume).is_ok() {
-            flip(&resume, false);
         }
     }
 
