@@ -213,7 +213,9 @@ async fn sigkills_of_every_stage_lose_nothing_repeat_nothing_and_keep_gold_exact
             "warn,medallion_runtime::worker=info".to_string(),
         )
     };
-    let env = move || vec![log()];
+    // Fair scheduling on, so the flood is read past and caught up while the kills happen.
+    let fair = || ("MEDALLION__FAIRNESS__ENABLED", "true".to_string());
+    let env = move || vec![log(), fair()];
     // silver's state directories: the first disk, and the one it moves to.
     let disks = tempfile::tempdir().expect("temp dir");
     let (disk, moved) = (disks.path().join("node-a"), disks.path().join("node-b"));
@@ -234,6 +236,7 @@ async fn sigkills_of_every_stage_lose_nothing_repeat_nothing_and_keep_gold_exact
             };
             vec![
                 log(),
+                fair(),
                 ("MEDALLION__STATE__DIR", dir.display().to_string()),
                 // Checkpoints often, so restarts resume from one.
                 (
@@ -251,7 +254,7 @@ async fn sigkills_of_every_stage_lose_nothing_repeat_nothing_and_keep_gold_exact
                     env!("CARGO_BIN_EXE_bronze-processor"),
                     &b,
                     &r,
-                    &medallion_tests::bronze_env(&[log()]),
+                    &medallion_tests::bronze_env(&[log(), fair()]),
                 )
                 .expect("bronze starts")
             })

@@ -164,6 +164,7 @@ async fn a_worker_killed_while_reading_past_a_backlog_loses_and_repeats_nothing(
     }
     // A partition read-ahead barely above the org's: the head pauses and resumes often.
     let env = [
+        ("MEDALLION__FAIRNESS__ENABLED", "true".to_string()),
         ("MEDALLION__FAIRNESS__ORG_READ_AHEAD", "500".to_string()),
         ("MEDALLION__FAIRNESS__READ_AHEAD_RECORDS", "520".to_string()),
         ("MEDALLION__BATCH__MAX_RECORDS", "500".to_string()),

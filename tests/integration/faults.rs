@@ -115,8 +115,10 @@ async fn bronze_and_silver_lose_nothing_and_repeat_nothing_through_refusals_blac
         "RUST_LOG",
         "warn,medallion_stages=error,medallion_runtime::worker=info".to_string(),
     );
-    let bronze = p.worker(std::slice::from_ref(&log));
-    let silver = p.worker_of(SILVER_BIN, &[log]);
+    // Fair scheduling on: its readers must survive the faults too.
+    let fair = ("MEDALLION__FAIRNESS__ENABLED", "true".to_string());
+    let bronze = p.worker(&[log.clone(), fair.clone()]);
+    let silver = p.worker_of(SILVER_BIN, &[log, fair]);
     for w in [&bronze, &silver] {
         w.wait_ready(Duration::from_secs(60)).await.expect("ready");
     }

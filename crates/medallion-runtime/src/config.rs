@@ -182,7 +182,8 @@ impl Default for StateConfig {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct FairnessConfig {
-    /// Off: each partition is taken in log order.
+    /// Off (the default for now): each partition is taken in log order. On, a backlog costs a
+    /// second read of the org that is read past (see the README's Fair scheduling).
     pub enabled: bool,
     /// Records an org may take per turn of the round robin (times its weight).
     pub quantum: usize,
@@ -204,7 +205,7 @@ pub struct FairnessConfig {
 impl Default for FairnessConfig {
     fn default() -> Self {
         Self {
-            enabled: true,
+            enabled: false,
             quantum: 100,
             org_read_ahead: 1_000,
             read_ahead_records: 5_000,

@@ -18,6 +18,7 @@ fn record(partition: i32, offset: i64, org: u8) -> Inbound {
 
 fn shape(quantum: usize, org_read_ahead: usize, read_ahead: usize) -> FairShape {
     FairShape {
+        enabled: true,
         quantum,
         org_read_ahead,
         read_ahead_records: read_ahead,
