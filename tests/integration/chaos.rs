@@ -417,16 +417,7 @@ async fn sigkills_of_every_stage_lose_nothing_repeat_nothing_and_keep_gold_exact
     let reasons = |dlq: &[OwnedMessage]| -> BTreeMap<String, usize> {
         let mut by = BTreeMap::new();
         for m in dlq {
-            let reason = m
-                .headers()
-                .and_then(|h| {
-                    medallion_runtime::dlq::header_value(
-                        h,
-                        medallion_runtime::dlq::header::ERROR_REASON,
-                    )
-                })
-                .unwrap_or_default();
-            *by.entry(reason).or_default() += 1;
+            *by.entry(reason_of(m)).or_default() += 1;
         }
         by
     };
@@ -518,17 +509,17 @@ async fn sigkills_of_every_stage_lose_nothing_repeat_nothing_and_keep_gold_exact
     assert_eq!(refused_ids, foreign_ids, "each foreign event refused, once");
     assert_eq!(refused.len(), foreign_ids.len());
     for m in &refused {
-        let reason = m
-            .headers()
-            .and_then(|h| {
-                medallion_runtime::dlq::header_value(
-                    h,
-                    medallion_runtime::dlq::header::ERROR_REASON,
-                )
-            })
-            .unwrap_or_default();
-        assert_eq!(reason, "tenant_mismatch");
+        assert_eq!(reason_of(m), "tenant_mismatch");
     }
+}
+
+/// The reason a dead letter was written with (empty when it carries none).
+fn reason_of(m: &OwnedMessage) -> String {
+    m.headers()
+        .and_then(|h| {
+            medallion_runtime::dlq::header_value(h, medallion_runtime::dlq::header::ERROR_REASON)
+        })
+        .unwrap_or_default()
 }
 
 /// (org, metric, window start) of a gold record.

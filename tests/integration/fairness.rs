@@ -16,13 +16,10 @@ const BRONZE: &str = "bronze.data.cleaned";
 const FLOOD_ORG: i64 = 100;
 const SMALL_ORGS: [i64; 5] = [211, 322, 433, 544, 655];
 
-/// Produces `flood` events of one org and then four events of each small org, all to one
-/// partition; runs bronze over that backlog; returns how many of the flooding org's outputs
-/// were produced before the last small-org output, and whether each org's events came out in
-/// the order sent.
-async fn flood_then_small(fair: bool, flood: usize) -> (usize, bool) {
-    let p = Pipeline::start().await;
-    let mut events = sample(61, flood + 4 * SMALL_ORGS.len());
+/// Produces `flood` events of one org and then four events of each small org (sample `seed`),
+/// all to partition 0, each acknowledged; returns them in the order sent.
+async fn produce_backlog(p: &Pipeline, seed: u64, flood: usize) -> Vec<serde_json::Value> {
+    let mut events = sample(seed, flood + 4 * SMALL_ORGS.len());
     for (i, e) in events.iter_mut().enumerate() {
         let org = if i < flood {
             FLOOD_ORG
@@ -49,6 +46,15 @@ async fn flood_then_small(fair: bool, flood: usize) -> (usize, bool) {
     for delivery in pending {
         delivery.await.expect("not cancelled").expect("delivered");
     }
+    events
+}
+
+/// Produces a backlog ([`produce_backlog`]); runs bronze over that backlog; returns how many of the flooding org's outputs
+/// were produced before the last small-org output, and whether each org's events came out in
+/// the order sent.
+async fn flood_then_small(fair: bool, flood: usize) -> (usize, bool) {
+    let p = Pipeline::start().await;
+    let events = produce_backlog(&p, 61, flood).await;
     let worker = p.worker(&[
         ("MEDALLION__FAIRNESS__ENABLED", fair.to_string()),
         ("MEDALLION__FAIRNESS__ORG_READ_AHEAD", "500".into()),
@@ -135,33 +141,7 @@ async fn an_orgs_backlog_does_not_hold_up_the_orgs_behind_it_on_its_partition() 
 async fn a_worker_killed_while_reading_past_a_backlog_loses_and_repeats_nothing() {
     const FLOOD: usize = 20_000;
     let p = Pipeline::start().await;
-    let mut events = sample(62, FLOOD + 4 * SMALL_ORGS.len());
-    for (i, e) in events.iter_mut().enumerate() {
-        let org = if i < FLOOD {
-            FLOOD_ORG
-        } else {
-            SMALL_ORGS[(i - FLOOD) % SMALL_ORGS.len()]
-        };
-        e["org_id"] = json!(org);
-    }
-    let pending: Vec<_> = events
-        .iter()
-        .map(|e| {
-            let key = e["org_id"].to_string();
-            p.producer
-                .send_result(
-                    FutureRecord::to(RAW)
-                        .partition(0)
-                        .key(&key)
-                        .payload(&p.frame(e)),
-                )
-                .map_err(|(e, _)| e)
-                .expect("queued")
-        })
-        .collect();
-    for delivery in pending {
-        delivery.await.expect("not cancelled").expect("delivered");
-    }
+    let events = produce_backlog(&p, 62, FLOOD).await;
     // A partition read-ahead barely above the org's: the head pauses and resumes often.
     let env = [
         ("MEDALLION__FAIRNESS__ENABLED", "true".to_string()),

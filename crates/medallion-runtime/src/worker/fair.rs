@@ -571,11 +571,11 @@ impl Scheduler {
     }
 
     /// Queued records and detached state per org of `partition`: `(org, queued, detached)`.
-    pub(super) fn flows(&self, partition: i32) -> Vec<(Org, usize, bool)> {
+    pub(super) fn flows(&self, partition: i32) -> Vec<(&[u8], usize, bool)> {
         self.lanes.get(&partition).map_or_else(Vec::new, |lane| {
             lane.flows
                 .iter()
-                .map(|(org, f)| (org.clone(), f.queue.len(), f.detached_from.is_some()))
+                .map(|(org, f)| (org.as_slice(), f.queue.len(), f.detached_from.is_some()))
                 .collect()
         })
     }
