@@ -13,6 +13,10 @@
 //! `gold-processor` found in `<dir>` (an earlier build) on the same events in the same run,
 //! each right after this build's, under the naming prefix `base.`: a before/after comparison
 //! on one machine state (`MEDALLION_REPLAY_BASELINE_FIRST=1` runs the baseline first).
+//! `MEDALLION_REPLAY_BASELINE_ENV="KEY=value;KEY=value"` gives the baseline's workers those
+//! settings on top of the environment; without `MEDALLION_REPLAY_BASELINE` the baseline is this
+//! build with them: a setting's cost measured in one run (e.g.
+//! `MEDALLION_REPLAY_BASELINE_ENV="MEDALLION__FAIRNESS__ENABLED=false"`).
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -41,11 +45,12 @@ async fn measure(
     registry: &str,
     expected: f64,
 ) -> (f64, Usage, String) {
-    let batching = [
+    let mut batching = vec![
         ("MEDALLION__BATCH__MAX_RECORDS", "5000".to_string()),
         ("MEDALLION__BATCH__LINGER_MS", "20".to_string()),
         ("MEDALLION__NAMING__PREFIX", build.prefix.to_string()),
     ];
+    batching.extend(build.env.iter().map(|(k, v)| (k.as_str(), v.clone())));
     let worker = WorkerProcess::start(
         bin,
         bootstrap,
@@ -119,6 +124,8 @@ struct Build {
     /// The naming prefix its topics and groups run under.
     prefix: &'static str,
     dir: Option<std::path::PathBuf>,
+    /// Settings its workers get on top of the environment.
+    env: Vec<(String, String)>,
 }
 
 impl Build {
@@ -270,12 +277,24 @@ async fn run() {
         label: "",
         prefix: "",
         dir: None,
+        env: Vec::new(),
     }];
-    if let Ok(dir) = std::env::var("MEDALLION_REPLAY_BASELINE") {
+    let baseline_env: Vec<(String, String)> = std::env::var("MEDALLION_REPLAY_BASELINE_ENV")
+        .unwrap_or_default()
+        .split(';')
+        .filter(|kv| !kv.trim().is_empty())
+        .map(|kv| match kv.split_once('=') {
+            Some((k, v)) => (k.trim().to_string(), v.trim().to_string()),
+            None => panic!("MEDALLION_REPLAY_BASELINE_ENV: {kv:?} is not KEY=value"),
+        })
+        .collect();
+    let baseline_dir = std::env::var("MEDALLION_REPLAY_BASELINE").ok();
+    if baseline_dir.is_some() || !baseline_env.is_empty() {
         let base = Build {
             label: "baseline",
             prefix: "base.",
-            dir: Some(dir.into()),
+            dir: baseline_dir.map(Into::into),
+            env: baseline_env,
         };
         let prefixed = topics.clone().with_prefix(base.prefix).expect("prefix");
         support::provision(&broker.address, &registry.address, &contracts, &prefixed).await;
@@ -354,6 +373,7 @@ async fn run() {
         let bronze_broker = broker_cpu() - broker_before;
         let out = metric_sum(&metrics, "medallion_records_out_total");
         let dedup_bytes = metric_sum(&metrics, "medallion_dedup_window_bytes");
+        let batches = metric_sum(&metrics, "medallion_batch_duration_seconds_count");
         let bronze_rate = n as f64 / seconds;
         println!(
             "| {} | {n} | {seconds:.2} | {bronze_rate:.0} | {:.2} | {:.0} | {:.1} | {bronze_broker:.2} |",
@@ -363,10 +383,11 @@ async fn run() {
             usage.peak_rss_kib as f64 / 1024.0
         );
         notes.push(format!(
-            "{}/passthrough = {:.2} (target >= 0.5); bronze out {out:.0}; dedup windows {:.1} MiB",
+            "{}/passthrough = {:.2} (target >= 0.5); bronze out {out:.0}; dedup windows {:.1} MiB; {batches:.0} batches of {:.0} records on average",
             build.name("bronze"),
             bronze_rate / pt_rate,
-            dedup_bytes / 1_048_576.0
+            dedup_bytes / 1_048_576.0,
+            n as f64 / batches.max(1.0)
         ));
         expected.push(out);
     }

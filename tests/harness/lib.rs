@@ -445,52 +445,70 @@ pub async fn read_until(
     Ok(out)
 }
 
-/// A TCP forwarder to `upstream` that a test can switch off (connections are then reset) and
-/// on again, to simulate a dependency outage on loopback.
+/// A TCP forwarder to `upstream` that a test can switch off (open connections are then cut
+/// and new ones refused) and on again, to simulate a dependency outage on loopback.
 pub struct Toggle {
     pub address: String,
-    enabled: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    enabled: tokio::sync::watch::Sender<bool>,
+    /// Connections being forwarded.
+    open: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Toggle {
     pub async fn start(upstream: &str) -> anyhow::Result<Self> {
-        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::atomic::Ordering;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let address = listener.local_addr()?.to_string();
-        let enabled = std::sync::Arc::new(AtomicBool::new(true));
-        let flag = enabled.clone();
+        let (enabled, watch) = tokio::sync::watch::channel(true);
+        let open = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let upstream = upstream.to_string();
+        let counted = open.clone();
         tokio::spawn(async move {
             while let Ok((mut inbound, _)) = listener.accept().await {
-                if !flag.load(Ordering::SeqCst) {
+                // Counted before the switch is read: a `set(false)` either sees it open and
+                // waits for its cut, or it sees the switch off.
+                counted.fetch_add(1, Ordering::SeqCst);
+                if !*watch.borrow() {
+                    counted.fetch_sub(1, Ordering::SeqCst);
                     drop(inbound);
                     continue;
                 }
                 let upstream = upstream.clone();
-                let flag = flag.clone();
+                let mut watch = watch.clone();
+                let open = counted.clone();
                 tokio::spawn(async move {
                     if let Ok(mut outbound) = tokio::net::TcpStream::connect(&upstream).await {
                         let copy = tokio::io::copy_bidirectional(&mut inbound, &mut outbound);
-                        tokio::pin!(copy);
-                        loop {
-                            tokio::select! {
-                                _ = &mut copy => break,
-                                _ = tokio::time::sleep(Duration::from_millis(50)) => {
-                                    if !flag.load(Ordering::SeqCst) {
-                                        break;
-                                    }
-                                }
-                            }
+                        tokio::select! {
+                            biased;
+                            _ = watch.wait_for(|on| !*on) => {}
+                            _ = copy => {}
                         }
                     }
+                    open.fetch_sub(1, Ordering::SeqCst);
                 });
             }
         });
-        Ok(Self { address, enabled })
+        Ok(Self {
+            address,
+            enabled,
+            open,
+        })
     }
 
-    pub fn set(&self, on: bool) {
-        self.enabled.store(on, std::sync::atomic::Ordering::SeqCst);
+    /// Switches the forwarder on or off; off returns once every open connection is cut, so
+    /// nothing sent after it reaches `upstream` (a pooled keep-alive connection included).
+    pub async fn set(&self, on: bool) {
+        self.enabled.send_replace(on);
+        if on {
+            return;
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while self.open.load(std::sync::atomic::Ordering::SeqCst) > 0
+            && std::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
     }
 }
 

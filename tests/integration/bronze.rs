@@ -808,7 +808,7 @@ async fn a_registry_outage_longer_than_the_retry_schedule_pauses_and_dead_letter
         .register(&medallion_tests::unique("raw-v2-value"), &v2_text)
         .await
         .expect("v2 registered");
-    proxy.set(false);
+    proxy.set(false).await;
     let during = sample(52, 50);
     for e in &during {
         let mut e = e.clone();
@@ -831,7 +831,9 @@ async fn a_registry_outage_longer_than_the_retry_schedule_pauses_and_dead_letter
     let retries = metric_sum(&metrics, "medallion_retries_total");
     assert!(
         retries >= 4.0,
-        "the worker kept retrying past its schedule while the registry was away: {retries}"
+        "the worker kept retrying past its schedule while the registry was away: {retries} \
+         retries, {} records out",
+        metric_sum(&metrics, "medallion_records_out_total")
     );
     assert_eq!(
         metric_sum(&metrics, "medallion_consumption_paused"),
@@ -842,7 +844,7 @@ async fn a_registry_outage_longer_than_the_retry_schedule_pauses_and_dead_letter
         .await
         .expect("readyz answers");
     assert_eq!(ready.status(), reqwest::StatusCode::SERVICE_UNAVAILABLE);
-    proxy.set(true);
+    proxy.set(true).await;
 
     let all = before.len() + during.len();
     let out = read_topic(
@@ -871,9 +873,17 @@ async fn a_registry_outage_longer_than_the_retry_schedule_pauses_and_dead_letter
     )
     .await
     .expect("dlq read");
+    let reasons: Vec<Option<String>> = dlq
+        .iter()
+        .take(3)
+        .map(|m| {
+            m.headers()
+                .and_then(|h| header_value(h, header::ERROR_REASON))
+        })
+        .collect();
     assert!(
         dlq.is_empty(),
-        "nothing dead-lettered: {} records",
+        "nothing dead-lettered: {} records, the first for {reasons:?}",
         dlq.len()
     );
 }
