@@ -282,8 +282,13 @@ impl Scheduler {
 
     /// The flow key of `record`: its org, or one flow for all when fairness is off.
     fn org_of(enabled: bool, record: &Inbound) -> &[u8] {
+        Self::flow_key(enabled, record.key())
+    }
+
+    /// The flow key of a record keyed `key`.
+    fn flow_key(enabled: bool, key: Option<&[u8]>) -> &[u8] {
         if enabled {
-            record.key().unwrap_or_default()
+            key.unwrap_or_default()
         } else {
             &[]
         }
@@ -291,8 +296,20 @@ impl Scheduler {
 
     /// A record from the head reader.
     pub(super) fn offer(&mut self, record: Inbound) -> Taken {
-        let partition = record.partition();
-        let offset = record.offset();
+        let (partition, offset) = (record.partition(), record.offset());
+        let key = record.key().map(<[u8]>::to_vec);
+        self.offer_with(partition, offset, key.as_deref(), move || record)
+    }
+
+    /// A record from the head reader, by its place and key: `make` copies it only when it is
+    /// queued (records passed over are never copied).
+    pub(super) fn offer_with(
+        &mut self,
+        partition: i32,
+        offset: i64,
+        key: Option<&[u8]>,
+        make: impl FnOnce() -> Inbound,
+    ) -> Taken {
         let enabled = self.shape.enabled;
         let org_limit = if enabled {
             self.shape.org_read_ahead.max(1)
@@ -304,7 +321,7 @@ impl Scheduler {
             return Taken::Stale;
         }
         lane.head = Some(offset + 1);
-        let org = Self::org_of(enabled, &record);
+        let org = Self::flow_key(enabled, key);
         if lane.done.as_ref().is_some_and(|d| d.is_done(org, offset)) {
             lane.passed += 1;
             return Taken::Done;
@@ -324,14 +341,26 @@ impl Scheduler {
                 return Taken::Passed;
             }
         }
-        self.push(partition, record);
+        self.push(partition, make());
         Taken::Queued
     }
 
     /// A record from the catch-up reader of its partition.
+    #[cfg(test)]
     pub(super) fn offer_catch_up(&mut self, record: Inbound) -> Taken {
-        let partition = record.partition();
-        let offset = record.offset();
+        let (partition, offset) = (record.partition(), record.offset());
+        let key = record.key().map(<[u8]>::to_vec);
+        self.offer_catch_up_with(partition, offset, key.as_deref(), move || record)
+    }
+
+    /// [`Self::offer_catch_up`] by place and key, copying the record only when it is queued.
+    pub(super) fn offer_catch_up_with(
+        &mut self,
+        partition: i32,
+        offset: i64,
+        key: Option<&[u8]>,
+        make: impl FnOnce() -> Inbound,
+    ) -> Taken {
         let enabled = self.shape.enabled;
         let Some(lane) = self.lanes.get_mut(&partition) else {
             return Taken::Stale;
@@ -373,7 +402,7 @@ impl Scheduler {
             return Taken::Stale;
         }
         lane.catch_up = Some(offset + 1);
-        let org = Self::org_of(enabled, &record);
+        let org = Self::flow_key(enabled, key);
         let done = lane.done.as_ref().is_some_and(|d| d.is_done(org, offset));
         let taken = match lane.flows.get_mut(org) {
             Some(flow) if flow.detached_from.is_some_and(|d| offset >= d) => {
@@ -388,7 +417,7 @@ impl Scheduler {
             _ => Taken::Passed,
         };
         if taken == Taken::Queued {
-            self.push(partition, record);
+            self.push(partition, make());
         }
         if let Some(lane) = self.lanes.get_mut(&partition) {
             if lane.catch_up.is_some_and(|c| c >= head) {

@@ -329,3 +329,36 @@ proptest::proptest! {
         }
     }
 }
+
+#[test]
+fn records_passed_over_are_never_copied() {
+    let mut s = Scheduler::new(shape(10, 2, 1_000));
+    let mut copies = 0;
+    let offer = |s: &mut Scheduler, offset: i64, org: u8, copies: &mut usize| {
+        s.offer_with(0, offset, Some(&[b'a' + org]), || {
+            *copies += 1;
+            record(0, offset, org)
+        })
+    };
+    // a fills its queue (2) at offsets 0 and 1; its next records are read past uncopied.
+    assert_eq!(offer(&mut s, 0, 0, &mut copies), Taken::Queued);
+    assert_eq!(offer(&mut s, 1, 0, &mut copies), Taken::Queued);
+    assert_eq!(offer(&mut s, 2, 0, &mut copies), Taken::Passed);
+    assert_eq!(offer(&mut s, 3, 1, &mut copies), Taken::Queued);
+    assert_eq!(offer(&mut s, 4, 0, &mut copies), Taken::Passed);
+    assert_eq!(copies, 3, "only the queued records were copied");
+    // The catch-up reader copies only the read-past org's records it brings.
+    s.cut(10);
+    let mut caught = 0;
+    for (offset, org) in [(2, 0), (3, 1), (4, 0)] {
+        s.offer_catch_up_with(0, offset, Some(&[b'a' + org]), || {
+            caught += 1;
+            record(0, offset, org)
+        });
+    }
+    assert_eq!(
+        caught, 2,
+        "b's record at 3 was the head's: not copied again"
+    );
+    assert_eq!(orgs(&s.cut(10)), "aa");
+}

@@ -61,6 +61,27 @@ const PUMP: usize = 2_048;
 /// How long a wait for the head may last while the catch-up reader has records to bring.
 const CATCH_UP_TICK: Duration = Duration::from_millis(5);
 
+/// How long a move of the catch-up reader may take.
+const SEEK_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// A partition of the catch-up reader's assignment.
+#[derive(Debug, Clone, Copy)]
+struct ReaderPart {
+    /// The scheduler's catch-up it reads for; `None` while paused with nothing to read.
+    epoch: Option<u64>,
+    paused: bool,
+    /// When it was added: a partition is paused only once it has been set up for a while
+    /// (a pause right after an assignment was seen never to be undone).
+    added: Instant,
+}
+
+/// How long a partition stays in the catch-up reader's assignment before it may be paused.
+const PAUSE_AFTER: Duration = Duration::from_secs(1);
+
+/// The catch-up reader is made anew when it has brought nothing for this long while it has
+/// partitions to read and room to queue.
+const CATCH_UP_STALL: Duration = Duration::from_secs(10);
+
 /// How batches are cut.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct BatchShape {
@@ -87,6 +108,10 @@ pub(super) struct BatchSource {
     /// (epoch, paused).
     catch_up: Option<BaseConsumer<ReaderContext>>,
     catching_up: BTreeMap<i32, (u64, bool)>,
+    /// The partitions in the catch-up reader's assignment.
+    reader_parts: BTreeMap<i32, ReaderPart>,
+    /// Since when the catch-up reader has had something to read and brought nothing.
+    catch_up_since: Option<Instant>,
     /// When the oldest record waiting in the scheduler makes a batch due.
     deadline: Option<Instant>,
     last_claim: Option<Instant>,
@@ -120,6 +145,8 @@ impl BatchSource {
             head_paused: BTreeSet::new(),
             catch_up: None,
             catching_up: BTreeMap::new(),
+            reader_parts: BTreeMap::new(),
+            catch_up_since: None,
             deadline: None,
             last_claim: None,
             named_orgs: std::collections::HashSet::new(),
@@ -288,14 +315,13 @@ impl BatchSource {
 
     /// Takes what the head has ready, without waiting.
     async fn pump_head(&mut self) {
+        let consumer = self.consumer.clone();
         for _ in 0..PUMP {
-            match self.consumer.recv().now_or_never() {
+            match consumer.recv().now_or_never() {
                 None => return,
                 Some(Ok(message)) => {
                     self.errors_in_a_row = 0;
-                    let record = Inbound::copy_of(&message);
-                    drop(message);
-                    self.take(record);
+                    self.take(&message);
                 }
                 Some(Err(e)) => {
                     self.error(&e).await;
@@ -310,13 +336,12 @@ impl BatchSource {
         if wait.is_zero() {
             return;
         }
-        match tokio::time::timeout(wait, self.consumer.recv()).await {
+        let consumer = self.consumer.clone();
+        match tokio::time::timeout(wait, consumer.recv()).await {
             Err(_) => {}
             Ok(Ok(message)) => {
                 self.errors_in_a_row = 0;
-                let record = Inbound::copy_of(&message);
-                drop(message);
-                self.take(record);
+                self.take(&message);
             }
             Ok(Err(e)) => self.error(&e).await,
         }
@@ -334,22 +359,28 @@ impl BatchSource {
         let Some(reader) = self.catch_up.as_ref() else {
             return;
         };
-        let mut records = Vec::new();
         for _ in 0..PUMP {
             match reader.poll(Duration::ZERO) {
                 None => break,
-                Some(Ok(message)) => records.push(Inbound::copy_of(&message)),
+                Some(Ok(message)) => {
+                    self.catch_up_since = Some(Instant::now());
+                    let partition = message.partition();
+                    if self.catching_up.contains_key(&partition) {
+                        // Copied only when queued: most of what it reads is passed over.
+                        self.scheduler.offer_catch_up_with(
+                            partition,
+                            message.offset(),
+                            message.key(),
+                            || Inbound::copy_of(&message),
+                        );
+                    }
+                }
                 Some(Err(e)) => {
                     metrics::counter!(m::CONSUMER_ERRORS_TOTAL, "stage" => self.group.clone(), "error" => "catch_up")
                         .increment(1);
                     tracing::debug!(error = %e, "catch-up reader error; carrying on");
                     break;
                 }
-            }
-        }
-        for record in records {
-            if self.catching_up.contains_key(&record.partition()) {
-                self.scheduler.offer_catch_up(record);
             }
         }
     }
@@ -363,7 +394,7 @@ impl BatchSource {
     /// held of a partition revoked since the last message (the poll that returned this one
     /// served the revocation) are dropped first: they belong to the partition's next owner,
     /// which reads them again from the last commit.
-    fn take(&mut self, record: Inbound) {
+    fn take<M: Message>(&mut self, message: &M) {
         self.apply_revoked();
         // The group went on without this worker (its session expired in a broker outage):
         // every record fetched before is its next owner's, and the revocation that says so
@@ -387,7 +418,20 @@ impl BatchSource {
             self.unready_counts.clear();
             return;
         }
-        self.offer(record);
+        if self.scheduler.queued() == 0 {
+            self.deadline = Some(Instant::now() + self.shape.linger);
+        }
+        let partition = message.partition();
+        if !self.scheduler.has(partition) {
+            *self.unready_counts.entry(partition).or_default() += 1;
+            self.unready.push(Inbound::copy_of(message));
+            return;
+        }
+        // Copied only when queued: records of an org read past are not.
+        self.scheduler
+            .offer_with(partition, message.offset(), message.key(), || {
+                Inbound::copy_of(message)
+            });
     }
 
     /// Forgets the partitions revoked since the last look (the revocation was served by the
@@ -499,50 +543,162 @@ impl BatchSource {
         self.steer_catch_up(&wants);
     }
 
+    /// Points the catch-up reader where the scheduler wants it, without ever taking a partition
+    /// out of its assignment while it is still set up: a partition is added once
+    /// (`incremental_assign`), moved by seeking, paused when nothing of it is to be read again,
+    /// and removed only once the worker let it go. Assigning anew at every move, as this once
+    /// did, removes and adds every partition each time, and librdkafka (up to 2.15) aborts the
+    /// process when a partition is removed again before its previous removal was served
+    /// (`rd_kafka_assignment_partition_stopped: Assertion rktp->rktp_started failed`,
+    /// librdkafka issue 5573), which a replay's frequent moves reached.
     fn steer_catch_up(&mut self, wants: &BTreeMap<i32, Readers>) {
         let desired: BTreeMap<i32, (u64, i64, bool)> = wants
             .iter()
             .filter_map(|(p, w)| w.catch_up.map(|c| (*p, (c.epoch, c.from, c.paused))))
             .collect();
-        let reassign = desired.len() != self.catching_up.len()
-            || desired
-                .iter()
-                .any(|(p, (epoch, _, _))| self.catching_up.get(p).map(|c| c.0) != Some(*epoch));
-        if reassign {
-            if self.catch_up.is_none() && !desired.is_empty() {
-                match crate::kafka::io::reader(&self.kafka, &self.topic, "catch-up reader", false) {
-                    Ok(reader) => self.catch_up = Some(reader),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "catch-up reader could not be made; trying again");
-                        return;
-                    }
-                }
-            }
-            let Some(reader) = self.catch_up.as_ref() else {
-                self.catching_up.clear();
+        if self.catch_up.is_none() {
+            if desired.is_empty() {
                 return;
-            };
-            let mut tpl = TopicPartitionList::new();
-            for (p, (_, from, _)) in &desired {
-                if let Err(e) = tpl.add_partition_offset(&self.topic, *p, Offset::Offset(*from)) {
-                    tracing::warn!(error = %e, "catch-up assignment");
+            }
+            match crate::kafka::io::reader(&self.kafka, &self.topic, "catch-up reader", false) {
+                Ok(reader) => self.catch_up = Some(reader),
+                Err(e) => {
+                    tracing::warn!(error = %e, "catch-up reader could not be made; trying again");
                     return;
                 }
             }
-            if let Err(e) = reader.assign(&tpl) {
-                tracing::warn!(error = %e, "catch-up reader could not be assigned; trying again");
-                return;
-            }
-            tracing::debug!(catching_up = ?desired, "catch-up reader assigned");
-            self.catching_up = desired
-                .iter()
-                .map(|(p, (epoch, _, _))| (*p, (*epoch, false)))
-                .collect();
         }
-        for (p, (_, _, paused)) in &desired {
-            if let Some(state) = self.catching_up.get_mut(p) {
-                state.1 = *paused;
+        let Some(reader) = self.catch_up.as_ref() else {
+            return;
+        };
+        // Partitions the worker let go leave the reader's assignment.
+        let gone: Vec<i32> = self
+            .reader_parts
+            .keys()
+            .filter(|p| !self.scheduler.has(**p))
+            .copied()
+            .collect();
+        if !gone.is_empty() {
+            let mut tpl = TopicPartitionList::new();
+            for p in &gone {
+                tpl.add_partition(&self.topic, *p);
             }
+            match reader.incremental_unassign(&tpl) {
+                Ok(()) => {
+                    for p in &gone {
+                        self.reader_parts.remove(p);
+                    }
+                }
+                Err(e) => tracing::debug!(error = %e, "catch-up reader: removing partitions"),
+            }
+        }
+        // New partitions are added at their offsets; assigned ones are moved.
+        let mut add = TopicPartitionList::new();
+        let mut added = Vec::new();
+        for (p, (epoch, from, _)) in &desired {
+            match self.reader_parts.get_mut(p) {
+                None => {
+                    if add
+                        .add_partition_offset(&self.topic, *p, Offset::Offset(*from))
+                        .is_ok()
+                    {
+                        added.push((*p, *epoch));
+                    }
+                }
+                Some(part) if part.epoch != Some(*epoch) => {
+                    if let Err(e) =
+                        reader.seek(&self.topic, *p, Offset::Offset(*from), SEEK_TIMEOUT)
+                    {
+                        // Not set up yet, say: tried again at the next look.
+                        tracing::debug!(partition = p, error = %e, "catch-up reader: seek");
+                        continue;
+                    }
+                    if part.paused {
+                        let mut tpl = TopicPartitionList::new();
+                        tpl.add_partition(&self.topic, *p);
+                        if let Err(e) = reader.resume(&tpl) {
+                            tracing::debug!(partition = p, error = %e, "catch-up reader: resume");
+                            continue;
+                        }
+                        part.paused = false;
+                    }
+                    part.epoch = Some(*epoch);
+                    tracing::debug!(partition = p, from, epoch, "catch-up reader moved");
+                }
+                Some(_) => {}
+            }
+        }
+        if add.count() > 0 {
+            match reader.incremental_assign(&add) {
+                Ok(()) => {
+                    for (p, epoch) in added {
+                        self.reader_parts.insert(
+                            p,
+                            ReaderPart {
+                                epoch: Some(epoch),
+                                paused: false,
+                                added: Instant::now(),
+                            },
+                        );
+                    }
+                    tracing::debug!(catching_up = ?desired, "catch-up reader: partitions added");
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "catch-up reader could not be assigned; trying again")
+                }
+            }
+        }
+        // Partitions with nothing to read again are paused, kept assigned.
+        let mut pause = TopicPartitionList::new();
+        let idle: Vec<i32> = self
+            .reader_parts
+            .iter()
+            .filter(|(p, part)| {
+                !desired.contains_key(p) && !part.paused && part.added.elapsed() >= PAUSE_AFTER
+            })
+            .map(|(p, _)| *p)
+            .collect();
+        for p in &idle {
+            pause.add_partition(&self.topic, *p);
+        }
+        if pause.count() > 0 {
+            match reader.pause(&pause) {
+                Ok(()) => {
+                    for p in &idle {
+                        if let Some(part) = self.reader_parts.get_mut(p) {
+                            part.paused = true;
+                            part.epoch = None;
+                        }
+                    }
+                }
+                Err(e) => tracing::debug!(error = %e, "catch-up reader: pause"),
+            }
+        }
+        // What the reader reads for now: a partition counts once it is where it was asked.
+        let was_reading = self.catch_up_wants_reading();
+        self.catching_up = desired
+            .iter()
+            .filter(|(p, (epoch, _, _))| {
+                self.reader_parts.get(p).and_then(|part| part.epoch) == Some(*epoch)
+            })
+            .map(|(p, (epoch, _, paused))| (*p, (*epoch, *paused)))
+            .collect();
+        if !self.catch_up_wants_reading() {
+            self.catch_up_since = None;
+        } else if !was_reading || self.catch_up_since.is_none() {
+            self.catch_up_since = Some(Instant::now());
+        } else if self
+            .catch_up_since
+            .is_some_and(|t| t.elapsed() >= CATCH_UP_STALL)
+        {
+            tracing::warn!(
+                catching_up = ?self.catching_up,
+                "the catch-up reader brought nothing for {CATCH_UP_STALL:?}; making it anew"
+            );
+            self.catch_up = None;
+            self.reader_parts.clear();
+            self.catching_up.clear();
+            self.catch_up_since = None;
         }
     }
 
