@@ -358,7 +358,35 @@ fn lag_is_committed_offset_to_high_watermark_per_partition() {
         .map(|r| (r.partition, r.committed, r.high, r.lag))
         .collect();
     assert_eq!(lag, [(0, Some(4), 6, 2), (1, None, 4, 4)]);
+    assert!(rows.iter().all(|r| r.read_past.is_none()));
     assert!(medallion_runtime::ops::lag::table(&rows).contains("(total)"));
+
+    // A fair worker's commit: offset 1 is the lowest record not done; everything below 4 is
+    // done but org "a"'s records from 2 on.
+    let progress = medallion_runtime::progress::Progress::new(1, 4, [(b"a".to_vec(), 2)]);
+    let metadata = medallion_runtime::recovery::wrap_progress(
+        &medallion_runtime::recovery::Snapshot::default(),
+        Some(&progress.encode("t", 1)),
+        None,
+    );
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    tpl.add_partition_offset("t", 1, rdkafka::Offset::Offset(1))
+        .expect("tpl");
+    tpl.find_partition("t", 1)
+        .expect("element")
+        .set_metadata(metadata);
+    consumer.commit(&tpl, CommitMode::Sync).expect("committed");
+    let rows = group_lag(&kafka, "g", &["t".to_string()]).expect("lag");
+    let past = rows.iter().find(|r| r.partition == 1).expect("row");
+    assert_eq!((past.committed, past.lag), (Some(1), 3));
+    assert_eq!(
+        past.read_past,
+        Some(medallion_runtime::ops::lag::ReadPast {
+            through: 4,
+            open_orgs: 1
+        })
+    );
+    assert!(medallion_runtime::ops::lag::table(&rows).contains("all below 4 but 1 org"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

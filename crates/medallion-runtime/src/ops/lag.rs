@@ -1,6 +1,9 @@
 //! `medallion lag`: per consumer group, topic and partition, the committed offset, the high
 //! watermark and the difference, read from the broker (the workers' own
-//! `kafka_consumer_lag` gauge says the same from inside).
+//! `kafka_consumer_lag` gauge says the same from inside). A worker that schedules orgs fairly
+//! commits its lowest record not done and says in the commit metadata how far it is past it
+//! for every org but a few ([`crate::progress`]): that is shown too, so a partition where one
+//! org is being read past is not taken for a stuck one.
 
 use std::time::Duration;
 
@@ -10,6 +13,8 @@ use rdkafka::{Offset, TopicPartitionList};
 
 use super::capture::CaptureError;
 use crate::kafka::io::partition_ids;
+use crate::progress::Progress;
+use crate::recovery::progress_text;
 
 /// One partition of one group.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -23,6 +28,16 @@ pub struct LagRow {
     pub high: i64,
     /// Records not consumed yet: from the committed offset (or the start) to the high watermark.
     pub lag: i64,
+    /// What the commit says is done beyond the committed offset, if anything.
+    pub read_past: Option<ReadPast>,
+}
+
+/// Beyond its committed offset, the group is done with every record below `through` but
+/// those of `open_orgs` orgs (from their first open record on).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadPast {
+    pub through: i64,
+    pub open_orgs: usize,
 }
 
 /// The lag of `group` on each partition of `topics`.
@@ -48,12 +63,21 @@ pub fn group_lag(
         let committed = consumer.committed_offsets(tpl, Duration::from_secs(10))?;
         for p in partitions {
             let (low, high) = consumer.fetch_watermarks(topic, p, Duration::from_secs(10))?;
-            let committed = committed
-                .find_partition(topic, p)
-                .and_then(|e| match e.offset() {
-                    Offset::Offset(o) => Some(o),
-                    _ => None,
-                });
+            let element = committed.find_partition(topic, p);
+            let committed = element.as_ref().and_then(|e| match e.offset() {
+                Offset::Offset(o) => Some(o),
+                _ => None,
+            });
+            let read_past = element.as_ref().and_then(|e| {
+                let progress = Progress::decode(progress_text(e.metadata())?, topic, p)?;
+                (Some(progress.base) == committed
+                    && progress.claims_anything()
+                    && progress.fits(high))
+                .then_some(ReadPast {
+                    through: progress.through,
+                    open_orgs: progress.open.len(),
+                })
+            });
             let from = committed.unwrap_or(low).max(low);
             rows.push(LagRow {
                 group: group.to_string(),
@@ -63,6 +87,7 @@ pub fn group_lag(
                 low,
                 high,
                 lag: (high - from).max(0),
+                read_past,
             });
         }
     }
@@ -72,13 +97,21 @@ pub fn group_lag(
 /// The rows as an aligned table, with a total per group.
 pub fn table(rows: &[LagRow]) -> String {
     let mut out = format!(
-        "{:<22} {:<26} {:>9} {:>12} {:>12} {:>10}\n",
-        "GROUP", "TOPIC", "PARTITION", "COMMITTED", "HIGH", "LAG"
+        "{:<22} {:<26} {:>9} {:>12} {:>12} {:>10}  {}\n",
+        "GROUP", "TOPIC", "PARTITION", "COMMITTED", "HIGH", "LAG", "DONE PAST COMMITTED"
     );
     let mut total: std::collections::BTreeMap<&str, i64> = Default::default();
     for r in rows {
+        let past = r.read_past.map_or("-".to_string(), |p| {
+            format!(
+                "all below {} but {} org{}",
+                p.through,
+                p.open_orgs,
+                if p.open_orgs == 1 { "" } else { "s" }
+            )
+        });
         out.push_str(&format!(
-            "{:<22} {:<26} {:>9} {:>12} {:>12} {:>10}\n",
+            "{:<22} {:<26} {:>9} {:>12} {:>12} {:>10}  {past}\n",
             r.group,
             r.topic,
             r.partition,
