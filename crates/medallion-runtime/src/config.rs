@@ -182,21 +182,29 @@ impl Default for StateConfig {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct FairnessConfig {
-    /// Off (the default for now): each partition is taken in log order. On, a backlog costs a
-    /// second read of the org that is read past (see the README's Fair scheduling).
+    /// On (the default): orgs share each partition by deficit round robin, an org with a
+    /// backlog read past and caught up from the log (a second read of what was read past; see
+    /// the README's Fair scheduling). Off: each partition is taken in log order.
     pub enabled: bool,
     /// Records an org may take per turn of the round robin (times its weight).
     pub quantum: usize,
     /// Records queued for one org before the worker reads past its records (a reader of its
-    /// own brings them back as its queue drains).
+    /// own brings them back as its queue drains), when the org makes up more than
+    /// `read_past_percent` of what the worker read since its queue began.
     pub org_read_ahead: usize,
+    /// An org is read past only while it floods its partition: more than this percentage of
+    /// the records read since its queue began. One org among others in a backlog of all of
+    /// them is not read past (that would read most of the log twice for little gain); its
+    /// queue grows up to the partition's read-ahead instead. 0: any org with a full queue.
+    pub read_past_percent: u8,
     /// Records queued for one partition before reading it pauses.
     pub read_ahead_records: usize,
     /// Bytes queued for one partition before reading it pauses, MiB.
     pub read_ahead_mib: usize,
-    /// How far (in offsets) a partition may be read past its lowest record not done. Unset:
-    /// `dedup.window_per_partition`, so that where the broker keeps no commit metadata, a
-    /// restart's replay of what was done past its commit stays within what dedup drops.
+    /// How far (in offsets) a partition may be read past what a restart would read again: its
+    /// lowest record not done where the broker keeps no commit metadata, else what the
+    /// recorded progress cannot claim. Unset: `dedup.window_per_partition`, so that a
+    /// restart's replay of what was done stays within what dedup drops.
     pub max_skip_ahead: Option<i64>,
     /// Weights of orgs by org id (default 1): an org of weight 3 gets three quanta a turn.
     pub weights: std::collections::BTreeMap<String, u32>,
@@ -205,9 +213,10 @@ pub struct FairnessConfig {
 impl Default for FairnessConfig {
     fn default() -> Self {
         Self {
-            enabled: false,
+            enabled: true,
             quantum: 100,
             org_read_ahead: 1_000,
+            read_past_percent: 50,
             read_ahead_records: 5_000,
             read_ahead_mib: 4,
             max_skip_ahead: None,

@@ -46,14 +46,25 @@ pub(super) struct FairShape {
     pub(super) enabled: bool,
     /// Records a flow may take per visit of the round robin (times its weight).
     pub(super) quantum: usize,
-    /// Records queued for one org before the head passes its records over.
+    /// Records queued for one org before the head passes its records over, if the org
+    /// dominates what the head reads (`read_past_percent`); otherwise its queue may grow up to
+    /// the partition's read-ahead, and the head pauses there as in log order.
     pub(super) org_read_ahead: usize,
+    /// The share (percent) of the records the head read since the org's queue began that the
+    /// org must exceed to be read past: an org flooding its partition is, one among others in
+    /// a backlog of all of them is not (reading past it would read most of the log twice for
+    /// little gain: the others are behind on their own).
+    pub(super) read_past_percent: u8,
     /// Records queued for one partition before its head is paused.
     pub(super) read_ahead_records: usize,
     /// Bytes queued for one partition before its head is paused.
     pub(super) read_ahead_bytes: usize,
-    /// How far the head may run past the lowest record not done, in offsets.
+    /// How far the head may run past the lowest record not done, in offsets; where the broker
+    /// keeps commit metadata ([`Self::claims_kept`]), past what the recorded progress claims.
     pub(super) max_skip_ahead: i64,
+    /// The broker keeps commit metadata, so what the progress claims is passed over after a
+    /// restart: only done records beyond the claim are read again (and dropped by dedup).
+    pub(super) claims_kept: bool,
     /// Weights of orgs (default 1).
     pub(super) weights: HashMap<Org, u32>,
 }
@@ -66,11 +77,13 @@ impl FairShape {
             enabled: f.enabled,
             quantum: f.quantum,
             org_read_ahead: f.org_read_ahead,
+            read_past_percent: f.read_past_percent,
             read_ahead_records: f.read_ahead_records,
             read_ahead_bytes: f.read_ahead_mib.saturating_mul(1 << 20),
             max_skip_ahead: f
                 .max_skip_ahead
                 .unwrap_or(i64::try_from(dedup_window).unwrap_or(i64::MAX)),
+            claims_kept: false,
             weights: f
                 .weights
                 .iter()
@@ -96,6 +109,10 @@ struct Flow {
     detached_from: Option<i64>,
     /// In the round robin (it has queued records).
     in_round: bool,
+    /// The lane's head reads when the flow began, and the flow's own since (its share of
+    /// what the head read).
+    since: u64,
+    head_reads: u64,
 }
 
 impl Flow {
@@ -153,6 +170,8 @@ struct Lane {
     done: Option<Progress>,
     /// Records passed over as done since the last [`Scheduler::take_passed`].
     passed: u64,
+    /// Records the head delivered (the clock of the flows' shares).
+    head_reads: u64,
 }
 
 impl Lane {
@@ -182,10 +201,26 @@ impl Lane {
             )
         };
         let skipped = match (self.head, self.floor()) {
+            // Measured from what a restart would read again: the floor where the broker drops
+            // commit metadata; where it keeps it, what the progress cannot claim (only when the
+            // floor alone is over the bound: the claim costs a pass over the open orgs).
+            (Some(h), Some(f)) if shape.claims_kept && h - f >= skip.max(1) => {
+                h - self.claim_through(h, f)
+            }
             (Some(h), Some(f)) => h - f,
             _ => 0,
         };
         self.records >= records.max(1) || self.bytes >= bytes.max(1) || skipped >= skip.max(1)
+    }
+
+    /// How far a progress recorded now would claim, from `floor` up to `head`: bounded by
+    /// the encoded size, which the orgs still open take ([`Progress::new`]).
+    fn claim_through(&self, head: i64, floor: i64) -> i64 {
+        let open = self
+            .flows
+            .iter()
+            .filter_map(|(org, f)| f.first_open().map(|o| (org.clone(), o)));
+        Progress::new(floor, head, open).through
     }
 
     /// A detached flow with a full queue pauses the catch-up reader.
@@ -240,6 +275,17 @@ impl Scheduler {
 
     pub(super) fn shape(&self) -> &FairShape {
         &self.shape
+    }
+
+    /// Whether the broker keeps commit metadata (see [`FairShape::claims_kept`]).
+    pub(super) fn set_claims_kept(&mut self, kept: bool) {
+        if self.shape.claims_kept != kept {
+            tracing::info!(
+                kept,
+                "commit metadata kept by the broker: the head's read-ahead is bounded by what it cannot claim"
+            );
+        }
+        self.shape.claims_kept = kept;
     }
 
     /// Takes `partition` on, passing over what `done` says was done.
@@ -326,11 +372,16 @@ impl Scheduler {
             lane.passed += 1;
             return Taken::Done;
         }
+        lane.head_reads += 1;
+        let reads = lane.head_reads;
+        let percent = u64::from(self.shape.read_past_percent);
         if let Some(flow) = lane.flows.get_mut(org) {
+            flow.head_reads += 1;
             if flow.detached_from.is_some() {
                 return Taken::Passed;
             }
-            if flow.queue.len() >= org_limit {
+            let dominant = flow.head_reads * 100 > (reads - flow.since) * percent;
+            if flow.queue.len() >= org_limit && dominant {
                 flow.detached_from = Some(offset);
                 if lane.catch_up.is_none() {
                     lane.catch_up = Some(offset);
@@ -446,7 +497,16 @@ impl Scheduler {
         let size = record.payload().map_or(0, <[u8]>::len) + record.key().map_or(0, <[u8]>::len);
         let org = Self::org_of(enabled, &record);
         if !lane.flows.contains_key(org) {
-            lane.flows.insert(org.to_vec(), Flow::default());
+            // Begun by the head's record just read (the catch-up reader only queues for flows
+            // that exist).
+            lane.flows.insert(
+                org.to_vec(),
+                Flow {
+                    since: lane.head_reads.saturating_sub(1),
+                    head_reads: 1,
+                    ..Flow::default()
+                },
+            );
         }
         let Some(flow) = lane.flows.get_mut(org) else {
             return;

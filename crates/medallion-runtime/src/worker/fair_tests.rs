@@ -21,6 +21,7 @@ fn shape(quantum: usize, org_read_ahead: usize, read_ahead: usize) -> FairShape 
         enabled: true,
         quantum,
         org_read_ahead,
+        read_past_percent: 0,
         read_ahead_records: read_ahead,
         read_ahead_bytes: usize::MAX,
         max_skip_ahead: i64::MAX,
@@ -361,4 +362,71 @@ fn records_passed_over_are_never_copied() {
         "b's record at 3 was the head's: not copied again"
     );
     assert_eq!(orgs(&s.cut(10)), "aa");
+}
+
+#[test]
+fn where_claims_are_kept_the_head_reads_past_an_org_beyond_the_skip_ahead() {
+    for kept in [false, true] {
+        let mut s = Scheduler::new(FairShape {
+            max_skip_ahead: 10,
+            ..shape(100, 3, 1_000)
+        });
+        s.set_claims_kept(kept);
+        // a fills its queue and is read past from offset 3; b's records follow and are taken
+        // as they come.
+        for offset in 0..4 {
+            s.offer(record(0, offset, 0));
+        }
+        s.cut(1_000);
+        for offset in 4..40 {
+            s.offer(record(0, offset, 1));
+            s.cut(1_000);
+        }
+        let paused = s.readers(0).head_paused;
+        assert_eq!(
+            paused, !kept,
+            "kept = {kept}: the floor is a's first open record, 37 behind the head"
+        );
+        let claim = s.claim(0).expect("claim");
+        assert_eq!(claim.floor, 3);
+        assert_eq!(claim.through, 40, "all but a is claimed up to the head");
+        assert_eq!(claim.open.len(), 1, "{:?}", claim.open);
+    }
+}
+
+#[test]
+fn an_org_is_read_past_only_while_it_dominates_what_the_head_reads() {
+    let mut s = Scheduler::new(FairShape {
+        read_past_percent: 50,
+        ..shape(100, 4, 1_000)
+    });
+    // A backlog of all orgs: a is one record in three, its queue fills and keeps growing
+    // (nobody behind it is held up by a alone), and the head reads on in log order.
+    for offset in 0..30 {
+        let org = if offset % 3 == 0 {
+            0
+        } else {
+            1 + (offset % 2) as u8
+        };
+        assert_eq!(
+            s.offer(record(0, offset, org)),
+            Taken::Queued,
+            "offset {offset}"
+        );
+    }
+    assert_eq!(s.readers(0).catch_up, None);
+    s.cut(1_000);
+    // A flood of a (the others quiet): once its queue is full, a is read past.
+    let mut taken = Vec::new();
+    for offset in 30..40 {
+        taken.push(s.offer(record(0, offset, 0)));
+    }
+    assert_eq!(&taken[..4], &[Taken::Queued; 4]);
+    assert!(taken[4..].iter().all(|t| *t == Taken::Passed), "{taken:?}");
+    assert_eq!(
+        s.offer(record(0, 40, 1)),
+        Taken::Queued,
+        "b is read behind the flood"
+    );
+    assert!(s.readers(0).catch_up.is_some());
 }

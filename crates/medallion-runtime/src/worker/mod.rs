@@ -112,6 +112,21 @@ const DELIVERY_STALL: Duration = Duration::from_secs(10);
 /// poll): it is logged with what it waited on.
 const SLOW_STEP: Duration = Duration::from_secs(5);
 
+/// How often a worker that does not know yet whether its broker keeps commit metadata asks.
+const CLAIMS_PROBE_EVERY: Duration = Duration::from_secs(30);
+/// How long that question may take.
+const CLAIMS_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Every commit of this worker carries metadata (where its outputs stood): a committed offset
+/// of this group read back without any says the broker drops it (tansu), one with it that the
+/// broker keeps it. Nothing is learnt from partitions never committed.
+fn learn_claims_kept(committed: &[committer::Assigned], source: &mut BatchSource) {
+    let ours: Vec<&committer::Assigned> = committed.iter().filter(|a| a.offset.is_some()).collect();
+    if !ours.is_empty() {
+        source.set_claims_kept(ours.iter().any(|a| a.snapshot.is_some()));
+    }
+}
+
 /// Logs `step`, begun at `since`, if it took [`SLOW_STEP`] or more.
 fn slow(step: &'static str, since: Instant) {
     let took = since.elapsed();
@@ -209,6 +224,7 @@ impl<S: Stage> StageWorker<S> {
         ]);
         let paused = metrics::gauge!(m::CONSUMPTION_PAUSED, "stage" => self.topo.group.clone());
         tokio::pin!(shutdown);
+        let mut claims_probe: Option<Instant> = None;
         loop {
             self.health.beat();
             let landing = Instant::now();
@@ -243,6 +259,12 @@ impl<S: Stage> StageWorker<S> {
                     None => continue,
                 },
             };
+            if source.claims_kept().is_none()
+                && claims_probe.is_none_or(|at: Instant| at.elapsed() >= CLAIMS_PROBE_EVERY)
+            {
+                claims_probe = Some(Instant::now());
+                self.probe_claims_kept(&mut source, &committer).await;
+            }
             let step = match polled {
                 Polled::Batch(cut) => {
                     self.process_batch(cut, &mut flights, &mut source, &committer)
@@ -480,6 +502,7 @@ impl<S: Stage> StageWorker<S> {
             self.land(flights.drain(self.drain_timeout).await, committer);
         }
         let mut committed = committer.committed(&fresh).await?;
+        learn_claims_kept(&committed, source);
         self.check_progress(&mut committed).await;
         let done: Vec<(i32, Option<crate::progress::Progress>)> = committed
             .iter()
@@ -508,6 +531,26 @@ impl<S: Stage> StageWorker<S> {
         };
         self.health.set(Condition::Restoring, more);
         Ok(())
+    }
+
+    /// Asks the broker what this group committed on its assigned partitions, to learn whether
+    /// it keeps commit metadata (a group's first run has not read any at assignment). Bounded
+    /// in time: an unanswered question is asked again later.
+    async fn probe_claims_kept(&self, source: &mut BatchSource, committer: &Committer) {
+        let mut assigned: Vec<i32> = self
+            .assigned
+            .lock()
+            .map(|a| a.iter().copied().collect())
+            .unwrap_or_default();
+        if assigned.is_empty() {
+            return;
+        }
+        assigned.sort_unstable();
+        if let Ok(Ok(committed)) =
+            tokio::time::timeout(CLAIMS_PROBE_TIMEOUT, committer.committed(&assigned)).await
+        {
+            learn_claims_kept(&committed, source);
+        }
     }
 
     /// Checks recorded progress against the log: one that reaches past a partition's end

@@ -75,11 +75,20 @@ struct ReaderPart {
     added: Instant,
 }
 
+/// A partition the catch-up reader reads for.
+#[derive(Debug, Clone, Copy)]
+struct CatchingUp {
+    /// An org it reads for has a full queue.
+    full: bool,
+    /// Full, and not paused in the reader: the reader is not polled.
+    holds: bool,
+}
+
 /// How long a partition stays in the catch-up reader's assignment before it may be paused.
 const PAUSE_AFTER: Duration = Duration::from_secs(1);
 
 /// The catch-up reader is made anew when it has brought nothing for this long while it has
-/// partitions to read and room to queue.
+/// partitions to read and room to queue, and the head reads on.
 const CATCH_UP_STALL: Duration = Duration::from_secs(10);
 
 /// How batches are cut.
@@ -107,11 +116,15 @@ pub(super) struct BatchSource {
     /// The catch-up reader, made when first needed, and what it was told: partition →
     /// (epoch, paused).
     catch_up: Option<BaseConsumer<ReaderContext>>,
-    catching_up: BTreeMap<i32, (u64, bool)>,
+    catching_up: BTreeMap<i32, CatchingUp>,
     /// The partitions in the catch-up reader's assignment.
     reader_parts: BTreeMap<i32, ReaderPart>,
     /// Since when the catch-up reader has had something to read and brought nothing.
     catch_up_since: Option<Instant>,
+    /// Whether the broker's keeping of commit metadata was learnt.
+    claims_known: bool,
+    /// When the head last delivered a record.
+    head_seen: Option<Instant>,
     /// When the oldest record waiting in the scheduler makes a batch due.
     deadline: Option<Instant>,
     last_claim: Option<Instant>,
@@ -147,6 +160,8 @@ impl BatchSource {
             catching_up: BTreeMap::new(),
             reader_parts: BTreeMap::new(),
             catch_up_since: None,
+            claims_known: false,
+            head_seen: None,
             deadline: None,
             last_claim: None,
             named_orgs: std::collections::HashSet::new(),
@@ -321,6 +336,7 @@ impl BatchSource {
                 None => return,
                 Some(Ok(message)) => {
                     self.errors_in_a_row = 0;
+                    self.head_seen = Some(Instant::now());
                     self.take(&message);
                 }
                 Some(Err(e)) => {
@@ -341,6 +357,7 @@ impl BatchSource {
             Err(_) => {}
             Ok(Ok(message)) => {
                 self.errors_in_a_row = 0;
+                self.head_seen = Some(Instant::now());
                 self.take(&message);
             }
             Ok(Err(e)) => self.error(&e).await,
@@ -349,11 +366,10 @@ impl BatchSource {
 
     /// Takes what the catch-up reader has ready, without waiting.
     fn pump_catch_up(&mut self) {
-        // The reader is not paused (a pause right after an assignment was seen never to
-        // resume): while an org it reads for has a full queue, it is simply not polled, and
-        // librdkafka's own prefetch (`queued.min.messages` / `queued.max.messages.kbytes` of a
-        // reader) bounds what waits.
-        if self.catching_up.is_empty() || self.catching_up.values().any(|(_, paused)| *paused) {
+        // A partition whose org queue is full is paused in the reader; one that could not be
+        // paused yet holds the whole reader (not polled), librdkafka's own prefetch
+        // (`queued.min.messages` / `queued.max.messages.kbytes` of a reader) bounding what waits.
+        if self.catching_up.is_empty() || self.catching_up.values().any(|c| c.holds) {
             return;
         }
         let Some(reader) = self.catch_up.as_ref() else {
@@ -385,9 +401,9 @@ impl BatchSource {
         }
     }
 
-    /// The catch-up reader has partitions to read and none waits for a queue to drain.
+    /// The catch-up reader has a partition to read and none that holds it.
     fn catch_up_wants_reading(&self) -> bool {
-        !self.catching_up.is_empty() && self.catching_up.values().all(|(_, paused)| !paused)
+        self.catching_up.values().any(|c| !c.full) && self.catching_up.values().all(|c| !c.holds)
     }
 
     /// Adds a record from the head: queued, or held until its partition is set up. Records
@@ -481,6 +497,18 @@ impl BatchSource {
                 tracing::debug!(partition, error = %e, "resuming a forgotten partition");
             }
         }
+    }
+
+    /// What the worker learnt of its broker's commit metadata (`None`: nothing yet).
+    pub(super) fn claims_kept(&self) -> Option<bool> {
+        self.claims_known
+            .then_some(self.scheduler.shape().claims_kept)
+    }
+
+    /// The broker keeps commit metadata (or drops it): see [`FairShape::claims_kept`].
+    pub(super) fn set_claims_kept(&mut self, kept: bool) {
+        self.claims_known = true;
+        self.scheduler.set_claims_kept(kept);
     }
 
     /// Whether `partition` is set up in the scheduler.
@@ -583,6 +611,11 @@ impl BatchSource {
             for p in &gone {
                 tpl.add_partition(&self.topic, *p);
             }
+            // librdkafka keeps a partition's pause across assignments: one that leaves paused
+            // would come back paused and never deliver.
+            if let Err(e) = reader.resume(&tpl) {
+                tracing::debug!(error = %e, "catch-up reader: resuming partitions it lets go");
+            }
             match reader.incremental_unassign(&tpl) {
                 Ok(()) => {
                     for p in &gone {
@@ -613,15 +646,6 @@ impl BatchSource {
                         tracing::debug!(partition = p, error = %e, "catch-up reader: seek");
                         continue;
                     }
-                    if part.paused {
-                        let mut tpl = TopicPartitionList::new();
-                        tpl.add_partition(&self.topic, *p);
-                        if let Err(e) = reader.resume(&tpl) {
-                            tracing::debug!(partition = p, error = %e, "catch-up reader: resume");
-                            continue;
-                        }
-                        part.paused = false;
-                    }
                     part.epoch = Some(*epoch);
                     tracing::debug!(partition = p, from, epoch, "catch-up reader moved");
                 }
@@ -631,6 +655,10 @@ impl BatchSource {
         if add.count() > 0 {
             match reader.incremental_assign(&add) {
                 Ok(()) => {
+                    // Not paused from an earlier assignment (see above).
+                    if let Err(e) = reader.resume(&add) {
+                        tracing::debug!(error = %e, "catch-up reader: resuming added partitions");
+                    }
                     for (p, epoch) in added {
                         self.reader_parts.insert(
                             p,
@@ -648,40 +676,65 @@ impl BatchSource {
                 }
             }
         }
-        // Partitions with nothing to read again are paused, kept assigned.
+        // A partition is paused while nothing of it is to be read again (kept assigned) or
+        // while an org it reads for has a full queue, so the others read on; it is resumed
+        // where it left off. A partition set up less than a second ago is not paused (a pause
+        // right after an assignment was seen never to be undone): while it would be, the
+        // reader is not polled at all.
         let mut pause = TopicPartitionList::new();
-        let idle: Vec<i32> = self
-            .reader_parts
-            .iter()
-            .filter(|(p, part)| {
-                !desired.contains_key(p) && !part.paused && part.added.elapsed() >= PAUSE_AFTER
-            })
-            .map(|(p, _)| *p)
-            .collect();
-        for p in &idle {
-            pause.add_partition(&self.topic, *p);
+        let mut resume = TopicPartitionList::new();
+        for (p, part) in &self.reader_parts {
+            let want = desired.get(p).is_none_or(|(_, _, full)| *full);
+            if want && !part.paused && part.added.elapsed() >= PAUSE_AFTER {
+                pause.add_partition(&self.topic, *p);
+            } else if !want && part.paused {
+                resume.add_partition(&self.topic, *p);
+            }
         }
         if pause.count() > 0 {
             match reader.pause(&pause) {
                 Ok(()) => {
-                    for p in &idle {
-                        if let Some(part) = self.reader_parts.get_mut(p) {
+                    for e in pause.elements() {
+                        if let Some(part) = self.reader_parts.get_mut(&e.partition()) {
                             part.paused = true;
-                            part.epoch = None;
                         }
                     }
                 }
                 Err(e) => tracing::debug!(error = %e, "catch-up reader: pause"),
             }
         }
-        // What the reader reads for now: a partition counts once it is where it was asked.
+        if resume.count() > 0 {
+            match reader.resume(&resume) {
+                Ok(()) => {
+                    for e in resume.elements() {
+                        if let Some(part) = self.reader_parts.get_mut(&e.partition()) {
+                            part.paused = false;
+                        }
+                    }
+                }
+                Err(e) => tracing::debug!(error = %e, "catch-up reader: resume"),
+            }
+        }
+        for (p, part) in self.reader_parts.iter_mut() {
+            if !desired.contains_key(p) {
+                part.epoch = None;
+            }
+        }
+        // What the reader reads for now: a partition counts once it is where it was asked;
+        // one with a full queue that could not be paused holds the whole reader.
         let was_reading = self.catch_up_wants_reading();
         self.catching_up = desired
             .iter()
-            .filter(|(p, (epoch, _, _))| {
-                self.reader_parts.get(p).and_then(|part| part.epoch) == Some(*epoch)
+            .filter_map(|(p, (epoch, _, full))| {
+                let part = self.reader_parts.get(p)?;
+                (part.epoch == Some(*epoch)).then_some((
+                    *p,
+                    CatchingUp {
+                        full: *full,
+                        holds: *full && !part.paused,
+                    },
+                ))
             })
-            .map(|(p, (epoch, _, paused))| (*p, (*epoch, *paused)))
             .collect();
         if !self.catch_up_wants_reading() {
             self.catch_up_since = None;
@@ -690,6 +743,12 @@ impl BatchSource {
         } else if self
             .catch_up_since
             .is_some_and(|t| t.elapsed() >= CATCH_UP_STALL)
+            // The broker answers the head meanwhile, or the head waits for the reader (an
+            // outage stalls both and is no fault of the reader's).
+            && (self
+                .head_seen
+                .is_some_and(|t| t.elapsed() < Duration::from_secs(1))
+                || !self.head_paused.is_empty())
         {
             tracing::warn!(
                 catching_up = ?self.catching_up,
