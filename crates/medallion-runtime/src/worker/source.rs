@@ -80,7 +80,7 @@ struct ReaderPart {
 struct CatchingUp {
     /// An org it reads for has a full queue.
     full: bool,
-    /// Full, and not paused in the reader: the reader is not polled.
+    /// Full: the reader is not polled.
     holds: bool,
 }
 
@@ -366,9 +366,9 @@ impl BatchSource {
 
     /// Takes what the catch-up reader has ready, without waiting.
     fn pump_catch_up(&mut self) {
-        // A partition whose org queue is full is paused in the reader; one that could not be
-        // paused yet holds the whole reader (not polled), librdkafka's own prefetch
-        // (`queued.min.messages` / `queued.max.messages.kbytes` of a reader) bounding what waits.
+        // While a partition's org queue is full the reader is not polled, librdkafka's own
+        // prefetch (`queued.min.messages` / `queued.max.messages.kbytes` of a reader) bounding
+        // what waits.
         if self.catching_up.is_empty() || self.catching_up.values().any(|c| c.holds) {
             return;
         }
@@ -676,15 +676,16 @@ impl BatchSource {
                 }
             }
         }
-        // A partition is paused while nothing of it is to be read again (kept assigned) or
-        // while an org it reads for has a full queue, so the others read on; it is resumed
-        // where it left off. A partition set up less than a second ago is not paused (a pause
-        // right after an assignment was seen never to be undone): while it would be, the
-        // reader is not polled at all.
+        // A partition is paused while nothing of it is to be read again (kept assigned). One
+        // whose org has a full queue is not: a pause drops what librdkafka prefetched and the
+        // resume fetches it again, which held a flooding org's catch-up to ~2k records/s on
+        // tansu; instead the reader is not polled until the queue drains (its prefetch bounds
+        // what waits). A partition set up less than a second ago is not paused either (a pause
+        // right after an assignment was seen never to be undone).
         let mut pause = TopicPartitionList::new();
         let mut resume = TopicPartitionList::new();
         for (p, part) in &self.reader_parts {
-            let want = desired.get(p).is_none_or(|(_, _, full)| *full);
+            let want = !desired.contains_key(p);
             if want && !part.paused && part.added.elapsed() >= PAUSE_AFTER {
                 pause.add_partition(&self.topic, *p);
             } else if !want && part.paused {
@@ -721,7 +722,7 @@ impl BatchSource {
             }
         }
         // What the reader reads for now: a partition counts once it is where it was asked;
-        // one with a full queue that could not be paused holds the whole reader.
+        // one with a full queue holds the whole reader.
         let was_reading = self.catch_up_wants_reading();
         self.catching_up = desired
             .iter()
@@ -731,7 +732,7 @@ impl BatchSource {
                     *p,
                     CatchingUp {
                         full: *full,
-                        holds: *full && !part.paused,
+                        holds: *full,
                     },
                 ))
             })
