@@ -216,11 +216,14 @@ impl Lane {
     /// How far a progress recorded now would claim, from `floor` up to `head`: bounded by
     /// the encoded size, which the orgs still open take ([`Progress::new`]).
     fn claim_through(&self, head: i64, floor: i64) -> i64 {
-        let open = self
-            .flows
+        Progress::new(floor, head, self.open_orgs()).through
+    }
+
+    /// Each org with a record not taken into a batch, and its first such offset.
+    fn open_orgs(&self) -> impl Iterator<Item = (Org, i64)> + '_ {
+        self.flows
             .iter()
-            .filter_map(|(org, f)| f.first_open().map(|o| (org.clone(), o)));
-        Progress::new(floor, head, open).through
+            .filter_map(|(org, f)| f.first_open().map(|o| (org.clone(), o)))
     }
 
     /// A detached flow with a full queue pauses the catch-up reader.
@@ -610,11 +613,7 @@ impl Scheduler {
                 open: HashMap::new(),
             });
         }
-        let mut open: HashMap<Org, i64> = lane
-            .flows
-            .iter()
-            .filter_map(|(org, f)| f.first_open().map(|o| (org.clone(), o)))
-            .collect();
+        let mut open: HashMap<Org, i64> = lane.open_orgs().collect();
         let mut through = head;
         // The restored progress still speaks for what the head has not reached: an org it
         // names open is open from there (or from the head, if the head passed its offset).

@@ -75,15 +75,6 @@ struct ReaderPart {
     added: Instant,
 }
 
-/// A partition the catch-up reader reads for.
-#[derive(Debug, Clone, Copy)]
-struct CatchingUp {
-    /// An org it reads for has a full queue.
-    full: bool,
-    /// Full: the reader is not polled.
-    holds: bool,
-}
-
 /// How long a partition stays in the catch-up reader's assignment before it may be paused.
 const PAUSE_AFTER: Duration = Duration::from_secs(1);
 
@@ -116,7 +107,9 @@ pub(super) struct BatchSource {
     /// The catch-up reader, made when first needed, and what it was told: partition →
     /// (epoch, paused).
     catch_up: Option<BaseConsumer<ReaderContext>>,
-    catching_up: BTreeMap<i32, CatchingUp>,
+    /// The partitions it reads for, and whether an org of each has a full queue (then the
+    /// reader is not polled).
+    catching_up: BTreeMap<i32, bool>,
     /// The partitions in the catch-up reader's assignment.
     reader_parts: BTreeMap<i32, ReaderPart>,
     /// Since when the catch-up reader has had something to read and brought nothing.
@@ -331,19 +324,25 @@ impl BatchSource {
     /// Takes what the head has ready, without waiting.
     async fn pump_head(&mut self) {
         let consumer = self.consumer.clone();
+        let mut took = false;
         for _ in 0..PUMP {
             match consumer.recv().now_or_never() {
-                None => return,
+                None => break,
                 Some(Ok(message)) => {
                     self.errors_in_a_row = 0;
-                    self.head_seen = Some(Instant::now());
+                    took = true;
                     self.take(&message);
                 }
                 Some(Err(e)) => {
                     self.error(&e).await;
-                    return;
+                    break;
                 }
             }
+        }
+        // Once per pump, not per record: the catch-up reader's stall check only asks whether
+        // the head delivered within the last second.
+        if took {
+            self.head_seen = Some(Instant::now());
         }
     }
 
@@ -369,7 +368,7 @@ impl BatchSource {
         // While a partition's org queue is full the reader is not polled, librdkafka's own
         // prefetch (`queued.min.messages` / `queued.max.messages.kbytes` of a reader) bounding
         // what waits.
-        if self.catching_up.is_empty() || self.catching_up.values().any(|c| c.holds) {
+        if self.catching_up.is_empty() || self.catching_up.values().any(|full| *full) {
             return;
         }
         let Some(reader) = self.catch_up.as_ref() else {
@@ -401,9 +400,9 @@ impl BatchSource {
         }
     }
 
-    /// The catch-up reader has a partition to read and none that holds it.
+    /// The catch-up reader has partitions to read and none waits for a queue to drain.
     fn catch_up_wants_reading(&self) -> bool {
-        self.catching_up.values().any(|c| !c.full) && self.catching_up.values().all(|c| !c.holds)
+        !self.catching_up.is_empty() && self.catching_up.values().all(|full| !full)
     }
 
     /// Adds a record from the head: queued, or held until its partition is set up. Records
@@ -726,16 +725,10 @@ impl BatchSource {
         let was_reading = self.catch_up_wants_reading();
         self.catching_up = desired
             .iter()
-            .filter_map(|(p, (epoch, _, full))| {
-                let part = self.reader_parts.get(p)?;
-                (part.epoch == Some(*epoch)).then_some((
-                    *p,
-                    CatchingUp {
-                        full: *full,
-                        holds: *full,
-                    },
-                ))
+            .filter(|(p, (epoch, _, _))| {
+                self.reader_parts.get(p).and_then(|part| part.epoch) == Some(*epoch)
             })
+            .map(|(p, (_, _, full))| (*p, *full))
             .collect();
         if !self.catch_up_wants_reading() {
             self.catch_up_since = None;
