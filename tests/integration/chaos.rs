@@ -237,6 +237,12 @@ async fn sigkills_of_every_stage_lose_nothing_repeat_nothing_and_keep_gold_exact
             vec![
                 log(),
                 fair(),
+                // As a StatefulSet's pod: static membership under its pod's name, kept when
+                // it moves to another node's disk.
+                (
+                    "MEDALLION__KAFKA__INSTANCE_ID",
+                    "silver-processor-0".to_string(),
+                ),
                 ("MEDALLION__STATE__DIR", dir.display().to_string()),
                 // Checkpoints often, so restarts resume from one.
                 (
@@ -489,7 +495,13 @@ async fn sigkills_of_every_stage_lose_nothing_repeat_nothing_and_keep_gold_exact
         SILVER_BIN,
         &p.broker.address,
         &p.registry.address,
-        &[("MEDALLION__STATE__DIR", moved.display().to_string())],
+        &[
+            ("MEDALLION__STATE__DIR", moved.display().to_string()),
+            (
+                "MEDALLION__KAFKA__INSTANCE_ID",
+                "silver-processor-0".to_string(),
+            ),
+        ],
     )
     .expect("silver");
     let refused = read_until(

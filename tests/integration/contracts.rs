@@ -319,6 +319,7 @@ async fn connector_events_travel_the_wire_format_end_to_end() {
                 medallion_runtime::kafka::Role::StageConsumer {
                     group: &group,
                     session_timeout_ms: 6000,
+                    instance_id: None,
                 },
                 "consumer",
             )

@@ -55,6 +55,15 @@ pub struct KafkaConfig {
     pub produce_timeout_ms: u32,
     /// Extra librdkafka properties (security.protocol, sasl.*, ...), applied to every client.
     pub properties: std::collections::BTreeMap<String, String>,
+    /// Static group membership (`group.instance.id` of the stage's consumer): an id of this
+    /// replica that outlives its process, such as a StatefulSet pod's name. A replica that
+    /// restarts under the same id is given its partitions back as soon as it rejoins, instead
+    /// of after its session expires and the group rebalances; the others keep theirs. Unset
+    /// (the default): dynamic membership, for replicas without a stable name (a Deployment's
+    /// pods), whose old ids would hold partitions until their sessions expire. Two live
+    /// processes must never share an id: the broker fences the older one, which then stops.
+    #[serde(default)]
+    pub instance_id: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -297,6 +306,7 @@ impl<S: Default> Default for WorkerConfig<S> {
                 session_timeout_ms: 10_000,
                 produce_timeout_ms: 30_000,
                 properties: Default::default(),
+                instance_id: None,
             },
             registry: RegistryConfig {
                 url: "http://localhost:8081".into(),
@@ -375,6 +385,10 @@ impl<S: Default + Serialize + DeserializeOwned> WorkerConfig<S> {
         self.kafka
             .connection()
             .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        if let Some(id) = &self.kafka.instance_id {
+            crate::kafka::check_instance_id(id)
+                .map_err(|e| ConfigError::Invalid(format!("kafka.instance_id: {e}")))?;
+        }
         medallion_contracts::topics::check_prefix(&self.naming.prefix)
             .map_err(|e| ConfigError::Invalid(format!("naming.prefix: {e}")))?;
         if self.pipeline.id.trim().is_empty() {
@@ -488,6 +502,7 @@ mod tests {
             ("enable.auto.commit", "acknowledged"),
             ("session.timeout.ms", "kafka.session_timeout_ms"),
             ("enable.idempotence", "idempotent"),
+            ("group.instance.id", "kafka.instance_id"),
         ] {
             let (_dir, path) = write(&format!("kafka:\n  properties:\n    {key}: x\n"));
             let err = WorkerConfig::<StageSettings>::load(Some(&path))
@@ -500,6 +515,26 @@ mod tests {
         }
         let (_dir, path) = write("kafka:\n  properties:\n    security.protocol: SASL_SSL\n");
         assert!(WorkerConfig::<StageSettings>::load(Some(&path)).is_ok());
+    }
+
+    #[test]
+    fn an_instance_id_kafka_would_refuse_is_named() {
+        let (_dir, path) = write("kafka:\n  instance_id: silver-processor-0\n");
+        let config = WorkerConfig::<StageSettings>::load(Some(&path)).expect("valid");
+        assert_eq!(
+            config.kafka.instance_id.as_deref(),
+            Some("silver-processor-0")
+        );
+        for (bad, why) in [("''", "empty"), ("'pod 0'", "` `")] {
+            let (_dir, path) = write(&format!("kafka:\n  instance_id: {bad}\n"));
+            let err = WorkerConfig::<StageSettings>::load(Some(&path))
+                .expect_err("bad id")
+                .to_string();
+            assert!(
+                err.contains("kafka.instance_id") && err.contains(why),
+                "{err}"
+            );
+        }
     }
 
     #[test]

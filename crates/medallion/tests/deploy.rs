@@ -84,6 +84,19 @@ fn check_worker_config(group: &str, text: &str) -> Option<PathBuf> {
     state_dir
 }
 
+/// Where a container's `MEDALLION__KAFKA__INSTANCE_ID` comes from (a field of the pod), if set.
+fn instance_id(container: &Json) -> Option<&str> {
+    container["env"]
+        .as_array()?
+        .iter()
+        .find(|e| e["name"] == "MEDALLION__KAFKA__INSTANCE_ID")
+        .map(|e| {
+            e["valueFrom"]["fieldRef"]["fieldPath"]
+                .as_str()
+                .unwrap_or("not from a pod field")
+        })
+}
+
 /// The groups that keep state in the local store: StatefulSets with a volume of their own.
 const STATEFUL: [&str; 2] = ["silver-processor", "notification-sender"];
 
@@ -223,8 +236,18 @@ fn the_overlays_build_and_match_the_workers() {
                     "{group}: governing Service"
                 );
                 assert_eq!(scaler["spec"]["scaleTargetRef"]["kind"], "StatefulSet");
+                // Static membership under the pod's stable name: a restarted replica gets
+                // its partitions (and its disk's state) back without a rebalance.
+                assert_eq!(
+                    instance_id(c),
+                    Some("metadata.name"),
+                    "{group}: kafka.instance_id from the pod's name"
+                );
             } else {
                 assert_eq!(state_dir, None, "{group} keeps no state on disk");
+                // A Deployment's pods get new names: their old ids would hold partitions
+                // until their sessions expired.
+                assert_eq!(instance_id(c), None, "{group}: dynamic membership");
             }
         }
         // topic-config.yaml in the ConfigMap is the repository's.

@@ -104,7 +104,31 @@ const OWNED: &[(&str, &str)] = &[
     ("message.timeout.ms", "use kafka.produce_timeout_ms"),
     ("delivery.timeout.ms", "use kafka.produce_timeout_ms"),
     ("isolation.level", "outputs are read as produced"),
+    (
+        "group.instance.id",
+        "use kafka.instance_id: it belongs to the stage's consumer alone",
+    ),
 ];
+
+/// Whether `id` can be a static member's `group.instance.id`: Kafka allows at most 249 of
+/// ASCII letters, digits, `.`, `_` and `-` (a pod name qualifies).
+pub fn check_instance_id(id: &str) -> Result<(), String> {
+    if id.is_empty() {
+        return Err("empty (leave it unset for dynamic membership)".into());
+    }
+    if id.len() > 249 {
+        return Err(format!("{} characters, at most 249", id.len()));
+    }
+    if let Some(c) = id
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        return Err(format!(
+            "`{id}` has `{c}`; only letters, digits, `.`, `_` and `-`"
+        ));
+    }
+    Ok(())
+}
 
 /// What a client is for; each role owns the settings its guarantees rest on.
 #[derive(Debug, Clone, Copy)]
@@ -113,6 +137,8 @@ pub enum Role<'a> {
     StageConsumer {
         group: &'a str,
         session_timeout_ms: u32,
+        /// Static membership: this replica's lasting id (`kafka.instance_id`).
+        instance_id: Option<&'a str>,
     },
     /// An idempotent producer keyed like the Java client.
     Producer { message_timeout_ms: u64 },
@@ -222,14 +248,20 @@ impl KafkaConnection {
             Role::StageConsumer {
                 group,
                 session_timeout_ms,
-            } => config
-                .set("group.id", group)
-                .set("enable.auto.commit", "true")
-                .set("auto.commit.interval.ms", "1000")
-                .set("enable.auto.offset.store", "false")
-                .set("auto.offset.reset", "earliest")
-                .set("session.timeout.ms", session_timeout_ms.to_string())
-                .set("partition.assignment.strategy", "cooperative-sticky"),
+                instance_id,
+            } => {
+                if let Some(id) = instance_id {
+                    config.set("group.instance.id", id);
+                }
+                config
+                    .set("group.id", group)
+                    .set("enable.auto.commit", "true")
+                    .set("auto.commit.interval.ms", "1000")
+                    .set("enable.auto.offset.store", "false")
+                    .set("auto.offset.reset", "earliest")
+                    .set("session.timeout.ms", session_timeout_ms.to_string())
+                    .set("partition.assignment.strategy", "cooperative-sticky")
+            }
             Role::Producer { message_timeout_ms } => config
                 .set("enable.idempotence", "true")
                 .set("acks", "all")
@@ -375,6 +407,7 @@ mod tests {
             Role::StageConsumer {
                 group: "g",
                 session_timeout_ms: 6000,
+                instance_id: Some("silver-processor-0"),
             },
             Role::Producer {
                 message_timeout_ms: 1000,
@@ -396,6 +429,23 @@ mod tests {
         }
         let consumer = kafka.config(roles[0]);
         assert_eq!(consumer.get("group.id"), Some("g"));
+        assert_eq!(
+            consumer.get("group.instance.id"),
+            Some("silver-processor-0")
+        );
+        for role in &roles[1..] {
+            assert_eq!(
+                kafka.config(*role).get("group.instance.id"),
+                None,
+                "static membership is the stage consumer's alone: {role:?}"
+            );
+        }
+        let dynamic = kafka.config(Role::StageConsumer {
+            group: "g",
+            session_timeout_ms: 6000,
+            instance_id: None,
+        });
+        assert_eq!(dynamic.get("group.instance.id"), None);
         assert_eq!(consumer.get("enable.auto.offset.store"), Some("false"));
         assert_eq!(consumer.get("queued.max.messages.kbytes"), Some("32768"));
         // Prefetch bounded in messages too, and a full queue not left a second unfilled.

@@ -396,6 +396,7 @@ mod tests {
                 Role::StageConsumer {
                     group: "committer-test",
                     session_timeout_ms: 6_000,
+                    instance_id: None,
                 },
                 "consumer",
                 WorkerContext {

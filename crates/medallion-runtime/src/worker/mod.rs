@@ -100,6 +100,9 @@ pub enum WorkerError {
     Http(#[from] std::io::Error),
     #[error("stage halted: {0}")]
     Halted(String),
+    /// The consumer failed for good; a restart makes a new one.
+    #[error("the Kafka consumer failed for good ({0}); if it was fenced, another live process uses this replica's kafka.instance_id")]
+    ConsumerFatal(String),
     #[error("{0}")]
     Recovery(#[from] crate::recovery::RecoveryError),
 }
@@ -294,6 +297,7 @@ impl<S: Stage> StageWorker<S> {
                     }
                     self.settle(false, &mut flights).await
                 }
+                Polled::Fatal(reason) => Err(WorkerError::ConsumerFatal(reason)),
             };
             if let Err(e) = step {
                 // What earlier batches delivered is committed; nothing of this one.
@@ -323,6 +327,7 @@ impl<S: Stage> StageWorker<S> {
                 Role::StageConsumer {
                     group: &self.topo.group,
                     session_timeout_ms: config.kafka.session_timeout_ms,
+                    instance_id: config.kafka.instance_id.as_deref(),
                 },
                 "consumer",
                 WorkerContext {

@@ -39,6 +39,9 @@ pub(super) enum Polled {
     Unready,
     /// No record arrived within the idle interval.
     Idle,
+    /// The consumer failed for good (librdkafka's fatal error, e.g. another live process
+    /// with this replica's `kafka.instance_id` fenced it): the worker must stop.
+    Fatal(String),
 }
 
 /// A batch and what the scheduler knew when it was cut.
@@ -125,6 +128,8 @@ pub(super) struct BatchSource {
     named_orgs: std::collections::HashSet<String>,
     errors_in_a_row: usize,
     read: usize,
+    /// The consumer's fatal error, once it had one.
+    fatal: Option<String>,
 }
 
 impl BatchSource {
@@ -160,6 +165,7 @@ impl BatchSource {
             named_orgs: std::collections::HashSet::new(),
             errors_in_a_row: 0,
             read: 0,
+            fatal: None,
         }
     }
 
@@ -170,6 +176,9 @@ impl BatchSource {
         loop {
             self.pump_catch_up();
             self.pump_head().await;
+            if let Some(reason) = &self.fatal {
+                return Polled::Fatal(reason.clone());
+            }
             self.apply_revoked();
             self.steer();
             if !self.unready.is_empty() {
@@ -763,6 +772,10 @@ impl BatchSource {
     /// the retry schedule, at most [`MAX_ERROR_WAIT`], so a lasting one does not spin.
     async fn error(&mut self, error: &KafkaError) {
         let code = error.rdkafka_error_code();
+        if let Some(reason) = fatal_reason(error, || self.consumer.client().fatal_error()) {
+            self.fatal.get_or_insert(reason);
+            return;
+        }
         let label = code.map_or_else(|| "client".to_string(), |c| format!("{c:?}"));
         metrics::counter!(m::CONSUMER_ERRORS_TOTAL, "stage" => self.group.clone(), "error" => label)
             .increment(1);
@@ -776,6 +789,22 @@ impl BatchSource {
             tokio::time::sleep(wait).await;
         }
     }
+}
+
+/// Why the consumer is done for good, if `error` is librdkafka's fatal error: after it nothing
+/// the consumer does works again (a static member fenced by another process with its
+/// `group.instance.id`, say). `cause` asks librdkafka for the underlying error.
+fn fatal_reason(
+    error: &KafkaError,
+    cause: impl FnOnce() -> Option<(RDKafkaErrorCode, String)>,
+) -> Option<String> {
+    if error.rdkafka_error_code() != Some(RDKafkaErrorCode::Fatal) {
+        return None;
+    }
+    Some(match cause() {
+        Some((code, text)) => format!("{code:?}: {text}"),
+        None => error.to_string(),
+    })
 }
 
 /// The longest a consumer error holds the next poll.
@@ -800,6 +829,35 @@ fn error_wait(code: Option<RDKafkaErrorCode>, policy: &RetryPolicy, in_a_row: us
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_fatal_error_stops_the_consumer_and_its_cause_is_named() {
+        let fatal = KafkaError::MessageConsumption(RDKafkaErrorCode::Fatal);
+        let reason = fatal_reason(&fatal, || {
+            Some((
+                RDKafkaErrorCode::FencedInstanceId,
+                "Fatal consumer error: fenced by another member".into(),
+            ))
+        })
+        .expect("fatal");
+        assert!(
+            reason.contains("FencedInstanceId") && reason.contains("fenced"),
+            "{reason}"
+        );
+        assert!(fatal_reason(&fatal, || None).is_some());
+        for code in [
+            RDKafkaErrorCode::AllBrokersDown,
+            RDKafkaErrorCode::UnknownTopicOrPartition,
+            RDKafkaErrorCode::FencedInstanceId,
+        ] {
+            let error = KafkaError::MessageConsumption(code);
+            assert_eq!(
+                fatal_reason(&error, || panic!("not asked for {code:?}")),
+                None,
+                "carried on: {code:?}"
+            );
+        }
+    }
 
     #[test]
     fn an_unreachable_broker_never_holds_the_poll_and_no_error_holds_it_long() {
