@@ -84,7 +84,8 @@ const CHECKPOINTS: &str = "checkpoints";
 const CHECKPOINT_FORMAT: &str = "medallion-checkpoint v1";
 /// The layout of the files, recorded with the identity: a store of another layout is
 /// discarded at open and rebuilt from the changelogs.
-const LAYOUT: &str = "layout 2 (tables of a state share a tree, prefixed by partition)";
+const LAYOUT: &str =
+    "layout 3 (tables of a state share a tree, prefixed by partition; size-tiered compaction)";
 
 impl StateStore {
     /// Opens the store in `options.dir`, creating it; a foreign or damaged one is wiped first.
@@ -418,11 +419,22 @@ fn open_keyspace(options: &StoreOptions) -> Result<Keyspace, StoreError> {
 /// Each engine tree's memtable (one per state name, whatever the partitions): half of all
 /// write buffers, between 1 and 32 MiB. The engine also flushes the largest memtables once all
 /// of them hold half the write buffers, so a store of a few states stays near its setting.
+///
+/// Size-tiered compaction rather than the engine's default (leveled): stage state is written
+/// mostly as new keys and read by point lookups that bloom filters answer, so rewriting every
+/// level ten times over buys little. Measured on these 2 cores with silver's two trees (a
+/// lookup that misses in each, then a write in each, 5M entities): 77 CPU-s against 86 leveled,
+/// peak RSS 144 against 209 MiB (the engine's filters and indexes of fewer, larger segments),
+/// lookups of present keys no slower (31k against 28k/s, 16 MiB cache). A store of the leveled
+/// layout is rebuilt from its changelogs once ([`LAYOUT`]).
 fn table_options(options: &StoreOptions) -> PartitionCreateOptions {
     let memtable = (options.write_buffer_bytes / 2).clamp(1 << 20, 32 << 20);
     PartitionCreateOptions::default()
         .manual_journal_persist(true)
         .max_memtable_size(memtable as u32)
+        .compaction_strategy(fjall::compaction::Strategy::SizeTiered(
+            fjall::compaction::SizeTiered::default(),
+        ))
 }
 
 /// fjall table names: letters, digits, `_` and `-`.

@@ -140,6 +140,18 @@ fn another_owners_store_is_discarded_and_so_is_one_that_will_not_open() {
     assert_eq!(store.found(), Found::Discarded);
     let t = store.table("merge", 0).expect("table");
 
+    // Nor one of the leveled layout before it: its trees keep the compaction they were
+    // created with, so it is rebuilt.
+    drop((t, store));
+    std::fs::write(
+        state.join(IDENTITY),
+        "another-group\nlayout 2 (tables of a state share a tree, prefixed by partition)",
+    )
+    .expect("identity of layout 2");
+    let store = StateStore::open(options(dir.path(), "another-group")).expect("opens");
+    assert_eq!(store.found(), Found::Discarded);
+    let t = store.table("merge", 0).expect("table");
+
     // A directory with files but no identity is not trusted either.
     drop((t, store));
     std::fs::remove_file(state.join(IDENTITY)).expect("identity removed");
