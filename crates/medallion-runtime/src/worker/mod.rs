@@ -204,7 +204,9 @@ impl<S: Stage> StageWorker<S> {
     }
 
     /// Runs until `shutdown` resolves: then settles the stage, waits for every flight to land,
-    /// commits and leaves the group.
+    /// commits and leaves the group (a static member, `kafka.instance_id`, keeps its place
+    /// until its session expires, so its replacement under the same id takes its partitions
+    /// back without a rebalance).
     pub async fn run<C>(
         mut self,
         config: &WorkerConfig<C>,
@@ -307,7 +309,10 @@ impl<S: Stage> StageWorker<S> {
             }
         }
         drop(background);
-        tracing::info!("shutting down: settling work in flight, committing and leaving the group");
+        tracing::info!(
+            static_member = config.kafka.instance_id.is_some(),
+            "shutting down: settling work in flight, committing and leaving the group (a static member keeps its place until its session expires)"
+        );
         let settled = self.settle(true, &mut flights).await;
         self.land(flights.drain(drain_timeout).await, &committer);
         committer.close(&lag);
