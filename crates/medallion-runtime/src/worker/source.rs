@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::FutureExt;
-use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
@@ -556,26 +556,20 @@ impl BatchSource {
         for p in stale {
             self.head_paused.remove(&p);
         }
-        if pause.count() > 0 {
-            match self.consumer.pause(&pause) {
-                Ok(()) => {
-                    for e in pause.elements() {
-                        self.head_paused.insert(e.partition());
-                    }
+        let head_paused = &mut self.head_paused;
+        apply_pauses(
+            &*self.consumer,
+            "head",
+            &pause,
+            &resume,
+            |partition, paused| {
+                if paused {
+                    head_paused.insert(partition);
+                } else {
+                    head_paused.remove(&partition);
                 }
-                Err(e) => tracing::debug!(error = %e, "pausing a partition"),
-            }
-        }
-        if resume.count() > 0 {
-            match self.consumer.resume(&resume) {
-                Ok(()) => {
-                    for e in resume.elements() {
-                        self.head_paused.remove(&e.partition());
-                    }
-                }
-                Err(e) => tracing::debug!(error = %e, "resuming a partition"),
-            }
-        }
+            },
+        );
         self.steer_catch_up(&wants);
     }
 
@@ -692,43 +686,29 @@ impl BatchSource {
         // right after an assignment was seen never to be undone).
         let mut pause = TopicPartitionList::new();
         let mut resume = TopicPartitionList::new();
-        for (p, part) in &self.reader_parts {
-            let want = !desired.contains_key(p);
-            if want && !part.paused && part.added.elapsed() >= PAUSE_AFTER {
+        for (p, part) in self.reader_parts.iter_mut() {
+            let idle = !desired.contains_key(p);
+            if idle {
+                part.epoch = None;
+            }
+            if idle && !part.paused && part.added.elapsed() >= PAUSE_AFTER {
                 pause.add_partition(&self.topic, *p);
-            } else if !want && part.paused {
+            } else if !idle && part.paused {
                 resume.add_partition(&self.topic, *p);
             }
         }
-        if pause.count() > 0 {
-            match reader.pause(&pause) {
-                Ok(()) => {
-                    for e in pause.elements() {
-                        if let Some(part) = self.reader_parts.get_mut(&e.partition()) {
-                            part.paused = true;
-                        }
-                    }
+        let parts = &mut self.reader_parts;
+        apply_pauses(
+            reader,
+            "catch-up reader",
+            &pause,
+            &resume,
+            |partition, paused| {
+                if let Some(part) = parts.get_mut(&partition) {
+                    part.paused = paused;
                 }
-                Err(e) => tracing::debug!(error = %e, "catch-up reader: pause"),
-            }
-        }
-        if resume.count() > 0 {
-            match reader.resume(&resume) {
-                Ok(()) => {
-                    for e in resume.elements() {
-                        if let Some(part) = self.reader_parts.get_mut(&e.partition()) {
-                            part.paused = false;
-                        }
-                    }
-                }
-                Err(e) => tracing::debug!(error = %e, "catch-up reader: resume"),
-            }
-        }
-        for (p, part) in self.reader_parts.iter_mut() {
-            if !desired.contains_key(p) {
-                part.epoch = None;
-            }
-        }
+            },
+        );
         // What the reader reads for now: a partition counts once it is where it was asked;
         // one with a full queue holds the whole reader.
         let was_reading = self.catch_up_wants_reading();
@@ -771,11 +751,11 @@ impl BatchSource {
     /// waits for the next event anyway) costs no wait at all; any other error backs off along
     /// the retry schedule, at most [`MAX_ERROR_WAIT`], so a lasting one does not spin.
     async fn error(&mut self, error: &KafkaError) {
-        let code = error.rdkafka_error_code();
         if let Some(reason) = fatal_reason(error, || self.consumer.client().fatal_error()) {
             self.fatal.get_or_insert(reason);
             return;
         }
+        let code = error.rdkafka_error_code();
         let label = code.map_or_else(|| "client".to_string(), |c| format!("{c:?}"));
         metrics::counter!(m::CONSUMER_ERRORS_TOTAL, "stage" => self.group.clone(), "error" => label)
             .increment(1);
@@ -787,6 +767,37 @@ impl BatchSource {
         }
         if !wait.is_zero() {
             tokio::time::sleep(wait).await;
+        }
+    }
+}
+
+/// Pauses the partitions of `pause` and resumes those of `resume` on `consumer` (the head or
+/// the catch-up reader, `who` in the log), then tells `set` of each partition whose call
+/// succeeded and whether it is now paused. A call that fails changes nothing: the next steer
+/// asks again.
+fn apply_pauses<X: ConsumerContext, C: Consumer<X>>(
+    consumer: &C,
+    who: &str,
+    pause: &TopicPartitionList,
+    resume: &TopicPartitionList,
+    mut set: impl FnMut(i32, bool),
+) {
+    for (list, paused) in [(pause, true), (resume, false)] {
+        if list.count() == 0 {
+            continue;
+        }
+        let done = if paused {
+            consumer.pause(list)
+        } else {
+            consumer.resume(list)
+        };
+        match done {
+            Ok(()) => {
+                for e in list.elements() {
+                    set(e.partition(), paused);
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, who, paused, "pausing or resuming partitions"),
         }
     }
 }
