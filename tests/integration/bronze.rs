@@ -9,7 +9,8 @@ use medallion_contracts::sample::SampleEvents;
 use medallion_contracts::Contract;
 use medallion_runtime::dlq::{header, header_value};
 use medallion_tests::{
-    broker, contracts, metric_sum, read_topic, read_until, registry, Service, WorkerProcess,
+    broker, contracts, metric_sum, metric_sum_where, read_topic, read_until, registry, Service,
+    WorkerProcess,
 };
 use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -459,6 +460,26 @@ pub(crate) fn ids_of(p: &Pipeline, messages: &[OwnedMessage]) -> Vec<String> {
         .collect()
 }
 
+/// bronze's output once the ids of its events are `expected` (and at least as many records).
+async fn until_ids(
+    p: &Pipeline,
+    expected: &BTreeSet<String>,
+    within: Duration,
+) -> Vec<OwnedMessage> {
+    read_until(
+        &p.broker.address,
+        BRONZE,
+        |m| {
+            m.len() >= expected.len()
+                && ids_of(p, m).into_iter().collect::<BTreeSet<_>>() == *expected
+        },
+        Duration::from_secs(3),
+        within,
+    )
+    .await
+    .expect("every expected event reaches bronze")
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn sigkill_mid_stream_loses_nothing_and_repeats_nothing() {
     let p = Pipeline::start().await;
@@ -484,18 +505,7 @@ async fn sigkill_mid_stream_loses_nothing_and_repeats_nothing() {
         .iter()
         .map(|e| e["event_id"].as_str().expect("id").to_string())
         .collect();
-    let out = medallion_tests::read_until(
-        &p.broker.address,
-        BRONZE,
-        |m| {
-            m.len() >= expected.len()
-                && ids_of(&p, m).into_iter().collect::<BTreeSet<_>>() == expected
-        },
-        Duration::from_secs(3),
-        Duration::from_secs(180),
-    )
-    .await
-    .expect("every valid event reaches bronze");
+    let out = until_ids(&p, &expected, Duration::from_secs(180)).await;
     let ids = ids_of(&p, &out);
     let unique: BTreeSet<String> = ids.iter().cloned().collect();
     assert_eq!(unique, expected, "nothing missing, nothing foreign");
@@ -1405,4 +1415,111 @@ pub fn source_id(topic: &str, e: &Json) -> String {
 /// A decoded record's own event id.
 pub fn id_of(e: &Json) -> String {
     e["event_id"].as_str().unwrap_or_default().to_string()
+}
+
+/// With a state directory, bronze copies its dedup windows to disk (every 100 ms here). Killed
+/// three times mid-backlog, with copies made at offsets stored but not yet committed, it
+/// still produces every event once. Killed when idle and restarted on its disk, it takes its
+/// windows from their copies instead of reading the input back (one copy damaged: that
+/// partition's window is read from the input), and drops every event sent again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restart_on_its_disk_takes_its_dedup_windows_from_their_copies() {
+    let p = Pipeline::start().await;
+    let disk = tempfile::tempdir().expect("temp dir");
+    let env = [
+        ("MEDALLION__BATCH__MAX_RECORDS", "100".to_string()),
+        ("MEDALLION__STATE__DIR", disk.path().display().to_string()),
+        ("MEDALLION__STATE__CHECKPOINT_INTERVAL_MS", "100".into()),
+    ];
+    let first = sample(67, 3_000);
+    let mut worker = p.worker(&env);
+    for event in &first {
+        p.send(&event["org_id"].to_string(), &p.frame(event)).await;
+    }
+    for round in 0..3u64 {
+        tokio::time::sleep(Duration::from_millis(1_500 + 400 * round)).await;
+        worker.kill();
+        worker = p.worker(&env);
+    }
+    let ids_sent = |events: &[Json]| -> BTreeSet<String> {
+        events
+            .iter()
+            .map(|e| e["event_id"].as_str().expect("id").to_string())
+            .collect()
+    };
+    let expected = ids_sent(&first);
+    let out = until_ids(&p, &expected, Duration::from_secs(180)).await;
+    assert_eq!(
+        out.len(),
+        expected.len(),
+        "no event twice after three kills"
+    );
+
+    // Idle long enough for every offset to be committed and copied, then killed.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    worker.kill();
+    let copies_dir = disk.path().join("bronze-processor.windows");
+    let mut copies: Vec<std::path::PathBuf> = std::fs::read_dir(&copies_dir)
+        .expect("window copies")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension().is_none())
+        .collect();
+    copies.sort();
+    assert!(copies.len() > 1, "a copy per partition: {copies:?}");
+    let damaged = &copies[0];
+    let mut bytes = std::fs::read(damaged).expect("copy");
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x55;
+    std::fs::write(damaged, &bytes).expect("damage");
+    let damaged_partition: i32 = damaged
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.strip_prefix("partition-"))
+        .and_then(|n| n.parse().ok())
+        .expect("partition-<n>");
+    let raw = read_topic(
+        &p.broker.address,
+        RAW,
+        first.len(),
+        Duration::from_secs(2),
+        Duration::from_secs(60),
+    )
+    .await
+    .expect("raw");
+    let in_damaged = raw
+        .iter()
+        .filter(|m| m.partition() == damaged_partition)
+        .count();
+
+    // Restarted on its disk: a third of the events again, then new ones.
+    let worker = p.worker(&env);
+    let again: Vec<Json> = first.iter().step_by(3).cloned().collect();
+    let new = sample(71, 300);
+    for event in again.iter().chain(&new) {
+        p.send(&event["org_id"].to_string(), &p.frame(event)).await;
+    }
+    let all: BTreeSet<String> = expected.union(&ids_sent(&new)).cloned().collect();
+    let out = until_ids(&p, &all, Duration::from_secs(120)).await;
+    assert_eq!(
+        out.len(),
+        all.len(),
+        "no event sent again was produced again"
+    );
+    let metrics = worker.metrics().await.expect("metrics");
+    let restored = |source: &str| {
+        metric_sum_where(
+            &metrics,
+            "medallion_dedup_window_restored_total",
+            &format!("source=\"{source}\""),
+        )
+    };
+    assert_eq!(
+        (restored("disk"), restored("input")),
+        ((first.len() - in_damaged) as f64, in_damaged as f64),
+        "every window from its copy but the damaged one's, read from the input"
+    );
+    assert_eq!(
+        metric_sum(&metrics, "medallion_duplicates_dropped_total"),
+        again.len() as f64
+    );
 }

@@ -158,9 +158,10 @@ pub struct NamingConfig {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StateConfig {
-    /// The store's base directory: the worker keeps its store in `<dir>/<group>`, and one
-    /// process at a time may use it. Unset: a directory of its own under the system's temp
-    /// directory, removed at exit, so every start rebuilds its state from the changelogs.
+    /// The store's base directory: the worker keeps its store in `<dir>/<group>` and copies of
+    /// its dedup windows in `<dir>/<group>.windows`, and one process at a time may use it.
+    /// Unset: a store of its own under the system's temp directory, removed at exit, so every
+    /// start rebuilds its state from the changelogs (and its dedup windows from the input).
     pub dir: Option<PathBuf>,
     /// The store's block cache, MiB.
     pub cache_mib: u64,
@@ -169,7 +170,9 @@ pub struct StateConfig {
     /// Entries kept decoded in memory in front of the store (recently used ones).
     pub hot_entries: usize,
     /// How often a partition whose state changed records the changelog offset its files hold:
-    /// a restart on this disk reads the changelog from there.
+    /// a restart on this disk reads the changelog from there. Also how often, with a `dir`,
+    /// the dedup windows are copied to `<dir>/<group>.windows/`, so a restart reads the input
+    /// from the last copy rather than the window's whole length.
     pub checkpoint_interval_ms: u64,
 }
 

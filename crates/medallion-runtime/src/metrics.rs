@@ -33,6 +33,9 @@ pub const EVENT_LATENCY_SECONDS: &str = "medallion_event_to_output_latency_secon
 pub const DEDUP_WINDOW_EVENTS: &str = "medallion_dedup_window_events";
 /// Approximate heap bytes of the dedup windows, by stage.
 pub const DEDUP_WINDOW_BYTES: &str = "medallion_dedup_window_bytes";
+/// Event ids put back into dedup windows when partitions were assigned, by stage and source:
+/// `disk` (the window's copy in the state directory) or `input` (read from the input topic).
+pub const DEDUP_WINDOW_RESTORED_TOTAL: &str = "medallion_dedup_window_restored_total";
 /// 1 while the worker holds a partition assignment and the registry answered.
 pub const WORKER_READY: &str = "medallion_worker_ready";
 /// 1 while the worker cannot make progress for `reason` (broker_unreachable,

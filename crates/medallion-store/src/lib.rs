@@ -477,7 +477,7 @@ fn digest(text: &str) -> String {
 }
 
 /// Writes `path` so that it is either the old or the whole new content, durably.
-fn write_atomically(path: &Path, content: &[u8]) -> Result<(), StoreError> {
+pub fn write_atomically(path: &Path, content: &[u8]) -> Result<(), StoreError> {
     let tmp = path.with_extension("tmp");
     let mut file = std::fs::File::create(&tmp).map_err(io(&tmp))?;
     file.write_all(content).map_err(io(&tmp))?;

@@ -254,6 +254,29 @@ pub(super) struct Assigned {
     pub(super) progress: Option<crate::progress::Progress>,
 }
 
+impl Assigned {
+    /// Takes what `metadata`, committed with the offset, says: where the outputs stood, the
+    /// stage's own metadata, what was done beyond the offset.
+    pub(super) fn read_metadata(&mut self, topic: &str, metadata: &str) {
+        let partition = self.partition;
+        (self.snapshot, self.metadata) = crate::recovery::unwrap(metadata);
+        self.progress = crate::recovery::progress_text(metadata)
+            .and_then(|text| {
+                let decoded = crate::progress::Progress::decode(text, topic, partition);
+                if decoded.is_none() {
+                    tracing::warn!(
+                        partition,
+                        "committed progress is damaged or foreign: its records are read again"
+                    );
+                }
+                decoded
+            })
+            // A record of progress that starts below the committed offset belongs to
+            // another commit.
+            .filter(|p| self.offset.is_some_and(|o| p.base == o));
+    }
+}
+
 /// The worker's consumer, seen as the place offsets are stored and committed.
 pub(super) struct Committer {
     consumer: Arc<StreamConsumer<WorkerContext>>,
@@ -299,30 +322,17 @@ impl Committer {
                     Offset::Offset(o) => Some(o),
                     _ => None,
                 });
-                let (snapshot, metadata) = elem
-                    .as_ref()
-                    .map(|e| crate::recovery::unwrap(e.metadata()))
-                    .unwrap_or((None, None));
-                let progress = elem
-                    .as_ref()
-                    .and_then(|e| crate::recovery::progress_text(e.metadata()))
-                    .and_then(|text| {
-                        let decoded = crate::progress::Progress::decode(text, &self.topic, partition);
-                        if decoded.is_none() {
-                            tracing::warn!(partition, "committed progress is damaged or foreign: its records are read again");
-                        }
-                        decoded
-                    })
-                    // A record of progress that starts below the committed offset belongs to
-                    // another commit.
-                    .filter(|p| offset.is_some_and(|o| p.base == o));
-                Assigned {
+                let mut assigned = Assigned {
                     partition,
                     offset,
-                    snapshot,
-                    metadata,
-                    progress,
+                    snapshot: None,
+                    metadata: None,
+                    progress: None,
+                };
+                if let Some(e) = &elem {
+                    assigned.read_metadata(&self.topic, e.metadata());
                 }
+                assigned
             })
             .collect())
     }
@@ -336,6 +346,23 @@ impl Committer {
             &self.positions,
             partitions,
         );
+    }
+
+    /// The offset stored for commit of each partition (committed within a second).
+    pub(super) fn stored_offsets(&self) -> BTreeMap<i32, i64> {
+        self.positions
+            .lock()
+            .map(|p| {
+                p.iter()
+                    .map(|(partition, (offset, _))| (*partition, *offset))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// The offset and metadata stored for commit of each partition.
+    pub(super) fn stored(&self) -> BTreeMap<i32, (i64, Option<String>)> {
+        self.positions.lock().map(|p| p.clone()).unwrap_or_default()
     }
 
     /// Commits every stored offset now (the error path: what landed before the failure).
@@ -352,16 +379,7 @@ impl Committer {
     /// a scrape after the drain sees where the group stopped) and leaves the group.
     pub(super) fn close(self, lag: &Lag) {
         self.commit_stored();
-        let committed: BTreeMap<i32, i64> = self
-            .positions
-            .lock()
-            .map(|p| {
-                p.iter()
-                    .map(|(partition, (offset, _))| (*partition, *offset))
-                    .collect()
-            })
-            .unwrap_or_default();
-        lag.publish_final(&committed);
+        lag.publish_final(&self.stored_offsets());
         self.consumer.unsubscribe();
         self.consumer.context().health.set_assigned(false);
     }

@@ -531,7 +531,7 @@ mod tests {
         let mut l = ledger(&[0, 1]);
         l.consumed(0, 41);
         if let Some(p) = l.get_mut(0) {
-            p.window.insert(7);
+            p.window.insert(7, 0);
         }
         l.launched(1, 0, commit(42), snapshot(0));
         l.launched(1, 1, commit(9), snapshot(0));

@@ -45,6 +45,7 @@ mod stage;
 mod tally;
 mod telemetry;
 mod topology;
+mod windows;
 
 use committer::{Committer, Positions, WorkerContext};
 use fair::FairShape;
@@ -168,6 +169,8 @@ pub struct StageWorker<S: Stage> {
     drain_timeout: Duration,
     /// What this process has counted, so a duplicate read again is not counted twice.
     counted: CountedThrough,
+    /// Copies the dedup windows to disk, with a state directory.
+    windows: windows::WindowKeeper,
 }
 
 /// Tasks that run beside the loop (lag, broker probe), stopped when it ends however it ends.
@@ -235,6 +238,9 @@ impl<S: Stage> StageWorker<S> {
             let landing = Instant::now();
             self.land(flights.land().await, &committer);
             slow("taking landed flights", landing);
+            if self.windows.due() {
+                self.windows.copy(&self.ledger, &committer.stored());
+            }
             // Backpressure: with too much in flight, or refused records going again, the worker
             // waits for landings before it takes another batch (still polling: see `hold`).
             let blocked = flights.blocked();
@@ -315,6 +321,10 @@ impl<S: Stage> StageWorker<S> {
         );
         let settled = self.settle(true, &mut flights).await;
         self.land(flights.drain(drain_timeout).await, &committer);
+        // The windows are copied at the offsets about to be committed, before the group is
+        // left (a copy ahead of a commit that then fails serves only what lies below it).
+        let windows = self.windows.collect(&self.ledger, &committer.stored());
+        self.windows.close(&self.ledger, windows).await;
         committer.close(&lag);
         settled.map(|()| self.tally.totals)
     }
@@ -513,13 +523,31 @@ impl<S: Stage> StageWorker<S> {
         }
         let mut committed = committer.committed(&fresh).await?;
         learn_claims_kept(&committed, source);
+        let saved = self.restorer.saved_windows(&committed).await;
+        for a in committed.iter_mut() {
+            // A broker that dropped the commit metadata: the copy on disk made at the
+            // committed offset kept it.
+            if let (None, None, Some(metadata)) = (
+                &a.snapshot,
+                &a.metadata,
+                saved.get(&a.partition).and_then(|s| s.metadata.as_deref()),
+            ) {
+                a.read_metadata(&self.topo.input_topic, metadata);
+            }
+        }
         self.check_progress(&mut committed).await;
         let done: Vec<(i32, Option<crate::progress::Progress>)> = committed
             .iter()
             .map(|a| (a.partition, a.progress.clone()))
             .collect();
         self.restorer
-            .restore(committed, &self.ledger, &mut self.planner, &mut self.stage)
+            .restore(
+                committed,
+                saved,
+                &self.ledger,
+                &mut self.planner,
+                &mut self.stage,
+            )
             .await?;
         for (partition, progress) in done {
             if let Some(p) = &progress {
@@ -621,9 +649,9 @@ impl<S: Stage> StageWorker<S> {
                 }
             }
         }
-        for (partition, key) in &plan.remember {
+        for (partition, offset, key) in &plan.remember {
             if let Some(p) = ledger.get_mut(*partition) {
-                p.window.insert(*key);
+                p.window.insert(*key, *offset);
             }
         }
         for &index in &plan.deferred {

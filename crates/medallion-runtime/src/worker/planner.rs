@@ -103,8 +103,8 @@ pub(super) struct Plan {
     pub(super) deferred: Vec<usize>,
     /// (message index, reason) of dead letters, in message order.
     pub(super) dead: Vec<(usize, RecordFailure)>,
-    /// Event keys to remember once delivered, by partition.
-    pub(super) remember: Vec<(i32, u128)>,
+    /// Event keys to remember once delivered: (partition, offset, key).
+    pub(super) remember: Vec<(i32, i64, u128)>,
     /// Message indexes of the records dropped as duplicates.
     pub(super) duplicates: Vec<usize>,
     /// Event timestamps (ms) of produced outputs, for the latency histogram.
@@ -229,12 +229,14 @@ impl Planner {
         dead.extend(transformed.dead);
         let failed: HashSet<usize> = dead.iter().map(|(index, _)| *index).collect();
         // Every row the stage took (output or only state) is remembered against redelivery.
-        let remember: Vec<(i32, u128)> = kept
+        let remember: Vec<(i32, i64, u128)> = kept
             .rows
             .iter()
             .zip(&kept.keys)
             .filter(|(index, _)| !failed.contains(index))
-            .filter_map(|(index, key)| key.map(|key| (batch[*index].partition(), key)))
+            .filter_map(|(index, key)| {
+                key.map(|key| (batch[*index].partition(), batch[*index].offset(), key))
+            })
             .collect();
         let mut outgoing = transformed.outgoing;
         dead.sort_by_key(|(i, _)| *i);

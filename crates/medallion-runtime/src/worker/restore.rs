@@ -1,7 +1,8 @@
 //! The restorer: what the worker must know of a newly assigned partition before it plans a
 //! record of it, rebuilt from Kafka (see [`crate::recovery`]): the dedup window of the input
-//! before the committed offset, what a previous owner produced and dead-lettered after its
-//! last commit (not produced again), and the stage's own state ([`Stage::assign`]).
+//! before the committed offset (from its copy on disk and the input records after it, where
+//! the worker has a state directory), what a previous owner produced and dead-lettered after
+//! its last commit (not produced again), and the stage's own state ([`Stage::assign`]).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -15,7 +16,7 @@ use super::planner::{Outgoing, Planner};
 use super::stage::Stage;
 use super::topology::Topology;
 use super::WorkerError;
-use crate::dedup::DedupWindow;
+use crate::dedup::{DedupWindow, SavedWindow, WindowFiles};
 use crate::kafka::KafkaConnection;
 use crate::record::Inbound;
 use crate::recovery::{Snapshot, Stretch};
@@ -62,6 +63,8 @@ pub(super) struct Restorer {
     /// records it dead-lettered then: not produced again.
     replayed: DedupWindow,
     dead_before: HashSet<(i32, i64)>,
+    /// Copies of the dedup windows on local disk, with a state directory.
+    files: Option<WindowFiles>,
 }
 
 impl Restorer {
@@ -70,6 +73,7 @@ impl Restorer {
         topo: Arc<Topology>,
         window_capacity: usize,
         policy: RetryPolicy,
+        files: Option<WindowFiles>,
     ) -> Self {
         Self {
             kafka,
@@ -78,7 +82,27 @@ impl Restorer {
             policy,
             replayed: DedupWindow::new(window_capacity.saturating_mul(4)),
             dead_before: HashSet::new(),
+            files,
         }
+    }
+
+    /// The copies on disk of the windows of `assigned` that serve their committed offsets.
+    pub(super) async fn saved_windows(&self, assigned: &[Assigned]) -> HashMap<i32, SavedWindow> {
+        let Some(files) = self.files.clone() else {
+            return HashMap::new();
+        };
+        let committed: Vec<(i32, i64)> = assigned
+            .iter()
+            .filter_map(|a| a.offset.map(|c| (a.partition, c)))
+            .collect();
+        tokio::task::spawn_blocking(move || {
+            committed
+                .into_iter()
+                .filter_map(|(p, c)| files.read(p, c).map(|saved| (p, saved)))
+                .collect()
+        })
+        .await
+        .unwrap_or_default()
     }
 
     /// Rebuilds what the worker knew of newly `assigned` partitions (their dedup windows, what
@@ -87,11 +111,13 @@ impl Restorer {
     pub(super) async fn restore<S: Stage>(
         &mut self,
         assigned: Vec<Assigned>,
+        saved: HashMap<i32, SavedWindow>,
         ledger: &Mutex<Ledger>,
         planner: &mut Planner,
         stage: &mut S,
     ) -> Result<(), WorkerError> {
-        self.recover_with_retry(&assigned, ledger, planner).await?;
+        self.recover_with_retry(&assigned, &saved, ledger, planner)
+            .await?;
         stage
             .assign_all(
                 assigned
@@ -108,12 +134,13 @@ impl Restorer {
     async fn recover_with_retry(
         &mut self,
         assigned: &[Assigned],
+        saved: &HashMap<i32, SavedWindow>,
         ledger: &Mutex<Ledger>,
         planner: &mut Planner,
     ) -> Result<(), WorkerError> {
         let mut attempt = 1usize;
         loop {
-            match self.recover(assigned, ledger, planner).await {
+            match self.recover(assigned, saved, ledger, planner).await {
                 Ok(()) => return Ok(()),
                 Err(e) if attempt < self.policy.max_attempts() => {
                     let wait = self.policy.wait_forever(attempt);
@@ -128,17 +155,19 @@ impl Restorer {
 
     /// Rebuilds, for newly assigned partitions, the dedup window from the input's last
     /// `window_per_partition` records before the committed offset (less those that were
-    /// dead-lettered: they were never taken), and reads the output and DLQ from the snapshot
-    /// committed with it to their end (see [`crate::recovery`]).
+    /// dead-lettered: they were never taken): from the window's copy on disk and the records
+    /// after it where there is one, else from the input alone. Then reads the output and DLQ
+    /// from the snapshot committed with it to their end (see [`crate::recovery`]).
     async fn recover(
         &mut self,
         assigned: &[Assigned],
+        saved: &HashMap<i32, SavedWindow>,
         ledger: &Mutex<Ledger>,
         planner: &mut Planner,
     ) -> Result<(), WorkerError> {
         let started = Instant::now();
         let fresh: HashSet<i32> = assigned.iter().map(|a| a.partition).collect();
-        let tail = self.read_input_tail(assigned, planner).await?;
+        let tail = self.read_input_tail(assigned, saved, planner).await?;
         let after = self.read_after_commit(assigned, tail.earliest).await?;
 
         let committed: HashMap<i32, i64> = assigned
@@ -150,25 +179,44 @@ impl Restorer {
             .iter()
             .map(|p| (*p, DedupWindow::new(self.window_capacity)))
             .collect();
+        let mut from_disk = 0usize;
+        for (partition, saved) in saved {
+            if let Some(w) = windows.get_mut(partition) {
+                for (offset, key) in saved.entries() {
+                    w.insert(key, offset);
+                    from_disk += 1;
+                }
+            }
+        }
         let mut seen = tail.seen;
         seen.sort_unstable_by_key(|(p, o, _)| (*p, *o));
+        let mut from_input = 0usize;
         for (partition, offset, key) in seen {
             if dead.contains(&(partition, offset)) {
                 continue;
             }
             if let Some(w) = windows.get_mut(&partition) {
-                w.insert(key);
+                w.insert(key, offset);
+                from_input += 1;
             }
         }
         let remembered: usize = windows.values().map(DedupWindow::len).sum();
+        let restored = |source: &'static str, n: usize| {
+            metrics::counter!(crate::metrics::DEDUP_WINDOW_RESTORED_TOTAL,
+                "stage" => self.topo.group.clone(), "source" => source)
+            .increment(n as u64);
+        };
+        restored("disk", from_disk);
+        restored("input", from_input);
         if let Ok(mut ledger) = ledger.lock() {
             for (partition, window) in windows {
                 ledger.assign(partition, window);
             }
         }
         let after_commit = after.output_keys.len();
+        // Keys of output records: no input offset goes with them (the window is never copied).
         for key in after.output_keys {
-            self.replayed.insert(key);
+            self.replayed.insert(key, -1);
         }
         // Dead letters of records at or after the committed offset are not written again.
         let before = self.dead_before.len();
@@ -181,6 +229,7 @@ impl Restorer {
             with_snapshot = assigned.iter().filter(|a| a.snapshot.is_some()).count(),
             committed = committed.len(),
             input_records_read = tail.read,
+            remembered_from_disk = from_disk,
             remembered,
             outputs_after_last_commit = after_commit,
             dead_letters_after_last_commit = self.dead_before.len() - before,
@@ -190,12 +239,13 @@ impl Restorer {
         Ok(())
     }
 
-    /// The event keys of the input's last `window` records before each committed offset.
-    /// Records stamped by an upstream stage need no decoding; the others are decoded in
-    /// chunks as they are read.
+    /// The event keys of the input's last `window` records before each committed offset,
+    /// after what a `saved` copy of the window holds. Records stamped by an upstream stage
+    /// need no decoding; the others are decoded in chunks as they are read.
     async fn read_input_tail(
         &self,
         assigned: &[Assigned],
+        saved: &HashMap<i32, SavedWindow>,
         planner: &mut Planner,
     ) -> Result<InputTail, WorkerError> {
         use crate::recovery::{read_stretches, READ_WITHIN};
@@ -203,9 +253,13 @@ impl Restorer {
         let tail: Vec<Stretch> = assigned
             .iter()
             .filter_map(|a| {
-                a.offset.map(|c| Stretch {
+                let c = a.offset?;
+                let from = c
+                    .saturating_sub(window)
+                    .max(saved.get(&a.partition).map_or(0, |s| s.upto));
+                (from < c).then_some(Stretch {
                     partition: a.partition,
-                    from: c.saturating_sub(window).max(0),
+                    from,
                     until: Some(c),
                 })
             })
@@ -366,6 +420,7 @@ mod tests {
             Arc::new(topo),
             16,
             RetryPolicy::default(),
+            None,
         )
     }
 
@@ -382,7 +437,7 @@ mod tests {
         let mut restorer = restorer();
         let output = restorer.topo.output.as_ref().expect("output").topic.clone();
         let dlq = restorer.topo.dlq_topic.clone();
-        restorer.replayed.insert(7);
+        restorer.replayed.insert(7, -1);
         restorer.dead_before.insert((2, 40));
         let mut batch = vec![
             outgoing(&output, Some(7), None),

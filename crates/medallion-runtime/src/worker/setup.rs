@@ -22,8 +22,10 @@ use super::stage::{stage_input_schema, Stage, StageSetup};
 use super::tally::{CountedThrough, Tally};
 use super::telemetry::Telemetry;
 use super::topology::topology;
+use super::windows;
 use super::{StageWorker, WorkerError};
 use crate::config::WorkerConfig;
+use crate::dedup::WindowFiles;
 use crate::error::SetupError;
 use crate::http::Health;
 use crate::kafka::Placement;
@@ -159,6 +161,14 @@ where
         enabled: fair.enabled && !stage.needs_log_order(),
         ..fair
     };
+    // With a state directory, the dedup windows are copied beside the store:
+    // `<dir>/<group>.windows/`.
+    let window_files = config.state.dir.as_ref().map(|dir| {
+        WindowFiles::new(
+            dir.join(format!("{group}.windows")),
+            format!("{group} {}", topo.input_topic),
+        )
+    });
     let topo = Arc::new(topo);
     Ok(StageWorker {
         stage,
@@ -175,6 +185,11 @@ where
             topo.clone(),
             config.dedup.window_per_partition,
             policy.clone(),
+            window_files.clone(),
+        ),
+        windows: windows::WindowKeeper::new(
+            window_files,
+            Duration::from_millis(config.state.checkpoint_interval_ms),
         ),
         tally: Tally::new(
             topo.group.clone(),
