@@ -55,6 +55,9 @@ pub(super) struct Landing {
     pub(super) flights: Vec<Flight>,
 }
 
+/// How often, at most while flights are out, idle partitions take the outputs as they stand.
+const IDLE_REFRESH: Duration = Duration::from_secs(5);
+
 /// The longest wait before refused records go again: the broker is back within it, however
 /// long it was away (the record retry schedule goes on to 8 s and 32 s).
 const MAX_RESEND_WAIT: Duration = Duration::from_secs(2);
@@ -85,6 +88,8 @@ pub(super) struct FlightTracker {
     /// Where the outputs stood when the worker started (for partitions this producer has not
     /// produced to since).
     outputs_at_start: Snapshot,
+    /// When idle partitions were last given the outputs as they stand ([`Ledger::refresh_idle`]).
+    idle_refreshed: Instant,
 }
 
 impl FlightTracker {
@@ -111,6 +116,7 @@ impl FlightTracker {
             output_topic,
             dlq_topic,
             outputs_at_start,
+            idle_refreshed: Instant::now(),
         }
     }
 
@@ -183,6 +189,17 @@ impl FlightTracker {
             );
             flight.indexes = l.failures.indexes;
             self.resend.push((Instant::now() + wait, l.flight, flight));
+        }
+        // Idle partitions take the outputs as they stand now, every few seconds and when the
+        // last flight landed (their commit metadata changes: stored again with the rest).
+        if !landing.flights.is_empty()
+            && (!self.busy() || self.idle_refreshed.elapsed() >= IDLE_REFRESH)
+        {
+            self.idle_refreshed = Instant::now();
+            let outputs = Arc::new(self.outputs_acked());
+            if let Ok(mut ledger) = self.ledger.lock() {
+                landing.moved.extend(ledger.refresh_idle(&outputs));
+            }
         }
         landing.moved.sort_unstable();
         landing.moved.dedup();

@@ -360,6 +360,31 @@ impl Ledger {
             .collect()
     }
 
+    /// Gives every idle partition (everything it took has landed, its commit is not held
+    /// back by the stage, nothing is deferred) `outputs` as where its outputs stand: nothing
+    /// of it is in flight, so nothing it produced lies beyond them. A restart then scans the
+    /// outputs from there, not from before its last step: a partition drained long ago would
+    /// otherwise send every restart and rebalance to the last `window` records of each output
+    /// partition, whatever the others' snapshots say. Returns the partitions whose snapshot
+    /// changed.
+    pub(super) fn refresh_idle(&mut self, outputs: &Arc<Snapshot>) -> Vec<i32> {
+        let mut changed = Vec::new();
+        for (&partition, p) in self.partitions.iter_mut() {
+            let idle = p.steps.is_empty()
+                && p.deferred.is_empty()
+                && p.landed
+                    .as_ref()
+                    .zip(p.next_offset)
+                    .is_some_and(|(landed, next)| landed.offset >= next);
+            if idle && *p.outputs_after_landed != **outputs {
+                p.outputs_after_landed = outputs.clone();
+                p.outputs_after_landed_seq = self.steps;
+                changed.push(partition);
+            }
+        }
+        changed
+    }
+
     /// What may be committed for `partition`: the commit of its landed prefix, held back to
     /// the first record whose outcome has not landed, with what is done beyond it (none when
     /// the stage holds its commit back itself: it reads those records again to rebuild its
@@ -470,6 +495,46 @@ mod tests {
         assert_eq!(l.frontier(0).map(|f| f.outputs), Some(snapshot(9)));
         l.landed(3);
         assert_eq!(offset(&l, 0), Some(30));
+    }
+
+    #[test]
+    fn only_a_partition_with_nothing_out_takes_the_outputs_as_they_stand() {
+        // 0: everything taken has landed. 1: a flight still out. 2: landed, but the stage holds
+        // its commit at 5 (records from 5 on are read again, their outputs after snapshot(1)).
+        // 3: nothing landed yet.
+        let mut l = ledger(&[0, 1, 2, 3]);
+        for (p, taken) in [(0, 9), (1, 19), (2, 29)] {
+            l.consumed(p, taken);
+        }
+        l.launched(1, 0, commit(10), snapshot(1));
+        l.launched(1, 1, commit(20), snapshot(1));
+        l.launched(2, 1, commit(20), snapshot(2));
+        l.launched(
+            1,
+            2,
+            Booked::position(
+                Commit {
+                    offset: 5,
+                    metadata: None,
+                },
+                30,
+            ),
+            snapshot(1),
+        );
+        l.landed(1);
+        assert_eq!(l.refresh_idle(&snapshot(7)), vec![0]);
+        assert_eq!(l.frontier(0).map(|f| f.outputs), Some(snapshot(7)));
+        assert_eq!(l.frontier(1).map(|f| f.outputs), Some(snapshot(2)));
+        assert_eq!(l.frontier(2).map(|f| f.outputs), Some(snapshot(1)));
+        assert_eq!(l.frontier(3), None);
+        // Unchanged: nothing to store again. Partition 1 idle once its last flight landed.
+        assert!(l.refresh_idle(&snapshot(7)).is_empty());
+        l.landed(2);
+        assert_eq!(l.refresh_idle(&snapshot(8)), vec![0, 1]);
+        assert_eq!(
+            l.frontier(1).map(|f| (f.commit.offset, f.outputs)),
+            Some((20, snapshot(8)))
+        );
     }
 
     #[test]

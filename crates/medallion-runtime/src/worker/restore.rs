@@ -168,6 +168,10 @@ impl Restorer {
         let started = Instant::now();
         let fresh: HashSet<i32> = assigned.iter().map(|a| a.partition).collect();
         let tail = self.read_input_tail(assigned, saved, planner).await?;
+        for a in assigned {
+            tracing::debug!(partition = a.partition, committed = ?a.offset, outputs = ?a.snapshot,
+                "where the outputs stood at the last commit");
+        }
         let after = self.read_after_commit(assigned, tail.earliest).await?;
 
         let committed: HashMap<i32, i64> = assigned
