@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use medallion_stages::audit_writer::{AuditWriter, AuditWriterConfig, GROUP};
-use medallion_stages::main_support::{run_worker, WorkerArgs};
+use medallion_stages::main_support::{limit_malloc_arenas, run_worker, WorkerArgs};
 
 /// Writes audit events as Parquet files partitioned by org and day to a local directory or an
 /// S3-compatible bucket; a file's name carries its topic, partition and offset range, and
@@ -17,6 +17,8 @@ struct Args {
 }
 
 fn main() -> ExitCode {
+    // Its own heap is on glibc's malloc too: two arenas, so tokio's threads share them.
+    limit_malloc_arenas(2);
     let args = Args::parse();
     run_worker(GROUP, args.worker, |setup, config: AuditWriterConfig| {
         AuditWriter::new(setup, config)

@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use medallion_stages::main_support::{run_worker, WorkerArgs};
+use medallion_stages::main_support::{limit_malloc_arenas, run_worker, WorkerArgs};
 use medallion_stages::notify::{Notify, NotifyConfig, GROUP};
 
 /// Routes each alert by org and severity to its channels: signed webhooks (retried on 5xx,
@@ -18,6 +18,8 @@ struct Args {
 }
 
 fn main() -> ExitCode {
+    // Its own heap is on glibc's malloc too: two arenas, so tokio's threads share them.
+    limit_malloc_arenas(2);
     let args = Args::parse();
     run_worker(GROUP, args.worker, |setup, config: NotifyConfig| {
         Notify::new(setup, config)

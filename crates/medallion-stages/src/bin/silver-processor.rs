@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use medallion_stages::main_support::{run_worker, WorkerArgs};
+use medallion_stages::main_support::{limit_malloc_arenas, run_worker, WorkerArgs};
 use medallion_stages::silver::{Silver, SilverConfig, GROUP};
 
 /// silver allocates and frees small buffers per event (entity keys and states, changelog and
@@ -47,6 +47,8 @@ fn purge_freed_memory_at_once() {
 
 fn main() -> ExitCode {
     purge_freed_memory_at_once();
+    // Its own heap is mimalloc's: glibc serves librdkafka alone, one arena is enough.
+    limit_malloc_arenas(1);
     let args = Args::parse();
     run_worker(GROUP, args.worker, |setup, config: SilverConfig| {
         Silver::new(setup, config)
