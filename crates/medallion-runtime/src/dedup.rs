@@ -8,7 +8,7 @@
 //! same disk reads only the records between that copy and the committed offset.
 
 use std::collections::VecDeque;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 /// Keys are hashed with foldhash, seeded per process: several times faster than the standard
 /// SipHash on 128-bit keys, and still not predictable from outside.
@@ -54,8 +54,8 @@ impl Entry {
 /// The last `capacity` event keys of one partition, each with the offset of its record.
 ///
 /// The entries are a ring in insertion order; the index over them holds 32-bit sequence
-/// numbers, not the keys: ~29 bytes per event id in all (24 in the ring, 4 and a control
-/// byte in the index at its load), against ~60 for a ring of keys beside a set of keys.
+/// numbers, not the keys: ~30 bytes per event id in all (24 in the ring, 4 and a control
+/// byte per slot of the index), against ~40 for a ring of bare keys beside a set of them.
 #[derive(Debug)]
 pub struct DedupWindow {
     capacity: usize,
@@ -211,10 +211,6 @@ impl WindowFiles {
         }
     }
 
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
     fn path(&self, partition: i32) -> PathBuf {
         self.dir.join(format!("partition-{partition}"))
     }
@@ -272,6 +268,7 @@ impl WindowFiles {
     }
 
     /// Writes the window of `partition` (see [`Self::encode`]).
+    #[cfg(test)]
     pub fn write(
         &self,
         partition: i32,
@@ -453,7 +450,7 @@ mod tests {
             .expect("write");
         let path = files.path(0);
         let good = std::fs::read(&path).expect("read");
-        let other = WindowFiles::new(files.dir(), "gold-aggregator silver.entities");
+        let other = WindowFiles::new(files.dir.clone(), "gold-aggregator silver.entities");
         assert_eq!(other.read(0, 100), None, "another group's copy");
         // A file copied under another partition's name.
         std::fs::write(files.path(1), &good).expect("copy");
