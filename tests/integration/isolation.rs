@@ -215,6 +215,9 @@ async fn a_worker_runs_on_a_current_thread_runtime() {
     .await
     .expect("output");
     let totals = running.stop().await;
+    // The worker has left its group by the time it returns, not whenever its last client
+    // reference is dropped (on this runtime, once the runtime itself goes, the broker with it).
+    let members = group_members(&p.broker.address, GROUP);
     let ids: BTreeSet<String> = ids_of(&p, &out).into_iter().collect();
     let want: BTreeSet<String> = events
         .iter()
@@ -222,4 +225,26 @@ async fn a_worker_runs_on_a_current_thread_runtime() {
         .collect();
     assert_eq!((out.len(), ids), (events.len(), want));
     assert_eq!(totals.consumed, events.len() as u64);
+    assert_eq!(
+        members,
+        Vec::<String>::new(),
+        "members of {GROUP} after the worker returned"
+    );
+}
+
+/// The members of `group`, as the broker describes it.
+fn group_members(bootstrap: &str, group: &str) -> Vec<String> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let client: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()
+        .expect("client");
+    let groups = client
+        .fetch_group_list(Some(group), Duration::from_secs(10))
+        .expect("group described");
+    groups
+        .groups()
+        .iter()
+        .flat_map(|g| g.members().iter().map(|m| m.id().to_string()))
+        .collect()
 }

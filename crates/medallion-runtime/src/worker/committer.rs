@@ -376,12 +376,14 @@ impl Committer {
     }
 
     /// Shutdown, once every flight landed: commits what is stored, publishes the final lag (so
-    /// a scrape after the drain sees where the group stopped) and leaves the group.
-    pub(super) fn close(self, lag: &Lag) {
+    /// a scrape after the drain sees where the group stopped) and unsubscribes; the consumer it
+    /// gives back leaves the group when it is dropped.
+    pub(super) fn close(self, lag: &Lag) -> Arc<StreamConsumer<WorkerContext>> {
         self.commit_stored();
         lag.publish_final(&self.stored_offsets());
         self.consumer.unsubscribe();
         self.consumer.context().health.set_assigned(false);
+        self.consumer
     }
 }
 

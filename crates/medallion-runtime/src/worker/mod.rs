@@ -176,11 +176,61 @@ pub struct StageWorker<S: Stage> {
 /// Tasks that run beside the loop (lag, broker probe), stopped when it ends however it ends.
 struct Background(Vec<tokio::task::JoinHandle<()>>);
 
+impl Background {
+    /// Stops the tasks and waits until they are gone, so none of them holds a client any more
+    /// (a call a task had started on a blocking thread may still be finishing).
+    async fn stop(mut self) {
+        let tasks = std::mem::take(&mut self.0);
+        for task in &tasks {
+            task.abort();
+        }
+        for task in tasks {
+            let _ = task.await;
+        }
+    }
+}
+
 impl Drop for Background {
     fn drop(&mut self) {
         for task in &self.0 {
             task.abort();
         }
+    }
+}
+
+/// How long the worker waits, as it stops, for the calls still holding its consumer to end
+/// and for the consumer to leave the group.
+const CLOSE_WAIT: Duration = Duration::from_secs(15);
+
+/// Closes the consumer before the worker returns: it leaves the group while the broker is
+/// there to be told, on a thread of its own (librdkafka's close polls until the group is left),
+/// rather than wherever its last reference happens to be dropped, possibly after the runtime or
+/// the broker is gone, where the close can wait for minutes.
+async fn close_consumer(mut consumer: Arc<StreamConsumer<WorkerContext>>) {
+    let deadline = Instant::now() + CLOSE_WAIT;
+    let only = loop {
+        match Arc::try_unwrap(consumer) {
+            Ok(only) => break only,
+            Err(shared) if Instant::now() < deadline => {
+                consumer = shared;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(_) => {
+                tracing::warn!(
+                    "the consumer is still in use; it leaves the group when that call ends"
+                );
+                return;
+            }
+        }
+    };
+    let closing = tokio::task::spawn_blocking(move || drop(only));
+    if tokio::time::timeout(deadline.saturating_duration_since(Instant::now()), closing)
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "the consumer has not left the group yet; it goes on closing as the worker stops"
+        );
     }
 }
 
@@ -311,10 +361,14 @@ impl<S: Stage> StageWorker<S> {
                 // What earlier batches delivered is committed; nothing of this one.
                 self.land(flights.drain(drain_timeout).await, &committer);
                 committer.commit_stored();
+                background.stop().await;
+                let consumer = committer.consumer().clone();
+                drop((source, committer, lag));
+                close_consumer(consumer).await;
                 return Err(e);
             }
         }
-        drop(background);
+        background.stop().await;
         tracing::info!(
             static_member = config.kafka.instance_id.is_some(),
             "shutting down: settling work in flight, committing and leaving the group (a static member keeps its place until its session expires)"
@@ -325,7 +379,9 @@ impl<S: Stage> StageWorker<S> {
         // left (a copy ahead of a commit that then fails serves only what lies below it).
         let windows = self.windows.collect(&self.ledger, &committer.stored());
         self.windows.close(&self.ledger, windows).await;
-        committer.close(&lag);
+        let consumer = committer.close(&lag);
+        drop((source, lag));
+        close_consumer(consumer).await;
         settled.map(|()| self.tally.totals)
     }
 
