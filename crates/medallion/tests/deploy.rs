@@ -244,7 +244,26 @@ fn the_overlays_build_and_match_the_workers() {
                     "{group}: kafka.instance_id from the pod's name"
                 );
             } else {
-                assert_eq!(state_dir, None, "{group} keeps no state on disk");
+                // No store: only the dedup windows' copies, on an emptyDir, so a container's
+                // restart (an OOM kill, a failed liveness probe) takes them back instead of
+                // reading its partitions' last records again; a new pod starts without them.
+                let dir = state_dir.unwrap_or_else(|| panic!("{group}: no state.dir"));
+                let mount = c["volumeMounts"]
+                    .as_array()
+                    .expect("mounts")
+                    .iter()
+                    .find(|m| m["mountPath"].as_str() == dir.to_str())
+                    .unwrap_or_else(|| panic!("{group}: nothing mounted at {}", dir.display()));
+                let volume = pod["volumes"]
+                    .as_array()
+                    .expect("volumes")
+                    .iter()
+                    .find(|v| v["name"] == mount["name"])
+                    .unwrap_or_else(|| panic!("{group}: no volume {}", mount["name"]));
+                assert!(
+                    volume["emptyDir"].is_object(),
+                    "{group}: the state directory is an emptyDir: {volume}"
+                );
                 // A Deployment's pods get new names: their old ids would hold partitions
                 // until their sessions expired.
                 assert_eq!(instance_id(c), None, "{group}: dynamic membership");
