@@ -6,11 +6,12 @@
 //!    events per CPU-second (goal ≥ 100k) and peak RSS (goal < 256 MiB, whatever the count).
 //! 2. **Restart on its disk.** SIGKILL once every output is acknowledged and a checkpoint is
 //!    due, 1,000 new events wait, silver starts again on the same directory: seconds from the
-//!    start to `/readyz` and to its first output (goal < 10 s).
+//!    start to `/readyz` and to its first output (goal < 10 s), and its peak RSS.
 //! 3. **Rebuild.** The merge-state changelog restored into an empty store, every partition, in
 //!    this process (`changelog::restore_into`, the worker's own code path, as many partitions at
 //!    a time as `KeyedState::assign_all` restores): entries per second
-//!    (goal ≥ 300k/s); and silver started on an empty directory: seconds to its first output.
+//!    (goal ≥ 300k/s); and silver started on an empty directory: seconds to its first output,
+//!    and its peak RSS.
 //!
 //! `MEDALLION_STATE_WORKER_LOG` sets the workers' `RUST_LOG`.
 //!
@@ -254,7 +255,10 @@ async fn run() {
     let started = Instant::now();
     let mut worker = silver(&broker.address, &registry.address, &disk);
     let (ready, out) = restart(&worker, started).await;
-    println!("| restart on its disk (SIGKILL) | 1000 | ready {ready:.1} s | first output {out:.1} s | | | |");
+    println!(
+        "| restart on its disk (SIGKILL) | 1000 | ready {ready:.1} s | first output {out:.1} s | | {} | |",
+        peak_mib(&worker)
+    );
 
     // 3. Rebuild: the changelog into an empty store, in this process.
     worker.kill();
@@ -302,8 +306,19 @@ async fn run() {
         &disks.path().join("node-b"),
     );
     let (ready, out) = restart(&worker, started).await;
-    println!("| silver on an empty disk | | ready {ready:.1} s | first output {out:.1} s | | | |");
+    println!(
+        "| silver on an empty disk | | ready {ready:.1} s | first output {out:.1} s | | {} | |",
+        peak_mib(&worker)
+    );
     drop(worker);
+}
+
+/// `worker`'s peak RSS so far, in MiB, for the table ("?" if it cannot be read).
+fn peak_mib(worker: &WorkerProcess) -> String {
+    worker.pid().and_then(usage).map_or_else(
+        || "?".to_string(),
+        |u| format!("{:.1}", u.peak_rss_kib as f64 / 1024.0),
+    )
 }
 
 fn dir_bytes(dir: &std::path::Path) -> u64 {
