@@ -319,3 +319,62 @@ async fn the_fault_proxy_resets_holds_and_refuses() {
         .expect("echo again");
     assert!(proxy.accepted() >= 3);
 }
+
+/// What a worker asked to stop has to finish within: well inside the pods' 60 s grace period,
+/// after which Kubernetes kills it.
+const STOPS_WITHIN: Duration = Duration::from_secs(30);
+
+/// A worker told to stop while every broker connection stalls (or is refused) still exits,
+/// on its own and within [`STOPS_WITHIN`]: leaving the group and the last commit need the
+/// broker, and waiting for them must be bounded. Without the bound the client's close went on
+/// waiting after the worker had returned.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_asked_to_stop_while_the_broker_is_away_exits_in_time() {
+    let (broker, proxy) = broker_behind_proxy().await.expect("broker behind a proxy");
+    let p = Pipeline::start_on(broker).await;
+    let mut generator = SampleEvents::new(29, 6, now_ms() - 3_600_000);
+    for stalled in [true, false] {
+        let fault = if stalled { "stalled" } else { "refused" };
+        proxy.forward();
+        // A backlog, so the worker is mid-stream (batches in flight, output being produced)
+        // when the broker goes away.
+        let records: Vec<(String, Vec<u8>)> = (0..20_000)
+            .map(|_| {
+                let e = generator.next_event();
+                (e["org_id"].to_string(), p.frame(&e))
+            })
+            .collect();
+        futures::future::join_all(records.iter().map(|(key, value)| p.send(key, value))).await;
+        let mut bronze = p.worker(&[]);
+        bronze
+            .wait_ready(Duration::from_secs(60))
+            .await
+            .expect("ready");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while bronze.metrics().await.map_or(true, |m| {
+            metric_sum(&m, "medallion_records_out_total") < 1.0
+        }) {
+            assert!(Instant::now() < deadline, "no output within 60 s");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if stalled {
+            proxy.black_hole();
+        } else {
+            proxy.refuse();
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let asked = Instant::now();
+        let stopped = tokio::task::spawn_blocking(move || bronze.terminate(STOPS_WITHIN))
+            .await
+            .expect("joined");
+        eprintln!(
+            "connections {fault}: stopped in {:.1} s: {stopped:?}",
+            asked.elapsed().as_secs_f64()
+        );
+        assert!(
+            stopped.is_ok(),
+            "connections {fault}: the worker did not exit within {STOPS_WITHIN:?} of SIGTERM"
+        );
+    }
+    proxy.forward();
+}

@@ -53,6 +53,15 @@ pub struct KafkaConfig {
     pub session_timeout_ms: u32,
     /// How long a produce may wait for the broker before it counts as failed.
     pub produce_timeout_ms: u32,
+    /// How long a worker told to stop (SIGTERM) may take to settle its work in flight, commit
+    /// and leave the group. Half of it at most goes to waiting for produced records to be
+    /// acknowledged; what is still unacknowledged then is not committed, and the partition's
+    /// next owner reads it again (dedup drops what was written). Keep it under the pod's
+    /// termination grace period (60 s in `deploy/`): a broker that stalls or refuses every
+    /// connection otherwise holds the exit for the produce timeout, the last commit's attempt
+    /// and the group's session on top of one another.
+    #[serde(default = "default_stop_timeout_ms")]
+    pub stop_timeout_ms: u32,
     /// Extra librdkafka properties (security.protocol, sasl.*, ...), applied to every client.
     pub properties: std::collections::BTreeMap<String, String>,
     /// Static group membership (`group.instance.id` of the stage's consumer): an id of this
@@ -301,6 +310,10 @@ impl KafkaConfig {
     }
 }
 
+fn default_stop_timeout_ms() -> u32 {
+    20_000
+}
+
 impl<S: Default> Default for WorkerConfig<S> {
     fn default() -> Self {
         Self {
@@ -308,6 +321,7 @@ impl<S: Default> Default for WorkerConfig<S> {
                 bootstrap: "localhost:9092".into(),
                 session_timeout_ms: 10_000,
                 produce_timeout_ms: 30_000,
+                stop_timeout_ms: default_stop_timeout_ms(),
                 properties: Default::default(),
                 instance_id: None,
             },
@@ -400,6 +414,11 @@ impl<S: Default + Serialize + DeserializeOwned> WorkerConfig<S> {
         if self.registry.username.is_some() != self.registry.password.is_some() {
             return Err(ConfigError::Invalid(
                 "registry.username and registry.password go together".into(),
+            ));
+        }
+        if self.kafka.stop_timeout_ms < 1_000 {
+            return Err(ConfigError::Invalid(
+                "kafka.stop_timeout_ms must be at least 1000 (a stop needs time to commit and leave the group)".into(),
             ));
         }
         if self.batch.max_records == 0 {
@@ -567,6 +586,15 @@ mod tests {
             .expect_err("bad url")
             .to_string();
         assert!(err.contains("registry.url"), "{err}");
+        let (_dir, path) = write("kafka:\n  stop_timeout_ms: 10\n");
+        let err = WorkerConfig::<StageSettings>::load(Some(&path))
+            .expect_err("too short a stop")
+            .to_string();
+        assert!(err.contains("kafka.stop_timeout_ms"), "{err}");
+        let (_dir, path) = write("kafka:\n  stop_timeout_ms: 45000\n");
+        let config = WorkerConfig::<StageSettings>::load(Some(&path)).expect("valid");
+        assert_eq!(config.kafka.stop_timeout_ms, 45_000);
+        assert_eq!(config.kafka.produce_timeout_ms, 30_000);
     }
 
     #[test]

@@ -225,7 +225,7 @@ where
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(async move {
+    let code = runtime.block_on(async move {
         let metrics = medallion_runtime::metrics::install();
         let health = Health::new();
         match medallion_runtime::http::serve(config.http.listen, health.clone(), metrics).await {
@@ -265,8 +265,16 @@ where
                 ExitCode::FAILURE
             }
         }
-    })
+    });
+    // The worker has committed and left its group within `kafka.stop_timeout_ms`, or given up
+    // on it; a blocking call still going (a consumer's close the broker never answers) is not
+    // waited for: the process exits and it ends with it.
+    runtime.shutdown_timeout(LINGER_AT_EXIT);
+    code
 }
+
+/// How long the process waits at exit for blocking calls the worker no longer waits for.
+const LINGER_AT_EXIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 #[cfg(test)]
 mod tests {

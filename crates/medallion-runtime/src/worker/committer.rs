@@ -365,21 +365,44 @@ impl Committer {
         self.positions.lock().map(|p| p.clone()).unwrap_or_default()
     }
 
-    /// Commits every stored offset now (the error path: what landed before the failure).
-    pub(super) fn commit_stored(&self) {
-        if let Err(e) = commit_positions(self.consumer.as_ref(), &self.topic, &self.positions, None)
-        {
-            if !matches!(e, KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) {
+    /// Commits what is stored, waiting for the broker's answer until `deadline` at most: a
+    /// broker that stalls every connection never answers, and the commit then goes on on its
+    /// own; if it does not land, the partitions' next owner reads from the last commit that
+    /// did, and dedup drops what was written.
+    pub(super) async fn commit_stored_within(&self, deadline: std::time::Instant) {
+        let (consumer, topic, positions) = (
+            self.consumer.clone(),
+            self.topic.clone(),
+            self.positions.clone(),
+        );
+        let commit = tokio::task::spawn_blocking(move || {
+            commit_positions(consumer.as_ref(), &topic, &positions, None)
+        });
+        let wait = deadline.saturating_duration_since(std::time::Instant::now());
+        match tokio::time::timeout(wait, commit).await {
+            Ok(Ok(Err(e)))
+                if !matches!(e, KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) =>
+            {
                 tracing::warn!(error = %e, "commit failed");
             }
+            Ok(_) => {}
+            Err(_) => tracing::warn!(
+                waited_ms = wait.as_millis() as u64,
+                "the last commit is not answered yet; stopping without waiting for it"
+            ),
         }
     }
 
-    /// Shutdown, once every flight landed: commits what is stored, publishes the final lag (so
-    /// a scrape after the drain sees where the group stopped) and unsubscribes; the consumer it
-    /// gives back leaves the group when it is dropped.
-    pub(super) fn close(self, lag: &Lag) -> Arc<StreamConsumer<WorkerContext>> {
-        self.commit_stored();
+    /// Shutdown, once every flight landed (or the wait for them gave up): commits what is
+    /// stored (until `deadline` at most, see [`Self::commit_stored_within`]), publishes the
+    /// final lag (so a scrape after the drain sees where the group stopped) and unsubscribes;
+    /// the consumer it gives back leaves the group when it is dropped.
+    pub(super) async fn close(
+        self,
+        lag: &Lag,
+        deadline: std::time::Instant,
+    ) -> Arc<StreamConsumer<WorkerContext>> {
+        self.commit_stored_within(deadline).await;
         lag.publish_final(&self.stored_offsets());
         self.consumer.unsubscribe();
         self.consumer.context().health.set_assigned(false);
@@ -472,7 +495,9 @@ mod tests {
             let moved = l.landed(1);
             committer.store(&l, moved.into_iter());
         }
-        committer.commit_stored();
+        committer
+            .commit_stored_within(std::time::Instant::now() + Duration::from_secs(10))
+            .await;
         let committed = committer
             .committed(&[0, 1])
             .await
@@ -495,7 +520,9 @@ mod tests {
             committer.store(&l, moved.clone().into_iter());
             committer.store(&l, moved.into_iter());
         }
-        committer.commit_stored();
+        committer
+            .commit_stored_within(std::time::Instant::now() + Duration::from_secs(10))
+            .await;
         let committed = committer.committed(&[1]).await.expect("committed offsets");
         assert_eq!(committed[0].offset, Some(5));
         assert_eq!(committed[0].metadata, None);

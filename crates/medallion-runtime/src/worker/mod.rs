@@ -198,16 +198,20 @@ impl Drop for Background {
     }
 }
 
-/// How long the worker waits, as it stops, for the calls still holding its consumer to end
-/// and for the consumer to leave the group.
+/// How long the worker waits, as it stops on an error, for the calls still holding its
+/// consumer to end and for the consumer to leave the group.
 const CLOSE_WAIT: Duration = Duration::from_secs(15);
+
+/// The least time given to leaving the group, even when the stop's budget is spent.
+const CLOSE_AT_LEAST: Duration = Duration::from_secs(1);
 
 /// Closes the consumer before the worker returns: it leaves the group while the broker is
 /// there to be told, on a thread of its own (librdkafka's close polls until the group is left),
 /// rather than wherever its last reference happens to be dropped, possibly after the runtime or
-/// the broker is gone, where the close can wait for minutes.
-async fn close_consumer(mut consumer: Arc<StreamConsumer<WorkerContext>>) {
-    let deadline = Instant::now() + CLOSE_WAIT;
+/// the broker is gone, where the close can wait for minutes. Waits until `deadline` (at least
+/// [`CLOSE_AT_LEAST`]); a close still going then is left to finish as the process exits.
+async fn close_consumer(mut consumer: Arc<StreamConsumer<WorkerContext>>, deadline: Instant) {
+    let deadline = deadline.max(Instant::now() + CLOSE_AT_LEAST);
     let only = loop {
         match Arc::try_unwrap(consumer) {
             Ok(only) => break only,
@@ -360,28 +364,40 @@ impl<S: Stage> StageWorker<S> {
             if let Err(e) = step {
                 // What earlier batches delivered is committed; nothing of this one.
                 self.land(flights.drain(drain_timeout).await, &committer);
-                committer.commit_stored();
+                committer
+                    .commit_stored_within(Instant::now() + CLOSE_WAIT)
+                    .await;
                 background.stop().await;
                 let consumer = committer.consumer().clone();
                 drop((source, committer, lag));
-                close_consumer(consumer).await;
+                close_consumer(consumer, Instant::now() + CLOSE_WAIT).await;
                 return Err(e);
             }
         }
+        // The stop has a budget (`kafka.stop_timeout_ms`): with the broker away, waiting for
+        // acknowledgements, the last commit and the group's leave would otherwise add up past
+        // the pod's grace period. Half of it at most for the acknowledgements.
+        let stop_timeout = Duration::from_millis(u64::from(config.kafka.stop_timeout_ms));
+        let stop_by = Instant::now() + stop_timeout;
         background.stop().await;
         tracing::info!(
             static_member = config.kafka.instance_id.is_some(),
             "shutting down: settling work in flight, committing and leaving the group (a static member keeps its place until its session expires)"
         );
         let settled = self.settle(true, &mut flights).await;
-        self.land(flights.drain(drain_timeout).await, &committer);
+        let acknowledgements = drain_timeout
+            .min(stop_timeout / 2)
+            .min(stop_by.saturating_duration_since(Instant::now()));
+        self.land(flights.drain(acknowledgements).await, &committer);
         // The windows are copied at the offsets about to be committed, before the group is
         // left (a copy ahead of a commit that then fails serves only what lies below it).
         let windows = self.windows.collect(&self.ledger, &committer.stored());
         self.windows.close(&self.ledger, windows).await;
-        let consumer = committer.close(&lag);
+        // The last commit gets half of what is left of the budget, leaving the group the rest.
+        let left = stop_by.saturating_duration_since(Instant::now());
+        let consumer = committer.close(&lag, Instant::now() + left / 2).await;
         drop((source, lag));
-        close_consumer(consumer).await;
+        close_consumer(consumer, stop_by).await;
         settled.map(|()| self.tally.totals)
     }
 
