@@ -46,9 +46,10 @@ pub fn limit_malloc_arenas(arenas: i32) {
 /// resident until all of it is free: in the state benchmark (5,000,000 new entities, THP in
 /// `madvise` mode) 38 MiB of silver's heap was in huge pages 10 s after start and 94 MiB at
 /// the end. Where THP is `always`, glibc's heap (the other workers', librdkafka's) would be
-/// too. What this costs is TLB misses; the workers are not bound by them (measured in the
-/// same benchmark: below). `MEDALLION_TRANSPARENT_HUGE_PAGES=system` leaves them as the system
-/// sets them. Returns whether they are off (false where this is not Linux).
+/// too. What this costs is TLB misses; no CPU cost showed in the state, replay and pipeline
+/// benchmarks (the README's state-store section has the figures).
+/// `MEDALLION_TRANSPARENT_HUGE_PAGES=system` leaves them as the system sets them. Returns
+/// whether they are off (false where this is not Linux).
 pub fn disable_transparent_huge_pages() -> bool {
     if std::env::var("MEDALLION_TRANSPARENT_HUGE_PAGES").as_deref() == Ok("system") {
         return false;
