@@ -610,7 +610,7 @@ async fn gold_totals_stay_exact_and_single_across_sigkills() {
 }
 
 /// Waits until `/metrics` shows `name` (with a label containing `label`) at least `at_least`.
-async fn wait_metric(worker: &WorkerProcess, name: &str, label: &str, at_least: f64) {
+pub async fn wait_metric(worker: &WorkerProcess, name: &str, label: &str, at_least: f64) {
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     loop {
         let text = worker.metrics().await.unwrap_or_default();

@@ -576,21 +576,17 @@ mod tests {
         let err = WorkerConfig::<StageSettings>::load(Some(Path::new("/nonexistent/w.yaml")))
             .expect_err("missing");
         assert!(err.to_string().contains("/nonexistent/w.yaml"));
-        let (_dir, path) = write("batch:\n  max_records: zero\n");
-        let err = WorkerConfig::<StageSettings>::load(Some(&path))
-            .expect_err("bad type")
-            .to_string();
-        assert!(err.contains("max_records"), "{err}");
-        let (_dir, path) = write("registry:\n  url: localhost:8081\n");
-        let err = WorkerConfig::<StageSettings>::load(Some(&path))
-            .expect_err("bad url")
-            .to_string();
-        assert!(err.contains("registry.url"), "{err}");
-        let (_dir, path) = write("kafka:\n  stop_timeout_ms: 10\n");
-        let err = WorkerConfig::<StageSettings>::load(Some(&path))
-            .expect_err("too short a stop")
-            .to_string();
-        assert!(err.contains("kafka.stop_timeout_ms"), "{err}");
+        for (text, named) in [
+            ("batch:\n  max_records: zero\n", "max_records"),
+            ("registry:\n  url: localhost:8081\n", "registry.url"),
+            ("kafka:\n  stop_timeout_ms: 10\n", "kafka.stop_timeout_ms"),
+        ] {
+            let (_dir, path) = write(text);
+            let err = WorkerConfig::<StageSettings>::load(Some(&path))
+                .expect_err(text)
+                .to_string();
+            assert!(err.contains(named), "{text}: {err}");
+        }
         let (_dir, path) = write("kafka:\n  stop_timeout_ms: 45000\n");
         let config = WorkerConfig::<StageSettings>::load(Some(&path)).expect("valid");
         assert_eq!(config.kafka.stop_timeout_ms, 45_000);

@@ -213,15 +213,18 @@ fn the_overlays_build_and_match_the_workers() {
                 .iter()
                 .find_map(|m| m["data"][&key].as_str())
                 .unwrap_or_else(|| panic!("{overlay}: no {key} in a ConfigMap"));
-            let state_dir = check_worker_config(group, text);
+            // Every worker has a state directory (a store, or only its dedup windows'
+            // copies), mounted where its config puts it.
+            let dir =
+                check_worker_config(group, text).unwrap_or_else(|| panic!("{group}: no state.dir"));
+            let mount = c["volumeMounts"]
+                .as_array()
+                .expect("mounts")
+                .iter()
+                .find(|m| m["mountPath"].as_str() == dir.to_str())
+                .unwrap_or_else(|| panic!("{group}: nothing mounted at {}", dir.display()));
             if STATEFUL.contains(&group.as_str()) {
-                // The store on the pod's own volume, where the config puts it.
-                let dir = state_dir.unwrap_or_else(|| panic!("{group}: no state.dir"));
-                let mounts = c["volumeMounts"].as_array().expect("mounts");
-                let mount = mounts
-                    .iter()
-                    .find(|m| m["mountPath"].as_str() == dir.to_str())
-                    .unwrap_or_else(|| panic!("{group}: nothing mounted at {}", dir.display()));
+                // The store on the pod's own volume.
                 let claims = d["spec"]["volumeClaimTemplates"]
                     .as_array()
                     .expect("volumeClaimTemplates");
@@ -247,13 +250,6 @@ fn the_overlays_build_and_match_the_workers() {
                 // No store: only the dedup windows' copies, on an emptyDir, so a container's
                 // restart (an OOM kill, a failed liveness probe) takes them back instead of
                 // reading its partitions' last records again; a new pod starts without them.
-                let dir = state_dir.unwrap_or_else(|| panic!("{group}: no state.dir"));
-                let mount = c["volumeMounts"]
-                    .as_array()
-                    .expect("mounts")
-                    .iter()
-                    .find(|m| m["mountPath"].as_str() == dir.to_str())
-                    .unwrap_or_else(|| panic!("{group}: nothing mounted at {}", dir.display()));
                 let volume = pod["volumes"]
                     .as_array()
                     .expect("volumes")
