@@ -458,6 +458,11 @@ impl<S: Default + Serialize + DeserializeOwned> WorkerConfig<S> {
     }
 }
 
+/// A load reads the process's environment, which one test sets: that test holds this for
+/// writing, every other load in these tests for reading, so no load sees its variable.
+#[cfg(test)]
+static TEST_ENVIRONMENT: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -466,6 +471,14 @@ mod tests {
     #[serde(deny_unknown_fields, default)]
     struct StageSettings {
         threshold: u32,
+    }
+
+    /// [`WorkerConfig::load`] while no test changes the environment.
+    fn load(path: Option<&Path>) -> Result<WorkerConfig<StageSettings>, ConfigError> {
+        let _reading = TEST_ENVIRONMENT
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        WorkerConfig::<StageSettings>::load(path)
     }
 
     fn write(text: &str) -> (tempdir::Dir, PathBuf) {
@@ -497,7 +510,7 @@ mod tests {
     #[test]
     fn file_overrides_defaults() {
         let (_dir, path) = write("kafka:\n  bootstrap: broker:9092\nstage:\n  threshold: 7\n");
-        let config = WorkerConfig::<StageSettings>::load(Some(&path)).expect("valid");
+        let config = load(Some(&path)).expect("valid");
         assert_eq!(config.kafka.bootstrap, "broker:9092");
         assert_eq!(config.stage.threshold, 7);
         assert_eq!(config.retry.backoff_ms, vec![500, 2_000, 8_000, 32_000]);
@@ -506,14 +519,10 @@ mod tests {
     #[test]
     fn unknown_keys_are_named() {
         let (_dir, path) = write("kafka:\n  bootstrapp: broker:9092\n");
-        let err = WorkerConfig::<StageSettings>::load(Some(&path))
-            .expect_err("typo")
-            .to_string();
+        let err = load(Some(&path)).expect_err("typo").to_string();
         assert!(err.contains("bootstrapp"), "{err}");
         let (_dir, path) = write("stage:\n  treshold: 1\n");
-        let err = WorkerConfig::<StageSettings>::load(Some(&path))
-            .expect_err("typo")
-            .to_string();
+        let err = load(Some(&path)).expect_err("typo").to_string();
         assert!(err.contains("treshold"), "{err}");
     }
 
@@ -527,31 +536,27 @@ mod tests {
             ("group.instance.id", "kafka.instance_id"),
         ] {
             let (_dir, path) = write(&format!("kafka:\n  properties:\n    {key}: x\n"));
-            let err = WorkerConfig::<StageSettings>::load(Some(&path))
-                .expect_err("owned property")
-                .to_string();
+            let err = load(Some(&path)).expect_err("owned property").to_string();
             assert!(
                 err.contains(&format!("`{key}`")) && err.contains(hint),
                 "{err}"
             );
         }
         let (_dir, path) = write("kafka:\n  properties:\n    security.protocol: SASL_SSL\n");
-        assert!(WorkerConfig::<StageSettings>::load(Some(&path)).is_ok());
+        assert!(load(Some(&path)).is_ok());
     }
 
     #[test]
     fn an_instance_id_kafka_would_refuse_is_named() {
         let (_dir, path) = write("kafka:\n  instance_id: silver-processor-0\n");
-        let config = WorkerConfig::<StageSettings>::load(Some(&path)).expect("valid");
+        let config = load(Some(&path)).expect("valid");
         assert_eq!(
             config.kafka.instance_id.as_deref(),
             Some("silver-processor-0")
         );
         for (bad, why) in [("''", "empty"), ("'pod 0'", "` `")] {
             let (_dir, path) = write(&format!("kafka:\n  instance_id: {bad}\n"));
-            let err = WorkerConfig::<StageSettings>::load(Some(&path))
-                .expect_err("bad id")
-                .to_string();
+            let err = load(Some(&path)).expect_err("bad id").to_string();
             assert!(
                 err.contains("kafka.instance_id") && err.contains(why),
                 "{err}"
@@ -562,19 +567,16 @@ mod tests {
     #[test]
     fn a_naming_prefix_outside_kafkas_characters_is_refused() {
         let (_dir, path) = write("naming:\n  prefix: blue.\n");
-        let config = WorkerConfig::<StageSettings>::load(Some(&path)).expect("valid");
+        let config = load(Some(&path)).expect("valid");
         assert_eq!(config.naming.prefix, "blue.");
         let (_dir, path) = write("naming:\n  prefix: 'blue/'\n");
-        let err = WorkerConfig::<StageSettings>::load(Some(&path))
-            .expect_err("bad prefix")
-            .to_string();
+        let err = load(Some(&path)).expect_err("bad prefix").to_string();
         assert!(err.contains("naming.prefix") && err.contains('/'), "{err}");
     }
 
     #[test]
     fn missing_file_and_bad_values_are_explained() {
-        let err = WorkerConfig::<StageSettings>::load(Some(Path::new("/nonexistent/w.yaml")))
-            .expect_err("missing");
+        let err = load(Some(Path::new("/nonexistent/w.yaml"))).expect_err("missing");
         assert!(err.to_string().contains("/nonexistent/w.yaml"));
         for (text, named) in [
             ("batch:\n  max_records: zero\n", "max_records"),
@@ -582,24 +584,22 @@ mod tests {
             ("kafka:\n  stop_timeout_ms: 10\n", "kafka.stop_timeout_ms"),
         ] {
             let (_dir, path) = write(text);
-            let err = WorkerConfig::<StageSettings>::load(Some(&path))
-                .expect_err(text)
-                .to_string();
+            let err = load(Some(&path)).expect_err(text).to_string();
             assert!(err.contains(named), "{text}: {err}");
         }
         let (_dir, path) = write("kafka:\n  stop_timeout_ms: 45000\n");
-        let config = WorkerConfig::<StageSettings>::load(Some(&path)).expect("valid");
+        let config = load(Some(&path)).expect("valid");
         assert_eq!(config.kafka.stop_timeout_ms, 45_000);
         assert_eq!(config.kafka.produce_timeout_ms, 30_000);
     }
 
     #[test]
     fn the_state_section_is_read_and_checked() {
-        let config = WorkerConfig::<StageSettings>::load(None).expect("defaults");
+        let config = load(None).expect("defaults");
         assert_eq!(config.state, StateConfig::default());
         assert_eq!(config.state.dir, None);
         let (_dir, path) = write("state:\n  dir: /var/lib/medallion\n  cache_mib: 64\n");
-        let config = WorkerConfig::<StageSettings>::load(Some(&path)).expect("valid");
+        let config = load(Some(&path)).expect("valid");
         assert_eq!(config.state.dir, Some(PathBuf::from("/var/lib/medallion")));
         assert_eq!(config.state.cache_mib, 64);
         assert_eq!(config.state.hot_entries, 20_000);
@@ -610,9 +610,7 @@ mod tests {
             ("state:\n  cache: 1\n", "cache"),
         ] {
             let (_dir, path) = write(text);
-            let err = WorkerConfig::<StageSettings>::load(Some(&path))
-                .expect_err(text)
-                .to_string();
+            let err = load(Some(&path)).expect_err(text).to_string();
             assert!(err.contains(named), "{text}: {err}");
         }
     }
@@ -624,6 +622,9 @@ mod env_tests {
 
     #[test]
     fn librdkafka_properties_come_from_one_environment_variable() {
+        let _writing = TEST_ENVIRONMENT
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         // Dotted librdkafka names cannot be path segments of MEDALLION__A__B variables.
         std::env::set_var(
             KAFKA_PROPERTIES_ENV,
