@@ -5,8 +5,10 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use medallion_tests::{metric_sum, read_topic};
+use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::producer::FutureRecord;
+use rdkafka::{Offset, TopicPartitionList};
 use serde_json::json;
 
 use crate::bronze::{ids_of, sample, Pipeline};
@@ -194,5 +196,88 @@ async fn a_worker_killed_while_reading_past_a_backlog_loses_and_repeats_nothing(
         events.len()
     );
     assert_eq!(ids.len(), events.len(), "none twice");
+    drop(worker);
+}
+
+/// tansu keeps a committed offset but drops its metadata (where the outputs stood, what was
+/// done beyond the offset). The group's progress topic keeps it: every committed offset has its
+/// entry there, written before the offset was stored, and a restart after a SIGKILL reads on
+/// from it, losing and repeating nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn every_committed_offset_has_its_metadata_in_the_progress_topic() {
+    let p = Pipeline::start().await;
+    let events = produce_backlog(&p, 63, 3_000).await;
+    let env = [("MEDALLION__BATCH__MAX_RECORDS", "500".to_string())];
+    let mut worker = p.worker(&env);
+    read_topic(
+        &p.broker.address,
+        BRONZE,
+        events.len(),
+        Duration::ZERO,
+        Duration::from_secs(120),
+    )
+    .await
+    .expect("bronze output");
+    // Committed by the timer (one second).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    worker.kill();
+
+    let group: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &p.broker.address)
+        .set("group.id", "bronze-processor")
+        .create()
+        .expect("consumer");
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition(RAW, 0);
+    let committed = group
+        .committed_offsets(tpl, Duration::from_secs(10))
+        .expect("committed offsets");
+    let elem = committed.find_partition(RAW, 0).expect("partition 0");
+    let Offset::Offset(offset) = elem.offset() else {
+        panic!("partition 0 committed: {:?}", elem.offset());
+    };
+    assert_eq!(offset, events.len() as i64, "everything committed");
+    assert_eq!(elem.metadata(), "", "tansu drops commit metadata");
+
+    let entries = read_topic(
+        &p.broker.address,
+        "bronze-processor.progress",
+        1,
+        Duration::from_secs(2),
+        Duration::from_secs(30),
+    )
+    .await
+    .expect("progress entries");
+    let ours: Vec<String> = entries
+        .iter()
+        .filter(|m| m.partition() == 0 && m.key() == Some(&b"0"[..]))
+        .filter_map(|m| m.payload().map(|v| String::from_utf8_lossy(v).into_owned()))
+        .filter(|v| v.starts_with(&format!("{offset} ")))
+        .collect();
+    let metadata = ours.last().expect("an entry of the committed offset");
+    assert!(
+        metadata.contains("|out=") && metadata.contains(";dlq="),
+        "the entry holds where the outputs stood: {metadata}"
+    );
+
+    // A restart reads on from there: the rest once, nothing again.
+    let worker = p.worker(&env);
+    let more = produce_backlog(&p, 64, 100).await;
+    let out = read_topic(
+        &p.broker.address,
+        BRONZE,
+        events.len() + more.len(),
+        Duration::from_secs(3),
+        Duration::from_secs(120),
+    )
+    .await
+    .unwrap_or_default();
+    let ids = ids_of(&p, &out);
+    let unique: BTreeSet<&String> = ids.iter().collect();
+    assert_eq!(
+        (ids.len(), unique.len()),
+        (events.len() + more.len(), events.len() + more.len()),
+        "every event exactly once"
+    );
     drop(worker);
 }

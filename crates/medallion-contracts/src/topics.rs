@@ -106,6 +106,10 @@ pub struct TopicConfig {
     /// Topics every worker reports to, beside its own output.
     #[serde(default)]
     pub telemetry: Option<Telemetry>,
+    /// Where each consumer group records the metadata of its commits, for brokers that drop
+    /// commit metadata.
+    #[serde(default)]
+    pub progress: Option<ProgressPolicy>,
     /// The deployment prefix applied by [`TopicConfig::with_prefix`]; empty as loaded.
     #[serde(skip)]
     pub prefix: String,
@@ -135,6 +139,19 @@ pub struct Telemetry {
     pub execution: String,
     /// Governance actions: dead letters, personal-data encryption, redactions, drift.
     pub audit: String,
+}
+
+/// Each consumer group's progress topic, `<group><suffix>`: compacted, partitioned like the
+/// topic the group consumes. Before a worker stores an offset for commit it writes that offset
+/// with the commit's metadata (where its outputs stood, what it did beyond the offset) to the
+/// matching partition here, so a broker that keeps the offset but drops the metadata loses
+/// nothing a restart needs.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProgressPolicy {
+    /// Appended to the consumer group's name: `.progress`.
+    pub suffix: String,
+    pub replication: u16,
 }
 
 /// A compacted topic holding a group's state, partitioned like the topic it consumes: the
@@ -415,6 +432,28 @@ impl TopicConfig {
                 ));
             }
         }
+        if let Some(progress) = &self.progress {
+            let clash = self.consumer_groups.keys().find_map(|group| {
+                let name = format!("{group}{}", progress.suffix);
+                (self.topics.contains_key(&name) || self.changelogs.contains_key(&name))
+                    .then_some(name)
+            });
+            let problem = if progress.suffix.is_empty() {
+                Some("progress.suffix must not be empty".to_string())
+            } else if check_prefix(&progress.suffix).is_err() {
+                Some(format!(
+                    "progress.suffix `{}` allows only a-z, A-Z, 0-9, `.`, `_` and `-`",
+                    progress.suffix
+                ))
+            } else if progress.replication == 0 {
+                Some("progress.replication must be at least 1".to_string())
+            } else {
+                clash.map(|name| format!("progress: `{name}` is already a topic or changelog"))
+            };
+            if let Some(problem) = problem {
+                return Err(invalid(&["progress:"], problem));
+            }
+        }
         Ok(())
     }
 
@@ -468,6 +507,16 @@ impl TopicConfig {
             .iter()
             .find(|(_, c)| c.group == group && !c.global)
             .map(|(name, _)| name.as_str())
+    }
+
+    /// The progress topic of consumer group `group` (see [`ProgressPolicy`]), if progress
+    /// topics are declared and the group consumes a topic.
+    pub fn progress_topic_of(&self, group: &str) -> Option<String> {
+        let policy = self.progress.as_ref()?;
+        self.consumer_groups
+            .get(group)
+            .filter(|g| !g.consumes.is_empty())
+            .map(|_| format!("{group}{}", policy.suffix))
     }
 
     /// The global table (`global: true` changelog) of consumer group `group`, if it has one.
@@ -538,6 +587,24 @@ impl TopicConfig {
                 compacted: true,
             });
         }
+        if let Some(policy) = &self.progress {
+            for (group, spec) in &self.consumer_groups {
+                let (Some(name), Some(input)) = (
+                    self.progress_topic_of(group),
+                    spec.consumes.first().and_then(|t| self.topics.get(t)),
+                ) else {
+                    continue;
+                };
+                out.push(PhysicalTopic {
+                    name,
+                    partitions: input.partitions,
+                    replication: policy.replication.min(max_replication),
+                    retention_ms: 0,
+                    dlq_of: None,
+                    compacted: true,
+                });
+            }
+        }
         out
     }
 }
@@ -587,6 +654,42 @@ mod tests {
         assert_eq!(plain.group_name("bronze-processor"), "bronze-processor");
         assert!(plain.clone().with_prefix("a b").is_err());
         assert!(plain.clone().with_prefix("ü.").is_err());
+    }
+
+    #[test]
+    fn every_consuming_group_has_a_compacted_progress_topic_partitioned_like_its_input() {
+        let path = crate::project_root().join("topic-config.yaml");
+        let blue = TopicConfig::load(&path)
+            .expect("loads")
+            .with_prefix("blue.")
+            .expect("valid prefix");
+        let physical = blue.physical_topics(1);
+        for (group, spec) in &blue.consumer_groups {
+            let name = blue.progress_topic_of(group).expect("declared");
+            assert_eq!(name, format!("{group}.progress"));
+            let topic = physical
+                .iter()
+                .find(|t| t.name == name)
+                .unwrap_or_else(|| panic!("{name} is created"));
+            let input = blue.topic(&spec.consumes[0]).expect("input");
+            assert!(topic.compacted, "{name}");
+            assert_eq!(topic.partitions, input.partitions, "{name}");
+            assert_eq!(topic.replication, 1, "{name}: capped like every topic");
+        }
+        assert_eq!(blue.progress_topic_of("no-such-group"), None);
+
+        let text = std::fs::read_to_string(&path).expect("readable");
+        for (bad, says) in [
+            ("suffix: .progress", "suffix: \"\""),
+            ("suffix: .progress", "suffix: \"a b\""),
+            ("replication: 3\n", "replication: 0\n"),
+            ("suffix: .progress", "suffix: .entity-state"),
+        ] {
+            let (head, tail) = text.split_at(text.find("progress:\n").expect("section"));
+            let changed = format!("{head}{}", tail.replacen(bad, says, 1));
+            let err = TopicConfig::parse(&changed, "t.yaml").expect_err(says);
+            assert!(err.to_string().contains("progress"), "{says}: {err}");
+        }
     }
 
     const GOOD: &str = "\

@@ -63,6 +63,24 @@ impl Progress {
         }
     }
 
+    /// What both say was done (each a fact): a record is done if either says so. Its base is
+    /// this one's.
+    pub fn union(&self, other: &Progress) -> Progress {
+        let first_open = |p: &Progress, org: &[u8]| p.open.get(org).copied().unwrap_or(p.through);
+        let orgs: std::collections::HashSet<&Vec<u8>> =
+            self.open.keys().chain(other.open.keys()).collect();
+        let open: Vec<(Vec<u8>, i64)> = orgs
+            .into_iter()
+            .map(|org| {
+                (
+                    org.clone(),
+                    first_open(self, org).max(first_open(other, org)),
+                )
+            })
+            .collect();
+        Progress::new(self.base, self.through.max(other.through), open)
+    }
+
     /// Says more than the committed offset alone.
     pub fn claims_anything(&self) -> bool {
         self.through > self.base
@@ -161,6 +179,35 @@ mod tests {
         assert!(!p.is_done(b"z", 100), "past `through` nothing is claimed");
         let text = p.encode("t", 3);
         assert_eq!(Progress::decode(&text, "t", 3), Some(p));
+    }
+
+    proptest::proptest! {
+        /// The union claims a record done exactly where one of the two does (from the first's
+        /// base on: below it the first claims everything).
+        #[test]
+        fn a_union_claims_what_either_claims(
+            base in 0i64..20,
+            a_len in 0i64..40,
+            b_base in 0i64..20,
+            b_len in 0i64..40,
+            a_open in proptest::collection::vec((0u8..4, 0i64..70), 0..4),
+            b_open in proptest::collection::vec((0u8..4, 0i64..70), 0..4),
+        ) {
+            let name = |o: u8| vec![b'a' + o];
+            let a = Progress::new(base, base + a_len, a_open.iter().map(|(o, f)| (name(*o), *f)));
+            let b = Progress::new(b_base, b_base + b_len, b_open.iter().map(|(o, f)| (name(*o), *f)));
+            let u = a.union(&b);
+            for o in 0..5u8 {
+                for offset in base..80 {
+                    let org = name(o);
+                    proptest::prop_assert_eq!(
+                        u.is_done(&org, offset),
+                        a.is_done(&org, offset) || b.is_done(&org, offset),
+                        "org {} offset {}", o, offset
+                    );
+                }
+            }
+        }
     }
 
     #[test]

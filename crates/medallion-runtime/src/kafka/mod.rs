@@ -6,7 +6,8 @@ pub mod io;
 mod producer;
 
 pub use producer::{
-    BatchFailures, BatchProducer, BatchRecord, FlightId, Flights, Landed, Placement,
+    BatchFailures, BatchProducer, BatchRecord, FlightId, Flights, Landed, MarkedSender, Marks,
+    Placement,
 };
 
 use std::collections::BTreeMap;

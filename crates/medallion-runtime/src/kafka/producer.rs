@@ -24,9 +24,74 @@ pub type FlightId = u32;
 /// flight's acknowledgements (one counter per flight, not one future per record), and a flight
 /// whose every record is acknowledged or failed has *landed*. Any number of flights may be out.
 pub struct BatchProducer {
-    producer: ThreadedProducer<AckContext>,
+    producer: Arc<ThreadedProducer<AckContext>>,
     flights: Arc<Flights>,
+    marks: Arc<Marks>,
     placement: Placement,
+}
+
+/// The flight of records sent outside any batch ([`MarkedSender`]): no launch ever takes it.
+const MARKED: FlightId = 0;
+
+/// Acknowledgements of records sent by a [`MarkedSender`], by the mark each was sent with:
+/// `true` acknowledged, `false` failed.
+#[derive(Default)]
+pub struct Marks {
+    state: Mutex<HashMap<u32, bool>>,
+    changed: std::sync::Condvar,
+}
+
+impl Marks {
+    fn delivered(&self, mark: u32, ok: bool) {
+        if let Ok(mut state) = self.state.lock() {
+            state.insert(mark, ok);
+        }
+        self.changed.notify_all();
+    }
+
+    /// The outcomes that came back since the last call.
+    pub fn take(&self) -> HashMap<u32, bool> {
+        self.state
+            .lock()
+            .map(|mut s| std::mem::take(&mut *s))
+            .unwrap_or_default()
+    }
+
+    /// Blocks until some outcome is there to take, or `timeout`; whether one is.
+    pub fn wait(&self, timeout: Duration) -> bool {
+        let Ok(state) = self.state.lock() else {
+            return false;
+        };
+        self.changed
+            .wait_timeout_while(state, timeout, |s| s.is_empty())
+            .map(|(s, _)| !s.is_empty())
+            .unwrap_or(false)
+    }
+}
+
+/// Sends single records through a [`BatchProducer`]'s client, each with a mark its outcome
+/// comes back under ([`Marks`]), outside the flights: nothing a batch waits for.
+#[derive(Clone)]
+pub struct MarkedSender {
+    producer: Arc<ThreadedProducer<AckContext>>,
+    marks: Arc<Marks>,
+}
+
+impl MarkedSender {
+    /// Hands the record to librdkafka; `false` if it refused it at once (its queue full, say):
+    /// no outcome comes back for that mark.
+    pub fn send(&self, topic: &str, partition: i32, key: &[u8], value: &[u8], mark: u32) -> bool {
+        let record = BaseRecord::with_opaque_to(topic, pack(MARKED, mark as usize))
+            .partition(partition)
+            .key(key)
+            .payload(value);
+        self.producer.send(record).is_ok()
+    }
+
+    /// The outcomes of what was sent.
+    pub fn marks(&self) -> &Marks {
+        &self.marks
+    }
 }
 
 /// The partition of a keyed record for the topics whose `partitioner` librdkafka does not
@@ -156,6 +221,7 @@ impl Flights {
 
 struct AckContext {
     flights: Arc<Flights>,
+    marks: Arc<Marks>,
 }
 
 impl ClientContext for AckContext {}
@@ -166,6 +232,10 @@ impl ProducerContext for AckContext {
 
     fn delivery(&self, result: &DeliveryResult<'_>, opaque: usize) {
         let (flight, index) = unpack(opaque);
+        if flight == MARKED {
+            self.marks.delivered(index as u32, result.is_ok());
+            return;
+        }
         let Ok(mut state) = self.flights.state.lock() else {
             return;
         };
@@ -223,12 +293,15 @@ impl BatchProducer {
     /// Builds the producer from `config` (bootstrap, credentials and producer settings).
     pub fn new(config: &ClientConfig) -> Result<Self, KafkaError> {
         let flights = Arc::new(Flights::default());
+        let marks = Arc::new(Marks::default());
         let producer = config.create_with_context(AckContext {
             flights: flights.clone(),
+            marks: marks.clone(),
         })?;
         Ok(Self {
-            producer,
+            producer: Arc::new(producer),
             flights,
+            marks,
             placement: Placement::default(),
         })
     }
@@ -242,6 +315,14 @@ impl BatchProducer {
     /// The flights, for a callback that must wait for some to land.
     pub fn flights(&self) -> Arc<Flights> {
         self.flights.clone()
+    }
+
+    /// A sender of single records outside the flights, on this producer's client.
+    pub fn marked(&self) -> MarkedSender {
+        MarkedSender {
+            producer: self.producer.clone(),
+            marks: self.marks.clone(),
+        }
     }
 
     /// Hands `indexes` (into the caller's list; `record` builds each) to librdkafka as one
@@ -258,6 +339,9 @@ impl BatchProducer {
                 return FlightId::MAX;
             };
             state.next = state.next.wrapping_add(1);
+            if state.next == MARKED {
+                state.next = MARKED + 1;
+            }
             let flight = state.next;
             // One more than the records: the launch itself, released when every record is out,
             // so the flight cannot land half-launched.

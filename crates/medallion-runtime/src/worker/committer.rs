@@ -22,6 +22,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
 use super::ledger::Ledger;
+use super::progress_log::ProgressLog;
 use super::telemetry::Lag;
 use super::WorkerError;
 use crate::http::Health;
@@ -30,29 +31,55 @@ use crate::kafka::Flights;
 /// Offsets (with metadata) stored for commit, by partition: what a commit sends.
 pub(super) type Positions = Arc<Mutex<BTreeMap<i32, (i64, Option<String>)>>>;
 
+/// The offset `partition` may be committed at, with the metadata that goes with it: the
+/// snapshot of the outputs, the progress beyond the offset and the stage's own.
+fn frontier_entry(topic: &str, ledger: &Ledger, partition: i32) -> Option<(i64, String)> {
+    let frontier = ledger.frontier(partition)?;
+    let progress = frontier
+        .progress
+        .as_ref()
+        .map(|p| p.encode(topic, partition));
+    let metadata = crate::recovery::wrap_progress(
+        &frontier.outputs,
+        progress.as_deref(),
+        frontier.commit.metadata.as_deref(),
+    );
+    Some((frontier.commit.offset, metadata))
+}
+
 /// Stores, for each of `partitions`, its frontier (see [`Ledger::frontier`]) with the
-/// snapshot of the outputs in its metadata, where it moved since the last store.
+/// snapshot of the outputs in its metadata, where it moved since the last store. With a
+/// progress topic, a frontier is offered to it first and what is stored is what it has
+/// written, for every partition (see [`ProgressLog`]).
 fn store_frontiers<C: ConsumerContext, K: Consumer<C>>(
     consumer: &K,
     topic: &str,
     ledger: &Ledger,
     positions: &Positions,
     partitions: impl Iterator<Item = i32>,
+    log: Option<&ProgressLog>,
 ) {
-    for partition in partitions {
-        let Some(frontier) = ledger.frontier(partition) else {
-            continue;
-        };
-        let offset = frontier.commit.offset;
-        let progress = frontier
-            .progress
-            .as_ref()
-            .map(|p| p.encode(topic, partition));
-        let metadata = Some(crate::recovery::wrap_progress(
-            &frontier.outputs,
-            progress.as_deref(),
-            frontier.commit.metadata.as_deref(),
-        ));
+    let mut frontiers: BTreeMap<i32, (i64, String)> = partitions
+        .filter_map(|p| frontier_entry(topic, ledger, p).map(|entry| (p, entry)))
+        .collect();
+    if let Some(log) = log {
+        for (partition, (offset, metadata)) in &frontiers {
+            log.offer(*partition, *offset, metadata);
+        }
+        frontiers = log.acked();
+    }
+    store_entries(consumer, topic, positions, frontiers);
+}
+
+/// Stores each partition's offset with its metadata, where it changed since the last store.
+fn store_entries<C: ConsumerContext, K: Consumer<C>>(
+    consumer: &K,
+    topic: &str,
+    positions: &Positions,
+    entries: BTreeMap<i32, (i64, String)>,
+) {
+    for (partition, (offset, metadata)) in entries {
+        let metadata = Some(metadata);
         let unchanged = positions
             .lock()
             .map(|p| p.get(&partition) == Some(&(offset, metadata.clone())))
@@ -126,6 +153,8 @@ pub(super) struct WorkerContext {
     /// Partitions revoked since the batch source last looked: records of theirs it holds
     /// were read before the revocation and are dropped (see [`super::source::BatchSource`]).
     pub(super) revoked_unseen: Mutex<Vec<i32>>,
+    /// The group's progress topic, where the broker's commits may lose their metadata.
+    pub(super) progress_log: Option<Arc<ProgressLog>>,
 }
 
 impl WorkerContext {
@@ -154,12 +183,22 @@ impl WorkerContext {
                     ledger.landed(flight);
                 }
             }
+            if let Some(log) = &self.progress_log {
+                // The frontier's entry written before it is committed (or the last written).
+                for p in gone {
+                    if let Some((offset, metadata)) = frontier_entry(&self.topic, &ledger, *p) {
+                        log.offer(*p, offset, &metadata);
+                    }
+                }
+                log.wait_written(gone, self.drain_timeout);
+            }
             store_frontiers(
                 consumer,
                 &self.topic,
                 &ledger,
                 &self.positions,
                 gone.iter().copied(),
+                self.progress_log.as_deref(),
             );
             for p in gone {
                 ledger.revoke(*p);
@@ -208,6 +247,9 @@ impl ConsumerContext for WorkerContext {
             }
             if let Ok(mut positions) = self.positions.lock() {
                 positions.retain(|p, _| !gone.contains(p));
+            }
+            if let Some(log) = &self.progress_log {
+                log.forget(&gone);
             }
             if let Ok(mut assigned) = self.assigned.lock() {
                 for p in &gone {
@@ -345,6 +387,7 @@ impl Committer {
             ledger,
             &self.positions,
             partitions,
+            self.consumer.context().progress_log.as_deref(),
         );
     }
 
@@ -370,6 +413,21 @@ impl Committer {
     /// own; if it does not land, the partitions' next owner reads from the last commit that
     /// did, and dedup drops what was written.
     pub(super) async fn commit_stored_within(&self, deadline: std::time::Instant) {
+        if let Some(log) = self.consumer.context().progress_log.clone() {
+            // What the progress topic has not written yet is not committed: half of the wait
+            // for it to be.
+            let half = deadline.saturating_duration_since(std::time::Instant::now()) / 2;
+            let until = std::time::Instant::now() + half;
+            while log.pending(None) && std::time::Instant::now() < until {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            store_entries(
+                self.consumer.as_ref(),
+                &self.topic,
+                &self.positions,
+                log.acked(),
+            );
+        }
         let (consumer, topic, positions) = (
             self.consumer.clone(),
             self.topic.clone(),
@@ -452,6 +510,7 @@ mod tests {
                     drain_timeout: Duration::from_secs(1),
                     revoked: Arc::default(),
                     revoked_unseen: Mutex::default(),
+                    progress_log: None,
                 },
             )
             .expect("consumer");

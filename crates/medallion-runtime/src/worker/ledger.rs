@@ -106,6 +106,11 @@ pub(super) struct PartitionLedger {
     /// outputs before it), reach increasing. The earliest step that carried a record at or
     /// past an offset is found here.
     highs: VecDeque<(i64, u64, Arc<Snapshot>)>,
+    /// Where the outputs stood by the partition's last owner's commit, and the input's end when
+    /// this owner took the partition over (see [`Ledger::inherit`]).
+    inherited: Option<(i64, Arc<Snapshot>)>,
+    /// What the last owner's commit claimed done beyond its offset.
+    claimed_before: Option<Progress>,
 }
 
 impl PartitionLedger {
@@ -122,6 +127,8 @@ impl PartitionLedger {
             floor: None,
             claim: None,
             highs: VecDeque::new(),
+            inherited: None,
+            claimed_before: None,
         }
     }
 
@@ -164,6 +171,28 @@ impl Ledger {
     pub(super) fn assign(&mut self, partition: i32, window: DedupWindow) {
         self.partitions
             .insert(partition, PartitionLedger::new(window));
+    }
+
+    /// The partition was taken over with its last owner's commit saying where the outputs
+    /// stood (`restored`; an empty snapshot where it said nothing), the input ending at `end`.
+    /// The last owner may have done records anywhere below `end`, out of log order, and those
+    /// this owner reads again are dropped as duplicates, not produced: their outputs are older
+    /// than anything this owner launched. Until what this owner's frontier leaves unclaimed
+    /// starts at `end`, its snapshot is no later than `restored`, so a restart reads those
+    /// outputs back too.
+    /// `claimed`, what that commit said was done beyond its offset, stays claimed by this
+    /// owner's commits until they pass it.
+    pub(super) fn inherit(
+        &mut self,
+        partition: i32,
+        end: i64,
+        restored: Arc<Snapshot>,
+        claimed: Option<Progress>,
+    ) {
+        if let Some(p) = self.partitions.get_mut(&partition) {
+            p.inherited = Some((end, restored));
+            p.claimed_before = claimed;
+        }
     }
 
     /// The partition went to another owner: everything the ledger held of it.
@@ -417,12 +446,23 @@ impl Ledger {
             }
             _ => None,
         };
+        // What the last owner's commit said was done stays claimed until the commit passes it:
+        // records this owner passed over are in none of its own batches.
+        let progress = match (&p.claimed_before, held_by_stage) {
+            (Some(before), false) if before.through > commit.offset => {
+                let own =
+                    progress.unwrap_or_else(|| Progress::new(commit.offset, commit.offset, []));
+                Some(own.union(before)).filter(Progress::claims_anything)
+            }
+            _ => progress,
+        };
         // Records from here on are read again: the outputs are scanned from before the first
         // step that carried any of them, or the first step not landed, whichever came first.
         let unclaimed = progress.as_ref().map_or(commit.offset, |g| g.through);
         let idx = p.highs.partition_point(|h| h.0 < unclaimed);
-        let outputs = match p.highs.get(idx) {
-            Some(h) if h.1 < p.outputs_after_landed_seq => h.2.clone(),
+        let outputs = match (p.highs.get(idx), &p.inherited) {
+            (_, Some((end, restored))) if unclaimed < *end => restored.clone(),
+            (Some(h), _) if h.1 < p.outputs_after_landed_seq => h.2.clone(),
             _ => p.outputs_after_landed.clone(),
         };
         Some(Frontier {
@@ -495,6 +535,44 @@ mod tests {
         assert_eq!(l.frontier(0).map(|f| f.outputs), Some(snapshot(9)));
         l.landed(3);
         assert_eq!(offset(&l, 0), Some(30));
+    }
+
+    #[test]
+    fn a_taken_over_partition_keeps_its_last_owners_snapshot_until_it_has_passed_the_inputs_end() {
+        // Taken over with the input ending at 50 and the last owner's outputs at 3: records
+        // below 50 read again may have been produced by the last owner, before anything here.
+        let mut l = ledger(&[0]);
+        l.inherit(0, 50, snapshot(3), None);
+        l.consumed(0, 19);
+        l.launched(1, 0, commit(20), snapshot(7));
+        l.launched(2, 0, commit(50), snapshot(8));
+        l.landed(1);
+        assert_eq!(offset(&l, 0), Some(20));
+        assert_eq!(l.frontier(0).map(|f| f.outputs), Some(snapshot(3)));
+        // Past the input's end as it was: this owner's own snapshot again.
+        l.consumed(0, 49);
+        l.landed(2);
+        assert_eq!(offset(&l, 0), Some(50));
+        assert_eq!(l.frontier(0).map(|f| f.outputs), Some(snapshot(8)));
+    }
+
+    #[test]
+    fn what_the_last_owner_claimed_stays_claimed_until_the_commit_passes_it() {
+        // The last owner committed 10 and had done everything up to 100 but org a's records
+        // from 10: this owner passes those over, so none of its batches carries them.
+        let mut l = ledger(&[0]);
+        let before = Progress::new(10, 100, [(b"a".to_vec(), 10)]);
+        l.inherit(0, 100, snapshot(3), Some(before));
+        l.consumed(0, 19);
+        l.launched(1, 0, commit(20), snapshot(7));
+        l.landed(1);
+        let progress = l.frontier(0).and_then(|f| f.progress).expect("claims");
+        assert_eq!((progress.base, progress.through), (20, 100));
+        assert!(
+            progress.is_done(b"b", 60),
+            "the last owner's claim carried on"
+        );
+        assert!(!progress.is_done(b"a", 60));
     }
 
     #[test]

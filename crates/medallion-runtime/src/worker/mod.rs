@@ -38,6 +38,7 @@ mod fair;
 mod flights;
 mod ledger;
 mod planner;
+mod progress_log;
 mod restore;
 mod setup;
 mod source;
@@ -52,6 +53,7 @@ use fair::FairShape;
 use flights::{Blocked, Booking, FlightTracker, InFlightLimits, Landing};
 use ledger::{Booked, Commit, Ledger};
 use planner::{Outgoing, Plan, Planner};
+use progress_log::ProgressLog;
 use restore::Restorer;
 use source::{BatchShape, BatchSource, Cut, Polled};
 use tally::{CountedThrough, Tally};
@@ -120,11 +122,23 @@ const SLOW_STEP: Duration = Duration::from_secs(5);
 const CLAIMS_PROBE_EVERY: Duration = Duration::from_secs(30);
 /// How long that question may take.
 const CLAIMS_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long reading the progress topic at an assignment may take; what was not found by then
+/// is read again from the committed offset (dedup drops what was done).
+const PROGRESS_LOOKUP: Duration = Duration::from_secs(10);
 
 /// Every commit of this worker carries metadata (where its outputs stood): a committed offset
 /// of this group read back without any says the broker drops it (tansu), one with it that the
-/// broker keeps it. Nothing is learnt from partitions never committed.
-fn learn_claims_kept(committed: &[committer::Assigned], source: &mut BatchSource) {
+/// broker keeps it. Nothing is learnt from partitions never committed. With a progress topic
+/// the metadata is kept there, whatever the broker does with it.
+fn learn_claims_kept(
+    committed: &[committer::Assigned],
+    source: &mut BatchSource,
+    committer: &Committer,
+) {
+    if committer.consumer().context().progress_log.is_some() {
+        source.set_claims_kept(true);
+        return;
+    }
     let ours: Vec<&committer::Assigned> = committed.iter().filter(|a| a.offset.is_some()).collect();
     if !ours.is_empty() {
         source.set_claims_kept(ours.iter().any(|a| a.snapshot.is_some()));
@@ -408,6 +422,27 @@ impl<S: Stage> StageWorker<S> {
             message_timeout_ms: u64::from(config.kafka.produce_timeout_ms),
         }))?
         .with_placement(self.placement.clone());
+        let progress_log = match self.topo.progress_topic.clone() {
+            Some(topic) => {
+                let kafka = self.kafka.clone();
+                let there = {
+                    let topic = topic.clone();
+                    tokio::task::spawn_blocking(move || progress_log::exists(&kafka, &topic))
+                        .await
+                        .unwrap_or(false)
+                };
+                if there {
+                    Some(Arc::new(ProgressLog::new(topic, producer.marked())))
+                } else {
+                    tracing::warn!(
+                        topic,
+                        "progress topic missing (create it with `medallion topics apply`): where the broker drops commit metadata, records past the committed offsets are read again, and fair scheduling reads ahead only as far as the dedup window"
+                    );
+                    None
+                }
+            }
+            None => None,
+        };
         let positions = Positions::default();
         let consumer: Arc<StreamConsumer<WorkerContext>> =
             Arc::new(self.kafka.create_with_context(
@@ -427,6 +462,7 @@ impl<S: Stage> StageWorker<S> {
                     drain_timeout: self.drain_timeout,
                     revoked: self.revoked.clone(),
                     revoked_unseen: Mutex::default(),
+                    progress_log,
                 },
             )?);
         let outputs_at_start = self.restorer.outputs_now().await?;
@@ -594,7 +630,7 @@ impl<S: Stage> StageWorker<S> {
             self.land(flights.drain(self.drain_timeout).await, committer);
         }
         let mut committed = committer.committed(&fresh).await?;
-        learn_claims_kept(&committed, source);
+        learn_claims_kept(&committed, source, committer);
         let saved = self.restorer.saved_windows(&committed).await;
         for a in committed.iter_mut() {
             // A broker that dropped the commit metadata: the copy on disk made at the
@@ -607,10 +643,41 @@ impl<S: Stage> StageWorker<S> {
                 a.read_metadata(&self.topo.input_topic, metadata);
             }
         }
-        self.check_progress(&mut committed).await;
+        // Or the progress topic kept it: the entry written with the committed offset.
+        if let Some(log) = committer.consumer().context().progress_log.clone() {
+            let wanted: Vec<(i32, i64)> = committed
+                .iter()
+                .filter(|a| a.snapshot.is_none() && a.metadata.is_none())
+                .filter_map(|a| a.offset.map(|o| (a.partition, o)))
+                .collect();
+            if !wanted.is_empty() {
+                let kafka = self.kafka.clone();
+                let found = tokio::task::spawn_blocking(move || {
+                    progress_log::lookup(&kafka, log.topic(), &wanted, PROGRESS_LOOKUP)
+                })
+                .await
+                .unwrap_or_default();
+                for a in committed.iter_mut() {
+                    if let Some(metadata) = found.get(&a.partition) {
+                        a.read_metadata(&self.topo.input_topic, metadata);
+                    }
+                }
+            }
+        }
+        let ends = self.check_progress(&mut committed).await;
         let done: Vec<(i32, Option<crate::progress::Progress>)> = committed
             .iter()
             .map(|a| (a.partition, a.progress.clone()))
+            .collect();
+        let restored: Vec<(i32, Arc<crate::recovery::Snapshot>, _)> = committed
+            .iter()
+            .map(|a| {
+                (
+                    a.partition,
+                    Arc::new(a.snapshot.clone().unwrap_or_default()),
+                    a.progress.clone(),
+                )
+            })
             .collect();
         self.restorer
             .restore(
@@ -621,6 +688,13 @@ impl<S: Stage> StageWorker<S> {
                 &mut self.stage,
             )
             .await?;
+        if let Ok(mut ledger) = self.ledger.lock() {
+            for (partition, snapshot, claimed) in restored {
+                // An input whose end is not known: its end is not passed.
+                let end = ends.get(&partition).copied().unwrap_or(i64::MAX);
+                ledger.inherit(partition, end, snapshot, claimed);
+            }
+        }
         for (partition, progress) in done {
             if let Some(p) = &progress {
                 tracing::info!(
@@ -659,17 +733,19 @@ impl<S: Stage> StageWorker<S> {
         if let Ok(Ok(committed)) =
             tokio::time::timeout(CLAIMS_PROBE_TIMEOUT, committer.committed(&assigned)).await
         {
-            learn_claims_kept(&committed, source);
+            learn_claims_kept(&committed, source, committer);
         }
     }
 
     /// Checks recorded progress against the log: one that reaches past a partition's end
     /// is another incarnation's, and its records are read again instead (dedup drops what was
     /// done). A failure to ask the broker drops every record of progress: the same.
-    async fn check_progress(&self, committed: &mut [committer::Assigned]) {
-        if committed.iter().all(|a| a.progress.is_none()) {
-            return;
-        }
+    ///
+    /// Returns the input's end of each partition (the high watermark), where it was learnt.
+    async fn check_progress(
+        &self,
+        committed: &mut [committer::Assigned],
+    ) -> std::collections::HashMap<i32, i64> {
         let kafka = self.kafka.clone();
         let topic = self.topo.input_topic.clone();
         let marks =
@@ -690,6 +766,7 @@ impl<S: Stage> StageWorker<S> {
                 a.progress = None;
             }
         }
+        marks.into_iter().map(|(p, (_, high))| (p, high)).collect()
     }
 
     /// The ledger learns what the batch consumed, remembers its event ids (before the next

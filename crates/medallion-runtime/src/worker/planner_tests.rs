@@ -52,6 +52,7 @@ fn planner() -> Planner {
             contract: contract(),
             key: "org_id".into(),
         }),
+        progress_topic: None,
     });
     let mut decoder = BatchDecoder::new("test.Event", SCHEMA).expect("decoder");
     decoder

@@ -12,6 +12,8 @@ pub(super) struct Topology {
     pub(super) dlq_topic: String,
     pub(super) input: Contract,
     pub(super) output: Option<Output>,
+    /// Where the group's commit metadata is written too (see [`super::progress_log`]).
+    pub(super) progress_topic: Option<String>,
 }
 
 /// The output topic of a group that has one.
@@ -64,6 +66,7 @@ pub(super) fn topology(
         dlq_topic: topics.dlq_topic(input_topic),
         input,
         output,
+        progress_topic: topics.progress_topic_of(group),
     })
 }
 
@@ -90,6 +93,10 @@ mod tests {
         let output = topo.output.expect("silver writes");
         assert_eq!(output.topic, "silver.data.processed");
         assert_eq!(output.key, "org_id");
+        assert_eq!(
+            topo.progress_topic.as_deref(),
+            Some("silver-processor.progress")
+        );
         let sink = topology(&contracts, &topics, "audit-writer").expect("topology");
         assert!(sink.output.is_none(), "a sink group produces no topic");
     }
