@@ -391,6 +391,22 @@ impl Committer {
         );
     }
 
+    /// What stores, when called, the positions the progress topic has written since the last
+    /// store: called on a timer, so a worker that has nothing more to take still commits its
+    /// last positions (without a progress topic it does nothing).
+    pub(super) fn written_storer(&self) -> impl Fn() + Send + 'static {
+        let (consumer, topic, positions) = (
+            self.consumer.clone(),
+            self.topic.clone(),
+            self.positions.clone(),
+        );
+        move || {
+            if let Some(log) = &consumer.context().progress_log {
+                store_entries(consumer.as_ref(), &topic, &positions, log.acked());
+            }
+        }
+    }
+
     /// The offset stored for commit of each partition (committed within a second).
     pub(super) fn stored_offsets(&self) -> BTreeMap<i32, i64> {
         self.positions

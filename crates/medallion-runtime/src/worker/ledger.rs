@@ -177,9 +177,9 @@ impl Ledger {
     /// stood (`restored`; an empty snapshot where it said nothing), the input ending at `end`.
     /// The last owner may have done records anywhere below `end`, out of log order, and those
     /// this owner reads again are dropped as duplicates, not produced: their outputs are older
-    /// than anything this owner launched. Until what this owner's frontier leaves unclaimed
-    /// starts at `end`, its snapshot is no later than `restored`, so a restart reads those
-    /// outputs back too.
+    /// than anything this owner launched, and such a record may still be open (its batch out)
+    /// anywhere below `end`. Until this owner's commit passes `end`, its snapshot is no later
+    /// than `restored`, so a restart reads those outputs back too.
     /// `claimed`, what that commit said was done beyond its offset, stays claimed by this
     /// owner's commits until they pass it.
     pub(super) fn inherit(
@@ -461,7 +461,7 @@ impl Ledger {
         let unclaimed = progress.as_ref().map_or(commit.offset, |g| g.through);
         let idx = p.highs.partition_point(|h| h.0 < unclaimed);
         let outputs = match (p.highs.get(idx), &p.inherited) {
-            (_, Some((end, restored))) if unclaimed < *end => restored.clone(),
+            (_, Some((end, restored))) if commit.offset < *end => restored.clone(),
             (Some(h), _) if h.1 < p.outputs_after_landed_seq => h.2.clone(),
             _ => p.outputs_after_landed.clone(),
         };

@@ -125,6 +125,8 @@ const CLAIMS_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long reading the progress topic at an assignment may take; what was not found by then
 /// is read again from the committed offset (dedup drops what was done).
 const PROGRESS_LOOKUP: Duration = Duration::from_secs(10);
+/// How often positions the progress topic has written are stored without a landing to do it.
+const PROGRESS_STORE_EVERY: Duration = Duration::from_millis(100);
 
 /// Every commit of this worker carries metadata (where its outputs stood): a committed offset
 /// of this group read back without any says the broker drops it (tansu), one with it that the
@@ -290,8 +292,16 @@ impl<S: Stage> StageWorker<S> {
             committer,
         } = self.start(config).await?;
         let lag = Arc::new(Lag::new(committer.consumer().clone(), self.topo.clone()));
+        let store_written = committer.written_storer();
         let background = Background(vec![
             tokio::spawn(lag.clone().run()),
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(PROGRESS_STORE_EVERY);
+                loop {
+                    tick.tick().await;
+                    store_written();
+                }
+            }),
             tokio::spawn(telemetry::probe_broker(
                 committer.consumer().clone(),
                 self.topo.input_topic.clone(),
