@@ -196,7 +196,13 @@ async fn a_worker_killed_while_reading_past_a_backlog_loses_and_repeats_nothing(
     )
     .await
     .unwrap_or_default();
-    let ids = ids_of(&p, &out);
+    assert_exactly_once(&p, &events, &out);
+    drop(worker);
+}
+
+/// Every event of `events` once in `out`, none twice, and each org's in the order sent.
+fn assert_exactly_once(p: &Pipeline, events: &[serde_json::Value], out: &[OwnedMessage]) {
+    let ids = ids_of(p, out);
     let got: BTreeSet<&str> = ids.iter().map(String::as_str).collect();
     let missing: Vec<&str> = events
         .iter()
@@ -217,7 +223,76 @@ async fn a_worker_killed_while_reading_past_a_backlog_loses_and_repeats_nothing(
         events.len()
     );
     assert_eq!(ids.len(), events.len(), "none twice");
-    drop(worker);
+    // Each org's outputs in the order its events were sent.
+    let position: std::collections::HashMap<&str, usize> = events
+        .iter()
+        .enumerate()
+        .filter_map(|(i, e)| e["event_id"].as_str().map(|id| (id, i)))
+        .collect();
+    let mut last_of_org: std::collections::HashMap<i64, usize> = Default::default();
+    for id in &ids {
+        let at = position[id.as_str()];
+        let org = events[at]["org_id"].as_i64().unwrap_or_default();
+        if let Some(before) = last_of_org.insert(org, at) {
+            assert!(
+                before < at,
+                "org {org}: event {at} came out after event {before}"
+            );
+        }
+    }
+}
+
+/// The flooding org's partition changes hands while it is being read past: a second worker
+/// joins (a rebalance), the first leaves on SIGTERM (its revocation hands the partition over
+/// with what it claimed done), a third joins, and the second is SIGKILLed (its partitions wait
+/// for its session and go to the third). Every event once, each org's in order.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_flooded_partition_handed_over_mid_flood_loses_and_repeats_nothing() {
+    const FLOOD: usize = 20_000;
+    let p = Pipeline::start().await;
+    let events = produce_backlog(&p, 65, FLOOD).await;
+    let env = [
+        ("MEDALLION__FAIRNESS__ENABLED", "true".to_string()),
+        ("MEDALLION__FAIRNESS__ORG_READ_AHEAD", "500".to_string()),
+        ("MEDALLION__BATCH__MAX_RECORDS", "500".to_string()),
+    ];
+    let wait_for = |wanted: usize| {
+        let address = p.broker.address.clone();
+        async move {
+            read_topic(
+                &address,
+                BRONZE,
+                wanted,
+                Duration::ZERO,
+                Duration::from_secs(120),
+            )
+            .await
+            .expect("some output");
+        }
+    };
+    let mut first = p.worker(&env);
+    wait_for(3_000).await;
+    let mut second = p.worker(&env);
+    wait_for(7_000).await;
+    assert!(
+        first.terminate(Duration::from_secs(30)).expect("stopped"),
+        "the first worker stops cleanly"
+    );
+    wait_for(11_000).await;
+    let third = p.worker(&env);
+    wait_for(14_000).await;
+    second.kill();
+    let out = read_topic(
+        &p.broker.address,
+        BRONZE,
+        events.len(),
+        Duration::from_secs(3),
+        Duration::from_secs(240),
+    )
+    .await
+    .unwrap_or_default();
+    assert_exactly_once(&p, &events, &out);
+    drop(third);
 }
 
 /// tansu keeps a committed offset but drops its metadata (where the outputs stood, what was
