@@ -1319,7 +1319,7 @@ async fn two_deployments_share_one_cluster_under_their_prefixes() {
     // Each deployment commits under its own group: blue's group holds blue's raw offsets, and
     // the unprefixed group never read the blue topic.
     let committed = |group: &str| {
-        medallion_runtime::ops::lag::group_lag(&kafka, group, &[blue_raw.to_string()])
+        medallion_runtime::ops::lag::group_lag(&kafka, group, &[blue_raw.to_string()], None)
             .expect("lag")
             .iter()
             .filter_map(|r| r.committed)

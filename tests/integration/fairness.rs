@@ -200,6 +200,92 @@ async fn a_worker_killed_while_reading_past_a_backlog_loses_and_repeats_nothing(
     drop(worker);
 }
 
+/// tansu drops commit metadata, so `medallion lag` reads what a fair worker did past its
+/// committed offset from the group's progress topic: the entry written with that offset. The
+/// claim reaches the partition's last record, which tansu lists one batch short of.
+#[tokio::test(flavor = "multi_thread")]
+async fn lag_shows_what_was_done_past_the_commit_from_the_progress_topic() {
+    use medallion_runtime::progress::Progress;
+    use medallion_runtime::recovery::{wrap_progress, Snapshot};
+    let p = Pipeline::start().await;
+    let events = produce_backlog(&p, 66, 30).await;
+    let end = events.len() as i64;
+
+    // Committed at 10: everything below the end is done but the flooding org's from 12 on.
+    let group: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &p.broker.address)
+        .set("group.id", "bronze-processor")
+        .create()
+        .expect("consumer");
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(RAW, 0, Offset::Offset(10))
+        .expect("tpl");
+    group
+        .commit(&tpl, rdkafka::consumer::CommitMode::Sync)
+        .expect("committed");
+    let progress = Progress::new(10, end, [(FLOOD_ORG.to_string().into_bytes(), 12)]);
+    let metadata = wrap_progress(&Snapshot::default(), Some(&progress.encode(RAW, 0)), None);
+    // An entry of another offset first: only the committed offset's entry counts.
+    for (offset, metadata) in [(9, metadata.clone()), (10, metadata)] {
+        p.producer
+            .send(
+                FutureRecord::to("bronze-processor.progress")
+                    .partition(0)
+                    .key("0")
+                    .payload(&format!("{offset} {metadata}")),
+                Duration::from_secs(10),
+            )
+            .await
+            .expect("entry written");
+    }
+
+    let row = lag_of_partition_0(&p).await;
+    assert_eq!(row.committed, Some(10), "{row:?}");
+    assert_eq!(
+        row.read_past,
+        Some(medallion_runtime::ops::lag::ReadPast {
+            through: end,
+            open_orgs: 1
+        }),
+        "{row:?}"
+    );
+    assert!(
+        medallion_runtime::ops::lag::table(std::slice::from_ref(&row))
+            .contains(&format!("all below {end} but 1 org"))
+    );
+
+    // Without the progress topic, the commit alone says nothing past itself.
+    let kafka =
+        medallion_runtime::kafka::KafkaConnection::plain(&p.broker.address).expect("connection");
+    let rows = tokio::task::spawn_blocking(move || {
+        medallion_runtime::ops::lag::group_lag(&kafka, "bronze-processor", &[RAW.to_string()], None)
+    })
+    .await
+    .expect("joined")
+    .expect("lag");
+    assert!(rows.iter().all(|r| r.read_past.is_none()));
+}
+
+/// What `medallion lag` says of bronze on partition 0 of its input.
+async fn lag_of_partition_0(p: &Pipeline) -> medallion_runtime::ops::lag::LagRow {
+    let kafka =
+        medallion_runtime::kafka::KafkaConnection::plain(&p.broker.address).expect("connection");
+    tokio::task::spawn_blocking(move || {
+        medallion_runtime::ops::lag::group_lag(
+            &kafka,
+            "bronze-processor",
+            &[RAW.to_string()],
+            Some("bronze-processor.progress"),
+        )
+    })
+    .await
+    .expect("joined")
+    .expect("lag")
+    .into_iter()
+    .find(|r| r.partition == 0)
+    .expect("partition 0")
+}
+
 /// Every event of `events` once in `out`, none twice, and each org's in the order sent.
 fn assert_exactly_once(p: &Pipeline, events: &[serde_json::Value], out: &[OwnedMessage]) {
     let ids = ids_of(p, out);

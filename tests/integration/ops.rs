@@ -352,7 +352,7 @@ fn lag_is_committed_offset_to_high_watermark_per_partition() {
     tpl.add_partition_offset("t", 0, rdkafka::Offset::Offset(4))
         .expect("tpl");
     consumer.commit(&tpl, CommitMode::Sync).expect("committed");
-    let rows = group_lag(&kafka, "g", &["t".to_string()]).expect("lag");
+    let rows = group_lag(&kafka, "g", &["t".to_string()], None).expect("lag");
     let lag: Vec<(i32, Option<i64>, i64, i64)> = rows
         .iter()
         .map(|r| (r.partition, r.committed, r.high, r.lag))
@@ -376,7 +376,7 @@ fn lag_is_committed_offset_to_high_watermark_per_partition() {
         .expect("element")
         .set_metadata(metadata);
     consumer.commit(&tpl, CommitMode::Sync).expect("committed");
-    let rows = group_lag(&kafka, "g", &["t".to_string()]).expect("lag");
+    let rows = group_lag(&kafka, "g", &["t".to_string()], None).expect("lag");
     let past = rows.iter().find(|r| r.partition == 1).expect("row");
     assert_eq!((past.committed, past.lag), (Some(1), 3));
     assert_eq!(

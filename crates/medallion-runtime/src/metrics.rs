@@ -93,9 +93,13 @@ pub const FAIR_ORG_QUEUED_RECORDS: &str = "medallion_fair_org_queued_records";
 pub const FAIR_SKIP_AHEAD: &str = "medallion_fair_skip_ahead";
 /// Records passed over at a restart because the committed progress says they were done.
 pub const FAIR_PASSED_DONE_TOTAL: &str = "medallion_fair_passed_done_total";
+/// Records the fair scheduler put into batches, by stage and org: an org is named while it is
+/// passed over (as in [`FAIR_ORG_QUEUED_RECORDS`]), every other org counts as `other`, so the
+/// share a flooding org gets is its rate over the sum.
+pub const FAIR_SCHEDULED_RECORDS_TOTAL: &str = "medallion_fair_scheduled_records_total";
 
 /// Every name above.
-pub const ALL: [&str; 37] = [
+pub const ALL: [&str; 38] = [
     KAFKA_CONSUMER_LAG,
     KAFKA_MESSAGES_IN_TOTAL,
     KAFKA_BYTES_IN_TOTAL,
@@ -133,11 +137,12 @@ pub const ALL: [&str; 37] = [
     FAIR_ORGS_PASSED_OVER,
     FAIR_SKIP_AHEAD,
     FAIR_PASSED_DONE_TOTAL,
+    FAIR_SCHEDULED_RECORDS_TOTAL,
 ];
 
 /// The counters above: exported at 0 from the start, so every name is scrapeable and `rate()`
 /// sees the first increment.
-pub const COUNTERS: [&str; 20] = [
+pub const COUNTERS: [&str; 21] = [
     CONSUMER_ERRORS_TOTAL,
     KAFKA_MESSAGES_IN_TOTAL,
     KAFKA_BYTES_IN_TOTAL,
@@ -158,6 +163,7 @@ pub const COUNTERS: [&str; 20] = [
     AUDIT_FILES_WRITTEN_TOTAL,
     PII_FIELDS_ENCRYPTED_TOTAL,
     FAIR_PASSED_DONE_TOTAL,
+    FAIR_SCHEDULED_RECORDS_TOTAL,
 ];
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();

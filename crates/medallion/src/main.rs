@@ -691,11 +691,17 @@ async fn lag(
 
     let (_, topics) = load(&home)?;
     let group: Vec<String> = group.iter().map(|g| topics.group_name(g)).collect();
-    let groups: Vec<(String, Vec<String>)> = topics
+    let groups: Vec<(String, Vec<String>, Option<String>)> = topics
         .consumer_groups
         .iter()
         .filter(|(name, _)| group.is_empty() || group.contains(name))
-        .map(|(name, spec)| (name.clone(), spec.consumes.clone()))
+        .map(|(name, spec)| {
+            (
+                name.clone(),
+                spec.consumes.clone(),
+                topics.progress_topic_of(name),
+            )
+        })
         .collect();
     if let Some(unknown) = group
         .iter()
@@ -708,9 +714,12 @@ async fn lag(
         let (client, groups) = (client.clone(), groups.clone());
         let rows = tokio::task::spawn_blocking(move || {
             let mut rows = Vec::new();
-            for (group, consumes) in &groups {
+            for (group, consumes, progress) in &groups {
                 rows.extend(medallion_runtime::ops::lag::group_lag(
-                    &client, group, consumes,
+                    &client,
+                    group,
+                    consumes,
+                    progress.as_deref(),
                 )?);
             }
             Ok::<_, medallion_runtime::ops::capture::CaptureError>(rows)

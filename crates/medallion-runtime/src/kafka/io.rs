@@ -268,6 +268,33 @@ pub fn read_stretches(
     Ok(read)
 }
 
+/// Whether `partition` of `topic` holds a record at `offset - 1`, so its end is at least
+/// `offset` (blocking, within `within`; a failed read says no). For the broker that lists a
+/// partition's end short of its last batch (tansu, until more is written): where its listed end
+/// cannot tell, the log itself does.
+pub fn reaches(
+    kafka: &KafkaConnection,
+    topic: &str,
+    partition: i32,
+    offset: i64,
+    within: Duration,
+) -> bool {
+    if offset <= 0 {
+        return true;
+    }
+    let last = offset - 1;
+    let mut found = false;
+    let stretch = Stretch {
+        partition,
+        from: last,
+        until: Some(offset),
+    };
+    let read = read_stretches(kafka, topic, &[stretch], within, |m| {
+        found |= m.offset() == last;
+    });
+    found && read.is_ok()
+}
+
 /// Follows every partition of a topic from its beginning, for as long as it is polled; knows
 /// when it has read everything the topic held when it started (a table read whole is then
 /// complete).

@@ -3,7 +3,9 @@
 //! `kafka_consumer_lag` gauge says the same from inside). A worker that schedules orgs fairly
 //! commits its lowest record not done and says in the commit metadata how far it is past it
 //! for every org but a few ([`crate::progress`]): that is shown too, so a partition where one
-//! org is being read past is not taken for a stuck one.
+//! org is being read past is not taken for a stuck one. Where the broker drops commit metadata
+//! (tansu), the same is read from the group's progress topic: the entry written with the
+//! committed offset.
 
 use std::time::Duration;
 
@@ -40,11 +42,16 @@ pub struct ReadPast {
     pub open_orgs: usize,
 }
 
-/// The lag of `group` on each partition of `topics`.
+/// How long `medallion lag` looks in a progress topic for the entries of committed offsets.
+const PROGRESS_LOOKUP: Duration = Duration::from_secs(5);
+
+/// The lag of `group` on each partition of `topics`; `progress`, the group's progress topic
+/// (for a group of one input topic), is read where a commit came without its metadata.
 pub fn group_lag(
     kafka: &KafkaConnection,
     group: &str,
     topics: &[String],
+    progress: Option<&str>,
 ) -> Result<Vec<LagRow>, CaptureError> {
     let consumer: BaseConsumer = kafka.create(
         Role::Reader {
@@ -61,6 +68,22 @@ pub fn group_lag(
             tpl.add_partition(topic, *p);
         }
         let committed = consumer.committed_offsets(tpl, Duration::from_secs(10))?;
+        // Commits without metadata: their entries in the progress topic, if it has them.
+        let kept = match progress.filter(|_| topics.len() == 1) {
+            Some(progress) => {
+                let wanted: Vec<(i32, i64)> = committed
+                    .elements()
+                    .iter()
+                    .filter(|e| e.metadata().is_empty())
+                    .filter_map(|e| match e.offset() {
+                        Offset::Offset(o) => Some((e.partition(), o)),
+                        _ => None,
+                    })
+                    .collect();
+                crate::worker::progress_log::lookup(kafka, progress, &wanted, PROGRESS_LOOKUP)
+            }
+            None => Default::default(),
+        };
         for p in partitions {
             let (low, high) = consumer.fetch_watermarks(topic, p, Duration::from_secs(10))?;
             let element = committed.find_partition(topic, p);
@@ -69,10 +92,21 @@ pub fn group_lag(
                 _ => None,
             });
             let read_past = element.as_ref().and_then(|e| {
-                let progress = Progress::decode(progress_text(e.metadata())?, topic, p)?;
+                let metadata = match e.metadata() {
+                    "" => kept.get(&p)?.as_str(),
+                    metadata => metadata,
+                };
+                let progress = Progress::decode(progress_text(metadata)?, topic, p)?;
                 (Some(progress.base) == committed
                     && progress.claims_anything()
-                    && progress.fits(high))
+                    && (progress.fits(high)
+                        || crate::kafka::io::reaches(
+                            kafka,
+                            topic,
+                            p,
+                            progress.through,
+                            PROGRESS_LOOKUP,
+                        )))
                 .then_some(ReadPast {
                     through: progress.through,
                     open_orgs: progress.open.len(),

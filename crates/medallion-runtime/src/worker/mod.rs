@@ -38,7 +38,7 @@ mod fair;
 mod flights;
 mod ledger;
 mod planner;
-mod progress_log;
+pub(crate) mod progress_log;
 mod restore;
 mod setup;
 mod source;
@@ -125,6 +125,9 @@ const CLAIMS_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long reading the progress topic at an assignment may take; what was not found by then
 /// is read again from the committed offset (dedup drops what was done).
 const PROGRESS_LOOKUP: Duration = Duration::from_secs(10);
+/// How long looking for a claim's last record in the log may take, where the claim reaches past
+/// the partition's listed end.
+const PROGRESS_REACH: Duration = Duration::from_secs(3);
 /// How often positions the progress topic has written are stored without a landing to do it.
 const PROGRESS_STORE_EVERY: Duration = Duration::from_millis(100);
 
@@ -764,19 +767,42 @@ impl<S: Stage> StageWorker<S> {
                 .ok()
                 .and_then(Result::ok)
                 .unwrap_or_default();
+        // Claims found in the log past its listed end: the end is at least there.
+        let mut reached = std::collections::HashMap::new();
         for a in committed.iter_mut() {
-            let fits = marks
+            let Some(through) = a.progress.as_ref().map(|p| p.through) else {
+                continue;
+            };
+            let listed = marks
                 .get(&a.partition)
                 .is_some_and(|(_, high)| a.progress.as_ref().is_some_and(|p| p.fits(*high)));
-            if a.progress.is_some() && !fits {
+            // Past the listed end: the log may still hold it (a broker that lists its end short).
+            let fits = listed || {
+                let (kafka, topic, partition) = (
+                    self.kafka.clone(),
+                    self.topo.input_topic.clone(),
+                    a.partition,
+                );
+                tokio::task::spawn_blocking(move || {
+                    crate::kafka::io::reaches(&kafka, &topic, partition, through, PROGRESS_REACH)
+                })
+                .await
+                .unwrap_or(false)
+            };
+            if !fits {
                 tracing::warn!(
                     partition = a.partition,
                     "recorded progress does not fit the log: its records are read again"
                 );
                 a.progress = None;
+            } else if !listed {
+                reached.insert(a.partition, through);
             }
         }
-        marks.into_iter().map(|(p, (_, high))| (p, high)).collect()
+        marks
+            .into_iter()
+            .map(|(p, (_, high))| (p, high.max(reached.get(&p).copied().unwrap_or(high))))
+            .collect()
     }
 
     /// The ledger learns what the batch consumed, remembers its event ids (before the next

@@ -238,7 +238,7 @@ pub(super) fn exists(kafka: &KafkaConnection, topic: &str) -> bool {
 /// progress `topic` (blocking, within `within`): the last entry of the offset in the partition's
 /// tail, or in the whole partition if the tail has none. Partitions without one are left out;
 /// a read that fails gives what was found so far.
-pub(super) fn lookup(
+pub(crate) fn lookup(
     kafka: &KafkaConnection,
     topic: &str,
     wanted: &[(i32, i64)],

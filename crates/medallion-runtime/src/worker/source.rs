@@ -287,11 +287,39 @@ impl BatchSource {
             metrics::counter!(m::FAIR_PASSED_DONE_TOTAL, "stage" => self.group.clone())
                 .increment(passed);
         }
+        self.count_shares(&records);
         self.publish(&partitions);
         Cut {
             records,
             floors,
             claims,
+        }
+    }
+
+    /// The records of a batch, per org passed over at the last publish and `other` for the
+    /// rest (the label set stays as bounded as the orgs flooding at once).
+    fn count_shares(&self, records: &[Inbound]) {
+        if records.is_empty() {
+            return;
+        }
+        let mut named: BTreeMap<&str, u64> = BTreeMap::new();
+        let mut other = records.len() as u64;
+        if !self.named_orgs.is_empty() {
+            for record in records {
+                let org = record.key().and_then(|k| std::str::from_utf8(k).ok());
+                if let Some(org) = org.and_then(|o| self.named_orgs.get(o)) {
+                    *named.entry(org.as_str()).or_default() += 1;
+                    other -= 1;
+                }
+            }
+        }
+        for (org, n) in named {
+            metrics::counter!(m::FAIR_SCHEDULED_RECORDS_TOTAL, "stage" => self.group.clone(), "org" => org.to_string())
+                .increment(n);
+        }
+        if other > 0 {
+            metrics::counter!(m::FAIR_SCHEDULED_RECORDS_TOTAL, "stage" => self.group.clone(), "org" => "other")
+                .increment(other);
         }
     }
 
