@@ -11,6 +11,13 @@
 //! 3. **fair** (the default settings; `MEDALLION_FAIRNESS_MAX_SKIP_AHEAD` sets
 //!    `fairness.max_skip_ahead`).
 //!
+//! With `MEDALLION_FAIRNESS_BURST=1`, A's backlog is not waiting when bronze starts: it comes
+//! as a burst into the running bronze (produced as fast as the broker takes it, from the
+//! stream's start, beside the stream), the case of one org replaying a day onto a live
+//! partition. `MEDALLION_FAIRNESS_RESTART_AT=<s>` also SIGKILLs bronze that many seconds into
+//! the stream and starts it again at once (a crash or a rolling update onto the standing
+//! backlog, with what it did past its committed offset recorded).
+//!
 //! Reports the small orgs' p50/p99/max latency per run (goal: fair p99 ≤ 2× quiet p99) and A's
 //! throughput while it had a backlog (goal: fair ≥ 90% of log order's, which gives A the whole
 //! worker, less the small orgs' 100/s).
@@ -48,6 +55,27 @@ struct Outcome {
     a_rate: f64,
 }
 
+/// Sends one record to partition 0 of the raw topic, waiting while the producer's queue is full.
+fn send(
+    producer: &ThreadedProducer<rdkafka::producer::DefaultProducerContext>,
+    key: &str,
+    value: &[u8],
+) {
+    let mut record = BaseRecord::<'_, [u8], [u8]>::to(RAW)
+        .partition(0)
+        .payload(value)
+        .key(key.as_bytes());
+    loop {
+        match producer.send(record) {
+            Ok(()) => break,
+            Err((_, r)) => {
+                record = r;
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+    }
+}
+
 fn percentile(sorted: &[i64], p: f64) -> i64 {
     if sorted.is_empty() {
         return 0;
@@ -77,10 +105,29 @@ async fn run() {
     let backlog = env("MEDALLION_FAIRNESS_BACKLOG", 1_000_000) as usize;
     let seconds = env("MEDALLION_FAIRNESS_SECONDS", 30);
     let warmup = env("MEDALLION_FAIRNESS_WARMUP", 10).min(seconds.saturating_sub(1));
-    let quiet = one(Mode::Quiet, 0, seconds, warmup).await;
-    let log = one(Mode::LogOrder, backlog, seconds, warmup).await;
-    let fair = one(Mode::Fair, backlog, seconds, warmup).await;
+    let burst = env("MEDALLION_FAIRNESS_BURST", 0) == 1;
+    let restart_at = std::env::var("MEDALLION_FAIRNESS_RESTART_AT")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .map(Duration::from_secs);
+    let quiet = one(Mode::Quiet, 0, seconds, warmup, false, restart_at).await;
+    let log = one(Mode::LogOrder, backlog, seconds, warmup, burst, restart_at).await;
+    let fair = one(Mode::Fair, backlog, seconds, warmup, burst, restart_at).await;
+    if let Some(at) = restart_at {
+        println!(
+            "bronze SIGKILLed and started again {} s into the stream",
+            at.as_secs()
+        );
+    }
     println!();
+    println!(
+        "A's {backlog} records {}",
+        if burst {
+            "as a burst into the running bronze"
+        } else {
+            "waiting when bronze starts"
+        }
+    );
     println!(
         "| run | small-org events | p50 ms | p99 ms | max ms | p99 ms after {warmup} s | A backlog events/s |"
     );
@@ -118,8 +165,15 @@ async fn run() {
     );
 }
 
-/// One run on a broker of its own.
-async fn one(mode: Mode, backlog: usize, seconds: u64, warmup: u64) -> Outcome {
+/// One run on a broker of its own; with `burst`, A's backlog is produced once bronze runs.
+async fn one(
+    mode: Mode,
+    backlog: usize,
+    seconds: u64,
+    warmup: u64,
+    burst: bool,
+    restart_at: Option<Duration>,
+) -> Outcome {
     let broker = broker().expect("broker");
     let registry = registry().expect("registry");
     let (contracts, topics) = contracts().expect("contracts");
@@ -153,38 +207,36 @@ async fn one(mode: Mode, backlog: usize, seconds: u64, warmup: u64) -> Outcome {
         .filter(|(k, _)| small_orgs.contains(k))
         .cloned()
         .collect();
-    let producer: ThreadedProducer<_> = kafka
-        .config(medallion_runtime::kafka::Role::Producer {
-            message_timeout_ms: 60_000,
-        })
-        .create()
-        .expect("producer");
-    let send = |producer: &ThreadedProducer<_>, key: &str, value: &[u8]| {
-        let mut record = BaseRecord::<'_, [u8], [u8]>::to(RAW)
-            .partition(0)
-            .payload(value)
-            .key(key.as_bytes());
-        loop {
-            match producer.send(record) {
-                Ok(()) => break,
-                Err((_, r)) => {
-                    record = r;
-                    std::thread::sleep(Duration::from_millis(1));
-                }
+    let producer: std::sync::Arc<ThreadedProducer<_>> = std::sync::Arc::new(
+        kafka
+            .config(medallion_runtime::kafka::Role::Producer {
+                message_timeout_ms: 60_000,
+            })
+            .create()
+            .expect("producer"),
+    );
+    let load = {
+        let (producer, a) = (producer.clone(), a.clone());
+        move || {
+            let loaded = Instant::now();
+            for i in 0..backlog {
+                let (key, value) = support::event(&a, i, now_ms() - 3_600_000);
+                send(&producer, key, &value);
+            }
+            let _ = producer.flush(Duration::from_secs(120));
+            if backlog > 0 {
+                println!(
+                    "{mode:?}: A's backlog of {backlog} loaded in {:.1} s",
+                    loaded.elapsed().as_secs_f64()
+                );
             }
         }
     };
-    let loaded = Instant::now();
-    for i in 0..backlog {
-        let (key, value) = support::event(&a, i, now_ms() - 3_600_000);
-        send(&producer, key, &value);
-    }
-    let _ = producer.flush(Duration::from_secs(120));
-    if backlog > 0 {
-        println!(
-            "{mode:?}: A's backlog of {backlog} loaded in {:.1} s",
-            loaded.elapsed().as_secs_f64()
-        );
+    let mut load = Some(load);
+    if !burst {
+        if let Some(load) = load.take() {
+            load();
+        }
     }
     let mut env: Vec<(String, String)> = medallion_tests::bronze_env(&[]);
     env.push((
@@ -199,25 +251,35 @@ async fn one(mode: Mode, backlog: usize, seconds: u64, warmup: u64) -> Outcome {
     if let Ok(skip) = std::env::var("MEDALLION_FAIRNESS_MAX_SKIP_AHEAD") {
         env.push(("MEDALLION__FAIRNESS__MAX_SKIP_AHEAD".into(), skip));
     }
-    let worker = WorkerProcess::start(
-        env!("CARGO_BIN_EXE_bronze-processor"),
-        &broker.address,
-        &registry.address,
-        &env,
-    )
-    .expect("bronze starts");
+    let start = || {
+        WorkerProcess::start(
+            env!("CARGO_BIN_EXE_bronze-processor"),
+            &broker.address,
+            &registry.address,
+            &env,
+        )
+        .expect("bronze starts")
+    };
+    let mut worker = start();
+    let mut restart_at = restart_at;
     worker
         .wait_ready(Duration::from_secs(60))
         .await
         .expect("ready");
     // The stream: every 10 ms one small-org event (100/s in all, 10/s per org) and, with a
     // flood, ten of A's (1,000/s).
+    let burst = load.map(tokio::task::spawn_blocking);
     let mut sent_at: HashMap<usize, i64> = HashMap::new();
     let started = Instant::now();
     let started_ms = now_ms();
     let mut tick = 0usize;
     let mut a_next = backlog;
     while started.elapsed() < Duration::from_secs(seconds) {
+        if restart_at.is_some_and(|at| started.elapsed() >= at) {
+            restart_at = None;
+            worker.kill();
+            worker = start();
+        }
         let due = (started.elapsed().as_millis() / 10) as usize;
         while tick < due {
             let i = SMALL_BASE + tick;
@@ -235,6 +297,9 @@ async fn one(mode: Mode, backlog: usize, seconds: u64, warmup: u64) -> Outcome {
             tick += 1;
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    if let Some(burst) = burst {
+        burst.await.expect("burst produced");
     }
     let _ = producer.flush(Duration::from_secs(60));
     let expected = a_next + tick;

@@ -291,16 +291,42 @@ impl Scheduler {
         self.shape.claims_kept = kept;
     }
 
-    /// Takes `partition` on, passing over what `done` says was done.
-    pub(super) fn assign(&mut self, partition: i32, done: Option<Progress>) {
+    /// Takes `partition` on, passing over what `done` says was done. Where `done` claims
+    /// records past the committed offset, returns where the head should read from (the
+    /// claim's end, `through`): the orgs it names open start detached from their first open
+    /// record, so the catch-up reader brings theirs and nothing done is read again. A head
+    /// that reads from the committed offset anyway (its seek failed) finds what is below
+    /// `through` stale, which is as right, only slower.
+    pub(super) fn assign(&mut self, partition: i32, done: Option<Progress>) -> Option<i64> {
         self.revoke(partition);
-        self.lanes.insert(
-            partition,
-            Lane {
-                done,
-                ..Lane::default()
-            },
-        );
+        let mut lane = Lane {
+            done,
+            ..Lane::default()
+        };
+        let start = lane
+            .done
+            .as_ref()
+            .filter(|d| self.shape.enabled && d.through > d.base)
+            .map(|d| d.through);
+        if let (Some(through), Some(done)) = (start, lane.done.as_ref()) {
+            lane.head = Some(through);
+            for (org, from) in done.open.iter().filter(|(_, from)| **from < through) {
+                lane.flows.insert(
+                    org.clone(),
+                    Flow {
+                        detached_from: Some(*from),
+                        ..Flow::default()
+                    },
+                );
+            }
+            if let Some(first) = lane.flows.values().filter_map(|f| f.detached_from).min() {
+                lane.catch_up = Some(first);
+                self.epochs += 1;
+                lane.catch_up_epoch = self.epochs;
+            }
+        }
+        self.lanes.insert(partition, lane);
+        start
     }
 
     /// Drops everything queued of `partition` (its next owner reads it again).

@@ -158,26 +158,60 @@ fn records_delivered_twice_and_revoked_partitions_are_dropped() {
 
 #[test]
 fn restored_progress_passes_over_what_was_done() {
-    let mut s = Scheduler::new(shape(10, 100, 100));
-    let done = Progress::new(2, 6, [(vec![b'a'], 3)]);
-    s.assign(0, Some(done));
     let log = [0u8, 1, 0, 0, 1, 0, 1];
+    let done = Progress::new(2, 6, [(vec![b'a'], 3)]);
+
+    // The head starts past the claim; the open org's records come from the catch-up reader.
+    let mut s = Scheduler::new(shape(10, 100, 100));
+    assert_eq!(s.assign(0, Some(done.clone())), Some(6));
+    assert_eq!((s.head(0), s.floor(0)), (Some(6), Some(3)));
+    let claim = s.claim(0).expect("claim");
+    assert_eq!((claim.floor, claim.through), (3, 6));
+    assert_eq!(claim.open.get(&vec![b'a']), Some(&3));
+    let catch_up = s.readers(0).catch_up.expect("catch-up reader");
+    assert_eq!(catch_up.from, 3);
+    assert_eq!(s.offer(record(0, 6, log[6])), Taken::Queued);
+    let taken: Vec<Taken> = (3..6)
+        .map(|offset| s.offer_catch_up(record(0, offset, log[offset as usize])))
+        .collect();
+    assert_eq!(taken, [Taken::Queued, Taken::Passed, Taken::Queued]);
+    let offsets: Vec<i64> = s.cut(10).iter().map(Message::offset).collect();
+    assert_eq!(offsets, [3, 5, 6]);
+
+    // A head that reads from the committed offset anyway finds what is below the claim stale.
+    let mut s = Scheduler::new(shape(10, 100, 100));
+    s.assign(0, Some(done));
     let taken: Vec<Taken> = (2..7)
         .map(|offset| s.offer(record(0, offset, log[offset as usize])))
         .collect();
     assert_eq!(
         taken,
         [
-            Taken::Done,
-            Taken::Queued,
-            Taken::Done,
-            Taken::Queued,
+            Taken::Stale,
+            Taken::Stale,
+            Taken::Stale,
+            Taken::Stale,
             Taken::Queued
         ]
     );
-    assert_eq!(s.take_passed(), 2);
+    for offset in 3..6 {
+        s.offer_catch_up(record(0, offset, log[offset as usize]));
+    }
     let offsets: Vec<i64> = s.cut(10).iter().map(Message::offset).collect();
     assert_eq!(offsets, [3, 5, 6]);
+
+    // In log order (fairness off), the head reads from the committed offset and passes over
+    // what was done.
+    let mut s = Scheduler::new(FairShape {
+        enabled: false,
+        ..shape(10, 100, 100)
+    });
+    assert_eq!(s.assign(0, Some(Progress::new(2, 6, []))), None);
+    let taken: Vec<Taken> = (2..4)
+        .map(|offset| s.offer(record(0, offset, log[offset as usize])))
+        .collect();
+    assert_eq!(taken, [Taken::Done, Taken::Done]);
+    assert_eq!(s.take_passed(), 2);
 }
 
 /// A simulated partition log read by a head and a catch-up reader, with crashes.
@@ -257,9 +291,10 @@ impl Sim {
             };
             let progress = Progress::new(claim.floor, claim.through, claim.open);
             let progress = Progress::decode(&progress.encode("in", p), "in", p);
-            next.assign(p, progress.clone());
+            // The head starts where the scheduler says (past the claim), else at the floor.
+            let start = next.assign(p, progress.clone());
             self.restored.insert(p, progress);
-            self.head.insert(p, claim.floor);
+            self.head.insert(p, start.unwrap_or(claim.floor));
         }
         self.scheduler = next;
         self.catch_up.clear();

@@ -246,7 +246,22 @@ impl BatchSource {
     pub(super) fn ready(&mut self, partition: i32, done: Option<Progress>) {
         self.apply_revoked();
         if !self.scheduler.has(partition) {
-            self.scheduler.assign(partition, done);
+            if let Some(start) = self.scheduler.assign(partition, done) {
+                // What the progress claims is not read again: the head starts past it.
+                match self.consumer.seek(
+                    &self.topic,
+                    partition,
+                    Offset::Offset(start),
+                    SEEK_TIMEOUT,
+                ) {
+                    Ok(()) => {
+                        tracing::debug!(partition, start, "head starts past the claimed progress")
+                    }
+                    Err(e) => {
+                        tracing::debug!(partition, start, error = %e, "head not moved past the claimed progress: it passes over it")
+                    }
+                }
+            }
         }
         if self.unready_counts.remove(&partition).is_none() {
             return;
