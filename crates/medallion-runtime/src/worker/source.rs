@@ -61,6 +61,12 @@ const CLAIM_EVERY: Duration = Duration::from_millis(200);
 /// Records read from a reader in one go before the scheduler is looked at again.
 const PUMP: usize = 2_048;
 
+/// Records the head may read in one go while what it reads is passed over (an org read past,
+/// done before): they cost a read and no copy, and the head reads past a flood only between
+/// batches, so a bound of [`PUMP`] kept it to ~2,000 records a batch, slower than a burst
+/// arrives.
+const PUMP_PASSING: usize = 32_768;
+
 /// How long a wait for the head may last while the catch-up reader has records to bring.
 const CATCH_UP_TICK: Duration = Duration::from_millis(5);
 
@@ -373,11 +379,17 @@ impl BatchSource {
         self.named_orgs = named;
     }
 
-    /// Takes what the head has ready, without waiting.
+    /// Takes what the head has ready, without waiting: up to [`PUMP`] records kept (queued,
+    /// or waiting for their partition), and up to [`PUMP_PASSING`] read in all.
     async fn pump_head(&mut self) {
         let consumer = self.consumer.clone();
         let mut took = false;
-        for _ in 0..PUMP {
+        let kept = |me: &Self| me.scheduler.queued() + me.unready.len();
+        let enough = kept(self) + PUMP;
+        for _ in 0..PUMP_PASSING {
+            if kept(self) >= enough {
+                break;
+            }
             match consumer.recv().now_or_never() {
                 None => break,
                 Some(Ok(message)) => {
