@@ -61,19 +61,13 @@ fn send(
     key: &str,
     value: &[u8],
 ) {
-    let mut record = BaseRecord::<'_, [u8], [u8]>::to(RAW)
-        .partition(0)
-        .payload(value)
-        .key(key.as_bytes());
-    loop {
-        match producer.send(record) {
-            Ok(()) => break,
-            Err((_, r)) => {
-                record = r;
-                std::thread::sleep(Duration::from_millis(1));
-            }
-        }
-    }
+    support::send_waiting(
+        producer,
+        BaseRecord::to(RAW)
+            .partition(0)
+            .payload(value)
+            .key(key.as_bytes()),
+    );
 }
 
 fn percentile(sorted: &[i64], p: f64) -> i64 {

@@ -218,18 +218,12 @@ async fn run() {
         let due = (stream_started.elapsed().as_secs_f64() * target) as usize;
         while sent < due {
             let (key, value) = support::event(&templates, n + sent, now_ms());
-            let mut record = BaseRecord::<'_, [u8], [u8]>::to(RAW)
-                .payload(&value)
-                .key(key.as_bytes());
-            loop {
-                match producer.send(record) {
-                    Ok(()) => break,
-                    Err((_, r)) => {
-                        record = r;
-                        std::thread::sleep(Duration::from_millis(1));
-                    }
-                }
-            }
+            support::send_waiting(
+                &producer,
+                BaseRecord::to(RAW)
+                    .payload(value.as_slice())
+                    .key(key.as_bytes()),
+            );
             sent += 1;
         }
         tokio::time::sleep(Duration::from_millis(5)).await;

@@ -1,5 +1,5 @@
-//! What the replay and pipeline benchmarks share: process usage from /proc and rewriting
-//! framed connector events in place.
+//! What the benchmarks share: process usage from /proc, rewriting framed connector events in
+//! place, and producing them.
 
 pub const CLOCK_TICKS: f64 = 100.0;
 
@@ -199,4 +199,20 @@ pub async fn produce(
             .expect("replayed");
     assert_eq!(summary.errors, 0, "every record delivered");
     summary.bytes
+}
+
+/// Sends `record`, waiting while the producer's queue is full.
+pub fn send_waiting(
+    producer: &rdkafka::producer::ThreadedProducer<rdkafka::producer::DefaultProducerContext>,
+    mut record: rdkafka::producer::BaseRecord<'_, [u8], [u8]>,
+) {
+    loop {
+        match producer.send(record) {
+            Ok(()) => break,
+            Err((_, r)) => {
+                record = r;
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+        }
+    }
 }

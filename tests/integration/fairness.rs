@@ -175,29 +175,25 @@ async fn a_worker_killed_while_reading_past_a_backlog_loses_and_repeats_nothing(
     let mut worker = p.worker(&env);
     // Killed twice while the flooding org is being caught up.
     for wanted in [3_000usize, 9_000] {
-        read_topic(
-            &p.broker.address,
-            BRONZE,
-            wanted,
-            Duration::ZERO,
-            Duration::from_secs(120),
-        )
-        .await
-        .expect("some output");
+        wait_for_outputs(&p, wanted).await;
         worker.kill();
         worker = p.worker(&env);
     }
-    let out = read_topic(
+    assert_exactly_once(&p, &events).await;
+    drop(worker);
+}
+
+/// Waits until bronze's output topic holds `wanted` records.
+async fn wait_for_outputs(p: &Pipeline, wanted: usize) {
+    read_topic(
         &p.broker.address,
         BRONZE,
-        events.len(),
-        Duration::from_secs(3),
-        Duration::from_secs(240),
+        wanted,
+        Duration::ZERO,
+        Duration::from_secs(120),
     )
     .await
-    .unwrap_or_default();
-    assert_exactly_once(&p, &events, &out);
-    drop(worker);
+    .expect("some output");
 }
 
 /// tansu drops commit metadata, so `medallion lag` reads what a fair worker did past its
@@ -286,9 +282,19 @@ async fn lag_of_partition_0(p: &Pipeline) -> medallion_runtime::ops::lag::LagRow
     .expect("partition 0")
 }
 
-/// Every event of `events` once in `out`, none twice, and each org's in the order sent.
-fn assert_exactly_once(p: &Pipeline, events: &[serde_json::Value], out: &[OwnedMessage]) {
-    let ids = ids_of(p, out);
+/// Reads bronze's outputs (until every event is there, then 3 s more): every event of `events`
+/// once, none twice, and each org's in the order sent.
+async fn assert_exactly_once(p: &Pipeline, events: &[serde_json::Value]) {
+    let out = read_topic(
+        &p.broker.address,
+        BRONZE,
+        events.len(),
+        Duration::from_secs(3),
+        Duration::from_secs(240),
+    )
+    .await
+    .unwrap_or_default();
+    let ids = ids_of(p, &out);
     let got: BTreeSet<&str> = ids.iter().map(String::as_str).collect();
     let missing: Vec<&str> = events
         .iter()
@@ -342,42 +348,19 @@ async fn a_flooded_partition_handed_over_mid_flood_loses_and_repeats_nothing() {
         ("MEDALLION__FAIRNESS__ORG_READ_AHEAD", "500".to_string()),
         ("MEDALLION__BATCH__MAX_RECORDS", "500".to_string()),
     ];
-    let wait_for = |wanted: usize| {
-        let address = p.broker.address.clone();
-        async move {
-            read_topic(
-                &address,
-                BRONZE,
-                wanted,
-                Duration::ZERO,
-                Duration::from_secs(120),
-            )
-            .await
-            .expect("some output");
-        }
-    };
     let mut first = p.worker(&env);
-    wait_for(3_000).await;
+    wait_for_outputs(&p, 3_000).await;
     let mut second = p.worker(&env);
-    wait_for(7_000).await;
+    wait_for_outputs(&p, 7_000).await;
     assert!(
         first.terminate(Duration::from_secs(30)).expect("stopped"),
         "the first worker stops cleanly"
     );
-    wait_for(11_000).await;
+    wait_for_outputs(&p, 11_000).await;
     let third = p.worker(&env);
-    wait_for(14_000).await;
+    wait_for_outputs(&p, 14_000).await;
     second.kill();
-    let out = read_topic(
-        &p.broker.address,
-        BRONZE,
-        events.len(),
-        Duration::from_secs(3),
-        Duration::from_secs(240),
-    )
-    .await
-    .unwrap_or_default();
-    assert_exactly_once(&p, &events, &out);
+    assert_exactly_once(&p, &events).await;
     drop(third);
 }
 
