@@ -14,13 +14,16 @@
 //! With `MEDALLION_FAIRNESS_BURST=1`, A's backlog is not waiting when bronze starts: it comes
 //! as a burst into the running bronze (produced as fast as the broker takes it, from the
 //! stream's start, beside the stream), the case of one org replaying a day onto a live
-//! partition. `MEDALLION_FAIRNESS_RESTART_AT=<s>` also SIGKILLs bronze that many seconds into
+//! partition. A produces through a client of its own, the small orgs through another.
+//! `MEDALLION_FAIRNESS_RESTART_AT=<s>` also SIGKILLs bronze that many seconds into
 //! the stream and starts it again at once (a crash or a rolling update onto the standing
 //! backlog, with what it did past its committed offset recorded).
 //!
 //! Reports the small orgs' p50/p99/max latency per run (goal: fair p99 ≤ 2× quiet p99) and A's
 //! throughput while it had a backlog (goal: fair ≥ 90% of log order's, which gives A the whole
-//! worker, less the small orgs' 100/s).
+//! worker, less the small orgs' 100/s), and per second of the stream the small orgs' worst
+//! latency and A's output. `MEDALLION_FAIRNESS_RUNS=fair` (a list of `quiet`, `log`, `fair`)
+//! runs only those.
 //!
 //! `cargo bench -p medallion-stages --bench fairness`.
 
@@ -29,7 +32,7 @@ use std::time::{Duration, Instant};
 
 use medallion_tests::{broker, contracts, registry, WorkerProcess};
 use rdkafka::message::Message;
-use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
+use rdkafka::producer::{BaseRecord, FutureRecord, Producer, ThreadedProducer};
 
 #[allow(dead_code)]
 mod support;
@@ -47,8 +50,15 @@ enum Mode {
     Fair,
 }
 
+#[derive(Default)]
 struct Outcome {
     small: Vec<i64>,
+    /// Per second of the stream: the small orgs' worst latency among the events produced in
+    /// it, and A's records output in it.
+    by_second: Vec<(i64, usize)>,
+    /// Per second of the stream: the small orgs' worst produce → broker acknowledgement, the
+    /// part of their latency no worker can take away.
+    acked_by_second: Vec<i64>,
     /// Of the small orgs' events produced after the warm-up.
     settled: Vec<i64>,
     /// A's backlog records per second, from bronze's first output to the last of them.
@@ -104,8 +114,18 @@ async fn run() {
         .ok()
         .and_then(|v| v.parse::<u64>().ok())
         .map(Duration::from_secs);
-    let quiet = one(Mode::Quiet, 0, seconds, warmup, false, restart_at).await;
-    let log = one(Mode::LogOrder, backlog, seconds, warmup, burst, restart_at).await;
+    // `MEDALLION_FAIRNESS_RUNS=fair` runs the fair scheduling alone (the others report empty).
+    let runs = std::env::var("MEDALLION_FAIRNESS_RUNS").unwrap_or_else(|_| "quiet,log,fair".into());
+    let quiet = if runs.contains("quiet") {
+        one(Mode::Quiet, 0, seconds, warmup, false, restart_at).await
+    } else {
+        Outcome::default()
+    };
+    let log = if runs.contains("log") {
+        one(Mode::LogOrder, backlog, seconds, warmup, burst, restart_at).await
+    } else {
+        Outcome::default()
+    };
     let fair = one(Mode::Fair, backlog, seconds, warmup, burst, restart_at).await;
     if let Some(at) = restart_at {
         println!(
@@ -139,6 +159,26 @@ async fn run() {
             s.last().copied().unwrap_or(0),
             percentile(&settled, 0.99),
             o.a_rate
+        );
+    }
+    println!("\nper second of the stream: the small orgs' worst latency (ms) of the events produced in it (worst broker acknowledgement) / A's records output in it");
+    println!("| second | quiet | log order | fair |");
+    println!("|---|---|---|---|");
+    for s in 0..(seconds as usize).min(20) {
+        let cell = |o: &Outcome| {
+            o.by_second
+                .get(s)
+                .map(|(worst, a)| {
+                    let acked = o.acked_by_second.get(s).copied().unwrap_or(0);
+                    format!("{worst} ({acked}) / {a}")
+                })
+                .unwrap_or_default()
+        };
+        println!(
+            "| {s} | {} | {} | {} |",
+            cell(&quiet),
+            cell(&log),
+            cell(&fair)
         );
     }
     let p99 = |v: &[i64]| {
@@ -201,7 +241,10 @@ async fn one(
         .filter(|(k, _)| small_orgs.contains(k))
         .cloned()
         .collect();
-    let producer: std::sync::Arc<ThreadedProducer<_>> = std::sync::Arc::new(
+    // A and the small orgs are clients of their own, as they would be: a small org's record
+    // never waits in a producer queue behind A's burst, only where the broker and the worker
+    // make it wait.
+    let a_producer: std::sync::Arc<ThreadedProducer<_>> = std::sync::Arc::new(
         kafka
             .config(medallion_runtime::kafka::Role::Producer {
                 message_timeout_ms: 60_000,
@@ -209,8 +252,15 @@ async fn one(
             .create()
             .expect("producer"),
     );
+    let producer: rdkafka::producer::FutureProducer = kafka
+        .config(medallion_runtime::kafka::Role::Producer {
+            message_timeout_ms: 60_000,
+        })
+        .create()
+        .expect("producer");
+    let mut acks = Vec::new();
     let load = {
-        let (producer, a) = (producer.clone(), a.clone());
+        let (producer, a) = (a_producer.clone(), a.clone());
         move || {
             let loaded = Instant::now();
             for i in 0..backlog {
@@ -279,12 +329,25 @@ async fn one(
             let i = SMALL_BASE + tick;
             let t = now_ms();
             let (key, value) = support::event(&small, i, t);
-            send(&producer, key, &value);
+            let mut record = FutureRecord::to(RAW).partition(0).payload(&value).key(key);
+            let delivery = loop {
+                match producer.send_result(record) {
+                    Ok(delivery) => break delivery,
+                    Err((_, r)) => {
+                        record = r;
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
+                }
+            };
+            acks.push(tokio::spawn(async move {
+                let _ = delivery.await;
+                (t, now_ms() - t)
+            }));
             sent_at.insert(i, t);
             if mode != Mode::Quiet {
                 for _ in 0..10 {
                     let (key, value) = support::event(&a, a_next, t);
-                    send(&producer, key, &value);
+                    send(&a_producer, key, &value);
                     a_next += 1;
                 }
             }
@@ -296,6 +359,7 @@ async fn one(
         burst.await.expect("burst produced");
     }
     let _ = producer.flush(Duration::from_secs(60));
+    let _ = a_producer.flush(Duration::from_secs(60));
     let expected = a_next + tick;
     let out = medallion_tests::read_topic(
         &broker.address,
@@ -311,6 +375,16 @@ async fn one(
     let warm_from = started_ms + 1_000 * warmup as i64;
     let mut first_out = i64::MAX;
     let mut a_backlog_done = 0i64;
+    let mut by_second = vec![(0i64, 0usize); seconds as usize + 1];
+    let mut acked_by_second = vec![0i64; seconds as usize + 1];
+    for ack in acks {
+        if let Ok((t, took)) = ack.await {
+            if let Some(s) = acked_by_second.get_mut(((t - started_ms).max(0) / 1_000) as usize) {
+                *s = (*s).max(took);
+            }
+        }
+    }
+    let second_of = |t: i64| ((t - started_ms).max(0) / 1_000) as usize;
     for m in &out {
         let Some(value) = m.payload() else { continue };
         let Ok(event) = medallion_contracts::json::from_avro_binary(
@@ -331,12 +405,20 @@ async fn one(
         if i >= SMALL_BASE {
             if let Some(t) = sent_at.get(&i) {
                 small_latency.push(at - t);
+                if let Some(s) = by_second.get_mut(second_of(*t)) {
+                    s.0 = s.0.max(at - t);
+                }
                 if *t >= warm_from {
                     settled.push(at - t);
                 }
             }
-        } else if i < backlog {
-            a_backlog_done = a_backlog_done.max(at);
+        } else {
+            if let Some(s) = by_second.get_mut(second_of(at)) {
+                s.1 += 1;
+            }
+            if i < backlog {
+                a_backlog_done = a_backlog_done.max(at);
+            }
         }
     }
     let a_rate = if backlog > 0 && a_backlog_done > first_out {
@@ -352,6 +434,8 @@ async fn one(
     drop(worker);
     Outcome {
         small: small_latency,
+        by_second,
+        acked_by_second,
         settled,
         a_rate,
     }

@@ -91,6 +91,10 @@ pub const FAIR_ORG_QUEUED_RECORDS: &str = "medallion_fair_org_queued_records";
 /// Offsets between a partition's lowest record not done and where its head reads, by stage
 /// and partition: how far the worker went past a backlog.
 pub const FAIR_SKIP_AHEAD: &str = "medallion_fair_skip_ahead";
+/// Records between where a partition's head reads and the partition's end as its last fetch
+/// saw it, by stage and partition: how far the worker is from records just written by orgs
+/// it does not read past (while over 32,768, the catch-up reader waits for the head).
+pub const FAIR_HEAD_BEHIND: &str = "medallion_fair_head_behind_records";
 /// Records passed over at a restart because the committed progress says they were done.
 pub const FAIR_PASSED_DONE_TOTAL: &str = "medallion_fair_passed_done_total";
 /// Records the fair scheduler put into batches, by stage and org: an org is named while it is
@@ -99,7 +103,7 @@ pub const FAIR_PASSED_DONE_TOTAL: &str = "medallion_fair_passed_done_total";
 pub const FAIR_SCHEDULED_RECORDS_TOTAL: &str = "medallion_fair_scheduled_records_total";
 
 /// Every name above.
-pub const ALL: [&str; 38] = [
+pub const ALL: [&str; 39] = [
     KAFKA_CONSUMER_LAG,
     KAFKA_MESSAGES_IN_TOTAL,
     KAFKA_BYTES_IN_TOTAL,
@@ -136,6 +140,7 @@ pub const ALL: [&str; 38] = [
     FAIR_QUEUED_RECORDS,
     FAIR_ORGS_PASSED_OVER,
     FAIR_SKIP_AHEAD,
+    FAIR_HEAD_BEHIND,
     FAIR_PASSED_DONE_TOTAL,
     FAIR_SCHEDULED_RECORDS_TOTAL,
 ];

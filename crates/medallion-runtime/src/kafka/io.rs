@@ -118,6 +118,30 @@ pub fn watermarks(
     Ok(out)
 }
 
+/// The high watermark of `partition` as `client` last learnt it (from its fetch responses),
+/// without asking the broker: `None` before it learnt one. rdkafka wraps only the broker
+/// request (`fetch_watermarks`), which would cost a round trip per look.
+pub fn known_end<C: rdkafka::ClientContext>(
+    client: &rdkafka::client::Client<C>,
+    topic: &std::ffi::CStr,
+    partition: i32,
+) -> Option<i64> {
+    let (mut low, mut high) = (-1i64, -1i64);
+    // SAFETY: the handle lives as long as `client`; `topic` is NUL-terminated and outlives
+    // the call; `low` and `high` are valid for writes. librdkafka only reads its own cache.
+    let err = unsafe {
+        rdkafka::bindings::rd_kafka_get_watermark_offsets(
+            client.native_ptr(),
+            topic.as_ptr(),
+            partition,
+            &mut low,
+            &mut high,
+        )
+    };
+    (err == rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR && high >= 0)
+        .then_some(high)
+}
+
 /// The (low, high) watermarks of one partition of `topic` (blocking).
 pub fn partition_watermarks(
     kafka: &KafkaConnection,

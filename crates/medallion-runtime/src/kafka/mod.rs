@@ -217,9 +217,18 @@ impl KafkaConnection {
             Role::StageConsumer { .. } => {
                 default("queued.max.messages.kbytes", "32768");
                 // librdkafka also keeps up to 100,000 messages per partition queued, each with
-                // a few hundred bytes of bookkeeping the kbytes bound does not count: 10,000
-                // is still several batches of every partition.
-                default("queued.min.messages", "10000");
+                // a few hundred bytes of bookkeeping the kbytes bound does not count. 30,000
+                // is what a fair head reads past between two batches while a burst arrives:
+                // at 10,000 it fell behind a burst of 350,000 records/s on one partition (the
+                // other orgs' p99 ~650 ms against ~290 ms at 30,000). The kbytes bound, over
+                // all partitions, holds first with more than a few partitions assigned.
+                default("queued.min.messages", "30000");
+                // A fetch brings up to 1 MiB of a partition by default: a head reading past a
+                // backlog of 1,000,000 records at the start took 0.65-1.0 s, at 4 MiB 0.62-0.66
+                // s. A response stays within 16 MiB over all partitions (50 MiB by default), so
+                // a worker far behind on all of them holds little more than before.
+                default("max.partition.fetch.bytes", "4194304");
+                default("fetch.max.bytes", "16777216");
                 // A partition over either bound waits this long before its next fetch: 1 s by
                 // default, which a queue this short empties well before.
                 default("fetch.queue.backoff.ms", "20");
@@ -450,7 +459,8 @@ mod tests {
         assert_eq!(consumer.get("enable.auto.offset.store"), Some("false"));
         assert_eq!(consumer.get("queued.max.messages.kbytes"), Some("32768"));
         // Prefetch bounded in messages too, and a full queue not left a second unfilled.
-        assert_eq!(consumer.get("queued.min.messages"), Some("10000"));
+        assert_eq!(consumer.get("queued.min.messages"), Some("30000"));
+        assert_eq!(consumer.get("max.partition.fetch.bytes"), Some("4194304"));
         assert_eq!(consumer.get("fetch.queue.backoff.ms"), Some("20"));
         let reader = kafka.config(roles[3]);
         assert_eq!(reader.get("queued.min.messages"), Some("2000"));

@@ -67,6 +67,17 @@ const PUMP: usize = 2_048;
 /// arrives.
 const PUMP_PASSING: usize = 32_768;
 
+/// Records a partition's head may lag behind the partition's end (as the last fetch saw it)
+/// before the catch-up reader waits for it: while a burst arrives, or a backlog waits at the
+/// start, the records of the orgs not read past are behind the head, and the worker's time
+/// goes to reaching them first. A head paused by its read-ahead never holds the reader (the
+/// reader is what lets it go on).
+const HEAD_BEHIND: i64 = 32_768;
+
+/// A head that delivered nothing for this long is not reading: the catch-up reader does not
+/// wait for it.
+const HEAD_STILL: Duration = Duration::from_millis(200);
+
 /// How long a wait for the head may last while the catch-up reader has records to bring.
 const CATCH_UP_TICK: Duration = Duration::from_millis(5);
 
@@ -104,6 +115,8 @@ pub(super) struct BatchSource {
     consumer: Arc<StreamConsumer<WorkerContext>>,
     kafka: KafkaConnection,
     topic: String,
+    /// `topic` for librdkafka's own calls.
+    topic_c: std::ffi::CString,
     shape: BatchShape,
     policy: RetryPolicy,
     group: String,
@@ -123,6 +136,9 @@ pub(super) struct BatchSource {
     reader_parts: BTreeMap<i32, ReaderPart>,
     /// Since when the catch-up reader has had something to read and brought nothing.
     catch_up_since: Option<Instant>,
+    /// A reading head is more than [`HEAD_BEHIND`] behind its partition's end: the catch-up
+    /// reader waits.
+    head_behind: bool,
     /// Whether the broker's keeping of commit metadata was learnt.
     claims_known: bool,
     /// When the head last delivered a record.
@@ -152,6 +168,7 @@ impl BatchSource {
         Self {
             consumer,
             kafka,
+            topic_c: std::ffi::CString::new(topic.as_str()).unwrap_or_default(),
             topic,
             shape,
             policy,
@@ -164,6 +181,7 @@ impl BatchSource {
             catching_up: BTreeMap::new(),
             reader_parts: BTreeMap::new(),
             catch_up_since: None,
+            head_behind: false,
             claims_known: false,
             head_seen: None,
             deadline: None,
@@ -369,8 +387,14 @@ impl BatchSource {
                 (Some(h), Some(f)) => (h - f) as f64,
                 _ => 0.0,
             };
-            metrics::gauge!(m::FAIR_SKIP_AHEAD, "stage" => self.group.clone(), "partition" => partition)
+            metrics::gauge!(m::FAIR_SKIP_AHEAD, "stage" => self.group.clone(), "partition" => partition.clone())
                 .set(behind);
+            let to_end = self.scheduler.head(p).and_then(|head| {
+                let end = crate::kafka::io::known_end(self.consumer.client(), &self.topic_c, p)?;
+                Some((end - head).max(0) as f64)
+            });
+            metrics::gauge!(m::FAIR_HEAD_BEHIND, "stage" => self.group.clone(), "partition" => partition)
+                .set(to_end.unwrap_or(0.0));
         }
         for org in self.named_orgs.difference(&named) {
             metrics::gauge!(m::FAIR_ORG_QUEUED_RECORDS, "stage" => self.group.clone(), "org" => org.clone())
@@ -432,7 +456,7 @@ impl BatchSource {
         // While a partition's org queue is full the reader is not polled, librdkafka's own
         // prefetch (`queued.min.messages` / `queued.max.messages.kbytes` of a reader) bounding
         // what waits.
-        if self.catching_up.is_empty() || self.catching_up.values().any(|full| *full) {
+        if !self.catch_up_wants_reading() {
             return;
         }
         let Some(reader) = self.catch_up.as_ref() else {
@@ -464,9 +488,29 @@ impl BatchSource {
         }
     }
 
-    /// The catch-up reader has partitions to read and none waits for a queue to drain.
+    /// The catch-up reader has partitions to read, none waits for a queue to drain, and no
+    /// head is far behind.
     fn catch_up_wants_reading(&self) -> bool {
-        !self.catching_up.is_empty() && self.catching_up.values().all(|full| !full)
+        !self.head_behind
+            && !self.catching_up.is_empty()
+            && self.catching_up.values().all(|full| !full)
+    }
+
+    /// Whether a head that is not paused lags more than [`HEAD_BEHIND`] behind its partition's
+    /// end, by the end the last fetch reported (kept by the client: no broker request), and
+    /// delivers: a head that brought nothing for [`HEAD_STILL`] (an end it cannot reach, a
+    /// broker that stopped answering it) never holds the catch-up reader.
+    fn find_head_behind(&self) -> bool {
+        if self.head_seen.is_none_or(|t| t.elapsed() >= HEAD_STILL) {
+            return false;
+        }
+        self.scheduler.partitions().any(|p| {
+            !self.head_paused.contains(&p)
+                && self.scheduler.head(p).is_some_and(|head| {
+                    crate::kafka::io::known_end(self.consumer.client(), &self.topic_c, p)
+                        .is_some_and(|end| end - head > HEAD_BEHIND)
+                })
+        })
     }
 
     /// Adds a record from the head: queued, or held until its partition is set up. Records
@@ -625,6 +669,15 @@ impl BatchSource {
                 }
             },
         );
+        let behind = self.find_head_behind();
+        if behind != self.head_behind {
+            tracing::debug!(
+                behind,
+                "the catch-up reader {} for the head",
+                if behind { "waits" } else { "no longer waits" }
+            );
+            self.head_behind = behind;
+        }
         self.steer_catch_up(&wants);
     }
 
