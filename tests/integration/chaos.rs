@@ -11,7 +11,9 @@
 //! rebuilt from its topic.
 //!
 //! Halfway through, one org floods: a burst half the stream's size, which the workers' fair
-//! scheduling reads past and brings back from the log while the other orgs go on.
+//! scheduling reads past and brings back from the log while the other orgs go on. While it
+//! floods, a second bronze joins the group and leaves it again (SIGTERM): two rebalances
+//! between live members mid-flood, beside the kills.
 //!
 //! `MEDALLION_CHAOS_EVENTS` sets the stream's size (default 20,000; the closing note of the
 //! change that added this test reports a 1M-event run).
@@ -292,12 +294,57 @@ async fn sigkills_of_every_stage_lose_nothing_repeat_nothing_and_keep_gold_exact
     // Kill a random stage that has died fewer than three times, at random moments spread over
     // the production (every 2.5 s on average in the default size), until each has died three
     // times; then let the stream finish.
+    // Mid-flood (the burst is produced over the middle third), a second bronze joins the
+    // group and later leaves it on SIGTERM: the partitions change hands between live members
+    // twice while the flood is read past and caught up.
     let mean_gap = producing_for.as_millis() as u64 / 12;
-    while stages.iter().any(|s| s.kills < 3) {
+    let (join_at, leave_at) = (producing_for * 2 / 5, producing_for * 3 / 5);
+    let mut joiner: Option<WorkerProcess> = None;
+    let mut joined = false;
+    while stages.iter().any(|s| s.kills < 3) || !joined || joiner.is_some() {
         tokio::time::sleep(Duration::from_millis(
             mean_gap / 2 + rng.below(mean_gap.max(1)),
         ))
         .await;
+        let at = started.elapsed();
+        if !joined && at >= join_at {
+            joined = true;
+            joiner = Some(
+                WorkerProcess::start(
+                    env!("CARGO_BIN_EXE_bronze-processor"),
+                    &p.broker.address,
+                    &p.registry.address,
+                    &medallion_tests::bronze_env(&[log(), fair()]),
+                )
+                .expect("a second bronze starts"),
+            );
+            eprintln!("{:>6.1} s: a second bronze joined", at.as_secs_f64());
+            continue;
+        }
+        if at >= leave_at {
+            // It leaves once it has worked on records of partitions it took over.
+            let took_over = match &joiner {
+                Some(j) => j.metrics().await.is_ok_and(|m| {
+                    medallion_tests::metric_sum(&m, "kafka_messages_in_total") > 0.0
+                }),
+                None => false,
+            };
+            assert!(
+                took_over || joiner.is_none() || at < leave_at + Duration::from_secs(30),
+                "the second bronze was given no partition within 30 s"
+            );
+            if let Some(mut leaving) = joiner.take_if(|_| took_over) {
+                let left = leaving
+                    .terminate(Duration::from_secs(30))
+                    .expect("the second bronze stops");
+                assert!(left, "the second bronze left on SIGTERM");
+                eprintln!("{:>6.1} s: the second bronze left", at.as_secs_f64());
+                continue;
+            }
+        }
+        if stages.iter().all(|s| s.kills >= 3) {
+            continue;
+        }
         let pending: Vec<usize> = (0..stages.len()).filter(|i| stages[*i].kills < 3).collect();
         let victim = pending[rng.below(pending.len() as u64) as usize];
         stages[victim].kill_and_restart();
