@@ -74,8 +74,8 @@ const PUMP_PASSING: usize = 32_768;
 /// reader is what lets it go on).
 const HEAD_BEHIND: i64 = 32_768;
 
-/// A head that delivered nothing for this long is not reading: the catch-up reader does not
-/// wait for it.
+/// A head whose partition delivered nothing for this long is not reading: the catch-up reader
+/// does not wait for it.
 const HEAD_STILL: Duration = Duration::from_millis(200);
 
 /// How long a wait for the head may last while the catch-up reader has records to bring.
@@ -139,6 +139,8 @@ pub(super) struct BatchSource {
     /// A reading head is more than [`HEAD_BEHIND`] behind its partition's end: the catch-up
     /// reader waits.
     head_behind: bool,
+    /// Per partition, where its head was last seen and since when it has been there.
+    head_moved: BTreeMap<i32, (i64, Instant)>,
     /// Whether the broker's keeping of commit metadata was learnt.
     claims_known: bool,
     /// When the head last delivered a record.
@@ -182,6 +184,7 @@ impl BatchSource {
             reader_parts: BTreeMap::new(),
             catch_up_since: None,
             head_behind: false,
+            head_moved: BTreeMap::new(),
             claims_known: false,
             head_seen: None,
             deadline: None,
@@ -214,8 +217,11 @@ impl BatchSource {
             if queued > 0 && self.deadline.is_none() {
                 self.deadline = Some(now + self.shape.linger);
             }
+            // A detached org's queue is full: the catch-up reader brings nothing more until a
+            // batch takes from it, so lingering would only idle the worker.
+            let catch_up_waits = self.catching_up.values().any(|full| *full);
             if queued >= self.shape.max_records
-                || (queued > 0 && self.deadline.is_some_and(|d| now >= d))
+                || (queued > 0 && (catch_up_waits || self.deadline.is_some_and(|d| now >= d)))
             {
                 return Polled::Batch(self.cut(now));
             }
@@ -498,19 +504,28 @@ impl BatchSource {
 
     /// Whether a head that is not paused lags more than [`HEAD_BEHIND`] behind its partition's
     /// end, by the end the last fetch reported (kept by the client: no broker request), and
-    /// delivers: a head that brought nothing for [`HEAD_STILL`] (an end it cannot reach, a
-    /// broker that stopped answering it) never holds the catch-up reader.
-    fn find_head_behind(&self) -> bool {
-        if self.head_seen.is_none_or(|t| t.elapsed() >= HEAD_STILL) {
-            return false;
+    /// moves: a head whose partition brought nothing for [`HEAD_STILL`] (an end it cannot
+    /// reach, a broker that stopped answering for it) never holds the catch-up reader.
+    fn find_head_behind(&mut self) -> bool {
+        let now = Instant::now();
+        let mut behind = false;
+        let mut moved = BTreeMap::new();
+        for p in self.scheduler.partitions() {
+            let Some(head) = self.scheduler.head(p) else {
+                continue;
+            };
+            let since = match self.head_moved.get(&p) {
+                Some(&(at, since)) if at == head => since,
+                _ => now,
+            };
+            moved.insert(p, (head, since));
+            behind |= !self.head_paused.contains(&p)
+                && now.duration_since(since) < HEAD_STILL
+                && crate::kafka::io::known_end(self.consumer.client(), &self.topic_c, p)
+                    .is_some_and(|end| end - head > HEAD_BEHIND);
         }
-        self.scheduler.partitions().any(|p| {
-            !self.head_paused.contains(&p)
-                && self.scheduler.head(p).is_some_and(|head| {
-                    crate::kafka::io::known_end(self.consumer.client(), &self.topic_c, p)
-                        .is_some_and(|end| end - head > HEAD_BEHIND)
-                })
-        })
+        self.head_moved = moved;
+        behind
     }
 
     /// Adds a record from the head: queued, or held until its partition is set up. Records
