@@ -329,16 +329,12 @@ async fn one(
             let i = SMALL_BASE + tick;
             let t = now_ms();
             let (key, value) = support::event(&small, i, t);
-            let mut record = FutureRecord::to(RAW).partition(0).payload(&value).key(key);
-            let delivery = loop {
-                match producer.send_result(record) {
-                    Ok(delivery) => break delivery,
-                    Err((_, r)) => {
-                        record = r;
-                        tokio::time::sleep(Duration::from_millis(1)).await;
-                    }
-                }
-            };
+            let delivery = medallion_runtime::kafka::io::send_queued(
+                &producer,
+                FutureRecord::to(RAW).partition(0).payload(&value).key(key),
+            )
+            .await
+            .expect("queued");
             acks.push(tokio::spawn(async move {
                 let _ = delivery.await;
                 (t, now_ms() - t)
@@ -375,16 +371,16 @@ async fn one(
     let warm_from = started_ms + 1_000 * warmup as i64;
     let mut first_out = i64::MAX;
     let mut a_backlog_done = 0i64;
+    let second_of = |t: i64| ((t - started_ms).max(0) / 1_000) as usize;
     let mut by_second = vec![(0i64, 0usize); seconds as usize + 1];
     let mut acked_by_second = vec![0i64; seconds as usize + 1];
     for ack in acks {
         if let Ok((t, took)) = ack.await {
-            if let Some(s) = acked_by_second.get_mut(((t - started_ms).max(0) / 1_000) as usize) {
+            if let Some(s) = acked_by_second.get_mut(second_of(t)) {
                 *s = (*s).max(took);
             }
         }
     }
-    let second_of = |t: i64| ((t - started_ms).max(0) / 1_000) as usize;
     for m in &out {
         let Some(value) = m.payload() else { continue };
         let Ok(event) = medallion_contracts::json::from_avro_binary(

@@ -309,15 +309,8 @@ async fn sigkills_of_every_stage_lose_nothing_repeat_nothing_and_keep_gold_exact
         let at = started.elapsed();
         if !joined && at >= join_at {
             joined = true;
-            joiner = Some(
-                WorkerProcess::start(
-                    env!("CARGO_BIN_EXE_bronze-processor"),
-                    &p.broker.address,
-                    &p.registry.address,
-                    &medallion_tests::bronze_env(&[log(), fair()]),
-                )
-                .expect("a second bronze starts"),
-            );
+            // Started as the first bronze is.
+            joiner = Some((stages[0].start)(0));
             eprintln!("{:>6.1} s: a second bronze joined", at.as_secs_f64());
             continue;
         }

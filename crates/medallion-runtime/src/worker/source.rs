@@ -219,9 +219,8 @@ impl BatchSource {
             }
             // A detached org's queue is full: the catch-up reader brings nothing more until a
             // batch takes from it, so lingering would only idle the worker.
-            let catch_up_waits = self.catching_up.values().any(|full| *full);
             if queued >= self.shape.max_records
-                || (queued > 0 && (catch_up_waits || self.deadline.is_some_and(|d| now >= d)))
+                || (queued > 0 && (self.catch_up_full() || self.deadline.is_some_and(|d| now >= d)))
             {
                 return Polled::Batch(self.cut(now));
             }
@@ -395,12 +394,9 @@ impl BatchSource {
             };
             metrics::gauge!(m::FAIR_SKIP_AHEAD, "stage" => self.group.clone(), "partition" => partition.clone())
                 .set(behind);
-            let to_end = self.scheduler.head(p).and_then(|head| {
-                let end = crate::kafka::io::known_end(self.consumer.client(), &self.topic_c, p)?;
-                Some((end - head).max(0) as f64)
-            });
+            let to_end = self.head_to_end(p).map_or(0.0, |n| n.max(0) as f64);
             metrics::gauge!(m::FAIR_HEAD_BEHIND, "stage" => self.group.clone(), "partition" => partition)
-                .set(to_end.unwrap_or(0.0));
+                .set(to_end);
         }
         for org in self.named_orgs.difference(&named) {
             metrics::gauge!(m::FAIR_ORG_QUEUED_RECORDS, "stage" => self.group.clone(), "org" => org.clone())
@@ -497,9 +493,20 @@ impl BatchSource {
     /// The catch-up reader has partitions to read, none waits for a queue to drain, and no
     /// head is far behind.
     fn catch_up_wants_reading(&self) -> bool {
-        !self.head_behind
-            && !self.catching_up.is_empty()
-            && self.catching_up.values().all(|full| !full)
+        !self.head_behind && !self.catching_up.is_empty() && !self.catch_up_full()
+    }
+
+    /// A partition the catch-up reader reads for has an org whose queue is full.
+    fn catch_up_full(&self) -> bool {
+        self.catching_up.values().any(|full| *full)
+    }
+
+    /// Records between `partition`'s head and its end as the client last learnt it (from its
+    /// fetch responses: no broker request); `None` before either is known.
+    fn head_to_end(&self, partition: i32) -> Option<i64> {
+        let head = self.scheduler.head(partition)?;
+        let end = crate::kafka::io::known_end(self.consumer.client(), &self.topic_c, partition)?;
+        Some(end - head)
     }
 
     /// Whether a head that is not paused lags more than [`HEAD_BEHIND`] behind its partition's
@@ -508,23 +515,23 @@ impl BatchSource {
     /// reach, a broker that stopped answering for it) never holds the catch-up reader.
     fn find_head_behind(&mut self) -> bool {
         let now = Instant::now();
+        // Called at every turn of the loop: the map is kept, not made anew.
+        let scheduler = &self.scheduler;
+        self.head_moved.retain(|p, _| scheduler.head(*p).is_some());
         let mut behind = false;
-        let mut moved = BTreeMap::new();
         for p in self.scheduler.partitions() {
             let Some(head) = self.scheduler.head(p) else {
                 continue;
             };
-            let since = match self.head_moved.get(&p) {
-                Some(&(at, since)) if at == head => since,
-                _ => now,
-            };
-            moved.insert(p, (head, since));
+            let moved = self.head_moved.entry(p).or_insert((head, now));
+            if moved.0 != head {
+                *moved = (head, now);
+            }
+            let still_for = now.duration_since(moved.1);
             behind |= !self.head_paused.contains(&p)
-                && now.duration_since(since) < HEAD_STILL
-                && crate::kafka::io::known_end(self.consumer.client(), &self.topic_c, p)
-                    .is_some_and(|end| end - head > HEAD_BEHIND);
+                && still_for < HEAD_STILL
+                && self.head_to_end(p).is_some_and(|n| n > HEAD_BEHIND);
         }
-        self.head_moved = moved;
         behind
     }
 
