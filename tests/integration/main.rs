@@ -9,6 +9,7 @@ mod drift;
 mod fairness;
 mod faults;
 mod feeds;
+mod gateway;
 mod isolation;
 mod notify;
 mod ops;

@@ -383,10 +383,11 @@ impl TopicConfig {
                     }
                 }
             }
-            if spec.consumes.is_empty() {
+            // A group may read only outside the group (every replica every partition).
+            if spec.consumes.is_empty() && spec.broadcast.is_empty() {
                 return Err(invalid(
                     &["consumer_groups:", &key],
-                    format!("consumer_groups.{group}.consumes must name at least one topic"),
+                    format!("consumer_groups.{group}.consumes must name at least one topic (or broadcast, for a group that reads outside the group)"),
                 ));
             }
         }
@@ -665,6 +666,14 @@ mod tests {
             .expect("valid prefix");
         let physical = blue.physical_topics(1);
         for (group, spec) in &blue.consumer_groups {
+            if spec.consumes.is_empty() {
+                // Reads outside its group only (the realtime gateway): it commits nothing.
+                assert_eq!(blue.progress_topic_of(group), None, "{group}");
+                assert!(!physical
+                    .iter()
+                    .any(|t| t.name == format!("{group}.progress")));
+                continue;
+            }
             let name = blue.progress_topic_of(group).expect("declared");
             assert_eq!(name, format!("{group}.progress"));
             let topic = physical

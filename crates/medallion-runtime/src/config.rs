@@ -297,6 +297,22 @@ impl StateConfig {
     }
 }
 
+impl RegistryConfig {
+    /// The registry client of these settings (basic credentials when set).
+    pub fn client(
+        &self,
+    ) -> Result<
+        medallion_contracts::registry::RegistryClient,
+        medallion_contracts::registry::RegistryError,
+    > {
+        medallion_contracts::registry::RegistryClient::with_basic_auth(
+            &self.url,
+            std::time::Duration::from_millis(self.timeout_ms),
+            self.username.clone().zip(self.password.clone()),
+        )
+    }
+}
+
 impl KafkaConfig {
     /// The connection every client of the worker is built from; refuses a property the runtime
     /// owns.

@@ -102,8 +102,29 @@ pub const FAIR_PASSED_DONE_TOTAL: &str = "medallion_fair_passed_done_total";
 /// share a flooding org gets is its rate over the sum.
 pub const FAIR_SCHEDULED_RECORDS_TOTAL: &str = "medallion_fair_scheduled_records_total";
 
+/// Client connections open on a realtime-gateway replica, by org (the first 100 orgs a replica
+/// sees are named, the rest count as `other`).
+pub const GATEWAY_CONNECTIONS: &str = "medallion_gateway_connections";
+/// Messages written to gateway clients, by event type.
+pub const GATEWAY_MESSAGES_SENT_TOTAL: &str = "medallion_gateway_messages_sent_total";
+/// Messages a slow gateway client did not get as such, by event type and outcome: `replaced`
+/// by a newer one of the same key, or `dropped` to make room.
+pub const GATEWAY_COALESCED_TOTAL: &str = "medallion_gateway_messages_coalesced_total";
+/// Gateway clients disconnected because they fell behind on a never-dropped event type.
+pub const GATEWAY_SLOW_DISCONNECTS_TOTAL: &str = "medallion_gateway_slow_disconnects_total";
+/// Connections refused by the gateway's authentication, by reason.
+pub const GATEWAY_AUTH_FAILURES_TOTAL: &str = "medallion_gateway_auth_failures_total";
+/// Streams opened with a resume id, by outcome (resumed, gap, refused, failed).
+pub const GATEWAY_RESUMES_TOTAL: &str = "medallion_gateway_resumes_total";
+/// Records read back from Kafka for resuming clients.
+pub const GATEWAY_RESUME_RECORDS_TOTAL: &str = "medallion_gateway_resume_records_total";
+/// Kafka timestamp of a record → its message handed to the client's connection.
+pub const GATEWAY_DELIVERY_SECONDS: &str = "medallion_gateway_delivery_latency_seconds";
+/// Records of the feed topics the gateway could not decode (skipped), by topic.
+pub const GATEWAY_UNDECODABLE_TOTAL: &str = "medallion_gateway_undecodable_records_total";
+
 /// Every name above.
-pub const ALL: [&str; 39] = [
+pub const ALL: [&str; 48] = [
     KAFKA_CONSUMER_LAG,
     KAFKA_MESSAGES_IN_TOTAL,
     KAFKA_BYTES_IN_TOTAL,
@@ -143,6 +164,15 @@ pub const ALL: [&str; 39] = [
     FAIR_HEAD_BEHIND,
     FAIR_PASSED_DONE_TOTAL,
     FAIR_SCHEDULED_RECORDS_TOTAL,
+    GATEWAY_CONNECTIONS,
+    GATEWAY_MESSAGES_SENT_TOTAL,
+    GATEWAY_COALESCED_TOTAL,
+    GATEWAY_SLOW_DISCONNECTS_TOTAL,
+    GATEWAY_AUTH_FAILURES_TOTAL,
+    GATEWAY_RESUMES_TOTAL,
+    GATEWAY_RESUME_RECORDS_TOTAL,
+    GATEWAY_DELIVERY_SECONDS,
+    GATEWAY_UNDECODABLE_TOTAL,
 ];
 
 /// The counters above: exported at 0 from the start, so every name is scrapeable and `rate()`

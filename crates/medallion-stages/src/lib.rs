@@ -4,6 +4,7 @@
 pub mod audit_writer;
 pub mod bronze;
 pub mod feeds;
+pub mod gateway;
 pub mod gold;
 pub mod main_support;
 pub mod notify;

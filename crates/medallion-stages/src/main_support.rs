@@ -3,6 +3,7 @@
 use std::future::Future;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use medallion_runtime::config::WorkerConfig;
 use medallion_runtime::http::Health;
@@ -205,6 +206,50 @@ where
     F: FnOnce(StageSetup, C) -> Fut,
     Fut: Future<Output = Result<S, medallion_runtime::error::SetupError>>,
 {
+    run_service(args, |config: WorkerConfig<C>, health| async move {
+        let stage_config = config.stage.clone();
+        let worker = match prepare(&config, group, health, |setup| {
+            make_stage(setup, stage_config)
+        })
+        .await
+        {
+            Ok(w) => w,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        tracing::info!(
+            group,
+            input = worker.input_topic(),
+            output = ?worker.output_topic(),
+            "worker started"
+        );
+        let released = release_startup_code();
+        tracing::debug!(kib = released, "executable pages touched at start released");
+        match worker.run(&config, shutdown_signal()).await {
+            Ok(totals) => {
+                tracing::info!(?totals, "worker stopped");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
+/// What every worker process does around its own work: logging, its config (exit 2 with the
+/// reason when it is rejected), the async runtime, the metrics recorder and `/metrics`,
+/// `/healthz`, `/readyz` on `http.listen`; then `body` with the config and the health it
+/// reports through, until it returns.
+pub fn run_service<C, B, Fut>(args: WorkerArgs, body: B) -> ExitCode
+where
+    C: Default + Serialize + DeserializeOwned,
+    B: FnOnce(WorkerConfig<C>, Arc<Health>) -> Fut,
+    Fut: Future<Output = ExitCode>,
+{
     init_logging(args.json_logs);
     if !disable_transparent_huge_pages() {
         tracing::debug!("transparent huge pages left as the system sets them");
@@ -236,36 +281,7 @@ where
                 return ExitCode::FAILURE;
             }
         }
-        let stage_config = config.stage.clone();
-        let worker = match prepare(&config, group, health, |setup| {
-            make_stage(setup, stage_config)
-        })
-        .await
-        {
-            Ok(w) => w,
-            Err(e) => {
-                eprintln!("error: {e}");
-                return ExitCode::FAILURE;
-            }
-        };
-        tracing::info!(
-            group,
-            input = worker.input_topic(),
-            output = ?worker.output_topic(),
-            "worker started"
-        );
-        let released = release_startup_code();
-        tracing::debug!(kib = released, "executable pages touched at start released");
-        match worker.run(&config, shutdown_signal()).await {
-            Ok(totals) => {
-                tracing::info!(?totals, "worker stopped");
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("error: {e}");
-                ExitCode::FAILURE
-            }
-        }
+        body(config, health).await
     });
     // The worker has committed and left its group within `kafka.stop_timeout_ms`, or given up
     // on it; a blocking call still going (a consumer's close the broker never answers) is not

@@ -60,6 +60,9 @@ pub struct DemoArgs {
     /// Where to serve /metrics, /healthz and /readyz of all stages.
     #[arg(long, default_value = "127.0.0.1:0")]
     metrics_listen: SocketAddr,
+    /// Where the realtime gateway serves its clients and the console.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    gateway_listen: SocketAddr,
     /// After the summary, keep serving the final /metrics (for a local Prometheus and the
     /// dashboards) until Ctrl-C or SIGTERM.
     #[arg(long)]
@@ -287,6 +290,7 @@ pub async fn run(home: &Path, args: DemoArgs) -> anyhow::Result<ExitCode> {
         }
     };
     let stages = [&bronze, &silver, &gold, &rules, &notifier];
+    let live = start_gateway(&base, args.gateway_listen).await?;
 
     let producer = medallion_runtime::kafka::producer(
         &medallion_runtime::kafka::KafkaConnection::plain(&bootstrap)?,
@@ -377,6 +381,11 @@ pub async fn run(home: &Path, args: DemoArgs) -> anyhow::Result<ExitCode> {
         bail!("six stages expected");
     };
     let scrape = metrics.render();
+    let pushed = live.received();
+    println!(
+        "  live stream       org {} received {} alerts, {} metric updates and {} entity updates from the gateway as they happened",
+        live.org, pushed[0], pushed[1], pushed[2]
+    );
     print_summary(&Summary {
         elapsed,
         produced: &produced,
@@ -712,6 +721,78 @@ async fn stop_all(stages: Vec<(&'static str, Running)>) -> anyhow::Result<Vec<Ru
         .into_iter()
         .map(|t| t.context("a stage left no totals"))
         .collect()
+}
+
+/// The org whose console the local mode opens.
+const CONSOLE_ORG: i64 = 100;
+
+/// The realtime gateway of the local mode and a client following one org's stream.
+struct LiveStream {
+    org: i64,
+    /// Alerts, metric updates and entity updates received.
+    counts: Arc<[AtomicU64; 3]>,
+}
+
+impl LiveStream {
+    fn received(&self) -> [u64; 3] {
+        [0, 1, 2].map(|i| self.counts[i].load(Relaxed))
+    }
+}
+
+/// Starts the gateway in process, prints the console's URL with a token for one org, and
+/// follows that org's stream as a client would.
+async fn start_gateway(base: &Base, listen: SocketAddr) -> anyhow::Result<LiveStream> {
+    use medallion_stages::gateway::{self, auth, GatewayConfig};
+    let secret = uuid::Uuid::new_v4().to_string();
+    let mut config: WorkerConfig<GatewayConfig> = WorkerConfig::default();
+    config.kafka.bootstrap = base.bootstrap.clone();
+    config.registry.url = base.registry.clone();
+    config.contracts.home = Some(base.home.clone());
+    config.stage.listen = listen;
+    config.stage.cursor_key = Some(format!("{}{}", uuid::Uuid::new_v4(), uuid::Uuid::new_v4()));
+    config.stage.auth.hs256_secret = Some(secret.clone());
+    let running = gateway::start(&config, Health::new())
+        .await
+        .context("starting the realtime gateway")?;
+    let token = auth::mint_hs256(&secret, CONSOLE_ORG, None, None, "local-mode", 24 * 3600)?;
+    println!(
+        "\n  console   http://{}/console#token={token} (org {CONSOLE_ORG}, live)",
+        running.addr
+    );
+    let counts: Arc<[AtomicU64; 3]> = Arc::new(Default::default());
+    let response = reqwest::Client::new()
+        .get(format!("http://{}/v1/events", running.addr))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .and_then(reqwest::Response::error_for_status)
+        .context("following the gateway's stream")?;
+    let tally = counts.clone();
+    tokio::spawn(async move {
+        use futures::StreamExt;
+        let mut body = response.bytes_stream();
+        let mut pending = String::new();
+        while let Some(Ok(chunk)) = body.next().await {
+            pending.push_str(&String::from_utf8_lossy(&chunk));
+            let Some(end) = pending.rfind('\n') else {
+                continue;
+            };
+            for line in pending[..end].lines() {
+                let kind = match line.strip_prefix("event: ") {
+                    Some("alert.new") => 0,
+                    Some("tenant.metrics.update") => 1,
+                    Some(_) => 2,
+                    None => continue,
+                };
+                tally[kind].fetch_add(1, Relaxed);
+            }
+            pending.drain(..=end);
+        }
+    });
+    Ok(LiveStream {
+        org: CONSOLE_ORG,
+        counts,
+    })
 }
 
 impl Base {

@@ -94,6 +94,29 @@ enum Command {
     /// Reconciliation of silver's entity state with the system of record.
     #[command(subcommand)]
     Drift(DriftCommand),
+    /// Mint an HS256 token for the realtime gateway, for local clusters and development
+    /// (production tokens come from the identity provider, e.g. Keycloak).
+    Token {
+        /// The org the token is for (its `org_id` claim).
+        #[arg(long)]
+        org: i64,
+        /// The gateway's `stage.auth.hs256_secret`.
+        #[arg(
+            long,
+            env = "MEDALLION__STAGE__AUTH__HS256_SECRET",
+            hide_env_values = true
+        )]
+        secret: String,
+        #[arg(long)]
+        issuer: Option<String>,
+        #[arg(long)]
+        audience: Option<String>,
+        #[arg(long, default_value = "medallion-cli")]
+        subject: String,
+        /// Seconds until it expires.
+        #[arg(long, default_value_t = 3600)]
+        ttl: u64,
+    },
 }
 
 #[derive(Subcommand)]
@@ -349,6 +372,28 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             watch,
         } => lag(&ctx, kafka, group, watch).await,
         Command::Dlq(command) => dlq(&ctx, command).await,
+        Command::Token {
+            org,
+            secret,
+            issuer,
+            audience,
+            subject,
+            ttl,
+        } => {
+            if secret.is_empty() {
+                anyhow::bail!("--secret is empty");
+            }
+            let token = medallion_stages::gateway::auth::mint_hs256(
+                &secret,
+                org,
+                issuer.as_deref(),
+                audience.as_deref(),
+                &subject,
+                ttl,
+            )?;
+            println!("{token}");
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 

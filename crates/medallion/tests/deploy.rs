@@ -75,6 +75,8 @@ fn check_worker_config(group: &str, text: &str) -> Option<PathBuf> {
             .map(|c| (c.http.listen, state(&c.state))),
         "audit-writer" => WorkerConfig::<audit_writer::AuditWriterConfig>::load(Some(&path))
             .map(|c| (c.http.listen, state(&c.state))),
+        "realtime-gateway" => WorkerConfig::<gateway::GatewayConfig>::load(Some(&path))
+            .map(|c| (c.http.listen, state(&c.state))),
         other => panic!("no config type for {other}"),
     };
     let _ = std::fs::remove_file(&path);
@@ -82,6 +84,70 @@ fn check_worker_config(group: &str, text: &str) -> Option<PathBuf> {
         loaded.unwrap_or_else(|e| panic!("{group}'s config is rejected: {e}"));
     assert_eq!(listen.port(), 9464, "{group}");
     state_dir
+}
+
+/// A group that reads only outside the group (the realtime gateway): every replica reads
+/// every partition, so it scales on CPU, keeps no state, serves clients on a port of its own
+/// and signs cursors with a key from a Secret.
+fn check_reader_outside_its_group(
+    overlay: &str,
+    group: &str,
+    deployment: &Json,
+    docs: &[Json],
+    config_maps: &[&Json],
+) {
+    let c = &deployment["spec"]["template"]["spec"]["containers"][0];
+    let scaler = of_kind(docs, "HorizontalPodAutoscaler");
+    let hpa = scaler
+        .get(group)
+        .unwrap_or_else(|| panic!("{overlay} {group}: no HorizontalPodAutoscaler"));
+    assert_eq!(hpa["spec"]["scaleTargetRef"]["name"], group);
+    assert!(
+        !of_kind(docs, "ScaledObject").contains_key(group),
+        "{group}: no lag scaler"
+    );
+    let key = format!("{group}.yaml");
+    let text = config_maps
+        .iter()
+        .find_map(|m| m["data"][&key].as_str())
+        .unwrap_or_else(|| panic!("{overlay}: no {key} in a ConfigMap"));
+    assert_eq!(check_worker_config(group, text), None, "{group}: no state");
+    let path =
+        std::env::temp_dir().join(format!("medallion-deploy-gw-{}.yaml", std::process::id()));
+    std::fs::write(&path, text).expect("write");
+    let config = WorkerConfig::<medallion_stages::gateway::GatewayConfig>::load(Some(&path))
+        .expect("the gateway's config");
+    let _ = std::fs::remove_file(&path);
+    let api = c["ports"]
+        .as_array()
+        .expect("ports")
+        .iter()
+        .find(|p| p["name"] == "api")
+        .unwrap_or_else(|| panic!("{group}: no api port"));
+    assert_eq!(api["containerPort"], config.stage.listen.port(), "{group}");
+    let services = of_kind(docs, "Service");
+    let service = services
+        .get(group)
+        .unwrap_or_else(|| panic!("{group}: no client Service"));
+    assert_eq!(service["spec"]["ports"][0]["targetPort"], "api");
+    let cursor_key = c["env"]
+        .as_array()
+        .expect("env")
+        .iter()
+        .find(|e| e["name"] == "MEDALLION__STAGE__CURSOR_KEY")
+        .unwrap_or_else(|| panic!("{group}: no cursor key"));
+    let secret = cursor_key["valueFrom"]["secretKeyRef"]["name"]
+        .as_str()
+        .expect("from a Secret");
+    if overlay == "local" {
+        assert!(
+            of_kind(docs, "Secret")
+                .keys()
+                .any(|k| k.starts_with(secret)),
+            "{secret} is generated locally"
+        );
+    }
+    assert_eq!(instance_id(c), None, "{group}: no group membership");
 }
 
 /// Where a container's `MEDALLION__KAFKA__INSTANCE_ID` comes from (a field of the pod), if set.
@@ -181,6 +247,10 @@ fn the_overlays_build_and_match_the_workers() {
                 .get(&format!("{group}-metrics"))
                 .unwrap_or_else(|| panic!("{group}: no metrics Service"));
             assert_eq!(service["spec"]["ports"][0]["port"], default_port);
+            if spec.consumes.is_empty() {
+                check_reader_outside_its_group(overlay, group, d, &docs, &config_maps);
+                continue;
+            }
             // Lag-based autoscaling, never beyond the partitions of the consumed topic.
             let scaler = scalers
                 .get(group)

@@ -82,15 +82,7 @@ where
     let group = &topics.group_name(group);
     let kafka = config.kafka.connection()?;
     let topo = topology(&contracts, &topics, group)?;
-    let registry = Arc::new(RegistryClient::with_basic_auth(
-        &config.registry.url,
-        Duration::from_millis(config.registry.timeout_ms),
-        config
-            .registry
-            .username
-            .clone()
-            .zip(config.registry.password.clone()),
-    )?);
+    let registry = Arc::new(config.registry.client()?);
     let policy = RetryPolicy::from_millis(&config.retry.backoff_ms);
     // Output schemas must be registered before anything is produced: wait for the registry.
     let (encoder, event_encoder, output_schema) = match &topo.output {
