@@ -106,14 +106,7 @@ fn recovery(samples: &[Sample], from: f64, to: f64) -> Recovery {
 }
 
 fn main() {
-    if !std::env::args().any(|a| a == "--bench") {
-        return;
-    }
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("runtime")
-        .block_on(run());
+    support::run_bench(run);
 }
 
 async fn run() {

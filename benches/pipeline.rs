@@ -79,15 +79,7 @@ async fn counts(w: &Workers) -> Option<Counts> {
 }
 
 fn main() {
-    // `cargo bench` passes --bench; `cargo test --benches` would too: only run when benching.
-    if !std::env::args().any(|a| a == "--bench") {
-        return;
-    }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    runtime.block_on(run());
+    support::run_bench(run);
 }
 
 async fn run() {

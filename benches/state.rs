@@ -175,14 +175,7 @@ async fn restart(worker: &WorkerProcess, started: Instant) -> (f64, f64) {
 }
 
 fn main() {
-    if !std::env::args().any(|a| a == "--bench") {
-        return;
-    }
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("runtime")
-        .block_on(run());
+    support::run_bench(run);
 }
 
 async fn run() {

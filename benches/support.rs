@@ -216,3 +216,16 @@ pub fn send_waiting(
         }
     }
 }
+
+/// Runs `body` on a multi-threaded runtime, only when run as a benchmark (`cargo bench` passes
+/// `--bench`; `cargo test --benches` builds it and runs nothing).
+pub fn run_bench<F: std::future::Future<Output = ()>>(body: impl FnOnce() -> F) {
+    if !std::env::args().any(|a| a == "--bench") {
+        return;
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(body());
+}

@@ -388,6 +388,19 @@ async fn websocket(gateway: &Gateway, token: &str) -> WebSocket {
         .0
 }
 
+/// The answer of `POST /v1/tickets` for a bearer token.
+async fn ticket_for(gateway: &Gateway, token: &str) -> Json {
+    reqwest::Client::new()
+        .post(format!("{}/v1/tickets", gateway.url))
+        .bearer_auth(token)
+        .send()
+        .await
+        .expect("ticket")
+        .json()
+        .await
+        .expect("JSON")
+}
+
 /// An ES256 key pair and the JWKS that publishes its public half.
 fn es256_key(kid: &str) -> (EncodingKey, Json) {
     use ring::signature::{EcdsaKeyPair, KeyPair, ECDSA_P256_SHA256_FIXED_SIGNING};
@@ -424,7 +437,17 @@ async fn bad_tokens_are_refused_with_a_reason_tickets_are_one_use_and_streams_en
     let p = Pipeline::start().await;
     let (es_key, jwk) = es256_key("key-1");
     let (other_key, _) = es256_key("key-2");
-    let jwks_url = serve_jwks(json!({"keys": [jwk]})).await;
+    // An RS256 key as Keycloak's realms use by default: a 2048-bit test key made for these
+    // tests (tests/fixtures; it signs nothing else).
+    let fixtures = medallion_tests::workspace_root().join("tests/fixtures");
+    let rsa_key = EncodingKey::from_rsa_der(
+        &std::fs::read(fixtures.join("gateway-rs256-test-key.der")).expect("RSA test key"),
+    );
+    let rsa_jwk: Json = serde_json::from_slice(
+        &std::fs::read(fixtures.join("gateway-rs256-test-jwk.json")).expect("RSA test JWK"),
+    )
+    .expect("JWK");
+    let jwks_url = serve_jwks(json!({"keys": [jwk, rsa_jwk]})).await;
     let gateway = start_gateway(
         &p,
         free_port().expect("port"),
@@ -492,17 +515,16 @@ async fn bad_tokens_are_refused_with_a_reason_tickets_are_one_use_and_streams_en
 
     // An ES256 token from the JWKS, and a one-use ticket for an EventSource.
     let good = es256(&es_key, "key-1", claims(3, 600));
-    let client = reqwest::Client::new();
-    let ticket: Json = client
-        .post(format!("{}/v1/tickets", gateway.url))
-        .bearer_auth(&good)
-        .send()
-        .await
-        .expect("ticket")
-        .json()
-        .await
-        .expect("JSON");
+    let ticket = ticket_for(&gateway, &good).await;
     assert_eq!(ticket["org_id"], 3);
+    let mut rs256 = Header::new(Algorithm::RS256);
+    rs256.kid = Some("rsa-1".into());
+    let rsa_token = jsonwebtoken::encode(&rs256, &claims(5, 600), &rsa_key).expect("signed");
+    let rsa_ticket = ticket_for(&gateway, &rsa_token).await;
+    assert_eq!(
+        rsa_ticket["org_id"], 5,
+        "an RS256 token from the JWKS: {rsa_ticket}"
+    );
     let ticket = ticket["ticket"].as_str().expect("ticket").to_string();
     let with_ticket = format!("{url}&ticket={ticket}");
     let mut stream = Sse::open(&with_ticket, None, None)
@@ -729,4 +751,201 @@ async fn a_slow_client_is_disconnected_for_alerts_and_coalesced_for_metrics_whil
             "type=\"tenant.metrics.update\""
         ) >= 1.0
     );
+}
+
+/// A headless Chromium driven over WebDriver (Debian's `chromium` and `chromium-driver`).
+struct Browser {
+    driver: std::process::Child,
+    url: String,
+    http: reqwest::Client,
+}
+
+impl Browser {
+    fn start() -> Browser {
+        let port = free_port().expect("port");
+        let driver = std::process::Command::new("chromedriver")
+            .arg(format!("--port={port}"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("chromedriver (apt-get install chromium-driver; scripts/test does)");
+        Browser {
+            driver,
+            url: format!("http://127.0.0.1:{port}"),
+            http: reqwest::Client::new(),
+        }
+    }
+
+    async fn call(&self, method: reqwest::Method, path: &str, body: Json) -> Json {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let sent = self
+                .http
+                .request(method.clone(), format!("{}{path}", self.url))
+                .json(&body)
+                .send()
+                .await;
+            match sent {
+                Ok(response) => {
+                    let answer: Json = response.json().await.expect("WebDriver answers JSON");
+                    return answer["value"].clone();
+                }
+                // The driver is still starting.
+                Err(_) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("WebDriver at {}: {e}", self.url),
+            }
+        }
+    }
+
+    /// A new headless window; its session id.
+    async fn window(&self) -> String {
+        let session = self
+            .call(
+                reqwest::Method::POST,
+                "/session",
+                json!({"capabilities": {"alwaysMatch": {"goog:chromeOptions": {
+                    "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"]
+                }}}}),
+            )
+            .await;
+        session["sessionId"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no browser session: {session}"))
+            .to_string()
+    }
+
+    async fn open(&self, session: &str, url: &str) {
+        self.call(
+            reqwest::Method::POST,
+            &format!("/session/{session}/url"),
+            json!({ "url": url }),
+        )
+        .await;
+    }
+
+    async fn run(&self, session: &str, script: &str) -> Json {
+        self.call(
+            reqwest::Method::POST,
+            &format!("/session/{session}/execute/sync"),
+            json!({"script": script, "args": []}),
+        )
+        .await
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        let _ = self.driver.kill();
+        let _ = self.driver.wait();
+    }
+}
+
+/// The event ids of the alerts a console window shows.
+const SHOWN_ALERTS: &str =
+    "return Array.from(document.querySelectorAll('#alerts li')).map(li => li.dataset.eventId);";
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_console_shows_its_orgs_alert_within_a_second_and_another_orgs_window_never_does() {
+    let p = Pipeline::start().await;
+    let gateway = start_gateway(&p, free_port().expect("port"), &[]);
+    gateway
+        .process
+        .wait_ready(Duration::from_secs(60))
+        .await
+        .expect("ready");
+    let browser = Browser::start();
+    let (mine, theirs) = (browser.window().await, browser.window().await);
+    browser
+        .open(
+            &mine,
+            &format!("{}/console#token={}", gateway.url, token(1)),
+        )
+        .await;
+    browser
+        .open(
+            &theirs,
+            &format!("{}/console#token={}", gateway.url, token(2)),
+        )
+        .await;
+    for window in [&mine, &theirs] {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let status = browser
+                .run(
+                    window,
+                    "return document.getElementById('status').textContent;",
+                )
+                .await;
+            if status == "live" {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the console is not live: {status}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let org1_alert = alert(900_001, 1);
+    let org2_alert = alert(900_002, 2);
+    let id = |a: &Json| a["event_id"].clone();
+    let produced = Instant::now();
+    publish_all(&p, ALERTS, std::slice::from_ref(&org1_alert)).await;
+    let shown_after = loop {
+        let shown = browser.run(&mine, SHOWN_ALERTS).await;
+        if shown
+            .as_array()
+            .is_some_and(|s| s.contains(&id(&org1_alert)))
+        {
+            break produced.elapsed();
+        }
+        assert!(
+            produced.elapsed() < Duration::from_secs(10),
+            "org 1's console never showed its alert: {shown}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(
+        shown_after < Duration::from_secs(1),
+        "shown {shown_after:?} after it was produced"
+    );
+    publish_all(&p, ALERTS, std::slice::from_ref(&org2_alert)).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let shown = browser.run(&theirs, SHOWN_ALERTS).await;
+        if shown
+            .as_array()
+            .is_some_and(|s| s.contains(&id(&org2_alert)))
+        {
+            assert!(
+                !shown
+                    .as_array()
+                    .is_some_and(|s| s.contains(&id(&org1_alert))),
+                "org 2's console showed org 1's alert: {shown}"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "org 2's console never showed its alert"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let shown = browser.run(&mine, SHOWN_ALERTS).await;
+    assert_eq!(
+        shown,
+        json!([id(&org1_alert)]),
+        "org 1's console shows its alert only"
+    );
+    for window in [mine, theirs] {
+        browser
+            .call(
+                reqwest::Method::DELETE,
+                &format!("/session/{window}"),
+                json!({}),
+            )
+            .await;
+    }
 }

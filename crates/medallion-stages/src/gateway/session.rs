@@ -350,7 +350,48 @@ impl Drop for Session {
     }
 }
 
+/// What a resume reads back and what it cannot.
+#[derive(Debug, PartialEq, Eq)]
+struct ResumePlan {
+    /// Per slot read: (slot, from, until the live stream's start).
+    reads: Vec<(usize, i64, i64)>,
+    /// Where each slot of the cursor starts, past any gap.
+    starts: Vec<(usize, i64)>,
+    gaps: Vec<Gap>,
+}
+
+/// The plan for `wanted` slots (slot, the cursor's next offset, where the live stream took
+/// over), given each slot's first offset still held (`low_of`): what retention removed since
+/// the cursor is a gap, and the read starts after it.
+fn plan_resume(
+    wanted: &[(usize, i64, i64)],
+    mut low_of: impl FnMut(usize) -> Result<i64, String>,
+) -> Result<ResumePlan, String> {
+    let mut plan = ResumePlan {
+        reads: Vec::new(),
+        starts: Vec::new(),
+        gaps: Vec::new(),
+    };
+    for &(slot, mut from, until) in wanted {
+        let low = low_of(slot)?;
+        if from < low {
+            plan.gaps.push(Gap {
+                slot,
+                from,
+                to: low.min(until),
+            });
+            from = low.min(until);
+        }
+        plan.starts.push((slot, from));
+        if from < until {
+            plan.reads.push((slot, from, until));
+        }
+    }
+    Ok(plan)
+}
+
 /// Records a resume could not read: retention removed them.
+#[derive(Debug, PartialEq, Eq)]
 struct Gap {
     slot: usize,
     from: i64,
@@ -397,31 +438,24 @@ impl Replay {
             )
             .map_err(|e| e.to_string())?;
             let mut tpl = TopicPartitionList::new();
-            let mut gaps = Vec::new();
-            let mut until = HashMap::new();
-            let mut starts = Vec::new();
-            for (slot, mut from, end) in wanted {
-                let Some((topic, partition)) = topology.at(slot) else {
-                    continue;
-                };
-                let (low, _) = consumer
+            let plan = plan_resume(&wanted, |slot| {
+                let (topic, partition) = topology
+                    .at(slot)
+                    .ok_or_else(|| format!("no partition at slot {slot}"))?;
+                consumer
                     .fetch_watermarks(topic, partition, Duration::from_secs(5))
-                    .map_err(|e| format!("{topic}/{partition}: {e}"))?;
-                if from < low {
-                    gaps.push(Gap {
-                        slot,
-                        from,
-                        to: low.min(end),
-                    });
-                    from = low;
-                }
-                starts.push((slot, from));
-                if from < end {
+                    .map(|(low, _)| low)
+                    .map_err(|e| format!("{topic}/{partition}: {e}"))
+            })?;
+            let mut until = HashMap::new();
+            for &(slot, from, end) in &plan.reads {
+                if let Some((topic, partition)) = topology.at(slot) {
                     tpl.add_partition_offset(topic, partition, Offset::Offset(from))
                         .map_err(|e| e.to_string())?;
                     until.insert(slot, end);
                 }
             }
+            let (starts, gaps) = (plan.starts, plan.gaps);
             if tpl.count() > 0 {
                 consumer.assign(&tpl).map_err(|e| e.to_string())?;
             }
@@ -524,5 +558,46 @@ impl Replay {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_resume_reads_from_its_cursor_and_names_what_retention_took_as_a_gap() {
+        // Slot 0: all still there. Slot 3: retention took offsets 10..25. Slot 5: it took
+        // everything up to past where the live stream starts.
+        let wanted = [(0, 100, 120), (3, 10, 40), (5, 7, 9)];
+        let lows = [(0, 50), (3, 25), (5, 30)];
+        let plan = plan_resume(&wanted, |slot| {
+            lows.iter()
+                .find(|(s, _)| *s == slot)
+                .map(|(_, low)| *low)
+                .ok_or_else(|| "unknown".to_string())
+        })
+        .expect("plan");
+        assert_eq!(
+            plan,
+            ResumePlan {
+                reads: vec![(0, 100, 120), (3, 25, 40)],
+                starts: vec![(0, 100), (3, 25), (5, 9)],
+                gaps: vec![
+                    Gap {
+                        slot: 3,
+                        from: 10,
+                        to: 25
+                    },
+                    Gap {
+                        slot: 5,
+                        from: 7,
+                        to: 9
+                    },
+                ],
+            }
+        );
+        let failed = plan_resume(&wanted, |_| Err("no broker".to_string()));
+        assert_eq!(failed, Err("no broker".to_string()));
     }
 }
