@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use medallion_contracts::json::to_framed;
 use medallion_tests::{broker, contracts, free_port, registry, WorkerProcess};
-use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::consumer::Consumer;
 use rdkafka::message::Message;
 use rdkafka::producer::FutureRecord;
 use serde_json::json;
@@ -143,8 +143,8 @@ async fn run() {
     // The floor: a plain consumer of the topic, from its end.
     let floor: Arc<Mutex<HashMap<u64, (i64, i64)>>> = Arc::new(Mutex::new(HashMap::new()));
     let kafka = medallion_runtime::kafka::KafkaConnection::plain(&broker.address).expect("kafka");
-    let plain: StreamConsumer<medallion_runtime::kafka::ReaderContext> =
-        medallion_runtime::kafka::io::reader(&kafka, ALERTS, "bench floor", false).expect("reader");
+    // With the gateway's own consumer settings, so the difference is the gateway's work.
+    let plain = medallion_stages::gateway::live_consumer(&kafka).expect("reader");
     {
         let marks = medallion_runtime::kafka::io::watermarks(&kafka, ALERTS).expect("marks");
         let mut tpl = rdkafka::TopicPartitionList::new();

@@ -98,6 +98,17 @@ pub fn check_feeds(feeds: &[FeedConfig]) -> Result<(), String> {
         if feed.event.trim().is_empty() || feed.topic.trim().is_empty() {
             return Err(format!("{key}: event and topic must not be empty"));
         }
+        // It is an SSE `event:` line and a `?types=` item.
+        if !feed
+            .event
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+        {
+            return Err(format!(
+                "{key}: event type `{}` may hold only letters, digits, `.`, `_` and `-`",
+                feed.event
+            ));
+        }
         if feeds[..i].iter().any(|f| f.event == feed.event) {
             return Err(format!(
                 "{key}: event type {} is declared twice",
@@ -285,6 +296,9 @@ mod tests {
         let mut twice = default_feeds();
         twice.push(twice[0].clone());
         assert!(check_feeds(&twice).unwrap_err().contains("stage.feeds[4]"));
+        let mut spaced = default_feeds();
+        spaced[0].event = "alert new\n".into();
+        assert!(check_feeds(&spaced).unwrap_err().contains("stage.feeds[0]"));
         let mut no_key = default_feeds();
         no_key[1].coalesce_by.clear();
         assert!(check_feeds(&no_key).unwrap_err().contains("coalesce_by"));

@@ -180,7 +180,7 @@ async fn events(
     };
     let stream = futures::stream::unfold(session, |mut session| async move {
         let frame = session.next_frame().await?;
-        Session::written(&frame);
+        session.written(&frame);
         Some((Ok::<Event, Infallible>(sse_event(frame)), session))
     });
     let mut response = Sse::new(stream).into_response();
@@ -291,7 +291,7 @@ async fn serve_socket(gateway: Arc<Gateway>, principal: Principal, feeds: u64, s
                 if sink.send(WsMessage::Text(text)).await.is_err() {
                     return;
                 }
-                Session::written(&frame);
+                session.written(&frame);
             }
             _ = &mut gone => return,
         }

@@ -137,6 +137,9 @@ pub struct Gateway {
     open: std::sync::atomic::AtomicUsize,
     /// Orgs with a label of their own on the connection gauge (bounded: the rest are `other`).
     labelled_orgs: Mutex<HashSet<i64>>,
+    /// Messages sent, per feed (handles looked up once: a delivery is the hot path).
+    sent: Vec<metrics::Counter>,
+    latency: metrics::Histogram,
 }
 
 /// Orgs that get a label of their own on `medallion_gateway_connections`.
@@ -282,6 +285,11 @@ pub async fn start(
             addr: stage.listen,
             source,
         })?;
+    let sent = stage
+        .feeds
+        .iter()
+        .map(|f| metrics::counter!(m::GATEWAY_MESSAGES_SENT_TOTAL, "type" => f.event.clone()))
+        .collect();
     let gateway = Arc::new(Gateway {
         hub,
         auth,
@@ -291,6 +299,8 @@ pub async fn start(
         config: stage,
         open: std::sync::atomic::AtomicUsize::new(0),
         labelled_orgs: Mutex::new(HashSet::new()),
+        sent,
+        latency: metrics::histogram!(m::GATEWAY_DELIVERY_SECONDS),
     });
     register_metrics(&gateway);
     health.set_assigned(true);
@@ -329,8 +339,10 @@ fn register_metrics(gateway: &Gateway) {
 }
 
 /// The replica's one consumer: manual assignment (no group, nothing committed), fetches
-/// answered as soon as a record is there.
-fn live_consumer(kafka: &KafkaConnection) -> Result<StreamConsumer<ReaderContext>, GatewayError> {
+/// answered as soon as a record is there (the gateway benchmark's floor uses the same).
+pub fn live_consumer(
+    kafka: &KafkaConnection,
+) -> Result<StreamConsumer<ReaderContext>, GatewayError> {
     let group = format!("{GROUP}-{}", uuid::Uuid::new_v4());
     let mut config = kafka.config(Role::Reader {
         group: &group,

@@ -151,6 +151,12 @@ impl Session {
                     session.replay = Some(replay);
                 }
                 Err(reason) => {
+                    // Nothing was read: the client keeps the id it came with.
+                    for (next, (from, live)) in
+                        session.next.iter_mut().zip(cursor.next.iter().zip(&live))
+                    {
+                        *next = from.or(*live);
+                    }
                     metrics::counter!(m::GATEWAY_RESUMES_TOTAL, "outcome" => "failed").increment(1);
                     session.end_with("resume_failed", json!({ "reason": reason }));
                 }
@@ -194,9 +200,10 @@ impl Session {
         if let (Some(body), Some(detail)) = (body.as_object_mut(), detail.as_object()) {
             body.extend(detail.clone());
         }
-        let id = (kind != "resume_failed").then(|| self.cursor_text());
+        // The id holds whatever a resume read before it failed, so coming back with it makes
+        // progress even when the whole gap cannot be read at once.
         self.notices.push_back(Frame::Notice {
-            id,
+            id: Some(self.cursor_text()),
             kind,
             json: body.to_string(),
         });
@@ -213,7 +220,9 @@ impl Session {
                 return None;
             }
             if let Some(replay) = &mut self.replay {
-                match replay.next(&self.gateway).await {
+                // Boxed: the read-back's state (a Kafka read, a registry request) would
+                // otherwise sit in every idle connection's stream.
+                match Box::pin(replay.next(&self.gateway)).await {
                     Ok(Some((record_slot, offset, messages))) => {
                         self.next[record_slot] = Some(offset + 1);
                         for message in messages {
@@ -304,13 +313,18 @@ impl Session {
         }
         // Positions first, the outbox second: a record before a position read here is in the
         // outbox already if it is this client's.
-        let positions = self.gateway.hub.positions();
+        let hub = &self.gateway.hub;
+        let mut positions = [None; 128];
+        let slots = hub.slots().min(positions.len());
+        for (slot, p) in positions.iter_mut().enumerate().take(slots) {
+            *p = hub.position(slot);
+        }
         let outbox = self
             .connection
             .outbox
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        for (slot, position) in positions.into_iter().enumerate() {
+        for (slot, position) in positions.into_iter().enumerate().take(slots) {
             if let (Some(p), false) = (position, outbox.holds(slot)) {
                 let next = self.next[slot].get_or_insert(p);
                 *next = (*next).max(p);
@@ -321,8 +335,9 @@ impl Session {
     fn event_frame(&self, message: &Message) -> Frame {
         let id = self.cursor_text();
         let event_type = self.gateway.config.feeds[message.feed].event.clone();
-        metrics::counter!(m::GATEWAY_MESSAGES_SENT_TOTAL, "type" => event_type.clone())
-            .increment(1);
+        if let Some(sent) = self.gateway.sent.get(message.feed) {
+            sent.increment(1);
+        }
         Frame::Event {
             json: format!("{{\"id\":\"{id}\",{}", message.body),
             id,
@@ -332,10 +347,10 @@ impl Session {
     }
 
     /// Records the frame as written to the client (end-to-end latency).
-    pub fn written(frame: &Frame) {
+    pub fn written(&self, frame: &Frame) {
         if let Frame::Event { timestamp_ms, .. } = frame {
             let seconds = (now_ms() as i64 - timestamp_ms).max(0) as f64 / 1000.0;
-            metrics::histogram!(m::GATEWAY_DELIVERY_SECONDS).record(seconds);
+            self.gateway.latency.record(seconds);
         }
     }
 }
