@@ -247,14 +247,6 @@ impl Hub {
         }
     }
 
-    /// The consumer's position in `slot` (None while not known).
-    pub fn position(&self, slot: usize) -> Option<i64> {
-        self.positions
-            .get(slot)
-            .map(|p| p.load(Ordering::Acquire))
-            .filter(|v| *v >= 0)
-    }
-
     /// The consumer's positions (None where not known yet).
     pub fn positions(&self) -> Vec<Option<i64>> {
         self.positions

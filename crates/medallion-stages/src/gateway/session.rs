@@ -313,18 +313,13 @@ impl Session {
         }
         // Positions first, the outbox second: a record before a position read here is in the
         // outbox already if it is this client's.
-        let hub = &self.gateway.hub;
-        let mut positions = [None; 128];
-        let slots = hub.slots().min(positions.len());
-        for (slot, p) in positions.iter_mut().enumerate().take(slots) {
-            *p = hub.position(slot);
-        }
+        let positions = self.gateway.hub.positions();
         let outbox = self
             .connection
             .outbox
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        for (slot, position) in positions.into_iter().enumerate().take(slots) {
+        for (slot, position) in positions.into_iter().enumerate() {
             if let (Some(p), false) = (position, outbox.holds(slot)) {
                 let next = self.next[slot].get_or_insert(p);
                 *next = (*next).max(p);
