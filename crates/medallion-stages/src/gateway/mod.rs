@@ -112,6 +112,12 @@ impl GatewayConfig {
             }
             Some(_) => {}
         }
+        let set = |v: &Option<String>| v.as_deref().is_some_and(|v| !v.trim().is_empty());
+        if !set(&self.auth.hs256_secret) && !set(&self.auth.jwks_url) {
+            return Err(GatewayError::Config(
+                "stage.auth: set hs256_secret or jwks_url (or both)".into(),
+            ));
+        }
         if self.outbox_messages == 0 || self.max_connections == 0 {
             return Err(GatewayError::Config(
                 "stage.outbox_messages and stage.max_connections must be at least 1".into(),
@@ -422,6 +428,68 @@ async fn follow(
                 metrics::counter!(m::GATEWAY_SLOW_DISCONNECTS_TOTAL, "type" => event_type)
                     .increment(u64::from(counts.closed));
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_that_cannot_work_are_refused_naming_the_key() {
+        let good = GatewayConfig {
+            cursor_key: Some("k".repeat(32)),
+            auth: AuthConfig {
+                hs256_secret: Some("s".into()),
+                ..AuthConfig::default()
+            },
+            ..GatewayConfig::default()
+        };
+        assert!(good.validate().is_ok());
+        let cases = [
+            (
+                GatewayConfig {
+                    cursor_key: None,
+                    ..good.clone()
+                },
+                "stage.cursor_key",
+            ),
+            (
+                GatewayConfig {
+                    cursor_key: Some("short".into()),
+                    ..good.clone()
+                },
+                "needs at least 32",
+            ),
+            (
+                GatewayConfig {
+                    auth: AuthConfig {
+                        hs256_secret: Some(String::new()),
+                        ..AuthConfig::default()
+                    },
+                    ..good.clone()
+                },
+                "stage.auth",
+            ),
+            (
+                GatewayConfig {
+                    outbox_messages: 0,
+                    ..good.clone()
+                },
+                "stage.outbox_messages",
+            ),
+            (
+                GatewayConfig {
+                    feeds: Vec::new(),
+                    ..good.clone()
+                },
+                "stage.feeds",
+            ),
+        ];
+        for (config, says) in cases {
+            let err = config.validate().expect_err(says).to_string();
+            assert!(err.contains(says), "{err}");
         }
     }
 }
