@@ -127,6 +127,28 @@ struct Gateway {
     url: String,
 }
 
+/// A gateway that answers `/readyz`.
+async fn ready_gateway(p: &Pipeline, port: u16, extra: &[(&str, String)]) -> Gateway {
+    let gateway = start_gateway(p, port, extra);
+    gateway
+        .process
+        .wait_ready(Duration::from_secs(60))
+        .await
+        .expect("gateway ready");
+    gateway
+}
+
+/// An SSE stream of `types` for `org`'s token.
+async fn stream_of(gateway: &Gateway, types: &str, org: i64) -> Sse {
+    Sse::open(
+        &format!("{}/v1/events?types={types}", gateway.url),
+        Some(&token(org)),
+        None,
+    )
+    .await
+    .unwrap_or_else(|(status, body)| panic!("{types} for org {org}: {status} {body}"))
+}
+
 fn start_gateway(p: &Pipeline, port: u16, extra: &[(&str, String)]) -> Gateway {
     let mut env = vec![
         ("MEDALLION__STAGE__LISTEN", format!("127.0.0.1:{port}")),
@@ -448,16 +470,12 @@ async fn bad_tokens_are_refused_with_a_reason_tickets_are_one_use_and_streams_en
     )
     .expect("JWK");
     let jwks_url = serve_jwks(json!({"keys": [jwk, rsa_jwk]})).await;
-    let gateway = start_gateway(
+    let gateway = ready_gateway(
         &p,
         free_port().expect("port"),
         &[("MEDALLION__STAGE__AUTH__JWKS_URL", jwks_url)],
-    );
-    gateway
-        .process
-        .wait_ready(Duration::from_secs(60))
-        .await
-        .expect("ready");
+    )
+    .await;
     let url = format!("{}/v1/events?types=alert.new", gateway.url);
 
     let es256 = |key: &EncodingKey, kid: &str, claims: Json| {
@@ -602,34 +620,11 @@ async fn bad_tokens_are_refused_with_a_reason_tickets_are_one_use_and_streams_en
 async fn a_slow_client_is_disconnected_for_alerts_and_coalesced_for_metrics_while_a_fast_one_gets_everything(
 ) {
     let p = Pipeline::start().await;
-    let gateway = start_gateway(&p, free_port().expect("port"), &[]);
-    gateway
-        .process
-        .wait_ready(Duration::from_secs(60))
-        .await
-        .expect("ready");
+    let gateway = ready_gateway(&p, free_port().expect("port"), &[]).await;
     let base = &gateway.url;
-    let mut fast = Sse::open(
-        &format!("{base}/v1/events?types=alert.new"),
-        Some(&token(1)),
-        None,
-    )
-    .await
-    .expect("fast");
-    let mut slow = Sse::open(
-        &format!("{base}/v1/events?types=alert.new"),
-        Some(&token(1)),
-        None,
-    )
-    .await
-    .expect("slow");
-    let mut slow_metrics = Sse::open(
-        &format!("{base}/v1/events?types=tenant.metrics.update"),
-        Some(&token(1)),
-        None,
-    )
-    .await
-    .expect("slow metrics");
+    let mut fast = stream_of(&gateway, "alert.new", 1).await;
+    let mut slow = stream_of(&gateway, "alert.new", 1).await;
+    let mut slow_metrics = stream_of(&gateway, "tenant.metrics.update", 1).await;
 
     // Far more than the outbox (1,024) and the sockets' buffers hold.
     let n = 15_000u64;
@@ -849,12 +844,7 @@ const SHOWN_ALERTS: &str =
 #[tokio::test(flavor = "multi_thread")]
 async fn the_console_shows_its_orgs_alert_within_a_second_and_another_orgs_window_never_does() {
     let p = Pipeline::start().await;
-    let gateway = start_gateway(&p, free_port().expect("port"), &[]);
-    gateway
-        .process
-        .wait_ready(Duration::from_secs(60))
-        .await
-        .expect("ready");
+    let gateway = ready_gateway(&p, free_port().expect("port"), &[]).await;
     let browser = Browser::start();
     let (mine, theirs) = (browser.window().await, browser.window().await);
     browser
