@@ -24,9 +24,8 @@ use medallion_tests::{broker, contracts, free_port, registry, WorkerProcess};
 use rdkafka::consumer::Consumer;
 use rdkafka::message::Message;
 use rdkafka::producer::FutureRecord;
-use serde_json::json;
 
-#[allow(dead_code)]
+#[allow(dead_code, unused_imports)]
 mod support;
 
 const BIN: &str = env!("CARGO_BIN_EXE_realtime-gateway");
@@ -61,21 +60,13 @@ fn rss_kib(pid: u32) -> u64 {
 }
 
 fn alert(seq: u64) -> serde_json::Value {
-    let org = 1 + (seq % ORGS) as i64;
-    json!({
-        "event_id": format!("00000000-0000-4000-c000-{seq:012}"), "event_type": "rules.alert.triggered",
-        "event_version": "1.0.0", "timestamp": support::now_ms(),
-        "source": {"service": "rule-evaluator", "instance": "bench"},
-        "correlation_id": format!("corr-{seq}"), "org_id": org, "trace_id": null,
-        "classification": "internal",
-        "payload": {
-            "rule_id": "lead-spike", "rule_version": 1, "description": "Lead spike",
-            "severity": "HIGH", "metric": "events.lead",
-            "window_start": 1_700_000_000_000i64, "window_end": 1_700_000_060_000i64,
-            "observed_value": seq as f64, "threshold": 10.0, "message": format!("alert {seq}"),
-            "triggered_by_event_id": format!("gold-{seq}"), "suppression_window_ms": 0
-        }
-    })
+    medallion_tests::envelope(
+        &format!("00000000-0000-4000-c000-{seq:012}"),
+        "rules.alert.triggered",
+        "rule-evaluator",
+        1 + (seq % ORGS) as i64,
+        medallion_tests::alert_payload(seq),
+    )
 }
 
 fn percentile(sorted: &[i64], p: f64) -> f64 {

@@ -759,3 +759,34 @@ impl Drop for WebhookReceiver {
         self.task.abort();
     }
 }
+
+/// An event of the common envelope (`schemas/common/metadata.avsc`) with `payload`, timestamped
+/// now: what tests and benchmarks produce to a stage's topic.
+pub fn envelope(
+    event_id: &str,
+    event_type: &str,
+    service: &str,
+    org_id: i64,
+    payload: serde_json::Value,
+) -> serde_json::Value {
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64);
+    serde_json::json!({
+        "event_id": event_id, "event_type": event_type, "event_version": "1.0.0",
+        "timestamp": now_ms, "source": {"service": service, "instance": "test"},
+        "correlation_id": format!("corr-{event_id}"), "org_id": org_id, "trace_id": null,
+        "classification": "internal", "payload": payload
+    })
+}
+
+/// The payload of an alert of rule `lead-spike` numbered `n`.
+pub fn alert_payload(n: u64) -> serde_json::Value {
+    serde_json::json!({
+        "rule_id": "lead-spike", "rule_version": 1, "description": "Lead spike",
+        "severity": "HIGH", "metric": "events.lead",
+        "window_start": 1_700_000_000_000i64, "window_end": 1_700_000_060_000i64,
+        "observed_value": n as f64, "threshold": 10.0, "message": format!("alert {n}"),
+        "triggered_by_event_id": format!("gold-{n}"), "suppression_window_ms": 0
+    })
+}

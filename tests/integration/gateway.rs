@@ -45,35 +45,27 @@ fn token(org: i64) -> String {
 }
 
 fn alert(n: u64, org: i64) -> Json {
-    json!({
-        "event_id": format!("00000000-0000-4000-a000-{n:012}"), "event_type": "rules.alert.triggered",
-        "event_version": "1.0.0", "timestamp": now_ms(),
-        "source": {"service": "rule-evaluator", "instance": "t"},
-        "correlation_id": format!("corr-{n}"), "org_id": org, "trace_id": null,
-        "classification": "internal",
-        "payload": {
-            "rule_id": "lead-spike", "rule_version": 1, "description": "Lead spike",
-            "severity": "HIGH", "metric": "events.lead",
-            "window_start": 1_700_000_000_000i64, "window_end": 1_700_000_060_000i64,
-            "observed_value": n as f64, "threshold": 10.0, "message": format!("alert {n}"),
-            "triggered_by_event_id": format!("gold-{n}"), "suppression_window_ms": 0
-        }
-    })
+    medallion_tests::envelope(
+        &format!("00000000-0000-4000-a000-{n:012}"),
+        "rules.alert.triggered",
+        "rule-evaluator",
+        org,
+        medallion_tests::alert_payload(n),
+    )
 }
 
 fn metric(n: u64, org: i64, name: &str, window_start: i64) -> Json {
-    json!({
-        "event_id": format!("00000000-0000-4000-b000-{n:012}"), "event_type": "gold.data.ready",
-        "event_version": "1.0.0", "timestamp": now_ms(),
-        "source": {"service": "gold-processor", "instance": "t"},
-        "correlation_id": format!("corr-{n}"), "org_id": org, "trace_id": null,
-        "classification": "internal",
-        "payload": {
+    medallion_tests::envelope(
+        &format!("00000000-0000-4000-b000-{n:012}"),
+        "gold.data.ready",
+        "gold-processor",
+        org,
+        json!({
             "metric": name, "window_start": window_start, "window_end": window_start + 60_000,
             "count": n as i64, "sum": n as f64, "min": 0.0, "max": n as f64, "avg": 1.0,
             "distinct_entities": 1, "dimensions": {}
-        }
-    })
+        }),
+    )
 }
 
 /// `events` framed for `topic`, with their keys.
